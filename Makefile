@@ -1,0 +1,50 @@
+# Flywheel: the two commands a newcomer needs are `make demo` and `make test`.
+# Both install what is missing first (a virtualenv in .venv, or $(VENV)), and start nothing else.
+
+PYTHON ?= python3.11
+VENV ?= .venv
+PY := $(VENV)/bin/python
+LOCK_HASH := $(shell sha256sum pyproject.toml | cut -c1-16)
+STAMP := $(VENV)/.installed-$(LOCK_HASH)
+
+.PHONY: install demo up down status test lint format bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip setuptools wheel
+	$(PY) -m pip install -e '.[dev]'
+	@# The CPU build of onnxruntime hides the CUDA provider of onnxruntime-gpu: never let it in.
+	@if $(PY) -m pip show -q onnxruntime >/dev/null 2>&1; then \
+		echo "removing onnxruntime (CPU): it shadows onnxruntime-gpu"; \
+		$(PY) -m pip uninstall -y onnxruntime && $(PY) -m pip install --force-reinstall --no-deps onnxruntime-gpu; \
+	fi
+	@rm -f $(VENV)/.installed-*
+	@touch $@
+
+demo: install
+	$(VENV)/bin/flywheel up
+
+up: install
+	$(VENV)/bin/flywheel up --detach
+
+down:
+	$(VENV)/bin/flywheel down
+
+status:
+	$(VENV)/bin/flywheel status
+
+test: install
+	$(PY) -m pytest
+
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: install
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
+
+clean:
+	rm -rf .pytest_cache .ruff_cache build *.egg-info

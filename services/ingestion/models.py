@@ -1,0 +1,85 @@
+"""Ingestion's tables: partners (tenants), their API keys (hashed), datasets and raw items."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime
+
+from sqlalchemy import JSON, BigInteger, DateTime, ForeignKey, Integer, String, UniqueConstraint
+from sqlalchemy.orm import Mapped, mapped_column
+
+from shared.db import declarative_base
+
+Base = declarative_base()
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}_{uuid.uuid4().hex[:20]}"
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class Partner(Base):
+    __tablename__ = "partners"
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True, default=lambda: new_id("ptn"))
+    name: Mapped[str] = mapped_column(String(200), unique=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class ApiKey(Base):
+    __tablename__ = "api_keys"
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True, default=lambda: new_id("key"))
+    partner_id: Mapped[str] = mapped_column(ForeignKey("partners.id"), index=True)
+    key_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    prefix: Mapped[str] = mapped_column(String(12))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+
+
+class Dataset(Base):
+    __tablename__ = "datasets"
+    __table_args__ = (UniqueConstraint("tenant", "name"),)
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True, default=lambda: new_id("ds"))
+    tenant: Mapped[str] = mapped_column(ForeignKey("partners.id"), index=True)
+    name: Mapped[str] = mapped_column(String(200))
+    task_type: Mapped[str] = mapped_column(String(40))
+    labels: Mapped[list[str]] = mapped_column(JSON)
+    pii_policy: Mapped[str] = mapped_column(String(10), default="off")
+    overlap: Mapped[int] = mapped_column(Integer, default=1)
+    retrain_threshold: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+    def config(self) -> dict:
+        """The dataset as the event catalog's DatasetConfig: what labeling needs to know of it."""
+        return {
+            "dataset_id": self.id,
+            "name": self.name,
+            "task_type": self.task_type,
+            "labels": list(self.labels),
+            "overlap": self.overlap,
+            "retrain_threshold": self.retrain_threshold,
+        }
+
+
+class Item(Base):
+    __tablename__ = "items"
+    __table_args__ = (UniqueConstraint("dataset_id", "sha256"),)
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True, default=lambda: new_id("itm"))
+    tenant: Mapped[str] = mapped_column(String(40), index=True)
+    dataset_id: Mapped[str] = mapped_column(ForeignKey("datasets.id"), index=True)
+    kind: Mapped[str] = mapped_column(String(10))
+    sha256: Mapped[str] = mapped_column(String(64))
+    bucket: Mapped[str] = mapped_column(String(63))
+    object_key: Mapped[str] = mapped_column(String(512))
+    object_sha256: Mapped[str] = mapped_column(String(64))
+    offset: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    length: Mapped[int] = mapped_column(BigInteger)
+    label: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    item_metadata: Mapped[dict] = mapped_column("metadata", JSON, default=dict)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)

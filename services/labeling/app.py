@@ -1,0 +1,28 @@
+"""The labeling service: turns ingested items into labeling tasks and labeled dataset snapshots."""
+
+from __future__ import annotations
+
+from celery import Celery
+from flask import Flask
+
+from services.labeling import api
+from services.labeling.consumers import handlers
+from services.labeling.models import Base
+from shared.runtime import ServiceSpec, create_http_app, create_worker
+from shared.settings import Settings
+
+SPEC = ServiceSpec(
+    name="labeling",
+    title="Flywheel labeling API",
+    metadata=Base.metadata,
+    blueprints=[api.datasets],
+    handlers=handlers,
+)
+
+
+def create_app(settings: Settings | None = None) -> Flask:
+    return create_http_app(SPEC, settings)
+
+
+def create_celery(settings: Settings | None = None) -> Celery:
+    return create_worker(SPEC, settings)

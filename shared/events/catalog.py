@@ -1,0 +1,174 @@
+"""The event catalog: every event on the bus, its payload schema, who produces it and who consumes it.
+
+This file is the contract between services (our `demo.proto`): read it to find every producer and consumer.
+Payloads carry references (bucket/key + sha256) and ids, never blobs. A payload field holds JSON values
+only (no datetimes, no bytes), so what a consumer receives is exactly what the producer sent.
+
+Delivery: each consumer service has one Celery queue named after it; an event is sent, by task name
+`<consumer>.<event type>`, to the queue of every consumer listed here. An event `broadcast_to` a consumer reaches
+every replica of it (a fan-out exchange) instead of one worker.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from marshmallow import Schema, fields, validate
+
+TASK_TYPES = ("text_classification", "image_classification")
+
+
+class ObjectRef(Schema):
+    """Where an artifact lives: object storage bucket/key, its sha256, and optionally a byte range in it."""
+
+    bucket = fields.String(required=True)
+    key = fields.String(required=True)
+    sha256 = fields.String(required=True, validate=validate.Length(equal=64))
+    offset = fields.Integer(load_default=None, allow_none=True, validate=validate.Range(min=0))
+    length = fields.Integer(load_default=None, allow_none=True, validate=validate.Range(min=0))
+
+
+class DatasetConfig(Schema):
+    dataset_id = fields.String(required=True)
+    name = fields.String(required=True)
+    task_type = fields.String(required=True, validate=validate.OneOf(TASK_TYPES))
+    labels = fields.List(fields.String(), required=True, validate=validate.Length(min=2))
+    overlap = fields.Integer(required=True, validate=validate.Range(min=1, max=5))
+    retrain_threshold = fields.Integer(required=True, allow_none=True, validate=validate.Range(min=1))
+
+
+class IngestedItem(Schema):
+    item_id = fields.String(required=True)
+    kind = fields.String(required=True, validate=validate.OneOf(("text", "image")))
+    content = fields.Nested(ObjectRef, required=True)
+    label = fields.String(load_default=None, allow_none=True)
+    metadata = fields.Dict(load_default=dict)
+
+
+class ItemIngested(Schema):
+    """One push's accepted items, in one event: the bus carries a batch of references, not one per item."""
+
+    dataset = fields.Nested(DatasetConfig, required=True)
+    items = fields.List(fields.Nested(IngestedItem), required=True, validate=validate.Length(min=1))
+
+
+class ItemDeleted(Schema):
+    dataset_id = fields.String(required=True)
+    item_ids = fields.List(fields.String(), required=True, validate=validate.Length(min=1))
+
+
+class DatasetChanged(Schema):
+    dataset = fields.Nested(DatasetConfig, required=True)
+
+
+class SnapshotCreated(Schema):
+    dataset_id = fields.String(required=True)
+    snapshot_id = fields.String(required=True)
+    manifest = fields.Nested(ObjectRef, required=True)
+    label_counts = fields.Dict(keys=fields.String(), values=fields.Integer(), required=True)
+    item_count = fields.Integer(required=True)
+
+
+class TrainingRequested(Schema):
+    dataset_id = fields.String(required=True)
+    snapshot_id = fields.String(required=True)
+    manifest = fields.Nested(ObjectRef, required=True)
+    task_type = fields.String(required=True, validate=validate.OneOf(TASK_TYPES))
+    labels = fields.List(fields.String(), required=True)
+    reason = fields.String(required=True)
+    base_model = fields.String(load_default=None, allow_none=True)
+    hyperparameters = fields.Dict(load_default=dict)
+
+
+class TrainingCompleted(Schema):
+    run_id = fields.String(required=True)
+    dataset_id = fields.String(required=True)
+    snapshot_id = fields.String(required=True)
+    model_name = fields.String(required=True)
+    artifacts = fields.Dict(keys=fields.String(), values=fields.Nested(ObjectRef), required=True)
+    metrics = fields.Dict(required=True)
+    metadata = fields.Dict(required=True)
+
+
+class TrainingFailed(Schema):
+    run_id = fields.String(required=True)
+    dataset_id = fields.String(required=True)
+    snapshot_id = fields.String(load_default=None, allow_none=True)
+    reason = fields.String(required=True)
+
+
+class ModelVersionCreated(Schema):
+    model_name = fields.String(required=True)
+    version = fields.Integer(required=True)
+    run_id = fields.String(required=True)
+    metrics = fields.Dict(required=True)
+
+
+class ModelPromoted(Schema):
+    model_name = fields.String(required=True)
+    dataset_id = fields.String(required=True)
+    alias = fields.String(required=True)
+    version = fields.Integer(required=True, allow_none=True)
+    previous_version = fields.Integer(load_default=None, allow_none=True)
+    weights = fields.Dict(keys=fields.String(), values=fields.Integer(), load_default=dict)
+    reason = fields.String(required=True)
+
+
+class PredictionFeedback(Schema):
+    prediction_id = fields.String(required=True)
+    model_name = fields.String(required=True)
+    model_version = fields.Integer(required=True)
+    dataset_id = fields.String(required=True)
+    input = fields.Nested(ObjectRef, required=True)
+    predicted_label = fields.String(required=True)
+    correct_label = fields.String(required=True)
+    confidence = fields.Float(load_default=None, allow_none=True)
+
+
+@dataclass(frozen=True)
+class EventSpec:
+    name: str
+    version: int
+    schema: type[Schema]
+    producer: str
+    consumers: tuple[str, ...]
+    broadcast_to: tuple[str, ...] = ()
+    """Consumers whose every replica must see the event (a fan-out exchange), not just one worker."""
+    doc: str = ""
+
+
+_SPECS = (
+    EventSpec("item.ingested", 1, ItemIngested, "ingestion", ("labeling",), doc="items stored and accepted"),
+    EventSpec("item.deleted", 1, ItemDeleted, "ingestion", ("labeling",), doc="items erased on request"),
+    EventSpec("dataset.changed", 1, DatasetChanged, "ingestion", ("labeling",), doc="label set or policy changed"),
+    EventSpec("dataset.snapshot_created", 1, SnapshotCreated, "labeling", (), doc="immutable dataset version"),
+    EventSpec("training.requested", 1, TrainingRequested, "labeling", ("training",), doc="retrain policy fired"),
+    EventSpec("training.completed", 1, TrainingCompleted, "training", ("registry",), doc="verified ONNX export"),
+    EventSpec("training.failed", 1, TrainingFailed, "training", (), doc="run failed, with a reason"),
+    EventSpec("model.version_created", 1, ModelVersionCreated, "registry", (), doc="new registered version"),
+    EventSpec(
+        "model.promoted",
+        1,
+        ModelPromoted,
+        "registry",
+        ("labeling", "inference"),
+        broadcast_to=("inference",),
+        doc="an alias moved; every inference replica reloads",
+    ),
+    EventSpec("prediction.feedback", 1, PredictionFeedback, "inference", ("labeling",), doc="a user's correction"),
+)
+
+CATALOG: dict[str, EventSpec] = {spec.name: spec for spec in _SPECS}
+
+
+def task_name(consumer: str, event_type: str) -> str:
+    """The Celery task name that delivers `event_type` to `consumer`'s queue."""
+    return f"{consumer}.{event_type}"
+
+
+def broadcast_queue(service: str) -> str:
+    return f"{service}.broadcast"
+
+
+def events_consumed_by(service: str) -> list[EventSpec]:
+    return [spec for spec in _SPECS if service in spec.consumers]

@@ -1,0 +1,218 @@
+"""The Flask side every service shares: app factory, JSON errors, request ids, health, readiness, metrics.
+
+- `X-Request-ID` (or a new id) becomes the request's `trace_id`, is bound to every log line, travels in the
+  envelopes of the events the request causes, and is echoed back in the response.
+- Every error leaves as `{"error": {"code", "message", "details"}}` with the right status: domain errors,
+  marshmallow validation (422 with field paths), malformed JSON (400), unknown routes (404), and anything
+  unexpected (500, logged with its traceback, never leaking it).
+- `/healthz` says the process is up; `/readyz` says whether its Redis, database and object store answer.
+- `/openapi.json` is the service's OpenAPI document; `/metrics` is Prometheus text.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
+from typing import TYPE_CHECKING, Any
+
+from flask import Blueprint, Flask, Response, g, jsonify, request
+from flask_smorest import Api
+from marshmallow import ValidationError
+from prometheus_client import CONTENT_TYPE_LATEST, Counter, Histogram, generate_latest
+from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
+from werkzeug.exceptions import HTTPException
+
+from shared.db import DatabaseUnavailable
+from shared.errors import DomainError, error_body
+from shared.logging import get_logger, log_context, new_trace_id
+from shared.storage import StorageError
+
+if TYPE_CHECKING:
+    from shared.runtime import Runtime
+
+log = get_logger(__name__)
+
+TRACE_HEADER = "X-Request-ID"
+READINESS_TIMEOUT_SECONDS = 3.0
+
+
+class FlywheelApi(Api):
+    """flask-smorest's Api, answering its own errors (422 from argument parsing included) in our shape."""
+
+    def handle_http_exception(self, error: HTTPException) -> tuple[Response, int]:
+        data = getattr(error, "data", None) or {}
+        details: dict[str, Any] = {}
+        if "messages" in data:
+            details["fields"] = data["messages"]
+        code = (error.name or "error").lower().replace(" ", "_")
+        message = error.description or error.name
+        if error.code == 422:
+            message = "the request does not validate; see details.fields for each bad field"
+            code = "validation_failed"
+        headers = data.get("headers") or {}
+        response = jsonify(error_body(code, message, details))
+        response.headers.update(headers)
+        return response, error.code or 500
+
+
+def create_flask_app(runtime: Runtime, title: str, blueprints: list[Any]) -> Flask:
+    settings = runtime.settings
+    app = Flask(runtime.service)
+    app.config.update(
+        API_TITLE=title,
+        API_VERSION="v1",
+        OPENAPI_VERSION="3.0.3",
+        OPENAPI_URL_PREFIX="/",
+        OPENAPI_JSON_PATH="openapi.json",
+        MAX_CONTENT_LENGTH=settings.max_request_bytes,
+        JSON_SORT_KEYS=False,
+    )
+    app.extensions["flywheel"] = runtime
+    api = FlywheelApi(
+        app,
+        spec_kwargs={
+            "components": {
+                "securitySchemes": {
+                    "bearer": {
+                        "type": "http",
+                        "scheme": "bearer",
+                        "description": "A partner API key, or the internal token for operator actions.",
+                    }
+                }
+            },
+            "security": [{"bearer": []}],
+        },
+    )
+    app.extensions["flywheel_api"] = api
+    for blueprint in blueprints:
+        api.register_blueprint(blueprint)
+    app.register_blueprint(_operations_blueprint(runtime))
+    _install_request_hooks(app, runtime)
+    _install_error_handlers(app)
+    return app
+
+
+def _install_request_hooks(app: Flask, runtime: Runtime) -> None:
+    requests_total = Counter(
+        "flywheel_http_requests_total",
+        "HTTP requests by endpoint and status",
+        ["service", "method", "endpoint", "status"],
+        registry=runtime.metrics,
+    )
+    latency = Histogram(
+        "flywheel_http_request_seconds",
+        "HTTP request latency by endpoint",
+        ["service", "method", "endpoint"],
+        registry=runtime.metrics,
+    )
+
+    @app.before_request
+    def _start() -> None:
+        presented = (request.headers.get(TRACE_HEADER) or "").strip()
+        trace_id = presented[:128] if presented and presented.isprintable() else new_trace_id()
+        g.trace_id = trace_id
+        g.started = time.perf_counter()
+        g.log_context = log_context(trace_id=trace_id, service=runtime.service)
+        g.log_context.__enter__()
+
+    @app.after_request
+    def _finish(response: Response) -> Response:
+        response.headers[TRACE_HEADER] = g.get("trace_id", "")
+        elapsed = time.perf_counter() - g.get("started", time.perf_counter())
+        endpoint = request.url_rule.rule if request.url_rule else "unmatched"
+        requests_total.labels(runtime.service, request.method, endpoint, response.status_code).inc()
+        latency.labels(runtime.service, request.method, endpoint).observe(elapsed)
+        if endpoint not in {"/healthz", "/readyz", "/metrics"}:
+            log.info(
+                "http_request",
+                method=request.method,
+                path=request.path,
+                status=response.status_code,
+                duration_ms=round(elapsed * 1000, 2),
+            )
+        return response
+
+    @app.teardown_request
+    def _unbind(_exc: BaseException | None) -> None:
+        ctx = g.pop("log_context", None)
+        if ctx is not None:
+            ctx.__exit__(None, None, None)
+
+
+def _install_error_handlers(app: Flask) -> None:
+    @app.errorhandler(DomainError)
+    def _domain(error: DomainError) -> tuple[Response, int]:
+        response = jsonify(error_body(error.code, error.message, error.details))
+        response.headers.update(error.headers())
+        return response, error.status
+
+    @app.errorhandler(ValidationError)
+    def _validation(error: ValidationError) -> tuple[Response, int]:
+        message = "the request does not validate; see details.fields for each bad field"
+        return jsonify(error_body("validation_failed", message, {"fields": error.normalized_messages()})), 422
+
+    @app.errorhandler(DatabaseUnavailable)
+    @app.errorhandler(OperationalError)
+    @app.errorhandler(PoolTimeout)
+    def _database(error: Exception) -> tuple[Response, int]:
+        log.error("database_unavailable", error=str(error)[:500])
+        response = jsonify(error_body("database_unavailable", "the database is unavailable; retry shortly"))
+        response.headers["Retry-After"] = "5"
+        return response, 503
+
+    @app.errorhandler(StorageError)
+    def _storage(error: StorageError) -> tuple[Response, int]:
+        log.error("storage_unavailable", error=str(error)[:500])
+        response = jsonify(error_body("storage_unavailable", "object storage is unavailable; retry shortly"))
+        response.headers["Retry-After"] = "5"
+        return response, 503
+
+    @app.errorhandler(Exception)
+    def _unexpected(error: Exception) -> tuple[Response, int]:
+        if isinstance(error, HTTPException):
+            return app.extensions["flywheel_api"].handle_http_exception(error)
+        log.exception("unhandled_error", error=repr(error))
+        return jsonify(error_body("internal", "an unexpected error occurred; it has been logged")), 500
+
+
+def _operations_blueprint(runtime: Runtime) -> Blueprint:
+    ops = Blueprint("operations", __name__)
+    pool = ThreadPoolExecutor(max_workers=3, thread_name_prefix=f"{runtime.service}-readyz")
+
+    @ops.get("/healthz")
+    def healthz() -> Response:
+        return jsonify(status="ok", service=runtime.service)
+
+    @ops.get("/readyz")
+    def readyz() -> tuple[Response, int]:
+        checks = run_checks(pool, runtime.readiness_checks())
+        failing = {name: result for name, result in checks.items() if result != "ok"}
+        if failing:
+            names = ", ".join(sorted(failing))
+            body = error_body("not_ready", f"{runtime.service} is not ready: {names} unavailable", {"checks": checks})
+            return jsonify(body), 503
+        return jsonify(status="ready", service=runtime.service, checks=checks), 200
+
+    @ops.get("/metrics")
+    def metrics() -> Response:
+        return Response(generate_latest(runtime.metrics), mimetype=CONTENT_TYPE_LATEST)
+
+    return ops
+
+
+def run_checks(pool: ThreadPoolExecutor, checks: dict[str, Callable[[], None]]) -> dict[str, str]:
+    """Run dependency checks concurrently, each bounded in time, as {name: "ok" | "error: ..."}."""
+    futures = {name: pool.submit(check) for name, check in checks.items()}
+    results: dict[str, str] = {}
+    for name, future in futures.items():
+        try:
+            future.result(timeout=READINESS_TIMEOUT_SECONDS)
+            results[name] = "ok"
+        except FutureTimeout:
+            results[name] = f"error: no answer within {READINESS_TIMEOUT_SECONDS:.0f}s"
+        except Exception as exc:
+            results[name] = f"error: {exc.__class__.__name__}: {str(exc)[:200]}"
+    return results

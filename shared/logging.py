@@ -1,0 +1,99 @@
+"""structlog JSON logging, configured once per process.
+
+Every line carries `service`, and whatever context is bound for the work at hand (`trace_id`, `tenant`,
+domain ids) through contextvars, so one `grep trace_id` across all services' logs tells a datum's story.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import structlog
+
+_configured = False
+
+
+def configure_logging(service: str, level: str = "INFO", fmt: str = "json") -> None:
+    """Route structlog and the standard library (Celery, gunicorn, werkzeug) through one JSON renderer.
+
+    Once per process: the first call wins. `service` is the default for lines logged outside any request or
+    event; the HTTP layer and the event consumer bind the handling service explicitly.
+    """
+    global _configured
+    if _configured:
+        return
+    _configured = True
+    shared_processors: list[Any] = [
+        structlog.contextvars.merge_contextvars,
+        structlog.processors.add_log_level,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+        _add_service(service),
+    ]
+    renderer: Any = (
+        structlog.dev.ConsoleRenderer(colors=False) if fmt == "console" else structlog.processors.JSONRenderer()
+    )
+    structlog.configure(
+        processors=[
+            *shared_processors,
+            structlog.processors.StackInfoRenderer(),
+            structlog.processors.format_exc_info,
+            structlog.stdlib.ProcessorFormatter.wrap_for_formatter,
+        ],
+        logger_factory=structlog.stdlib.LoggerFactory(),
+        wrapper_class=structlog.stdlib.BoundLogger,
+        cache_logger_on_first_use=True,
+    )
+    formatter = structlog.stdlib.ProcessorFormatter(
+        foreign_pre_chain=[*shared_processors, structlog.stdlib.ExtraAdder()],
+        processors=[
+            structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+            structlog.processors.format_exc_info,
+            renderer,
+        ],
+    )
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(formatter)
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+    for noisy in ("urllib3", "botocore", "werkzeug", "kombu", "amqp"):
+        logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))
+
+
+def _add_service(service: str):
+    def processor(_logger: Any, _name: str, event_dict: dict[str, Any]) -> dict[str, Any]:
+        event_dict.setdefault("service", service)
+        return event_dict
+
+    return processor
+
+
+def get_logger(name: str | None = None) -> structlog.stdlib.BoundLogger:
+    return structlog.stdlib.get_logger(name)
+
+
+def new_trace_id() -> str:
+    return uuid.uuid4().hex
+
+
+def current_context() -> dict[str, Any]:
+    return structlog.contextvars.get_contextvars()
+
+
+def current_trace_id() -> str | None:
+    return current_context().get("trace_id")
+
+
+@contextmanager
+def log_context(**values: Any) -> Iterator[None]:
+    """Bind values to every log line inside the block, restoring the previous context afterwards."""
+    tokens = structlog.contextvars.bind_contextvars(**{k: v for k, v in values.items() if v is not None})
+    try:
+        yield
+    finally:
+        structlog.contextvars.reset_contextvars(**tokens)

@@ -1,0 +1,126 @@
+"""Configuration, read from environment variables in this one place.
+
+Every default serves a local run on one machine; docker-compose and Kubernetes override them.
+`Settings.from_env()` is the only reader of `os.environ` in the product code.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+
+SERVICES: tuple[str, ...] = ("ingestion", "labeling", "training", "registry", "inference")
+DEFAULT_PORTS: dict[str, int] = {
+    "ingestion": 8001,
+    "labeling": 8002,
+    "training": 8003,
+    "registry": 8004,
+    "inference": 8005,
+}
+# Buckets every deployment bootstraps. Names follow the design: raw items, dataset manifests, checkpoints,
+# exported models, imported base-model weights.
+BUCKETS: tuple[str, ...] = ("raw", "datasets", "checkpoints", "models", "base-models")
+
+
+def _bool(value: str) -> bool:
+    return value.strip().lower() in {"1", "true", "yes", "on"}
+
+
+@dataclass(frozen=True)
+class Settings:
+    """One process's configuration. Field docs double as the README's configuration table."""
+
+    home: Path = field(default_factory=lambda: Path.home() / ".flywheel")
+    """FLYWHEEL_HOME: data directory (SQLite databases, file object store, logs, run state)."""
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    """REDIS_URL: Celery broker and short-lived caches."""
+    database_url: str = ""
+    """DATABASE_URL (or <SERVICE>_DATABASE_URL): SQLAlchemy URL; default SQLite under FLYWHEEL_HOME."""
+    s3_endpoint: str = ""
+    """S3_ENDPOINT: host:port of MinIO/S3; empty means the file:// store under FLYWHEEL_HOME/objects."""
+    s3_access_key: str = "minioadmin"
+    """S3_ACCESS_KEY."""
+    s3_secret_key: str = "minioadmin"  # noqa: S105 - MinIO's documented local default, overridden in deploys
+    """S3_SECRET_KEY."""
+    s3_secure: bool = False
+    """S3_SECURE: use https to reach S3_ENDPOINT."""
+    s3_region: str = "us-east-1"
+    """S3_REGION."""
+    internal_token: str = ""
+    """FLYWHEEL_INTERNAL_TOKEN: operator token for internal actions (a local run generates one)."""
+    ingestion_url: str = "http://127.0.0.1:8001"
+    """INGESTION_URL: where other services verify partner API keys."""
+    inference_url: str = "http://127.0.0.1:8005"
+    """INFERENCE_URL: where labeling asks for pre-label predictions."""
+    key_cache_seconds: float = 30.0
+    """KEY_CACHE_SECONDS: how long a verified partner key is trusted before asking ingestion again."""
+    event_max_retries: int = 5
+    """EVENT_MAX_RETRIES: deliveries of a failing event before it becomes a dead letter."""
+    event_retry_backoff: float = 2.0
+    """EVENT_RETRY_BACKOFF: first retry delay in seconds; doubles each retry, capped at 5 minutes."""
+    visibility_timeout: int = 6 * 3600
+    """VISIBILITY_TIMEOUT: seconds before an unacknowledged message is redelivered (above the longest task)."""
+    outbox_relay_interval: float = 2.0
+    """OUTBOX_RELAY_INTERVAL: seconds between sweeps that deliver events a failed publish left behind."""
+    log_level: str = "INFO"
+    """LOG_LEVEL."""
+    log_format: str = "json"
+    """LOG_FORMAT: json (default) or console."""
+    max_request_bytes: int = 64 * 1024 * 1024
+    """MAX_REQUEST_BYTES: largest accepted HTTP body."""
+    port: int = 0
+    """<SERVICE>_PORT: HTTP port of a service (defaults 8001..8005)."""
+    service: str = ""
+
+    @property
+    def file_store_root(self) -> Path:
+        return self.home / "objects"
+
+    @property
+    def log_dir(self) -> Path:
+        return self.home / "logs"
+
+    @property
+    def run_dir(self) -> Path:
+        return self.home / "run"
+
+    def for_service(self, service: str, env: Mapping[str, str] | None = None) -> Settings:
+        """Settings of one service: its own DATABASE_URL and port, falling back to the shared defaults."""
+        env = os.environ if env is None else env
+        prefix = service.upper()
+        database_url = (
+            env.get(f"{prefix}_DATABASE_URL")
+            or self.database_url
+            or f"sqlite:///{self.home / 'db' / f'{service}.sqlite3'}"
+        )
+        port = int(env.get(f"{prefix}_PORT") or DEFAULT_PORTS.get(service, 0))
+        return replace(self, service=service, database_url=database_url, port=port)
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None, **overrides: object) -> Settings:
+        env = os.environ if env is None else env
+        values: dict[str, object] = {}
+        names = {
+            "home": "FLYWHEEL_HOME",
+            "internal_token": "FLYWHEEL_INTERNAL_TOKEN",
+        }
+        for f in fields(cls):
+            if f.name in {"port", "service"}:
+                continue
+            raw = env.get(names.get(f.name, f.name.upper()))
+            if raw is None or raw == "":
+                continue
+            if f.name == "home":
+                values[f.name] = Path(raw).expanduser()
+            elif f.type == "bool":
+                values[f.name] = _bool(raw)
+            elif f.type == "int":
+                values[f.name] = int(raw)
+            elif f.type == "float":
+                values[f.name] = float(raw)
+            else:
+                values[f.name] = raw
+        values.update(overrides)
+        return cls(**values)  # type: ignore[arg-type]

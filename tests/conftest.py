@@ -1,0 +1,228 @@
+"""Fixtures that give tests the real things: Redis, PostgreSQL, an S3 endpoint over HTTP, running services.
+
+- Redis: TEST_REDIS_URL (default DB 15 of the local server), flushed around each test.
+- PostgreSQL: a fresh database per test session on TEST_POSTGRES_ADMIN_URL's server, dropped afterwards.
+- S3: moto's server mode on a free loopback port, reached through the minio SDK like real MinIO.
+- Services: built with their own `create_app(settings)`; served on a real socket when another service or
+  a client must reach them over HTTP; their Celery workers run in threads against the real broker.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import threading
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+import redis
+from celery.contrib.testing.worker import start_worker
+from flask import Flask
+from werkzeug.serving import make_server
+
+from shared.events.celery_app import service_queues
+from shared.logging import configure_logging
+from shared.runtime import Runtime
+from shared.settings import Settings
+from tests.shared.s3server import S3Server
+
+TEST_REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
+TEST_POSTGRES_ADMIN_URL = os.environ.get("TEST_POSTGRES_ADMIN_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
+INTERNAL_TOKEN = "test-internal-token"
+
+configure_logging("tests")
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> str:
+    client = redis.Redis.from_url(TEST_REDIS_URL, socket_connect_timeout=2)
+    try:
+        client.ping()
+    except redis.RedisError as exc:
+        pytest.exit(f"tests need Redis at {TEST_REDIS_URL}: {exc}", returncode=3)
+    return TEST_REDIS_URL
+
+
+@pytest.fixture(autouse=True)
+def clean_redis(redis_url: str) -> Iterator[None]:
+    client = redis.Redis.from_url(redis_url)
+    client.flushdb()
+    yield
+    client.flushdb()
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> str:
+    try:
+        with psycopg.connect(TEST_POSTGRES_ADMIN_URL, connect_timeout=3):
+            pass
+    except psycopg.Error as exc:
+        pytest.exit(f"tests need PostgreSQL at {TEST_POSTGRES_ADMIN_URL}: {exc}", returncode=3)
+    return TEST_POSTGRES_ADMIN_URL
+
+
+@pytest.fixture
+def postgres_database(postgres_server: str) -> Iterator[Callable[[], str]]:
+    """Creates fresh, empty PostgreSQL databases (one per service that needs one) for one test."""
+    names: list[str] = []
+    base = postgres_server.rsplit("/", 1)[0].replace("postgresql://", "postgresql+psycopg://", 1)
+
+    def create() -> str:
+        name = f"flywheel_test_{uuid.uuid4().hex[:12]}"
+        with psycopg.connect(postgres_server, autocommit=True) as conn:
+            conn.execute(f'CREATE DATABASE "{name}"')
+        names.append(name)
+        return f"{base}/{name}"
+
+    yield create
+    with psycopg.connect(postgres_server, autocommit=True) as conn:
+        for name in names:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture(scope="session")
+def s3_server() -> Iterator[S3Server]:
+    with S3Server() as server:
+        yield server
+
+
+@pytest.fixture
+def settings(tmp_path: Path, redis_url: str, s3_server: S3Server) -> Settings:
+    """Settings of a test platform: S3 over HTTP, SQLite per service, fast retries and short caches."""
+    home = tmp_path / "home"
+    return Settings(
+        home=home,
+        redis_url=redis_url,
+        s3_endpoint=s3_server.endpoint,
+        s3_access_key=s3_server.access_key,
+        s3_secret_key=s3_server.secret_key,
+        internal_token=INTERNAL_TOKEN,
+        key_cache_seconds=1.0,
+        event_max_retries=2,
+        event_retry_backoff=0.1,
+        outbox_relay_interval=0.5,
+        log_level="INFO",
+    )
+
+
+@dataclass
+class RunningService:
+    name: str
+    app: Flask
+    url: str = ""
+    stop: Callable[[], None] = field(default=lambda: None)
+
+    @property
+    def runtime(self) -> Runtime:
+        return self.app.extensions["flywheel"]
+
+    @property
+    def client(self) -> Any:
+        return self.app.test_client()
+
+
+def _service_module(name: str) -> Any:
+    import importlib
+
+    return importlib.import_module(f"services.{name}.app")
+
+
+def serve(app: Flask) -> tuple[str, Callable[[], None]]:
+    """Serve a Flask app on a free loopback port in a thread; returns its URL and a stop function."""
+    server = make_server("127.0.0.1", 0, app, threaded=True)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+
+    def stop() -> None:
+        server.shutdown()
+        thread.join(5)
+
+    return f"http://127.0.0.1:{server.server_port}", stop
+
+
+@pytest.fixture
+def platform(settings: Settings) -> Iterator[Callable[..., RunningService]]:
+    """Build services by name: `platform("ingestion")`. Ingestion is served on a socket so that other
+    services verify partner keys through it over HTTP, as they do in production."""
+    started: list[RunningService] = []
+    current = {"settings": settings}
+
+    def build(name: str, **overrides: Any) -> RunningService:
+        service_settings = Settings(**{**current["settings"].__dict__, **overrides})
+        app = _service_module(name).create_app(service_settings)
+        service = RunningService(name=name, app=app)
+        if name == "ingestion":
+            service.url, service.stop = serve(app)
+            current["settings"] = Settings(**{**current["settings"].__dict__, "ingestion_url": service.url})
+        started.append(service)
+        return service
+
+    yield build
+    for service in started:
+        service.stop()
+        service.runtime.close()
+
+
+@pytest.fixture
+def worker(settings: Settings) -> Iterator[Callable[..., Any]]:
+    """Run a service's real Celery worker in a thread, consuming from Redis: `with worker("labeling"):`."""
+
+    @contextlib.contextmanager
+    def run(name: str, **overrides: Any) -> Iterator[Runtime]:
+        worker_settings = Settings(**{**settings.__dict__, **overrides})
+        celery = _service_module(name).create_celery(worker_settings)
+        runtime: Runtime = celery.flywheel_runtime
+        runtime.bus.start_relay()
+        with start_worker(
+            celery,
+            pool="threads",
+            concurrency=2,
+            perform_ping_check=False,
+            queues=service_queues(name),
+            loglevel="INFO",
+            shutdown_timeout=30,
+        ):
+            yield runtime
+        runtime.close()
+
+    yield run
+
+
+class LogCapture:
+    """Collects the JSON log lines every logger emits, as parsed dicts."""
+
+    def __init__(self) -> None:
+        self.lines: list[dict[str, Any]] = []
+        self._lock = threading.Lock()
+
+    def handler(self) -> logging.Handler:
+        capture = self
+
+        class _Handler(logging.Handler):
+            def emit(self, record: logging.LogRecord) -> None:
+                # structlog hands the handler its finished event dict (see shared.logging).
+                if isinstance(record.msg, dict):
+                    with capture._lock:
+                        capture.lines.append(json.loads(json.dumps(record.msg, default=str)))
+
+        return _Handler()
+
+    def find(self, **match: Any) -> list[dict[str, Any]]:
+        with self._lock:
+            return [line for line in self.lines if all(line.get(k) == v for k, v in match.items())]
+
+
+@pytest.fixture
+def logs() -> Iterator[LogCapture]:
+    capture = LogCapture()
+    handler = capture.handler()
+    logging.getLogger().addHandler(handler)
+    yield capture
+    logging.getLogger().removeHandler(handler)

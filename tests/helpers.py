@@ -1,0 +1,42 @@
+"""Small helpers the tests share: waiting for eventual effects, and creating a partner with a dataset."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from tests.conftest import INTERNAL_TOKEN
+
+T = TypeVar("T")
+
+INTERNAL = {"Authorization": f"Bearer {INTERNAL_TOKEN}"}
+
+
+def eventually(probe: Callable[[], T], *, timeout: float = 20.0, interval: float = 0.1, what: str = "") -> T:
+    """Poll `probe` until it returns something truthy; fail with `what` after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = probe()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what or probe}")
+        time.sleep(interval)
+
+
+def bearer(key: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"}
+
+
+def create_partner(client: Any, name: str = "acme") -> dict[str, Any]:
+    response = client.post("/v1/partners", json={"name": name}, headers=INTERNAL)
+    assert response.status_code == 201, response.get_json()
+    return response.get_json()
+
+
+def create_dataset(client: Any, key: str, **fields: Any) -> dict[str, Any]:
+    body = {"name": "reviews", "task_type": "text_classification", "labels": ["neg", "pos"], **fields}
+    response = client.post("/v1/datasets", json=body, headers=bearer(key))
+    assert response.status_code == 201, response.get_json()
+    return response.get_json()
