@@ -76,6 +76,7 @@ class TrainingRequested(Schema):
     task_type = fields.String(required=True, validate=validate.OneOf(TASK_TYPES))
     labels = fields.List(fields.String(), required=True)
     reason = fields.String(required=True)
+    model_name = fields.String(load_default=None, allow_none=True)
     base_model = fields.String(load_default=None, allow_none=True)
     hyperparameters = fields.Dict(load_default=dict)
 
