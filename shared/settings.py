@@ -54,6 +54,8 @@ class Settings:
     """INGESTION_URL: where other services verify partner API keys."""
     inference_url: str = "http://127.0.0.1:8005"
     """INFERENCE_URL: where labeling asks for pre-label predictions."""
+    registry_url: str = "http://127.0.0.1:8004"
+    """REGISTRY_URL: where inference reads which model versions to serve."""
     key_cache_seconds: float = 30.0
     """KEY_CACHE_SECONDS: how long a verified partner key is trusted before asking ingestion again."""
     event_max_retries: int = 5

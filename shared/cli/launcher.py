@@ -195,6 +195,7 @@ def service_env(settings: Settings, redis_url: str, token: str, ports: dict[str,
         FLYWHEEL_INTERNAL_TOKEN=token,
         INGESTION_URL=f"http://127.0.0.1:{ports['ingestion']}",
         INFERENCE_URL=f"http://127.0.0.1:{ports['inference']}",
+        REGISTRY_URL=f"http://127.0.0.1:{ports['registry']}",
         PYTHONUNBUFFERED="1",
     )
     for name, port in ports.items():
