@@ -37,6 +37,14 @@ log = get_logger(__name__)
 
 TRACE_HEADER = "X-Request-ID"
 READINESS_TIMEOUT_SECONDS = 3.0
+# The same codes the domain errors use, for errors raised by Flask/werkzeug themselves.
+HTTP_ERROR_CODES = {
+    400: "bad_request",
+    401: "unauthorized",
+    404: "not_found",
+    413: "payload_too_large",
+    429: "rate_limited",
+}
 
 
 class FlywheelApi(Api):
@@ -47,7 +55,7 @@ class FlywheelApi(Api):
         details: dict[str, Any] = {}
         if "messages" in data:
             details["fields"] = data["messages"]
-        code = (error.name or "error").lower().replace(" ", "_")
+        code = HTTP_ERROR_CODES.get(error.code or 500) or (error.name or "error").lower().replace(" ", "_")
         message = error.description or error.name
         if error.code == 422:
             message = "the request does not validate; see details.fields for each bad field"

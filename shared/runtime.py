@@ -40,6 +40,8 @@ class ServiceSpec:
     handlers: EventHandlers | None = None
     key_lookup: Callable[[Runtime], KeyLookup] | None = None
     """How this service resolves partner keys; default: ask ingestion over HTTP."""
+    register_tasks: Callable[[Runtime], None] | None = None
+    """Registers the service's own Celery tasks (work it queues for itself, not catalog events)."""
     worker_pool: str = "threads"
     worker_concurrency: int = 4
 
@@ -84,6 +86,8 @@ class Runtime:
             log.warning("storage_bootstrap_deferred", storage=self.storage.describe, error=str(exc)[:300])
         if self.spec.handlers is not None:
             self.spec.handlers.register_tasks(self)
+        if self.spec.register_tasks is not None:
+            self.spec.register_tasks(self)
         self._started = True
         log.info(
             "service_started",

@@ -212,6 +212,10 @@ class ObjectStore(abc.ABC):
         """Open the object for streaming and return its info taken from the same read (no separate stat)."""
 
     @abc.abstractmethod
+    def get_range(self, bucket: str, key: str, offset: int, length: int) -> bytes:
+        """``length`` bytes from ``offset`` (one item of a packed object), without reading the rest."""
+
+    @abc.abstractmethod
     def stat(self, bucket: str, key: str) -> ObjectInfo:
         """Info about one object, or ObjectNotFound."""
 
@@ -479,6 +483,21 @@ class S3Store(ObjectStore):
             response.close()
             response.release_conn()
 
+    def get_range(self, bucket: str, key: str, offset: int, length: int) -> bytes:
+        _check(bucket, key)
+        if offset < 0 or length < 0:
+            raise ValueError("offset and length must not be negative")
+        if length == 0:
+            self.stat(bucket, key)
+            return b""
+        with self._errors("get", bucket, key):
+            response = self._client.get_object(bucket, key, offset=offset, length=length)
+            try:
+                return response.read()
+            finally:
+                response.close()
+                response.release_conn()
+
     def stat(self, bucket: str, key: str) -> ObjectInfo:
         _check(bucket, key)
         with self._errors("stat", bucket, key):
@@ -720,6 +739,13 @@ class FileStore(ObjectStore):
                     raise
             with stream:
                 yield stream, info
+
+    def get_range(self, bucket: str, key: str, offset: int, length: int) -> bytes:
+        if offset < 0 or length < 0:
+            raise ValueError("offset and length must not be negative")
+        with self._open(bucket, key) as (stream, _info):
+            stream.seek(offset)
+            return stream.read(length)
 
     def stat(self, bucket: str, key: str) -> ObjectInfo:
         with self._open(bucket, key) as (_stream, info):

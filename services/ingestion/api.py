@@ -1,43 +1,71 @@
-"""Ingestion's HTTP API: partners and keys (internal token), datasets and pushes (partner key)."""
+"""Ingestion's HTTP API: partners and keys (internal token); datasets, pushes, imports, items, usage (partner key)."""
 
 from __future__ import annotations
 
+import json
+from datetime import timedelta
 from typing import Any
 
-from flask import current_app
+from flask import Response, current_app, g, request
 from flask_smorest import Blueprint
+from marshmallow import ValidationError
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 
-from services.ingestion.models import ApiKey, Dataset, Partner, utcnow
-from services.ingestion.push import push_text_items
+from services.ingestion import idempotency, imports, items, quotas
+from services.ingestion.images import InvalidImage, inspect_image
+from services.ingestion.ingest import Candidate, ingest_batch, text_candidate
+from services.ingestion.models import ApiKey, Dataset, Import, Partner, utcnow
 from services.ingestion.schemas import (
     ApiKeySchema,
     DatasetCreateSchema,
+    DatasetListSchema,
     DatasetSchema,
+    DatasetUpdateSchema,
+    DownloadQuery,
+    DownloadSchema,
+    ImportSchema,
     IssuedKeySchema,
+    ItemListQuery,
+    ItemListSchema,
+    ItemSchema,
     KeyListSchema,
     KeyPrincipalSchema,
     KeyVerifySchema,
     PartnerCreateSchema,
     PartnerListSchema,
+    PartnerSchema,
+    PartnerUpdateSchema,
     PushResultSchema,
     PushSchema,
+    UsageQuery,
+    UsageSchema,
 )
-from shared.auth import current_principal, generate_api_key, hash_api_key, require_internal, require_partner
-from shared.errors import Conflict, NotFound
+from shared.auth import Principal, current_principal, generate_api_key, hash_api_key, require_internal, require_partner
+from shared.errors import Conflict, NotFound, PayloadTooLarge, Unprocessable
 from shared.logging import get_logger
 from shared.runtime import Runtime
 
 log = get_logger(__name__)
 
+PUSH_MAX_ITEMS = 1000
+KIND_OF_TASK = {"text_classification": "text", "image_classification": "image"}
+
 partners = Blueprint("partners", __name__, url_prefix="/v1/partners", description="Partners and API keys")
 internal = Blueprint("internal", __name__, url_prefix="/v1/internal", description="Service-to-service calls")
-datasets = Blueprint("datasets", __name__, url_prefix="/v1/datasets", description="Datasets and pushes")
+datasets = Blueprint("datasets", __name__, url_prefix="/v1/datasets", description="Datasets, pushes and imports")
+item_routes = Blueprint("items", __name__, url_prefix="/v1", description="Items, imports and usage")
 
 
 def _runtime() -> Runtime:
     return current_app.extensions["flywheel"]
+
+
+def _tenant() -> str:
+    return current_principal().tenant
+
+
+# -- partners and keys (operators) -----------------------------------------------------------------------
 
 
 def _issue_key(session: Any, partner: Partner) -> tuple[ApiKey, str]:
@@ -53,9 +81,10 @@ def _issue_key(session: Any, partner: Partner) -> tuple[ApiKey, str]:
 @partners.arguments(PartnerCreateSchema)
 @partners.response(201, IssuedKeySchema)
 def create_partner(body: dict[str, Any]) -> dict[str, Any]:
+    """Create a partner (a tenant) and its first API key, shown once."""
     try:
         with _runtime().db.session() as session:
-            partner = Partner(name=body["name"])
+            partner = Partner(**body)
             session.add(partner)
             session.flush()
             key, secret = _issue_key(session, partner)
@@ -77,6 +106,20 @@ def _partner(session: Any, partner_id: str) -> Partner:
     partner = session.get(Partner, partner_id)
     if partner is None:
         raise NotFound(f"partner {partner_id} does not exist")
+    return partner
+
+
+@partners.patch("/<partner_id>")
+@require_internal
+@partners.arguments(PartnerUpdateSchema)
+@partners.response(200, PartnerSchema)
+def update_partner(body: dict[str, Any], partner_id: str) -> Partner:
+    """Set a partner's daily quotas (null: unlimited)."""
+    with _runtime().db.session() as session:
+        partner = _partner(session, partner_id)
+        for field, value in body.items():
+            setattr(partner, field, value)
+    log.info("partner_updated", partner_id=partner_id, **body)
     return partner
 
 
@@ -106,6 +149,7 @@ def rotate_key(partner_id: str) -> dict[str, Any]:
 @require_internal
 @partners.response(200, ApiKeySchema)
 def revoke_key(partner_id: str, key_id: str) -> ApiKey:
+    """Revoke a key: refused here at once, by every other service within KEY_CACHE_SECONDS."""
     runtime = _runtime()
     with runtime.db.session() as session:
         key = session.get(ApiKey, key_id)
@@ -123,18 +167,20 @@ def revoke_key(partner_id: str, key_id: str) -> ApiKey:
 @internal.arguments(KeyVerifySchema)
 @internal.response(200, KeyPrincipalSchema)
 def verify_key(body: dict[str, Any]) -> dict[str, Any]:
+    """Who a key hash belongs to (for the other services' key cache); 404 if unknown or revoked."""
     principal = lookup_key(_runtime(), body["key_hash"])
     if principal is None:
         raise NotFound("no active key has that hash")
     return {"tenant": principal.tenant, "key_id": principal.key_id}
 
 
-def lookup_key(runtime: Runtime, key_hash: str):
-    from shared.auth import Principal
-
+def lookup_key(runtime: Runtime, key_hash: str) -> Principal | None:
     with runtime.db.session() as session:
         key = session.scalar(select(ApiKey).where(ApiKey.key_hash == key_hash, ApiKey.revoked_at.is_(None)))
         return None if key is None else Principal(tenant=key.partner_id, key_id=key.id)
+
+
+# -- datasets ---------------------------------------------------------------------------------------------
 
 
 @datasets.post("")
@@ -143,7 +189,7 @@ def lookup_key(runtime: Runtime, key_hash: str):
 @datasets.response(201, DatasetSchema)
 def create_dataset(body: dict[str, Any]) -> Dataset:
     runtime = _runtime()
-    tenant = current_principal().tenant
+    tenant = _tenant()
     try:
         with runtime.db.session() as session:
             dataset = Dataset(tenant=tenant, **body)
@@ -156,11 +202,20 @@ def create_dataset(body: dict[str, Any]) -> Dataset:
     return dataset
 
 
+@datasets.get("")
+@require_partner
+@datasets.response(200, DatasetListSchema)
+def list_datasets() -> dict[str, Any]:
+    with _runtime().db.session() as session:
+        found = session.scalars(select(Dataset).where(Dataset.tenant == _tenant()).order_by(Dataset.created_at))
+        return {"datasets": found.all()}
+
+
 def tenant_dataset(runtime: Runtime, dataset_id: str) -> Dataset:
     """The caller's dataset; another tenant's id answers 404, exactly like an unknown one."""
     with runtime.db.session() as session:
         dataset = session.get(Dataset, dataset_id)
-    if dataset is None or dataset.tenant != current_principal().tenant:
+    if dataset is None or dataset.tenant != _tenant():
         raise NotFound(f"dataset {dataset_id} does not exist")
     return dataset
 
@@ -172,11 +227,248 @@ def get_dataset(dataset_id: str) -> Dataset:
     return tenant_dataset(_runtime(), dataset_id)
 
 
-@datasets.post("/<dataset_id>/items")
+@datasets.patch("/<dataset_id>")
 @require_partner
-@datasets.arguments(PushSchema)
-@datasets.response(200, PushResultSchema)
-def push_items(body: dict[str, Any], dataset_id: str) -> dict[str, Any]:
+@datasets.arguments(DatasetUpdateSchema)
+@datasets.response(200, DatasetSchema)
+def update_dataset(body: dict[str, Any], dataset_id: str) -> Dataset:
+    """Change the PII policy, overlap, retrain threshold, or add labels (labels are never removed: items
+    and models already carry them)."""
     runtime = _runtime()
     dataset = tenant_dataset(runtime, dataset_id)
-    return push_text_items(runtime, dataset, body["items"]).as_response()
+    if "labels" in body and not set(dataset.labels) <= set(body["labels"]):
+        removed = sorted(set(dataset.labels) - set(body["labels"]))
+        raise Unprocessable("labels can be added, not removed", {"fields": {"labels": [f"missing: {removed}"]}})
+    with runtime.db.session() as session:
+        dataset = session.get(Dataset, dataset_id)
+        for field, value in body.items():
+            setattr(dataset, field, value)
+        runtime.bus.publish(session, "dataset.changed", {"dataset": dataset.config()}, tenant=dataset.tenant)
+    log.info("dataset_updated", dataset_id=dataset_id, fields=sorted(body))
+    return dataset
+
+
+# -- pushes -----------------------------------------------------------------------------------------------
+
+PUSH_BODY = {
+    "description": "A JSON batch of items, or multipart image files (form fields `label`, `metadata` apply to all).",
+    "required": True,
+    "content": {
+        "application/json": {"schema": PushSchema},
+        "multipart/form-data": {
+            "schema": {
+                "type": "object",
+                "properties": {
+                    "files": {"type": "array", "items": {"type": "string", "format": "binary"}},
+                    "label": {"type": "string"},
+                    "metadata": {"type": "string", "description": "a JSON object"},
+                },
+            }
+        },
+    },
+}
+
+
+@datasets.post("/<dataset_id>/items")
+@require_partner
+@datasets.doc(
+    requestBody=PUSH_BODY,
+    parameters=[{"in": "header", "name": "Idempotency-Key", "schema": {"type": "string"}, "required": False}],
+)
+@datasets.response(200, PushResultSchema)
+def push_items(dataset_id: str) -> Any:
+    """Push items. Each one comes back `accepted` (with its id), `duplicate` (with the existing id) or
+    `rejected` (with the reason). With an `Idempotency-Key`, a retry returns the first response."""
+    runtime = _runtime()
+    dataset = tenant_dataset(runtime, dataset_id)
+    identity = dataset_id.encode() + b"\0" + request.get_data(cache=True)
+
+    def work() -> dict[str, Any]:
+        candidates = _candidates_from_request(dataset)
+        return ingest_batch(runtime, dataset, candidates).as_response()
+
+    body, replayed = idempotency.run_once(
+        runtime, dataset.tenant, request.headers.get("Idempotency-Key"), identity, work
+    )
+    response = current_app.json.response(PushResultSchema().dump(body))
+    if replayed:
+        response.headers["Idempotent-Replayed"] = "true"
+    return response
+
+
+def _candidates_from_request(dataset: Dataset) -> list[Candidate]:
+    expected = KIND_OF_TASK[dataset.task_type]
+    if request.mimetype == "multipart/form-data":
+        return _multipart_candidates(dataset, expected)
+    payload = request.get_json(silent=False)
+    if not isinstance(payload, dict):
+        raise Unprocessable("the body must be a JSON object with an `items` list")
+    if isinstance(payload.get("items"), list) and len(payload["items"]) > PUSH_MAX_ITEMS:
+        raise PayloadTooLarge(
+            f"a push holds at most {PUSH_MAX_ITEMS} items; use /imports for more", {"items": len(payload["items"])}
+        )
+    loaded = PushSchema().load(payload)
+    errors: dict[str, Any] = {}
+    candidates: list[Candidate] = []
+    for index, item in enumerate(loaded["items"]):
+        present = "text" if "text" in item else "image"
+        if present != expected:
+            errors[str(index)] = {present: [f"this dataset takes {expected} items"]}
+        elif present == "text":
+            candidates.append(
+                text_candidate(
+                    index, item["text"], pii_policy=dataset.pii_policy, label=item["label"], metadata=item["metadata"]
+                )
+            )
+        else:
+            try:
+                info = inspect_image(item["image"])
+            except InvalidImage as exc:
+                errors[str(index)] = {"image": [str(exc)]}
+                continue
+            candidates.append(
+                Candidate(index, "image", item["image"], info.content_type, item["label"], item["metadata"])
+            )
+    if errors:
+        raise ValidationError({"items": errors})
+    return candidates
+
+
+def _multipart_candidates(dataset: Dataset, expected: str) -> list[Candidate]:
+    if expected != "image":
+        raise Unprocessable("multipart uploads are for image datasets; push text as JSON")
+    files = [f for name in request.files for f in request.files.getlist(name)]
+    if not files:
+        raise Unprocessable("no files in the multipart body", {"fields": {"files": ["at least one file is required"]}})
+    if len(files) > PUSH_MAX_ITEMS:
+        raise PayloadTooLarge(f"a push holds at most {PUSH_MAX_ITEMS} files; use /imports for more")
+    label = request.form.get("label") or None
+    try:
+        metadata = json.loads(request.form.get("metadata") or "{}")
+    except json.JSONDecodeError as exc:
+        raise ValidationError({"metadata": [f"not valid JSON: {exc.msg}"]}) from exc
+    if not isinstance(metadata, dict):
+        raise ValidationError({"metadata": ["must be a JSON object"]})
+    errors: dict[str, Any] = {}
+    candidates: list[Candidate] = []
+    for index, upload in enumerate(files):
+        data = upload.read()
+        try:
+            info = inspect_image(data)
+        except InvalidImage as exc:
+            errors[upload.filename or str(index)] = [str(exc)]
+            continue
+        meta = {**metadata, "filename": upload.filename} if upload.filename else dict(metadata)
+        candidates.append(Candidate(index, "image", data, info.content_type, label, meta))
+    if errors:
+        raise ValidationError({"files": errors})
+    return candidates
+
+
+# -- bulk imports -----------------------------------------------------------------------------------------
+
+
+@datasets.post("/<dataset_id>/imports")
+@require_partner
+@datasets.doc(
+    requestBody={
+        "description": "A JSONL file (one item per line, as in a push) or a zip of images (top-level folder = "
+        "label), as the raw body (Content-Type application/x-ndjson or application/zip) or a multipart `file`.",
+        "required": True,
+        "content": {
+            "application/x-ndjson": {"schema": {"type": "string", "format": "binary"}},
+            "application/zip": {"schema": {"type": "string", "format": "binary"}},
+        },
+    }
+)
+@datasets.response(202, ImportSchema)
+def create_import(dataset_id: str) -> Import:
+    """Upload a bulk import; a worker processes it. Follow it at `GET /v1/imports/{id}`."""
+    runtime = _runtime()
+    dataset = tenant_dataset(runtime, dataset_id)
+    request.max_content_length = imports.MAX_IMPORT_BYTES
+    if request.mimetype == "multipart/form-data":
+        upload = request.files.get("file")
+        if upload is None:
+            raise Unprocessable("send the file in a multipart field named `file`")
+        fmt = imports.import_format(upload.mimetype, upload.filename)
+        return imports.create_import(runtime, dataset, upload.stream, fmt, g.get("trace_id"))
+    fmt = imports.import_format(request.mimetype)
+    return imports.create_import(runtime, dataset, request.stream, fmt, g.get("trace_id"))
+
+
+@item_routes.get("/imports/<import_id>")
+@require_partner
+@item_routes.response(200, ImportSchema)
+def get_import(import_id: str) -> Import:
+    with _runtime().db.session() as session:
+        record = session.get(Import, import_id)
+    if record is None or record.tenant != _tenant():
+        raise NotFound(f"import {import_id} does not exist")
+    return record
+
+
+# -- items and usage --------------------------------------------------------------------------------------
+
+
+@datasets.get("/<dataset_id>/items")
+@require_partner
+@datasets.arguments(ItemListQuery, location="query")
+@datasets.response(200, ItemListSchema)
+def list_items(query: dict[str, Any], dataset_id: str) -> dict[str, Any]:
+    """The dataset's items, oldest first, paged with `cursor` (the previous page's `next_cursor`)."""
+    runtime = _runtime()
+    tenant_dataset(runtime, dataset_id)
+    return items.list_items(runtime, _tenant(), dataset_id, query)
+
+
+@item_routes.get("/items/<item_id>")
+@require_partner
+@item_routes.response(200, ItemSchema)
+def get_item(item_id: str) -> Any:
+    return items.tenant_item(_runtime(), _tenant(), item_id)
+
+
+@item_routes.get("/items/<item_id>/download")
+@require_partner
+@item_routes.response(200, DownloadSchema)
+def get_download_url(item_id: str) -> dict[str, Any]:
+    """A signed URL for the item's content, valid 15 minutes, usable without the API key."""
+    runtime = _runtime()
+    item = items.tenant_item(runtime, _tenant(), item_id)
+    return items.download_url(runtime, request.host_url, item)
+
+
+@item_routes.get("/items/<item_id>/content")
+@item_routes.arguments(DownloadQuery, location="query")
+@item_routes.doc(security=[], description="Authenticated by the signature of a URL from /download.")
+def get_content(query: dict[str, Any], item_id: str) -> Response:
+    runtime = _runtime()
+    item = items.signed_content(runtime, item_id, query["expires"], query["signature"])
+    return Response(items.read_content(runtime, item), mimetype=item.content_type.split(";")[0])
+
+
+@item_routes.delete("/items/<item_id>")
+@require_partner
+@item_routes.response(204)
+def delete_item(item_id: str) -> None:
+    """Erase an item's content and record (a data-subject request); emits `item.deleted`."""
+    items.delete_item(_runtime(), _tenant(), item_id)
+
+
+@item_routes.get("/usage")
+@require_partner
+@item_routes.arguments(UsageQuery, location="query")
+@item_routes.response(200, UsageSchema)
+def get_usage(query: dict[str, Any]) -> dict[str, Any]:
+    """Accepted items and bytes per UTC day (the basis for billing), with the partner's quotas."""
+    runtime = _runtime()
+    with runtime.db.session() as session:
+        partner = session.get(Partner, _tenant())
+        days = quotas.usage_by_day(session, partner.id, quotas.today() - timedelta(days=query["days"] - 1))
+    return {
+        "tenant": partner.id,
+        "daily_item_quota": partner.daily_item_quota,
+        "daily_byte_quota": partner.daily_byte_quota,
+        "days": days,
+    }

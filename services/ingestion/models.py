@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import uuid
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime
 
-from sqlalchemy import JSON, BigInteger, DateTime, ForeignKey, Integer, String, UniqueConstraint
+from sqlalchemy import JSON, BigInteger, Date, DateTime, ForeignKey, Integer, String, Text, UniqueConstraint
 from sqlalchemy.orm import Mapped, mapped_column
 
 from shared.db import declarative_base
@@ -26,6 +26,8 @@ class Partner(Base):
 
     id: Mapped[str] = mapped_column(String(40), primary_key=True, default=lambda: new_id("ptn"))
     name: Mapped[str] = mapped_column(String(200), unique=True)
+    daily_item_quota: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    daily_byte_quota: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
 
@@ -75,6 +77,7 @@ class Item(Base):
     dataset_id: Mapped[str] = mapped_column(ForeignKey("datasets.id"), index=True)
     kind: Mapped[str] = mapped_column(String(10))
     sha256: Mapped[str] = mapped_column(String(64))
+    content_type: Mapped[str] = mapped_column(String(100))
     bucket: Mapped[str] = mapped_column(String(63))
     object_key: Mapped[str] = mapped_column(String(512))
     object_sha256: Mapped[str] = mapped_column(String(64))
@@ -82,4 +85,61 @@ class Item(Base):
     length: Mapped[int] = mapped_column(BigInteger)
     label: Mapped[str | None] = mapped_column(String(200), nullable=True)
     item_metadata: Mapped[dict] = mapped_column("metadata", JSON, default=dict)
+    redactions: Mapped[dict] = mapped_column(JSON, default=dict)
+    push_id: Mapped[str] = mapped_column(String(40), index=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, index=True)
+
+
+class Usage(Base):
+    """Per partner and UTC day: what was accepted. The basis of quotas and billing."""
+
+    __tablename__ = "usage"
+    __table_args__ = (UniqueConstraint("tenant", "day"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    tenant: Mapped[str] = mapped_column(String(40), index=True)
+    day: Mapped[date] = mapped_column(Date)
+    items: Mapped[int] = mapped_column(BigInteger, default=0)
+    bytes: Mapped[int] = mapped_column(BigInteger, default=0)
+    pushes: Mapped[int] = mapped_column(BigInteger, default=0)
+    duplicates: Mapped[int] = mapped_column(BigInteger, default=0)
+    rejected: Mapped[int] = mapped_column(BigInteger, default=0)
+
+
+class IdempotencyRecord(Base):
+    """The first response to a request made with an Idempotency-Key, replayed to its retries."""
+
+    __tablename__ = "idempotency_keys"
+    __table_args__ = (UniqueConstraint("tenant", "key"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    tenant: Mapped[str] = mapped_column(String(40))
+    key: Mapped[str] = mapped_column(String(200))
+    request_hash: Mapped[str] = mapped_column(String(64))
+    status: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    response: Mapped[dict | None] = mapped_column(JSON, nullable=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class Import(Base):
+    """A bulk import: the uploaded file (JSONL or zip of images) and the worker's progress through it."""
+
+    __tablename__ = "imports"
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True, default=lambda: new_id("imp"))
+    tenant: Mapped[str] = mapped_column(String(40), index=True)
+    dataset_id: Mapped[str] = mapped_column(ForeignKey("datasets.id"), index=True)
+    format: Mapped[str] = mapped_column(String(10))
+    object_key: Mapped[str] = mapped_column(String(512))
+    size: Mapped[int] = mapped_column(BigInteger)
+    status: Mapped[str] = mapped_column(String(20), default="queued")
+    total: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    processed: Mapped[int] = mapped_column(Integer, default=0)
+    accepted: Mapped[int] = mapped_column(Integer, default=0)
+    duplicates: Mapped[int] = mapped_column(Integer, default=0)
+    rejected: Mapped[int] = mapped_column(Integer, default=0)
+    errors: Mapped[list] = mapped_column(JSON, default=list)
+    failure: Mapped[str | None] = mapped_column(Text, nullable=True)
+    trace_id: Mapped[str | None] = mapped_column(String(128), nullable=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)

@@ -2,20 +2,61 @@
 
 from __future__ import annotations
 
+import base64
+import binascii
+from typing import Any
+
 from marshmallow import Schema, ValidationError, fields, validate, validates_schema
 
 from shared.events.catalog import TASK_TYPES
 
 NAME = validate.Regexp(r"^[A-Za-z0-9][A-Za-z0-9 ._-]{0,99}$", error="1-100 letters, digits, space, '.', '_' or '-'")
+MAX_TEXT_CHARS = 100_000
+MAX_METADATA_KEYS = 50
 
 
-class PartnerCreateSchema(Schema):
+class Base64Bytes(fields.Field):
+    """A base64 string on the wire, bytes in Python; bad base64 is a field error, not a crash."""
+
+    def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> bytes:
+        if not isinstance(value, str):
+            raise ValidationError("must be a base64 string")
+        try:
+            return base64.b64decode(value, validate=True)
+        except (binascii.Error, ValueError) as exc:
+            raise ValidationError("is not valid base64") from exc
+
+    def _serialize(self, value: Any, attr: str | None, obj: Any, **kwargs: Any) -> str | None:
+        return None if value is None else base64.b64encode(value).decode("ascii")
+
+
+def _metadata_field() -> fields.Dict:
+    return fields.Dict(
+        keys=fields.String(validate=validate.Length(min=1, max=100)),
+        load_default=dict,
+        validate=validate.Length(max=MAX_METADATA_KEYS),
+        metadata={"description": "Partner metadata kept with the item (at most 50 keys)."},
+    )
+
+
+class QuotaFields(Schema):
+    daily_item_quota = fields.Integer(allow_none=True, validate=validate.Range(min=0))
+    daily_byte_quota = fields.Integer(allow_none=True, validate=validate.Range(min=0))
+
+
+class PartnerCreateSchema(QuotaFields):
     name = fields.String(required=True, validate=NAME)
+
+
+class PartnerUpdateSchema(QuotaFields):
+    pass
 
 
 class PartnerSchema(Schema):
     id = fields.String()
     name = fields.String()
+    daily_item_quota = fields.Integer(allow_none=True)
+    daily_byte_quota = fields.Integer(allow_none=True)
     created_at = fields.DateTime()
 
 
@@ -49,22 +90,28 @@ class KeyPrincipalSchema(Schema):
     key_id = fields.String()
 
 
+def _validate_labels(labels: list[str]) -> None:
+    if len(set(labels)) != len(labels):
+        raise ValidationError("labels must be unique")
+
+
+LABEL = fields.String(validate=validate.Length(min=1, max=100))
+
+
 class DatasetCreateSchema(Schema):
     name = fields.String(required=True, validate=NAME)
     task_type = fields.String(required=True, validate=validate.OneOf(TASK_TYPES))
-    labels = fields.List(
-        fields.String(validate=validate.Length(min=1, max=100)),
-        required=True,
-        validate=validate.Length(min=2, max=1000),
-    )
+    labels = fields.List(LABEL, required=True, validate=[validate.Length(min=2, max=1000), _validate_labels])
     pii_policy = fields.String(load_default="off", validate=validate.OneOf(("off", "redact")))
     overlap = fields.Integer(load_default=1, validate=validate.Range(min=1, max=5))
     retrain_threshold = fields.Integer(load_default=None, allow_none=True, validate=validate.Range(min=1))
 
-    @validates_schema
-    def _unique_labels(self, data: dict, **_: object) -> None:
-        if len(set(data["labels"])) != len(data["labels"]):
-            raise ValidationError("labels must be unique", field_name="labels")
+
+class DatasetUpdateSchema(Schema):
+    labels = fields.List(LABEL, validate=[validate.Length(min=2, max=1000), _validate_labels])
+    pii_policy = fields.String(validate=validate.OneOf(("off", "redact")))
+    overlap = fields.Integer(validate=validate.Range(min=1, max=5))
+    retrain_threshold = fields.Integer(allow_none=True, validate=validate.Range(min=1))
 
 
 class DatasetSchema(Schema):
@@ -78,19 +125,35 @@ class DatasetSchema(Schema):
     created_at = fields.DateTime()
 
 
-class TextItemSchema(Schema):
-    text = fields.String(required=True, validate=validate.Length(min=1, max=100_000))
+class DatasetListSchema(Schema):
+    datasets = fields.List(fields.Nested(DatasetSchema))
+
+
+class PushItemSchema(Schema):
+    """One item: `text` for a text dataset, `image` (base64) for an image dataset."""
+
+    text = fields.String(validate=validate.Length(min=1, max=MAX_TEXT_CHARS))
+    image = Base64Bytes(metadata={"description": "base64-encoded PNG, JPEG, WEBP, GIF or BMP"})
     label = fields.String(load_default=None, allow_none=True)
-    metadata = fields.Dict(keys=fields.String(), load_default=dict)
+    metadata = _metadata_field()
+
+    @validates_schema
+    def _one_content(self, data: dict[str, Any], **_: Any) -> None:
+        if ("text" in data) == ("image" in data):
+            raise ValidationError("give exactly one of 'text' or 'image'", field_name="_schema")
+
+
+class ImportLineSchema(PushItemSchema):
+    pass
 
 
 class PushSchema(Schema):
-    items = fields.List(fields.Nested(TextItemSchema), required=True, validate=validate.Length(min=1, max=1000))
+    items = fields.List(fields.Nested(PushItemSchema), required=True, validate=validate.Length(min=1))
 
 
 class PushResultItemSchema(Schema):
     index = fields.Integer()
-    status = fields.String()
+    status = fields.String(metadata={"description": "accepted | duplicate | rejected"})
     item_id = fields.String(allow_none=True)
     reason = fields.String(allow_none=True)
 
@@ -100,3 +163,76 @@ class PushResultSchema(Schema):
     duplicates = fields.Integer()
     rejected = fields.Integer()
     items = fields.List(fields.Nested(PushResultItemSchema))
+
+
+class ItemSchema(Schema):
+    id = fields.String()
+    dataset_id = fields.String()
+    kind = fields.String()
+    sha256 = fields.String()
+    content_type = fields.String()
+    length = fields.Integer(data_key="size")
+    label = fields.String(allow_none=True)
+    metadata = fields.Dict(attribute="item_metadata")
+    redactions = fields.Dict()
+    created_at = fields.DateTime()
+
+
+class ItemListQuery(Schema):
+    limit = fields.Integer(load_default=100, validate=validate.Range(min=1, max=1000))
+    cursor = fields.String(load_default=None)
+    kind = fields.String(validate=validate.OneOf(("text", "image")))
+    label = fields.String()
+    labeled = fields.Boolean()
+
+
+class ItemListSchema(Schema):
+    items = fields.List(fields.Nested(ItemSchema))
+    next_cursor = fields.String(allow_none=True)
+
+
+class DownloadSchema(Schema):
+    url = fields.String()
+    expires_at = fields.DateTime()
+
+
+class DownloadQuery(Schema):
+    expires = fields.Integer(required=True)
+    signature = fields.String(required=True, validate=validate.Length(equal=64))
+
+
+class ImportSchema(Schema):
+    id = fields.String()
+    dataset_id = fields.String()
+    format = fields.String()
+    size = fields.Integer()
+    status = fields.String(metadata={"description": "queued | running | succeeded | failed"})
+    total = fields.Integer(allow_none=True)
+    processed = fields.Integer()
+    accepted = fields.Integer()
+    duplicates = fields.Integer()
+    rejected = fields.Integer()
+    errors = fields.List(fields.Dict(), metadata={"description": "the first 1,000 per-line errors"})
+    failure = fields.String(allow_none=True)
+    created_at = fields.DateTime()
+    finished_at = fields.DateTime(allow_none=True)
+
+
+class UsageQuery(Schema):
+    days = fields.Integer(load_default=30, validate=validate.Range(min=1, max=366))
+
+
+class UsageDaySchema(Schema):
+    day = fields.Date()
+    items = fields.Integer()
+    bytes = fields.Integer()
+    pushes = fields.Integer()
+    duplicates = fields.Integer()
+    rejected = fields.Integer()
+
+
+class UsageSchema(Schema):
+    tenant = fields.String()
+    daily_item_quota = fields.Integer(allow_none=True)
+    daily_byte_quota = fields.Integer(allow_none=True)
+    days = fields.List(fields.Nested(UsageDaySchema))

@@ -4,12 +4,16 @@
 the rows it wrote are sent to Redis at once (the fast path). If Redis is down the commit still succeeds, the
 rows stay unsent, and the relay thread delivers them when Redis answers again. A row can be sent twice (a
 crash between send and mark); consumers are idempotent by event_id, so that is safe.
+
+The same outbox carries a service's own queued work (`enqueue`): a Celery task name and its arguments,
+sent to the service's queue with the same guarantees.
 """
 
 from __future__ import annotations
 
 import threading
 import time
+import uuid
 from collections.abc import Iterable
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -27,6 +31,7 @@ from shared.logging import get_logger
 log = get_logger(__name__)
 
 _PENDING_KEY = "flywheel_outbox_pending"
+TASK_PREFIX = "task:"
 
 
 class EventBus:
@@ -72,6 +77,22 @@ class EventBus:
         session.info.setdefault(_PENDING_KEY, []).append(envelope.event_id)
         return envelope
 
+    def enqueue(self, session: Session, task: str, args: list[Any], *, queue: str | None = None) -> str:
+        """Queue one of this service's own Celery tasks through the outbox: it is sent only if the caller's
+        transaction commits, and still sent (by the relay) if Redis is down at that moment."""
+        task_id = str(uuid.uuid4())
+        session.execute(
+            self.tables.outbox.insert().values(
+                event_id=task_id,
+                event_type=f"{TASK_PREFIX}{task}",
+                envelope={"task": task, "args": args, "queue": queue or self.service, "task_id": task_id},
+                created_at=datetime.now(UTC),
+                attempts=0,
+            )
+        )
+        session.info.setdefault(_PENDING_KEY, []).append(task_id)
+        return task_id
+
     def send(self, message: dict[str, Any], consumer: str) -> None:
         """Put one message on the bus for one consumer service (no outbox: used by the relay and replays)."""
         spec = CATALOG[message["type"]]
@@ -86,12 +107,15 @@ class EventBus:
     # -- delivering ------------------------------------------------------------------------------------
 
     def _after_commit(self, session: Session) -> None:
+        if session.in_nested_transaction():  # a SAVEPOINT released; the real commit is still to come
+            return
         pending = session.info.pop(_PENDING_KEY, None)
         if pending and time.monotonic() >= self._broker_down_until:
             self.deliver(event_ids=pending)
 
     def _after_rollback(self, session: Session) -> None:
-        session.info.pop(_PENDING_KEY, None)
+        if not session.in_nested_transaction():
+            session.info.pop(_PENDING_KEY, None)
 
     def deliver(self, *, event_ids: Iterable[str] | None = None, older_than: float = 0.0, limit: int = 500) -> int:
         """Send unsent outbox rows (the given ones, or the oldest) and mark them sent. Returns how many went."""
@@ -106,8 +130,17 @@ class EventBus:
         sent: list[int] = []
         try:
             for row_id, message in rows:
-                for consumer in CATALOG[message["type"]].consumers:
-                    self.send(message, consumer)
+                if "task" in message:
+                    self.celery.send_task(
+                        message["task"],
+                        args=message["args"],
+                        queue=message["queue"],
+                        task_id=message["task_id"],
+                        retry=False,
+                    )
+                else:
+                    for consumer in CATALOG[message["type"]].consumers:
+                        self.send(message, consumer)
                 sent.append(row_id)
         except Exception as exc:
             self._broker_down_until = time.monotonic() + self.relay_interval

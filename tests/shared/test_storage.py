@@ -443,3 +443,12 @@ def test_open_store_from_url(moto_s3: S3Server, tmp_path: Path) -> None:
     local = open_store(tmp_path.as_uri())
     assert isinstance(local, FileStore)
     assert local.root == tmp_path.resolve()
+
+
+def test_get_range_reads_one_item_of_a_packed_object(store: ObjectStore, bucket: str) -> None:
+    store.put(bucket, "packed/one.bin", b"alpha|beta|gamma")
+    assert store.get_range(bucket, "packed/one.bin", 6, 4) == b"beta"
+    assert store.get_range(bucket, "packed/one.bin", 0, 5) == b"alpha"
+    assert store.get_range(bucket, "packed/one.bin", 11, 5) == b"gamma"
+    with pytest.raises(ObjectNotFound):
+        store.get_range(bucket, "packed/missing.bin", 0, 1)

@@ -1,0 +1,303 @@
+"""Bulk imports: a JSONL file or a zip of images, uploaded as a stream and processed by the worker.
+
+The upload is streamed into object storage (never held whole in memory) and an `ingestion.process_import`
+task is queued through the outbox in the transaction that records the import. The worker reads the file
+back as a stream, in batches of `BATCH_SIZE`, through the same pipeline as a push; each batch's progress
+commits with its items, so a worker that dies resumes where the last batch ended.
+
+Zip files are checked before anything is read: entry count, total and per-entry uncompressed size and
+compression ratio (zip bombs), and every name for absolute paths or `..` (path traversal). An image's
+label is its top-level folder (`cat/001.png`), the ImageFolder convention.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import tempfile
+import zipfile
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import PurePosixPath
+from typing import IO, Any
+
+from marshmallow import ValidationError
+from sqlalchemy.orm import Session
+
+from services.ingestion.images import MAX_IMAGE_BYTES, InvalidImage, inspect_image
+from services.ingestion.ingest import BatchOutcome, Candidate, ingest_batch, text_candidate
+from services.ingestion.models import Dataset, Import, new_id
+from services.ingestion.schemas import ImportLineSchema
+from shared.artifacts import RAW_BUCKET
+from shared.errors import DomainError, PayloadTooLarge, Unprocessable
+from shared.logging import get_logger, log_context
+from shared.runtime import Runtime
+
+log = get_logger(__name__)
+
+TASK_NAME = "ingestion.process_import"
+BATCH_SIZE = 500
+MAX_IMPORT_BYTES = 2 * 1024**3
+MAX_RECORDED_ERRORS = 1000
+MAX_LINE_BYTES = 30 * 1024 * 1024
+ZIP_MAX_ENTRIES = 100_000
+ZIP_MAX_TOTAL_BYTES = 8 * 1024**3
+ZIP_MAX_RATIO = 200
+FORMATS = {
+    "application/x-ndjson": "jsonl",
+    "application/jsonl": "jsonl",
+    "application/jsonlines": "jsonl",
+    "application/zip": "zip",
+    "application/x-zip-compressed": "zip",
+}
+
+
+class _LimitedReader(io.RawIOBase):
+    """Passes a request stream through, refusing it once it exceeds the import size limit."""
+
+    def __init__(self, stream: IO[bytes], limit: int) -> None:
+        self.stream = stream
+        self.limit = limit
+        self.seen = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        chunk = self.stream.read(len(buffer))
+        self.seen += len(chunk)
+        if self.seen > self.limit:
+            raise PayloadTooLarge(f"imports are limited to {self.limit} bytes")
+        buffer[: len(chunk)] = chunk
+        return len(chunk)
+
+
+def import_format(content_type: str | None, filename: str | None = None) -> str:
+    mime = (content_type or "").split(";")[0].strip().lower()
+    if mime in FORMATS:
+        return FORMATS[mime]
+    suffix = PurePosixPath(filename or "").suffix.lower()
+    if suffix in {".jsonl", ".ndjson"}:
+        return "jsonl"
+    if suffix == ".zip":
+        return "zip"
+    raise Unprocessable(
+        "send a JSONL file (application/x-ndjson) or a zip of images (application/zip)",
+        {"content_type": mime or None},
+    )
+
+
+def create_import(runtime: Runtime, dataset: Dataset, stream: IO[bytes], fmt: str, trace_id: str | None) -> Import:
+    if fmt == "zip" and dataset.task_type != "image_classification":
+        raise Unprocessable("zip imports are for image datasets; send JSONL to a text dataset")
+    record = Import(id=new_id("imp"), tenant=dataset.tenant, dataset_id=dataset.id, format=fmt, object_key="", size=0)
+    key = f"{dataset.tenant}/{dataset.id}/imports/{record.id}.{fmt}"
+    stored = runtime.storage.put(RAW_BUCKET, key, io.BufferedReader(_LimitedReader(stream, MAX_IMPORT_BYTES)))
+    if stored.size == 0:
+        runtime.storage.delete(RAW_BUCKET, key)
+        raise Unprocessable("the uploaded file is empty")
+    record.object_key = key
+    record.size = stored.size
+    record.trace_id = trace_id
+    with runtime.db.session() as session:
+        session.add(record)
+        session.flush()
+        runtime.bus.enqueue(session, TASK_NAME, [record.id])
+    log.info("import_created", import_id=record.id, dataset_id=dataset.id, format=fmt, bytes=stored.size)
+    return record
+
+
+def register_tasks(runtime: Runtime) -> None:
+    @runtime.celery.task(name=TASK_NAME, bind=True, acks_late=True, ignore_result=True, shared=False)
+    def process_import(_task: Any, import_id: str) -> str:
+        with runtime.db.session() as session:
+            record = session.get(Import, import_id)
+            trace_id = record.trace_id if record else None
+        with log_context(service=runtime.service, trace_id=trace_id, import_id=import_id):
+            return run_import(runtime, import_id)
+
+
+def run_import(runtime: Runtime, import_id: str) -> str:
+    with runtime.db.session() as session:
+        record = session.get(Import, import_id)
+        if record is None:
+            log.error("import_missing")
+            return "missing"
+        if record.status in {"succeeded", "failed"}:
+            return record.status
+        dataset = session.get(Dataset, record.dataset_id)
+        record.status = "running"
+    with log_context(tenant=record.tenant, dataset_id=record.dataset_id):
+        try:
+            with tempfile.TemporaryDirectory(prefix="flywheel-import-") as workdir:
+                path = f"{workdir}/upload"
+                runtime.storage.download(RAW_BUCKET, record.object_key, path)
+                entries = _jsonl_entries(path, dataset) if record.format == "jsonl" else _zip_entries(path, dataset)
+                _process(runtime, dataset, record, entries)
+        except DomainError as exc:
+            _finish(runtime, import_id, "failed", exc.message)
+            return "failed"
+        except Exception as exc:
+            log.exception("import_crashed", error=repr(exc))
+            _finish(runtime, import_id, "failed", f"the import stopped on an unexpected error: {exc}")
+            return "failed"
+    _finish(runtime, import_id, "succeeded", None)
+    return "succeeded"
+
+
+def _finish(runtime: Runtime, import_id: str, status: str, failure: str | None) -> None:
+    with runtime.db.session() as session:
+        record = session.get(Import, import_id)
+        record.status = status
+        record.failure = failure
+        record.finished_at = datetime.now(UTC)
+        summary = {"processed": record.processed, "accepted": record.accepted, "rejected": record.rejected}
+    log.info("import_finished", status=status, failure=failure, **summary)
+
+
+# An entry is (position, candidate or None, error or None): errors are recorded against their position.
+Entry = tuple[int, Candidate | None, str | None]
+
+
+def _process(runtime: Runtime, dataset: Dataset, record: Import, entries: tuple[int, Iterator[Entry]]) -> None:
+    total, stream = entries
+    with runtime.db.session() as session:
+        session.get(Import, record.id).total = total
+        resume_from = session.get(Import, record.id).processed
+    batch: list[Candidate] = []
+    errors: list[dict[str, Any]] = []
+    position = 0
+    for position, candidate, error in stream:
+        if position <= resume_from:
+            continue
+        if error is not None:
+            errors.append({"line": position, "error": error})
+        elif candidate is not None:
+            batch.append(candidate)
+        if len(batch) + len(errors) >= BATCH_SIZE:
+            _commit_batch(runtime, dataset, record.id, batch, errors, position)
+            batch, errors = [], []
+    if batch or errors or position > resume_from:
+        _commit_batch(runtime, dataset, record.id, batch, errors, position)
+
+
+def _commit_batch(
+    runtime: Runtime,
+    dataset: Dataset,
+    import_id: str,
+    batch: list[Candidate],
+    errors: list[dict[str, Any]],
+    position: int,
+) -> None:
+    def advance(session: Session, outcome: BatchOutcome) -> None:
+        record = session.get(Import, import_id)
+        rejected = [{"line": r["index"], "error": r["reason"]} for r in outcome.results if r["status"] == "rejected"]
+        record.processed = position
+        record.accepted += outcome.count("accepted")
+        record.duplicates += outcome.count("duplicate")
+        record.rejected += outcome.count("rejected") + len(errors)
+        room = MAX_RECORDED_ERRORS - len(record.errors)
+        if room > 0:
+            record.errors = [*record.errors, *sorted(errors + rejected, key=lambda e: e["line"])[:room]]
+        log.info("import_progress", processed=position, total=record.total, accepted=record.accepted)
+
+    ingest_batch(runtime, dataset, batch, in_transaction=advance)
+
+
+def _jsonl_entries(path: str, dataset: Dataset) -> tuple[int, Iterator[Entry]]:
+    with open(path, "rb") as handle:
+        total = sum(1 for _ in handle)
+    schema = ImportLineSchema()
+    expected = "text" if dataset.task_type == "text_classification" else "image"
+
+    def entries() -> Iterator[Entry]:
+        with open(path, "rb") as handle:
+            for number, raw in enumerate(handle, start=1):
+                if len(raw) > MAX_LINE_BYTES:
+                    yield number, None, f"line is longer than {MAX_LINE_BYTES} bytes"
+                    continue
+                if not raw.strip():
+                    yield number, None, "empty line"
+                    continue
+                try:
+                    data = schema.load(json.loads(raw.decode("utf-8")))
+                except UnicodeDecodeError:
+                    yield number, None, "line is not valid UTF-8"
+                    continue
+                except json.JSONDecodeError as exc:
+                    yield number, None, f"invalid JSON: {exc.msg} at column {exc.colno}"
+                    continue
+                except ValidationError as exc:
+                    yield number, None, f"invalid item: {json.dumps(exc.normalized_messages(), sort_keys=True)}"
+                    continue
+                if expected not in data:
+                    yield number, None, f"this dataset takes {expected} items"
+                    continue
+                try:
+                    yield number, _line_candidate(number, data, dataset), None
+                except InvalidImage as exc:
+                    yield number, None, f"invalid image: {exc}"
+
+    return total, entries()
+
+
+def _line_candidate(number: int, data: dict[str, Any], dataset: Dataset) -> Candidate | None:
+    if "text" in data:
+        return text_candidate(
+            number, data["text"], pii_policy=dataset.pii_policy, label=data.get("label"), metadata=data["metadata"]
+        )
+    return _image_candidate(number, data["image"], data.get("label"), data["metadata"])
+
+
+def _image_candidate(number: int, raw: bytes, label: str | None, metadata: dict[str, Any]) -> Candidate:
+    info = inspect_image(raw)
+    return Candidate(
+        index=number, kind="image", data=raw, content_type=info.content_type, label=label, metadata=metadata
+    )
+
+
+def _zip_entries(path: str, dataset: Dataset) -> tuple[int, Iterator[Entry]]:
+    try:
+        archive = zipfile.ZipFile(path)
+    except zipfile.BadZipFile as exc:
+        raise Unprocessable("the upload is not a valid zip file") from exc
+    members = [info for info in archive.infolist() if not info.is_dir()]
+    if len(members) > ZIP_MAX_ENTRIES:
+        raise Unprocessable(f"the zip holds {len(members)} files; the limit is {ZIP_MAX_ENTRIES}")
+    total_size = sum(info.file_size for info in members)
+    if total_size > ZIP_MAX_TOTAL_BYTES:
+        raise Unprocessable(f"the zip expands to {total_size} bytes; the limit is {ZIP_MAX_TOTAL_BYTES}")
+    for info in members:
+        if info.compress_size and info.file_size / info.compress_size > ZIP_MAX_RATIO:
+            raise Unprocessable(
+                f"{info.filename!r} expands {info.file_size // max(info.compress_size, 1)}x: refused as a zip bomb"
+            )
+
+    def entries() -> Iterator[Entry]:
+        with archive:
+            for number, info in enumerate(members, start=1):
+                name = info.filename
+                parts = PurePosixPath(name).parts
+                if name.startswith(("/", "\\")) or ".." in parts or "\\" in name or ":" in (parts[0] if parts else ""):
+                    yield number, None, f"{name!r}: unsafe path refused"
+                    continue
+                if any(part.startswith(".") or part == "__MACOSX" for part in parts):
+                    yield number, None, f"{name!r}: hidden or system file skipped"
+                    continue
+                if info.file_size > MAX_IMAGE_BYTES:
+                    yield number, None, f"{name!r}: {info.file_size} bytes; the limit is {MAX_IMAGE_BYTES}"
+                    continue
+                label = parts[0] if len(parts) > 1 else None
+                try:
+                    with archive.open(info) as member:
+                        raw = member.read(MAX_IMAGE_BYTES + 1)
+                    candidate = _image_candidate(number, raw, label, {"filename": name})
+                except InvalidImage as exc:
+                    yield number, None, f"{name!r}: {exc}"
+                    continue
+                except (zipfile.BadZipFile, OSError) as exc:
+                    yield number, None, f"{name!r}: unreadable zip entry ({exc})"
+                    continue
+                yield number, candidate, None
+
+    return len(members), entries()

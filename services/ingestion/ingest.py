@@ -1,0 +1,275 @@
+"""Accepting items: validate, redact, dedupe by content hash, store content, record rows, emit one event.
+
+Used by the push API and by bulk imports alike, one batch at a time:
+
+1. each candidate's label is checked against the dataset's label set (else `rejected`, with the reason);
+2. content is hashed (after redaction, since redacted text is what we keep) and deduplicated within the
+   batch and against the dataset (`duplicate`, with the existing id);
+3. content goes to object storage first: the small text items of a batch packed into one object (each item
+   keeps its offset and length — millions of tiny objects are an object-store anti-pattern), each image as
+   one content-addressed object;
+4. then one transaction inserts the rows, counts usage against the quota and writes `item.ingested` to the
+   outbox. If it fails, the objects written in step 3 are removed: no row or event names missing content.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import uuid
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import insert, select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from services.ingestion import quotas
+from services.ingestion.models import Dataset, Item, Partner
+from services.ingestion.pii import redact
+from shared.artifacts import RAW_BUCKET
+from shared.errors import Conflict
+from shared.logging import get_logger
+from shared.runtime import Runtime
+
+log = get_logger(__name__)
+
+IMAGE_UPLOAD_THREADS = 4
+
+
+@dataclass
+class Candidate:
+    """One item that passed schema validation, ready to be judged against the dataset and stored."""
+
+    index: int
+    kind: str  # "text" | "image"
+    data: bytes
+    content_type: str
+    label: str | None = None
+    metadata: dict[str, Any] = field(default_factory=dict)
+    redactions: dict[str, int] = field(default_factory=dict)
+    sha256: str = ""
+
+
+@dataclass
+class BatchOutcome:
+    results: list[dict[str, Any]] = field(default_factory=list)
+    accepted_bytes: int = 0
+
+    def count(self, status: str) -> int:
+        return sum(1 for r in self.results if r["status"] == status)
+
+    def as_response(self) -> dict[str, Any]:
+        return {
+            "accepted": self.count("accepted"),
+            "duplicates": self.count("duplicate"),
+            "rejected": self.count("rejected"),
+            "items": sorted(self.results, key=lambda r: r["index"]),
+        }
+
+
+def text_candidate(index: int, text: str, *, pii_policy: str, label: str | None, metadata: dict) -> Candidate:
+    redactions: dict[str, int] = {}
+    if pii_policy == "redact":
+        redacted = redact(text)
+        text, redactions = redacted.text, redacted.counts
+    return Candidate(
+        index=index,
+        kind="text",
+        data=text.encode("utf-8"),
+        content_type="text/plain; charset=utf-8",
+        label=label,
+        metadata=metadata,
+        redactions=redactions,
+    )
+
+
+def ingest_batch(
+    runtime: Runtime,
+    dataset: Dataset,
+    candidates: list[Candidate],
+    *,
+    in_transaction: Callable[[Session, BatchOutcome], None] | None = None,
+) -> BatchOutcome:
+    """Judge, store and record one batch. `in_transaction` runs inside the final transaction (imports use it
+    to move their progress forward atomically with the items)."""
+    try:
+        return _ingest(runtime, dataset, candidates, in_transaction)
+    except IntegrityError:
+        # The same content was pushed concurrently and committed first: judged again, it is a duplicate now.
+        try:
+            return _ingest(runtime, dataset, candidates, in_transaction)
+        except IntegrityError as exc:
+            raise Conflict("the same content is being pushed concurrently; retry the request") from exc
+
+
+def _ingest(
+    runtime: Runtime,
+    dataset: Dataset,
+    candidates: list[Candidate],
+    in_transaction: Callable[[Session, BatchOutcome], None] | None,
+) -> BatchOutcome:
+    outcome = BatchOutcome()
+    labels = set(dataset.labels)
+    for candidate in candidates:
+        candidate.sha256 = hashlib.sha256(candidate.data).hexdigest()
+    with runtime.db.session() as session:
+        partner = session.get(Partner, dataset.tenant)
+        known = dict(
+            session.execute(
+                select(Item.sha256, Item.id).where(
+                    Item.dataset_id == dataset.id, Item.sha256.in_({c.sha256 for c in candidates})
+                )
+            ).all()
+        )
+    accepted: list[tuple[Candidate, str]] = []
+    for candidate in candidates:
+        if candidate.label is not None and candidate.label not in labels:
+            reason = f"label {candidate.label!r} is not in the dataset's label set"
+            outcome.results.append({"index": candidate.index, "status": "rejected", "item_id": None, "reason": reason})
+        elif candidate.sha256 in known:
+            outcome.results.append(
+                {"index": candidate.index, "status": "duplicate", "item_id": known[candidate.sha256], "reason": None}
+            )
+        else:
+            item_id = f"itm_{uuid.uuid4().hex[:20]}"
+            known[candidate.sha256] = item_id
+            accepted.append((candidate, item_id))
+            outcome.results.append({"index": candidate.index, "status": "accepted", "item_id": item_id, "reason": None})
+    outcome.accepted_bytes = sum(len(c.data) for c, _ in accepted)
+    if accepted:
+        with runtime.db.session() as session:
+            quotas.check(session, partner, len(accepted), outcome.accepted_bytes)
+
+    push_id = f"push_{uuid.uuid4().hex[:20]}"
+    rows, written = _store_content(runtime, dataset, push_id, accepted)
+    try:
+        with runtime.db.session() as session:
+            if rows:
+                session.execute(insert(Item), rows)
+                runtime.bus.publish(
+                    session,
+                    "item.ingested",
+                    {"dataset": dataset.config(), "items": [_event_item(row) for row in rows]},
+                    tenant=dataset.tenant,
+                )
+            quotas.record(
+                session,
+                partner,
+                items=len(rows),
+                size=outcome.accepted_bytes,
+                duplicates=outcome.count("duplicate"),
+                rejected=outcome.count("rejected"),
+            )
+            if in_transaction is not None:
+                in_transaction(session, outcome)
+    except BaseException:
+        for key in written:
+            _delete_quietly(runtime, key)
+        raise
+    if rows:
+        log.info(
+            "items_ingested",
+            dataset_id=dataset.id,
+            push_id=push_id,
+            accepted=len(rows),
+            duplicates=outcome.count("duplicate"),
+            rejected=outcome.count("rejected"),
+            bytes=outcome.accepted_bytes,
+        )
+    return outcome
+
+
+def _store_content(
+    runtime: Runtime, dataset: Dataset, push_id: str, accepted: list[tuple[Candidate, str]]
+) -> tuple[list[dict[str, Any]], list[str]]:
+    """Write the accepted content; returns the item rows to insert and the keys written (for clean-up)."""
+    now = datetime.now(UTC)
+    rows: list[dict[str, Any]] = []
+    written: list[str] = []
+    texts = [(c, item_id) for c, item_id in accepted if c.kind == "text"]
+    images = [(c, item_id) for c, item_id in accepted if c.kind == "image"]
+    try:
+        if texts:
+            key = f"{dataset.tenant}/{dataset.id}/text/{push_id}.txt"
+            pack = b"".join(c.data for c, _ in texts)
+            stored = runtime.storage.put(RAW_BUCKET, key, pack, content_type="application/octet-stream")
+            written.append(key)
+            offset = 0
+            for candidate, item_id in texts:
+                rows.append(_row(dataset, push_id, now, candidate, item_id, key, stored.sha256, offset))
+                offset += len(candidate.data)
+        if images:
+
+            def put_image(entry: tuple[Candidate, str]) -> dict[str, Any]:
+                candidate, item_id = entry
+                key = f"{dataset.tenant}/{dataset.id}/images/{push_id}/{candidate.sha256}"
+                stored = runtime.storage.put(RAW_BUCKET, key, candidate.data, content_type=candidate.content_type)
+                written.append(key)
+                return _row(dataset, push_id, now, candidate, item_id, key, stored.sha256, None)
+
+            if len(images) == 1:
+                rows.append(put_image(images[0]))
+            else:
+                with ThreadPoolExecutor(max_workers=IMAGE_UPLOAD_THREADS) as pool:
+                    rows.extend(pool.map(put_image, images))
+    except BaseException:
+        for key in written:
+            _delete_quietly(runtime, key)
+        raise
+    return rows, written
+
+
+def _row(
+    dataset: Dataset,
+    push_id: str,
+    now: datetime,
+    candidate: Candidate,
+    item_id: str,
+    key: str,
+    object_sha256: str,
+    offset: int | None,
+) -> dict[str, Any]:
+    return {
+        "id": item_id,
+        "tenant": dataset.tenant,
+        "dataset_id": dataset.id,
+        "kind": candidate.kind,
+        "sha256": candidate.sha256,
+        "content_type": candidate.content_type,
+        "bucket": RAW_BUCKET,
+        "object_key": key,
+        "object_sha256": object_sha256,
+        "offset": offset,
+        "length": len(candidate.data),
+        "label": candidate.label,
+        "item_metadata": candidate.metadata,
+        "redactions": candidate.redactions,
+        "push_id": push_id,
+        "created_at": now,
+    }
+
+
+def _event_item(row: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "item_id": row["id"],
+        "kind": row["kind"],
+        "content": {
+            "bucket": row["bucket"],
+            "key": row["object_key"],
+            "sha256": row["sha256"],
+            "offset": row["offset"],
+            "length": row["length"],
+        },
+        "label": row["label"],
+        "metadata": row["item_metadata"],
+    }
+
+
+def _delete_quietly(runtime: Runtime, key: str) -> None:
+    try:
+        runtime.storage.delete(RAW_BUCKET, key)
+    except Exception as exc:  # an orphaned object is harmless; a masked original error is not
+        log.warning("orphan_object_left", key=key, error=str(exc)[:200])
