@@ -1,4 +1,4 @@
-"""The labeling service: turns ingested items into labeling tasks and labeled dataset snapshots."""
+"""The labeling service: turns ingested items into labeling tasks, consensus labels and dataset snapshots."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from celery import Celery
 from flask import Flask
 
 from services.labeling import api
-from services.labeling.consumers import handlers
+from services.labeling.consumers import handlers, register_tasks
 from services.labeling.models import Base
 from shared.runtime import ServiceSpec, create_http_app, create_worker
 from shared.settings import Settings
@@ -15,8 +15,9 @@ SPEC = ServiceSpec(
     name="labeling",
     title="Flywheel labeling API",
     metadata=Base.metadata,
-    blueprints=[api.datasets],
+    blueprints=[api.datasets, api.tasks, api.annotators],
     handlers=handlers,
+    register_tasks=register_tasks,
 )
 
 

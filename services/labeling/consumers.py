@@ -1,30 +1,44 @@
-"""Events labeling consumes: datasets as ingestion configures them, and ingested items to label."""
+"""Events labeling consumes, and the tasks it queues for itself (snapshot builds, pre-labels)."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import delete, select
 
-from services.labeling.models import LabelingDataset, Task
-from shared.events.consumer import EventContext, EventHandlers
-from shared.logging import get_logger
+from services.labeling import assist, snapshots
+from services.labeling.models import Annotation, LabelingDataset, Lease, Task
+from services.labeling.queue import BUILD_SNAPSHOT_TASK, apply_consensus
+from shared.events.consumer import EventContext, EventHandlers, RejectEvent
+from shared.logging import get_logger, log_context
+from shared.runtime import Runtime
 
 log = get_logger(__name__)
 
 handlers = EventHandlers("labeling")
 
+FEEDBACK_PRIORITY = 100
+PRELABEL_CHUNK = 256
 
-def _upsert_dataset(ctx: EventContext, config: dict[str, Any]) -> None:
+
+def _upsert_dataset(ctx: EventContext, config: dict[str, Any]) -> LabelingDataset:
     dataset = ctx.session.get(LabelingDataset, config["dataset_id"])
     if dataset is None:
-        dataset = LabelingDataset(id=config["dataset_id"], tenant=ctx.envelope.tenant)
+        dataset = LabelingDataset(
+            id=config["dataset_id"],
+            tenant=ctx.envelope.tenant,
+            labels_since_snapshot=0,
+            min_agreement=0.5,
+            max_extra_annotations=2,
+        )
         ctx.session.add(dataset)
     dataset.name = config["name"]
     dataset.task_type = config["task_type"]
     dataset.labels = list(config["labels"])
     dataset.overlap = config["overlap"]
     dataset.retrain_threshold = config["retrain_threshold"]
+    ctx.session.flush()
+    return dataset
 
 
 @handlers.on("dataset.changed")
@@ -35,28 +49,129 @@ def on_dataset_changed(ctx: EventContext) -> None:
 
 @handlers.on("item.ingested")
 def on_item_ingested(ctx: EventContext) -> None:
-    _upsert_dataset(ctx, ctx.payload["dataset"])
-    dataset_id = ctx.payload["dataset"]["dataset_id"]
+    """One task per new item; a partner's label counts as one annotation (source `partner`)."""
+    dataset = _upsert_dataset(ctx, ctx.payload["dataset"])
     items = ctx.payload["items"]
-    known = set(ctx.session.scalars(select(Task.item_id).where(Task.item_id.in_([item["item_id"] for item in items]))))
-    created = 0
+    known = set(ctx.session.scalars(select(Task.item_id).where(Task.item_id.in_([i["item_id"] for i in items]))))
+    created: list[Task] = []
     for item in items:
         if item["item_id"] in known:
             continue
         content = item["content"]
-        ctx.session.add(
-            Task(
-                item_id=item["item_id"],
-                tenant=ctx.envelope.tenant,
-                dataset_id=dataset_id,
-                kind=item["kind"],
-                bucket=content["bucket"],
-                object_key=content["key"],
-                sha256=content["sha256"],
-                offset=content.get("offset"),
-                length=content.get("length"),
-                partner_label=item.get("label"),
-            )
+        task = Task(
+            item_id=item["item_id"],
+            tenant=ctx.envelope.tenant,
+            dataset_id=dataset.id,
+            kind=item["kind"],
+            bucket=content["bucket"],
+            object_key=content["key"],
+            sha256=content["sha256"],
+            offset=content.get("offset"),
+            length=content.get("length"),
+            source="ingestion",
+            status="open",
+            priority=0,
+            required=dataset.overlap,
         )
-        created += 1
-    log.info("tasks_created", dataset_id=dataset_id, created=created, received=len(items))
+        ctx.session.add(task)
+        created.append(task)
+    ctx.session.flush()
+    partner_labeled = 0
+    for task, item in zip(created, [i for i in items if i["item_id"] not in known], strict=True):
+        if item.get("label") in dataset.labels:
+            ctx.session.add(Annotation(task_id=task.id, annotator_id="partner", source="partner", label=item["label"]))
+            ctx.session.flush()
+            apply_consensus(ctx.runtime, ctx.session, task, dataset)
+            partner_labeled += 1
+    if dataset.production_model and created:
+        ctx.runtime.bus.enqueue(ctx.session, assist.PRELABEL_TASK, [[t.id for t in created if t.status == "open"]])
+    log.info(
+        "tasks_created",
+        dataset_id=dataset.id,
+        created=len(created),
+        received=len(items),
+        partner_labeled=partner_labeled,
+    )
+
+
+@handlers.on("item.deleted")
+def on_item_deleted(ctx: EventContext) -> None:
+    """An erased item leaves the queue and every future snapshot."""
+    item_ids = ctx.payload["item_ids"]
+    tasks = list(ctx.session.scalars(select(Task).where(Task.item_id.in_(item_ids))))
+    for task in tasks:
+        task.status = "withdrawn"
+        ctx.session.execute(delete(Lease).where(Lease.task_id == task.id))
+    log.info("tasks_withdrawn", dataset_id=ctx.payload["dataset_id"], count=len(tasks))
+
+
+@handlers.on("model.promoted")
+def on_model_promoted(ctx: EventContext) -> None:
+    """Remember the dataset's production model and pre-label its open tasks with it."""
+    payload = ctx.payload
+    if payload["alias"] != "production":
+        return
+    dataset = ctx.session.get(LabelingDataset, payload["dataset_id"])
+    if dataset is None or dataset.tenant != ctx.envelope.tenant:
+        log.warning("promotion_for_unknown_dataset", dataset_id=payload["dataset_id"])
+        return
+    dataset.production_model = payload["model_name"] if payload["version"] is not None else None
+    dataset.production_version = payload["version"]
+    if dataset.production_model is None:
+        return
+    open_ids = list(ctx.session.scalars(select(Task.id).where(Task.dataset_id == dataset.id, Task.status == "open")))
+    for start in range(0, len(open_ids), PRELABEL_CHUNK):
+        ctx.runtime.bus.enqueue(ctx.session, assist.PRELABEL_TASK, [open_ids[start : start + PRELABEL_CHUNK]])
+    log.info("production_model_set", dataset_id=dataset.id, model=payload["model_name"], version=payload["version"])
+
+
+@handlers.on("prediction.feedback")
+def on_prediction_feedback(ctx: EventContext) -> None:
+    """A user's correction becomes a high-priority task, pre-labeled with what was served and the fix."""
+    payload = ctx.payload
+    dataset = ctx.session.get(LabelingDataset, payload["dataset_id"])
+    if dataset is None or dataset.tenant != ctx.envelope.tenant:
+        raise RejectEvent(f"feedback names dataset {payload['dataset_id']}, unknown for this tenant")
+    if payload["correct_label"] not in dataset.labels:
+        raise RejectEvent(f"feedback label {payload['correct_label']!r} is not in the dataset's label set")
+    item_id = f"fb_{payload['prediction_id']}"[:60]
+    if ctx.session.scalar(select(Task.id).where(Task.item_id == item_id)) is not None:
+        return
+    content = payload["input"]
+    confidence = payload.get("confidence")
+    ctx.session.add(
+        Task(
+            item_id=item_id,
+            tenant=dataset.tenant,
+            dataset_id=dataset.id,
+            kind="text" if dataset.task_type == "text_classification" else "image",
+            bucket=content["bucket"],
+            object_key=content["key"],
+            sha256=content["sha256"],
+            offset=content.get("offset"),
+            length=content.get("length"),
+            source="feedback",
+            status="open",
+            priority=FEEDBACK_PRIORITY,
+            required=dataset.overlap,
+            prelabel=payload["predicted_label"],
+            prelabel_confidence=confidence,
+            prelabel_model=payload["model_name"],
+            prelabel_version=payload["model_version"],
+            uncertainty=None if confidence is None else 1.0 - confidence,
+            feedback={"correct_label": payload["correct_label"], "prediction_id": payload["prediction_id"]},
+        )
+    )
+    log.info("feedback_task_created", dataset_id=dataset.id, prediction_id=payload["prediction_id"])
+
+
+def register_tasks(runtime: Runtime) -> None:
+    @runtime.celery.task(name=BUILD_SNAPSHOT_TASK, acks_late=True, ignore_result=True, shared=False)
+    def build_snapshot(snapshot_id: str) -> str:
+        with log_context(service=runtime.service, snapshot_id=snapshot_id):
+            return snapshots.build_snapshot(runtime, snapshot_id).status
+
+    @runtime.celery.task(name=assist.PRELABEL_TASK, acks_late=True, ignore_result=True, shared=False)
+    def prelabel(task_ids: list[int]) -> int:
+        with log_context(service=runtime.service):
+            return assist.prelabel(runtime, task_ids)

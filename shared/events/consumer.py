@@ -33,6 +33,11 @@ log = get_logger(__name__)
 MAX_BACKOFF_SECONDS = 300.0
 
 
+class RejectEvent(Exception):
+    """Raised by a handler for an event that can never succeed (it names an unknown label, say): the event
+    goes to the dead letters at once instead of being retried."""
+
+
 @dataclass
 class EventContext:
     """What a handler gets: the event, its transaction, and the service's runtime."""
@@ -120,6 +125,10 @@ def _register(runtime: Runtime, event_type: str, handler: Handler) -> None:
                 return "duplicate"
             try:
                 outcome = handle_once(runtime, name, envelope, handler, use_inbox=seen is None)
+            except RejectEvent as exc:
+                log.error("event_rejected", consumer=name, error=str(exc))
+                record_dead_letter(runtime, name, message, f"rejected: {exc}", attempt)
+                return "rejected"
             except Exception as exc:
                 if seen is not None:
                     seen.discard(envelope.event_id)

@@ -1,0 +1,235 @@
+"""The annotation queue: handing out tasks under leases, recording labels, and forming consensus.
+
+`next_task` hands an annotator the highest-priority open task it has not labeled or skipped, whose labels
+plus live leases held by others are still below what the task requires, so no task is handed out more
+often than its overlap needs. Order: priority (feedback first), then uncertainty (least-confident model
+prediction first: human effort goes where the model is weakest), then age. A lease that expires returns
+its task to the queue by itself: only live leases count.
+
+`apply_consensus` runs in the transaction that adds a label; it locks the dataset row, so the retrain
+policy's counter moves one consensus at a time and a threshold crossing queues exactly one snapshot.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+from sqlalchemy import delete, func, select
+from sqlalchemy.orm import Session
+
+from services.labeling.consensus import decide
+from services.labeling.models import Annotation, LabelingDataset, Lease, Snapshot, Task
+from shared.errors import Conflict, NotFound, Unprocessable
+from shared.logging import get_logger
+from shared.runtime import Runtime
+
+log = get_logger(__name__)
+
+LEASE_SECONDS = 300
+BUILD_SNAPSHOT_TASK = "labeling.build_snapshot"
+
+
+def now() -> datetime:
+    return datetime.now(UTC)
+
+
+def next_task(runtime: Runtime, annotator_id: str, dataset_id: str, lease_seconds: int = LEASE_SECONDS) -> Task | None:
+    with runtime.db.session() as session:
+        current = session.scalar(
+            select(Task)
+            .join(Lease, Lease.task_id == Task.id)
+            .where(
+                Lease.annotator_id == annotator_id,
+                Lease.expires_at > now(),
+                Task.dataset_id == dataset_id,
+                Task.status == "open",
+            )
+            .limit(1)
+        )
+        if current is not None:  # the task it already holds, its lease renewed
+            _lease(session, current.id, annotator_id, lease_seconds)
+            return current
+        answered = select(Annotation.task_id).where(Annotation.annotator_id == annotator_id)
+        labels = (
+            select(func.count(Annotation.id))
+            .where(Annotation.task_id == Task.id, Annotation.skipped.is_(False))
+            .scalar_subquery()
+        )
+        leased = (
+            select(func.count(Lease.id))
+            .where(Lease.task_id == Task.id, Lease.expires_at > now(), Lease.annotator_id != annotator_id)
+            .scalar_subquery()
+        )
+        query = (
+            select(Task)
+            .where(
+                Task.dataset_id == dataset_id,
+                Task.status == "open",
+                Task.id.not_in(answered),
+                labels + leased < Task.required,
+            )
+            .order_by(Task.priority.desc(), Task.uncertainty.desc().nulls_last(), Task.id)
+            .limit(1)
+        )
+        if not runtime.db.is_sqlite:  # SQLite's BEGIN IMMEDIATE already serialises this transaction
+            query = query.with_for_update(skip_locked=True)
+        task = session.scalar(query)
+        if task is None:
+            return None
+        _lease(session, task.id, annotator_id, lease_seconds)
+        log.info("task_leased", task_id=task.id, annotator_id=annotator_id, dataset_id=dataset_id)
+        return task
+
+
+def _lease(session: Session, task_id: int, annotator_id: str, seconds: int) -> None:
+    lease = session.scalar(select(Lease).where(Lease.task_id == task_id, Lease.annotator_id == annotator_id))
+    expires = now() + timedelta(seconds=seconds)
+    if lease is None:
+        session.add(Lease(task_id=task_id, annotator_id=annotator_id, expires_at=expires))
+    else:
+        lease.expires_at = expires
+
+
+def annotate(
+    runtime: Runtime, annotator_id: str, task_id: int, label: str | None, *, allowed_datasets: list[str]
+) -> tuple[Task, Annotation, bool]:
+    """Record (or, before consensus, change) an annotator's label; `label=None` skips. Returns the task,
+    the annotation and whether it was created (False: an edit)."""
+    with runtime.db.session() as session:
+        task = session.get(Task, task_id)
+        if task is None or task.dataset_id not in allowed_datasets:
+            raise NotFound(f"task {task_id} does not exist")
+        dataset = _locked_dataset(runtime, session, task.dataset_id)
+        if label is not None and label not in dataset.labels:
+            raise Unprocessable(
+                f"label {label!r} is not in the dataset's label set",
+                {"fields": {"label": [f"must be one of {sorted(dataset.labels)}"]}},
+            )
+        existing = session.scalar(
+            select(Annotation).where(Annotation.task_id == task_id, Annotation.annotator_id == annotator_id)
+        )
+        if task.status != "open":
+            raise Conflict(f"task {task_id} is {task.status}; its label can no longer change")
+        if existing is None:
+            lease = session.scalar(
+                select(Lease).where(
+                    Lease.task_id == task_id, Lease.annotator_id == annotator_id, Lease.expires_at > now()
+                )
+            )
+            if lease is None:
+                raise Conflict("you hold no live lease on this task; ask for /tasks/next")
+            existing = Annotation(task_id=task_id, annotator_id=annotator_id, source="human")
+            session.add(existing)
+            created = True
+        else:
+            created = False
+        existing.label = label
+        existing.skipped = label is None
+        session.execute(delete(Lease).where(Lease.task_id == task_id, Lease.annotator_id == annotator_id))
+        session.flush()
+        apply_consensus(runtime, session, task, dataset)
+    log.info(
+        "task_skipped" if label is None else "task_annotated",
+        task_id=task_id,
+        annotator_id=annotator_id,
+        label=label,
+        edit=not created,
+        status=task.status,
+    )
+    return task, existing, created
+
+
+def _locked_dataset(runtime: Runtime, session: Session, dataset_id: str) -> LabelingDataset:
+    dataset = session.get(LabelingDataset, dataset_id, with_for_update=not runtime.db.is_sqlite)
+    if dataset is None:
+        raise NotFound(f"dataset {dataset_id} does not exist")
+    return dataset
+
+
+def apply_consensus(runtime: Runtime, session: Session, task: Task, dataset: LabelingDataset) -> None:
+    """Decide the task if it has its labels; count a consensus towards the retrain policy."""
+    labels = list(
+        session.scalars(
+            select(Annotation.label).where(
+                Annotation.task_id == task.id, Annotation.skipped.is_(False), Annotation.label.is_not(None)
+            )
+        )
+    )
+    decision = decide(
+        labels,
+        required=task.required,
+        ceiling=dataset.overlap + dataset.max_extra_annotations,
+        min_agreement=dataset.min_agreement,
+    )
+    if decision.outcome == "pending":
+        return
+    if decision.outcome == "escalate":
+        task.required += 1
+        log.info("task_escalated", task_id=task.id, required=task.required, agreement=decision.agreement)
+        return
+    if decision.outcome == "review":
+        task.status = "review"
+        log.info("task_needs_review", task_id=task.id, agreement=decision.agreement)
+        return
+    settle(runtime, session, task, dataset, decision.label, "vote", decision.agreement)
+
+
+def settle(
+    runtime: Runtime,
+    session: Session,
+    task: Task,
+    dataset: LabelingDataset,
+    label: str,
+    source: str,
+    agreement: float | None,
+) -> None:
+    task.status = "done"
+    task.consensus_label = label
+    task.consensus_source = source
+    task.agreement = agreement
+    task.consensus_at = now()
+    session.execute(delete(Lease).where(Lease.task_id == task.id))
+    dataset.labels_since_snapshot += 1
+    log.info("consensus_reached", task_id=task.id, label=label, source=source, agreement=agreement)
+    threshold = dataset.retrain_threshold
+    if threshold is not None and dataset.labels_since_snapshot >= threshold:
+        queue_snapshot(runtime, session, dataset, reason="retrain_policy", trigger_training=True)
+
+
+def queue_snapshot(
+    runtime: Runtime, session: Session, dataset: LabelingDataset, *, reason: str, trigger_training: bool
+) -> Snapshot:
+    """Reset the policy counter and queue the snapshot's build, in the caller's transaction."""
+    from services.labeling.snapshots import new_snapshot_id
+    from shared.logging import current_trace_id
+
+    crossed = dataset.labels_since_snapshot
+    dataset.labels_since_snapshot = 0
+    snapshot = Snapshot(
+        id=new_snapshot_id(),
+        tenant=dataset.tenant,
+        dataset_id=dataset.id,
+        reason=reason,
+        trigger_training=trigger_training,
+        trace_id=current_trace_id(),
+    )
+    session.add(snapshot)
+    session.flush()
+    runtime.bus.enqueue(session, BUILD_SNAPSHOT_TASK, [snapshot.id])
+    log.info("retrain_policy_fired", dataset_id=dataset.id, snapshot_id=snapshot.id, new_labels=crossed)
+    return snapshot
+
+
+def resolve(runtime: Runtime, task_id: int, tenant: str, label: str) -> Task:
+    """An owner decides a task that went to review."""
+    with runtime.db.session() as session:
+        task = session.get(Task, task_id)
+        if task is None or task.tenant != tenant:
+            raise NotFound(f"task {task_id} does not exist")
+        dataset = _locked_dataset(runtime, session, task.dataset_id)
+        if label not in dataset.labels:
+            raise Unprocessable(f"label {label!r} is not in the dataset's label set")
+        if task.status not in {"review", "open"}:
+            raise Conflict(f"task {task_id} is {task.status}")
+        settle(runtime, session, task, dataset, label, "review", None)
+    return task

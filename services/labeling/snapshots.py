@@ -1,0 +1,210 @@
+"""Dataset snapshots: the current consensus frozen into an immutable, verifiable dataset version.
+
+A snapshot is a `manifest.jsonl` (one `shared.artifacts.ManifestLine` per labeled item, sorted by item id)
+and a `snapshot.json` in the `datasets` bucket, under a prefix named by the snapshot's id; it is never
+written twice. The train/validation split is a function of the dataset and the item's content hash alone,
+so an item keeps its split across snapshots and a new model is compared with the old on the same items.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import uuid
+from collections import Counter
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import select
+
+from services.labeling.models import LabelingDataset, Snapshot, Task
+from shared.artifacts import DATASETS_BUCKET, SnapshotInfo, snapshot_prefix
+from shared.errors import Conflict, NotFound, Unprocessable
+from shared.logging import get_logger, log_context
+from shared.runtime import Runtime
+
+log = get_logger(__name__)
+
+VALIDATION_PERCENT = 20
+
+
+def new_snapshot_id() -> str:
+    return f"snap_{uuid.uuid4().hex[:20]}"
+
+
+def split_for(dataset_id: str, content_sha256: str) -> str:
+    bucket = int(hashlib.sha256(f"{dataset_id}:{content_sha256}".encode()).hexdigest()[:8], 16) % 100
+    return "validation" if bucket < VALIDATION_PERCENT else "train"
+
+
+def _manifest(dataset: LabelingDataset, tasks: list[Task]) -> tuple[bytes, Counter[str], Counter[str]]:
+    labels: Counter[str] = Counter()
+    splits: Counter[str] = Counter()
+    lines = []
+    for task in sorted(tasks, key=lambda t: t.item_id):
+        split = split_for(dataset.id, task.sha256)
+        labels[task.consensus_label] += 1
+        splits[split] += 1
+        content = {"bucket": task.bucket, "key": task.object_key, "sha256": task.sha256}
+        if task.offset is not None:
+            content |= {"offset": task.offset, "length": task.length}
+        line = {"item_id": task.item_id, "kind": task.kind, "content": content, "label": task.consensus_label}
+        lines.append(json.dumps(line | {"split": split}, sort_keys=True, separators=(",", ":")))
+    return ("\n".join(lines) + "\n").encode(), labels, splits
+
+
+def build_snapshot(runtime: Runtime, snapshot_id: str) -> Snapshot:
+    """Write the snapshot's manifest and mark it ready, emitting its events in the same transaction."""
+    with runtime.db.session() as session:
+        snapshot = session.get(Snapshot, snapshot_id)
+        if snapshot is None:
+            raise NotFound(f"snapshot {snapshot_id} does not exist")
+        if snapshot.status != "pending":
+            return snapshot
+        dataset = session.get(LabelingDataset, snapshot.dataset_id)
+        tasks = list(
+            session.scalars(
+                select(Task).where(
+                    Task.dataset_id == dataset.id, Task.status == "done", Task.consensus_at <= snapshot.created_at
+                )
+            )
+        )
+    if not tasks:
+        return _fail(runtime, snapshot_id, "the dataset has no consensus labels yet")
+    manifest, label_counts, split_counts = _manifest(dataset, tasks)
+    prefix = snapshot_prefix(dataset.tenant, dataset.id, snapshot_id)
+    if runtime.storage.exists(DATASETS_BUCKET, f"{prefix}/manifest.jsonl"):
+        # Written by an earlier attempt that died before marking it ready: reuse it, never overwrite it.
+        stored = runtime.storage.stat(DATASETS_BUCKET, f"{prefix}/manifest.jsonl")
+    else:
+        stored = runtime.storage.put(
+            DATASETS_BUCKET, f"{prefix}/manifest.jsonl", manifest, content_type="application/x-ndjson"
+        )
+    info = SnapshotInfo().dump(
+        {
+            "snapshot_id": snapshot_id,
+            "dataset_id": dataset.id,
+            "tenant": dataset.tenant,
+            "task_type": dataset.task_type,
+            "labels": dataset.labels,
+            "label_counts": dict(label_counts),
+            "split_counts": dict(split_counts),
+            "item_count": len(tasks),
+            "manifest_sha256": stored.sha256,
+            "created_at": datetime.now(UTC).isoformat(),
+        }
+    )
+    if not runtime.storage.exists(DATASETS_BUCKET, f"{prefix}/snapshot.json"):
+        runtime.storage.put(DATASETS_BUCKET, f"{prefix}/snapshot.json", json.dumps(info, indent=2).encode())
+    manifest_ref = {"bucket": DATASETS_BUCKET, "key": f"{prefix}/manifest.jsonl", "sha256": stored.sha256}
+    with runtime.db.session() as session:
+        snapshot = session.get(Snapshot, snapshot_id)
+        snapshot.status = "ready"
+        snapshot.manifest_key = manifest_ref["key"]
+        snapshot.manifest_sha256 = stored.sha256
+        snapshot.item_count = len(tasks)
+        snapshot.label_counts = dict(label_counts)
+        snapshot.split_counts = dict(split_counts)
+        with log_context(trace_id=snapshot.trace_id):
+            runtime.bus.publish(
+                session,
+                "dataset.snapshot_created",
+                {
+                    "dataset_id": dataset.id,
+                    "snapshot_id": snapshot_id,
+                    "manifest": manifest_ref,
+                    "label_counts": dict(label_counts),
+                    "item_count": len(tasks),
+                },
+                tenant=dataset.tenant,
+                trace_id=snapshot.trace_id,
+            )
+            if snapshot.trigger_training:
+                runtime.bus.publish(
+                    session,
+                    "training.requested",
+                    {
+                        "dataset_id": dataset.id,
+                        "snapshot_id": snapshot_id,
+                        "manifest": manifest_ref,
+                        "task_type": dataset.task_type,
+                        "labels": list(dataset.labels),
+                        "reason": f"retrain policy: {dataset.retrain_threshold} new consensus labels",
+                        "model_name": model_name_for(dataset),
+                    },
+                    tenant=dataset.tenant,
+                    trace_id=snapshot.trace_id,
+                )
+    log.info(
+        "snapshot_created",
+        snapshot_id=snapshot_id,
+        dataset_id=dataset.id,
+        items=len(tasks),
+        manifest_sha256=stored.sha256,
+        training_requested=snapshot.trigger_training,
+    )
+    return snapshot
+
+
+def model_name_for(dataset: LabelingDataset) -> str:
+    """The registry model a dataset trains: its name, made URL-safe."""
+    return "-".join(dataset.name.lower().split()).replace("/", "-")
+
+
+def _fail(runtime: Runtime, snapshot_id: str, reason: str) -> Snapshot:
+    with runtime.db.session() as session:
+        snapshot = session.get(Snapshot, snapshot_id)
+        snapshot.status = "failed"
+        snapshot.failure = reason
+    log.warning("snapshot_failed", snapshot_id=snapshot_id, reason=reason)
+    return snapshot
+
+
+def read_manifest(runtime: Runtime, snapshot: Snapshot) -> list[dict[str, Any]]:
+    if snapshot.status != "ready":
+        raise Conflict(f"snapshot {snapshot.id} is {snapshot.status}")
+    data = runtime.storage.get_bytes(DATASETS_BUCKET, snapshot.manifest_key)
+    if hashlib.sha256(data).hexdigest() != snapshot.manifest_sha256:
+        raise Conflict(f"snapshot {snapshot.id}'s manifest does not match its sha256")
+    return [json.loads(line) for line in data.decode().splitlines() if line]
+
+
+def export_rows(runtime: Runtime, snapshot: Snapshot) -> Iterator[dict[str, Any]]:
+    """Each labeled item with its text inline (text datasets) or its object reference (images)."""
+    for line in read_manifest(runtime, snapshot):
+        content = line["content"]
+        row = {"item_id": line["item_id"], "label": line["label"], "split": line["split"], "sha256": content["sha256"]}
+        if line["kind"] == "text":
+            data = runtime.storage.get_range(content["bucket"], content["key"], content["offset"], content["length"])
+            row["text"] = data.decode("utf-8") if hashlib.sha256(data).hexdigest() == content["sha256"] else None
+        else:
+            row["object"] = f"{content['bucket']}/{content['key']}"
+        yield row
+
+
+def export(runtime: Runtime, snapshot: Snapshot, fmt: str) -> Iterator[str]:
+    rows = export_rows(runtime, snapshot)
+    if fmt == "jsonl":
+        for row in rows:
+            yield json.dumps(row, ensure_ascii=False) + "\n"
+        return
+    if fmt != "csv":
+        raise Unprocessable("format must be jsonl or csv")
+    columns = ["item_id", "split", "label", "sha256", "text" if snapshot_is_text(runtime, snapshot) else "object"]
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=columns, extrasaction="ignore")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow(row)
+        yield buffer.getvalue()
+        buffer.seek(0)
+        buffer.truncate()
+    yield buffer.getvalue()
+
+
+def snapshot_is_text(runtime: Runtime, snapshot: Snapshot) -> bool:
+    with runtime.db.session() as session:
+        return session.get(LabelingDataset, snapshot.dataset_id).task_type == "text_classification"
