@@ -1,0 +1,371 @@
+"""`flywheel models list|show|promote|rollback|audit`: the registry's API from a terminal.
+
+Each command is a function of (base_url, token, …) that calls the HTTP API with `requests`, prints a table to
+`out` and returns an exit status (0, or 1 with the API's error message on stderr). `add_models_parser` and
+`run_models_command` wire them into an argparse CLI; the `flywheel` command supplies the registry's URL and a
+token (the internal token, or a partner's API key for the read-only commands).
+"""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import json
+import sys
+from collections.abc import Sequence
+from typing import Any, TextIO
+
+import requests
+
+TIMEOUT_SECONDS = 10
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def _call(method: str, base_url: str, token: str, path: str, **kwargs: Any) -> dict[str, Any]:
+    response = requests.request(
+        method,
+        base_url.rstrip("/") + path,
+        headers={"Authorization": f"Bearer {token}"},
+        timeout=TIMEOUT_SECONDS,
+        **kwargs,
+    )
+    try:
+        body = response.json()
+    except ValueError:
+        body = {}
+    if response.status_code >= 400:
+        error = body.get("error", {}) if isinstance(body, dict) else {}
+        message = error.get("message") or response.text[:500] or response.reason
+        fields = error.get("details", {}).get("fields")
+        raise ApiError(response.status_code, f"{message} {json.dumps(fields)}" if fields else message)
+    return body
+
+
+def _query(**values: Any) -> dict[str, Any]:
+    return {key: value for key, value in values.items() if value is not None}
+
+
+def _table(rows: Sequence[Sequence[Any]], headers: Sequence[str], out: TextIO) -> None:
+    cells = [[str(h) for h in headers], *[["-" if v is None else str(v) for v in row] for row in rows]]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
+    for row in cells:
+        print("  ".join(value.ljust(width) for value, width in zip(row, widths, strict=True)).rstrip(), file=out)
+
+
+def _metric(metrics: dict[str, Any], name: str) -> str:
+    value = metrics.get(name)
+    return f"{value:.4f}" if isinstance(value, int | float) and not isinstance(value, bool) else "-"
+
+
+def _aliases(aliases: dict[str, Any]) -> str:
+    parts = []
+    for name, state in sorted(aliases.items()):
+        if state.get("weights"):
+            split = "/".join(f"v{v}:{w}%" for v, w in sorted(state["weights"].items(), key=lambda kv: int(kv[0])))
+            parts.append(f"{name}=({split})")
+        else:
+            parts.append(f"{name}=v{state['version']}")
+    return ", ".join(parts) or "-"
+
+
+def _guarded(run: Any) -> int:
+    try:
+        return run()
+    except ApiError as exc:
+        print(f"registry answered {exc.status}: {exc}", file=sys.stderr)
+        return 1
+
+
+def models_list(
+    base_url: str,
+    token: str,
+    *,
+    tenant: str | None = None,
+    tag: str | None = None,
+    alias: str | None = None,
+    dataset_id: str | None = None,
+    limit: int = 100,
+    out: TextIO | None = None,
+) -> int:
+    """One line per model: name, dataset, task, latest version, aliases, tags."""
+    out = out or sys.stdout
+
+    def run() -> int:
+        body = _call(
+            "GET",
+            base_url,
+            token,
+            "/v1/models",
+            params=_query(tenant=tenant, tag=tag, alias=alias, dataset_id=dataset_id, limit=limit),
+        )
+        if not body["models"]:
+            print("no models", file=out)
+            return 0
+        rows = [
+            (
+                m["name"],
+                m["dataset_id"],
+                m["task_type"],
+                m["latest_version"],
+                _aliases(m["aliases"]),
+                ",".join(f"{k}={v}" for k, v in sorted(m["tags"].items())) or None,
+            )
+            for m in body["models"]
+        ]
+        _table(rows, ("model", "dataset", "task", "latest", "aliases", "tags"), out)
+        if body["next_offset"] is not None:
+            print(f"({body['total']} models; showing {len(rows)})", file=out)
+        return 0
+
+    return _guarded(run)
+
+
+def models_show(
+    base_url: str,
+    token: str,
+    model_name: str,
+    *,
+    tenant: str | None = None,
+    limit: int = 20,
+    out: TextIO | None = None,
+) -> int:
+    """The model (dataset, policy, aliases) and its latest versions with their metrics and gate decisions."""
+    out = out or sys.stdout
+
+    def run() -> int:
+        model = _call("GET", base_url, token, f"/v1/models/{model_name}", params=_query(tenant=tenant))
+        versions = _call(
+            "GET", base_url, token, f"/v1/models/{model_name}/versions", params=_query(tenant=tenant, limit=limit)
+        )
+        policy = model["policy"]
+        print(f"model      {model['name']}  ({model['task_type']}, dataset {model['dataset_id']})", file=out)
+        print(f"aliases    {_aliases(model['aliases'])}", file=out)
+        print(
+            f"policy     {policy['primary_metric']} must beat production by {policy['margin']}"
+            f"{'' if policy['auto_promote'] else ' (automatic promotion off)'}"
+            f"{', same validation split only' if policy['require_same_split'] else ''}",
+            file=out,
+        )
+        if model["description"]:
+            print(f"about      {model['description']}", file=out)
+        print(file=out)
+        metric = policy["primary_metric"]
+        rows = [
+            (
+                v["version"],
+                v["status"],
+                _metric(v["metrics"], metric),
+                _metric(v["metrics"], "accuracy"),
+                v["snapshot_id"],
+                v["run_id"],
+                ",".join(v["aliases"]) or None,
+                (v["decision"] or {}).get("outcome"),
+                v["created_at"][:19],
+            )
+            for v in versions["versions"]
+        ]
+        _table(rows, ("version", "status", metric, "accuracy", "snapshot", "run", "aliases", "gate", "created"), out)
+        return 0
+
+    return _guarded(run)
+
+
+def models_promote(
+    base_url: str,
+    token: str,
+    model_name: str,
+    *,
+    tenant: str,
+    reason: str,
+    version: int | None = None,
+    weights: dict[str, int] | None = None,
+    alias: str = "production",
+    actor: str | None = None,
+    out: TextIO | None = None,
+) -> int:
+    """Point `alias` at `version`, or split it between two versions with `weights` (a canary). Internal token."""
+    out = out or sys.stdout
+
+    def run() -> int:
+        body: dict[str, Any] = _query(tenant=tenant, reason=reason, actor=actor)
+        body.update({"weights": weights} if weights else {"version": version})
+        result = _call("PUT", base_url, token, f"/v1/models/{model_name}/aliases/{alias}", json=body)
+        _print_change(result, alias, out)
+        return 0
+
+    return _guarded(run)
+
+
+def models_rollback(
+    base_url: str,
+    token: str,
+    model_name: str,
+    *,
+    tenant: str,
+    reason: str,
+    alias: str = "production",
+    actor: str | None = None,
+    out: TextIO | None = None,
+) -> int:
+    """Put `alias` (production by default) back on the version it pointed at before. Internal token."""
+    out = out or sys.stdout
+
+    def run() -> int:
+        body = _query(tenant=tenant, reason=reason, actor=actor, alias=alias)
+        result = _call("POST", base_url, token, f"/v1/models/{model_name}/rollback", json=body)
+        _print_change(result, alias, out)
+        return 0
+
+    return _guarded(run)
+
+
+def _describe_state(version: int | None, weights: dict[str, int]) -> str:
+    if version is None:
+        return "-"
+    if weights:
+        return "/".join(f"v{v}:{w}%" for v, w in sorted(weights.items(), key=lambda kv: int(kv[0])))
+    return f"v{version}"
+
+
+def _print_change(result: dict[str, Any], alias: str, out: TextIO) -> None:
+    change = result["change"]
+    if change is None:
+        print(f"{alias} unchanged: {_aliases({alias: result['model']['aliases'][alias]})}", file=out)
+        return
+    before = _describe_state(change["from_version"], change["from_weights"])
+    after = _describe_state(change["to_version"], change["to_weights"])
+    print(f"{result['model']['name']}: {alias} {before} -> {after} ({change['action']}: {change['reason']})", file=out)
+
+
+def models_audit(
+    base_url: str,
+    token: str,
+    model_name: str,
+    *,
+    tenant: str | None = None,
+    alias: str | None = None,
+    limit: int = 50,
+    out: TextIO | None = None,
+) -> int:
+    """The model's alias changes, newest first: when, alias, action, from, to, who, why."""
+    out = out or sys.stdout
+
+    def run() -> int:
+        body = _call(
+            "GET",
+            base_url,
+            token,
+            f"/v1/models/{model_name}/audit",
+            params=_query(tenant=tenant, alias=alias, limit=limit),
+        )
+        if not body["changes"]:
+            print("no alias changes", file=out)
+            return 0
+        rows = [
+            (
+                c["created_at"][:19],
+                c["alias"],
+                c["action"],
+                _describe_state(c["from_version"], c["from_weights"]),
+                _describe_state(c["to_version"], c["to_weights"]),
+                c["actor"],
+                c["reason"],
+            )
+            for c in body["changes"]
+        ]
+        _table(rows, ("when", "alias", "action", "from", "to", "who", "why"), out)
+        return 0
+
+    return _guarded(run)
+
+
+# -- argparse wiring -----------------------------------------------------------------------------------------
+
+
+def _current_user() -> str | None:
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):
+        return None
+
+
+def _weights(text: str) -> dict[str, int]:
+    """`3:90,4:10` → {"3": 90, "4": 10}."""
+    try:
+        pairs = [part.split(":", 1) for part in text.split(",")]
+        return {version.strip(): int(percent) for version, percent in pairs}
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError("weights look like 3:90,4:10") from exc
+
+
+def add_models_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """Add `models list|show|promote|rollback|audit` to the `flywheel` command's subparsers."""
+    models = subparsers.add_parser("models", help="the model registry: models, versions, aliases")
+    actions = models.add_subparsers(dest="models_action", required=True)
+
+    def with_tenant(parser: argparse.ArgumentParser, *, required: bool = False) -> argparse.ArgumentParser:
+        parser.add_argument("--tenant", required=required, help="the tenant (needed with the internal token)")
+        return parser
+
+    listing = with_tenant(actions.add_parser("list", help="list models"))
+    listing.add_argument("--tag", help="key or key:value")
+    listing.add_argument("--alias", help="only models with this alias")
+    listing.add_argument("--dataset", dest="dataset_id")
+    show = with_tenant(actions.add_parser("show", help="a model and its latest versions"))
+    show.add_argument("model")
+    show.add_argument("--limit", type=int, default=20)
+    promote = with_tenant(
+        actions.add_parser("promote", help="point an alias at a version (or a canary)"), required=True
+    )
+    promote.add_argument("model")
+    target = promote.add_mutually_exclusive_group(required=True)
+    target.add_argument("version", nargs="?", type=int)
+    target.add_argument("--weights", type=_weights, help="a canary split, e.g. 3:90,4:10")
+    promote.add_argument("--alias", default="production")
+    promote.add_argument("--reason", required=True)
+    promote.add_argument("--actor", default=_current_user())
+    rollback = with_tenant(
+        actions.add_parser("rollback", help="put an alias back on its previous version"), required=True
+    )
+    rollback.add_argument("model")
+    rollback.add_argument("--alias", default="production")
+    rollback.add_argument("--reason", required=True)
+    rollback.add_argument("--actor", default=_current_user())
+    audit = with_tenant(actions.add_parser("audit", help="who moved which alias, when and why"))
+    audit.add_argument("model")
+    audit.add_argument("--alias")
+    audit.add_argument("--limit", type=int, default=50)
+    return models
+
+
+def run_models_command(args: argparse.Namespace, base_url: str, token: str) -> int:
+    """Run the parsed `models …` command against the registry at `base_url`."""
+    action = args.models_action
+    if action == "list":
+        return models_list(
+            base_url, token, tenant=args.tenant, tag=args.tag, alias=args.alias, dataset_id=args.dataset_id
+        )
+    if action == "show":
+        return models_show(base_url, token, args.model, tenant=args.tenant, limit=args.limit)
+    if action == "promote":
+        return models_promote(
+            base_url,
+            token,
+            args.model,
+            tenant=args.tenant,
+            reason=args.reason,
+            version=args.version,
+            weights=args.weights,
+            alias=args.alias,
+            actor=args.actor,
+        )
+    if action == "rollback":
+        return models_rollback(
+            base_url, token, args.model, tenant=args.tenant, reason=args.reason, alias=args.alias, actor=args.actor
+        )
+    return models_audit(base_url, token, args.model, tenant=args.tenant, alias=args.alias, limit=args.limit)
