@@ -32,7 +32,7 @@ from services.labeling.schemas import (
     TaskListSchema,
     TaskSchema,
 )
-from shared.auth import current_principal, require_internal, require_partner
+from shared.auth import current_principal, require_internal, require_partner_or_internal
 from shared.errors import NotFound, Unprocessable
 from shared.logging import current_trace_id, get_logger
 from shared.runtime import Runtime
@@ -48,11 +48,16 @@ def _runtime() -> Runtime:
     return current_app.extensions["flywheel"]
 
 
+def _visible(tenant: str) -> bool:
+    principal = current_principal()
+    return principal.internal or principal.tenant == tenant
+
+
 def owned_dataset(dataset_id: str) -> LabelingDataset:
-    """The caller's dataset; another tenant's (or an unknown) id answers 404."""
+    """The caller's dataset (any, for the internal token); another tenant's or an unknown id answers 404."""
     with _runtime().db.session() as session:
         dataset = session.get(LabelingDataset, dataset_id)
-    if dataset is None or dataset.tenant != current_principal().tenant:
+    if dataset is None or not _visible(dataset.tenant):
         raise NotFound(f"dataset {dataset_id} does not exist")
     return dataset
 
@@ -110,6 +115,7 @@ def get_next_task(query: dict[str, Any], dataset_id: str) -> Any:
         return Response(status=204)
     with runtime.db.session() as session:
         lease = session.scalar(select(Lease).where(Lease.task_id == task.id, Lease.annotator_id == annotator.id))
+        task.labels = list(session.get(LabelingDataset, dataset_id).labels)
     text = None
     if task.kind == "text":
         text = task_content(runtime.storage, task).decode("utf-8", errors="replace")
@@ -175,14 +181,14 @@ def get_task_content(task_id: int) -> Response:
 
 
 @datasets.get("/<dataset_id>")
-@require_partner
+@require_partner_or_internal
 @datasets.response(200, DatasetStateSchema)
 def get_dataset_state(dataset_id: str) -> LabelingDataset:
     return owned_dataset(dataset_id)
 
 
 @datasets.patch("/<dataset_id>/settings")
-@require_partner
+@require_partner_or_internal
 @datasets.arguments(LabelingSettingsSchema)
 @datasets.response(200, DatasetStateSchema)
 def patch_settings(body: dict[str, Any], dataset_id: str) -> LabelingDataset:
@@ -197,7 +203,7 @@ def patch_settings(body: dict[str, Any], dataset_id: str) -> LabelingDataset:
 
 
 @datasets.get("/<dataset_id>/tasks")
-@require_partner
+@require_partner_or_internal
 @datasets.arguments(TaskListQuery, location="query")
 @datasets.response(200, TaskListSchema)
 def list_tasks(query: dict[str, Any], dataset_id: str) -> dict[str, Any]:
@@ -213,16 +219,18 @@ def list_tasks(query: dict[str, Any], dataset_id: str) -> dict[str, Any]:
 
 
 @tasks.post("/tasks/<int:task_id>/resolve")
-@require_partner
+@require_partner_or_internal
 @tasks.arguments(ResolveSchema)
 @tasks.response(200, TaskSchema)
 def post_resolve(body: dict[str, Any], task_id: int) -> Task:
     """Decide a task that annotators could not agree on (status `review`)."""
-    return queue.resolve(_runtime(), task_id, current_principal().tenant, body["label"])
+    return queue.resolve(
+        _runtime(), task_id, None if current_principal().internal else current_principal().tenant, body["label"]
+    )
 
 
 @datasets.get("/<dataset_id>/stats")
-@require_partner
+@require_partner_or_internal
 @datasets.response(200, StatsSchema)
 def get_stats(dataset_id: str) -> dict[str, Any]:
     """Task counts, label distribution, percent agreement, Fleiss' kappa, and per-annotator agreement."""
@@ -230,7 +238,7 @@ def get_stats(dataset_id: str) -> dict[str, Any]:
 
 
 @datasets.post("/<dataset_id>/snapshots")
-@require_partner
+@require_partner_or_internal
 @datasets.response(201, SnapshotSchema)
 def post_snapshot(dataset_id: str) -> Snapshot:
     """Freeze the current consensus into an immutable dataset version (manifest in object storage)."""
@@ -256,7 +264,7 @@ def post_snapshot(dataset_id: str) -> Snapshot:
 
 
 @datasets.get("/<dataset_id>/snapshots")
-@require_partner
+@require_partner_or_internal
 @datasets.response(200, SnapshotListSchema)
 def list_snapshots(dataset_id: str) -> dict[str, Any]:
     owned_dataset(dataset_id)
@@ -270,20 +278,20 @@ def list_snapshots(dataset_id: str) -> dict[str, Any]:
 def owned_snapshot(snapshot_id: str) -> Snapshot:
     with _runtime().db.session() as session:
         snapshot = session.get(Snapshot, snapshot_id)
-    if snapshot is None or snapshot.tenant != current_principal().tenant:
+    if snapshot is None or not _visible(snapshot.tenant):
         raise NotFound(f"snapshot {snapshot_id} does not exist")
     return snapshot
 
 
 @tasks.get("/snapshots/<snapshot_id>")
-@require_partner
+@require_partner_or_internal
 @tasks.response(200, SnapshotSchema)
 def get_snapshot(snapshot_id: str) -> Snapshot:
     return owned_snapshot(snapshot_id)
 
 
 @tasks.get("/snapshots/<snapshot_id>/export")
-@require_partner
+@require_partner_or_internal
 @tasks.arguments(ExportQuery, location="query")
 @tasks.doc(responses={200: {"description": "JSONL or CSV, one labeled item per line, text inline."}})
 def export_snapshot(query: dict[str, Any], snapshot_id: str) -> Response:

@@ -220,11 +220,11 @@ def queue_snapshot(
     return snapshot
 
 
-def resolve(runtime: Runtime, task_id: int, tenant: str, label: str) -> Task:
-    """An owner decides a task that went to review."""
+def resolve(runtime: Runtime, task_id: int, tenant: str | None, label: str) -> Task:
+    """An owner (or an operator: `tenant=None`) decides a task that went to review."""
     with runtime.db.session() as session:
         task = session.get(Task, task_id)
-        if task is None or task.tenant != tenant:
+        if task is None or (tenant is not None and task.tenant != tenant):
             raise NotFound(f"task {task_id} does not exist")
         dataset = _locked_dataset(runtime, session, task.dataset_id)
         if label not in dataset.labels:

@@ -28,6 +28,7 @@ class TaskSchema(Schema):
 
 class TaskForAnnotatorSchema(TaskSchema):
     text = fields.String(allow_none=True, metadata={"description": "the item's text (text datasets)"})
+    labels = fields.List(fields.String(), metadata={"description": "the dataset's label set to choose from"})
     lease_expires_at = fields.DateTime()
 
 
@@ -93,6 +94,7 @@ class LabelingSettingsSchema(Schema):
 
 class DatasetStateSchema(Schema):
     id = fields.String()
+    tenant = fields.String()
     name = fields.String()
     task_type = fields.String()
     labels = fields.List(fields.String())

@@ -1,93 +1,105 @@
-"""The `flywheel` command."""
+"""The `flywheel` command: run the platform locally, and use every public API from a terminal.
+
+Credentials come from the environment (or flags): FLYWHEEL_API_KEY for a partner's commands,
+FLYWHEEL_INTERNAL_TOKEN (or the token file `flywheel up` writes) for operator commands, and
+FLYWHEEL_ANNOTATOR_TOKEN for `flywheel label`.
+"""
 
 from __future__ import annotations
 
 import argparse
 import importlib
 import sys
+from pathlib import Path
 from typing import Any
 
 import requests
 
-from shared.settings import SERVICES, Settings
-
-
-def _service_module(service: str) -> Any:
-    return importlib.import_module(f"services.{service}.app")
+from shared.client import ApiError
+from shared.events.catalog import TASK_TYPES
+from shared.settings import SERVICES
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
     from shared.runtime import worker_argv
 
-    module = _service_module(args.service)
+    module = importlib.import_module(f"services.{args.service}.app")
     celery = module.create_celery()
     celery.flywheel_runtime.bus.start_relay()
     celery.worker_main(worker_argv(module.SPEC))
     return 0
 
 
-def _internal_headers(settings: Settings) -> dict[str, str]:
-    token = settings.internal_token
-    if not token:
-        path = settings.home / "internal-token"
-        token = path.read_text().strip() if path.exists() else ""
-    if not token:
-        raise SystemExit("no internal token: set FLYWHEEL_INTERNAL_TOKEN (a local `flywheel up` prints where it is)")
-    return {"Authorization": f"Bearer {token}"}
-
-
-def _service_url(settings: Settings, service: str) -> str:
-    return f"http://127.0.0.1:{settings.for_service(service).port}"
-
-
-def cmd_dead_letters(args: argparse.Namespace) -> int:
-    settings = Settings.from_env()
-    headers = _internal_headers(settings)
-    if args.action == "list":
-        rows = []
-        for service in [args.service] if args.service else SERVICES:
-            response = requests.get(
-                f"{_service_url(settings, service)}/v1/admin/dead-letters",
-                params={"include_replayed": args.all},
-                headers=headers,
-                timeout=10,
-            )
-            response.raise_for_status()
-            rows += [(service, row) for row in response.json()["dead_letters"]]
-        if not rows:
-            print("no dead letters")
-            return 0
-        print(f"{'service':<10} {'id':>5} {'consumer':<34} {'attempts':>8}  {'replayed':<8} error")
-        for service, row in rows:
-            replayed = "yes" if row.get("replayed_at") else "no"
-            print(
-                f"{service:<10} {row['id']:>5} {row['consumer']:<34} {row['attempts']:>8}  "
-                f"{replayed:<8} {row['error'][:80]}"
-            )
-        return 0
-    response = requests.post(
-        f"{_service_url(settings, args.service)}/v1/admin/dead-letters/{args.id}/replay", headers=headers, timeout=10
-    )
-    if response.status_code >= 400:
-        print(response.json().get("error", {}).get("message", response.text), file=sys.stderr)
-        return 1
-    print(f"replayed dead letter {args.id} of {args.service} to {response.json()['consumer']}")
-    return 0
-
-
 def build_parser() -> argparse.ArgumentParser:
+    from services.registry.cli import add_models_parser
+
     parser = argparse.ArgumentParser(prog="flywheel", description="Flywheel: data in, better models out.")
+    parser.add_argument("--api-key", help="a partner API key (default: $FLYWHEEL_API_KEY)")
+    parser.add_argument("--annotator-token", help="an annotator token (default: $FLYWHEEL_ANNOTATOR_TOKEN)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     up = sub.add_parser("up", help="start the whole platform on this machine")
     up.add_argument("--detach", action="store_true", help="return once every service is ready")
     sub.add_parser("down", help="stop a platform started with `up --detach`")
     sub.add_parser("status", help="show each service's readiness; exit 0 only when all are ready")
-
     worker = sub.add_parser("worker", help="run one service's Celery worker")
     worker.add_argument("service", choices=SERVICES)
 
-    dead = sub.add_parser("dead-letters", help="list or replay events that failed after their retries")
+    demo = sub.add_parser("demo", help="run the whole loop on bundled data and print a summary")
+    demo.add_argument("--keep-running", action="store_true", help="leave the platform up afterwards")
+    demo.add_argument("--cycles", type=int, default=2)
+
+    partners = sub.add_parser("partners", help="partners (operator)").add_subparsers(dest="action", required=True)
+    partners.add_parser("create").add_argument("name")
+
+    datasets = sub.add_parser("datasets", help="datasets (partner)").add_subparsers(dest="action", required=True)
+    create = datasets.add_parser("create")
+    create.add_argument("name")
+    create.add_argument("--task-type", choices=TASK_TYPES, required=True)
+    create.add_argument("--labels", required=True, help="comma-separated label set")
+    create.add_argument("--overlap", type=int, default=1)
+    create.add_argument("--retrain-threshold", type=int)
+    create.add_argument("--pii", choices=("off", "redact"), default="off")
+    datasets.add_parser("show").add_argument("dataset")
+    datasets.add_parser("stats").add_argument("dataset")
+
+    push = sub.add_parser("push", help="push a folder of images, a JSONL or a CSV file (resumable)")
+    push.add_argument("dataset")
+    push.add_argument("path", type=Path)
+
+    sub.add_parser("label", help="label interactively as an annotator").add_argument("dataset")
+
+    retrain = sub.add_parser("retrain", help="train a new model on a dataset (operator)")
+    retrain.add_argument("dataset")
+    retrain.add_argument("--snapshot", help="an existing snapshot (default: take one now)")
+    retrain.add_argument("--model-name")
+    retrain.add_argument("--base-model")
+    retrain.add_argument("--hyperparameters", help="JSON, e.g. '{\"epochs\": 3}'")
+    retrain.add_argument("--reason", default="requested from the CLI")
+
+    runs = sub.add_parser("runs", help="training runs").add_subparsers(dest="action", required=True)
+    listing = runs.add_parser("list")
+    listing.add_argument("--status")
+    listing.add_argument("--dataset")
+    runs.add_parser("watch").add_argument("run_id")
+
+    add_models_parser(sub)
+
+    predict = sub.add_parser("predict", help="ask a served model (partner)")
+    predict.add_argument("model")
+    inputs = predict.add_mutually_exclusive_group(required=True)
+    inputs.add_argument("--text", action="append")
+    inputs.add_argument("--image", action="append")
+
+    base = sub.add_parser("base-models", help="pretrained weights for image backbones").add_subparsers(
+        dest="action", required=True
+    )
+    imported = base.add_parser("import")
+    imported.add_argument("name", help="resnet18 or mobilenet_v3_small")
+    imported.add_argument("file", type=Path, help="a safetensors file or a torch state dict")
+    imported.add_argument("--sha256", help="refuse the file unless it hashes to this")
+
+    dead = sub.add_parser("dead-letters", help="events that failed after their retries (operator)")
     dead_sub = dead.add_subparsers(dest="action", required=True)
     dead_list = dead_sub.add_parser("list")
     dead_list.add_argument("--service", choices=SERVICES)
@@ -95,31 +107,76 @@ def build_parser() -> argparse.ArgumentParser:
     replay = dead_sub.add_parser("replay")
     replay.add_argument("service", choices=SERVICES)
     replay.add_argument("id", type=int)
+
+    trace = sub.add_parser("trace", help="a trace id's journey through every service's logs")
+    trace.add_argument("trace_id")
+    trace.add_argument("--logs", type=Path, help="log folder (default: FLYWHEEL_HOME/logs)")
     return parser
 
 
+def dispatch(args: argparse.Namespace) -> int:
+    from shared.cli import commands, launcher
+    from shared.cli.context import CliContext
+    from shared.cli.push import push as push_command
+
+    command = args.command
+    if command == "up":
+        return launcher.up(detach=args.detach)
+    if command == "down":
+        return launcher.down()
+    if command == "status":
+        return launcher.status()
+    if command == "worker":
+        return cmd_worker(args)
+    if command == "demo":
+        from shared.cli.demo import run_demo
+
+        return run_demo(cycles=args.cycles, keep_running=args.keep_running)
+    context = CliContext.from_args(args)
+    handlers: dict[tuple[str, str | None], Any] = {
+        ("partners", "create"): lambda: commands.partners_create(context, args.name),
+        ("datasets", "create"): lambda: commands.datasets_create(context, args),
+        ("datasets", "show"): lambda: commands.datasets_show(context, args.dataset),
+        ("datasets", "stats"): lambda: commands.datasets_stats(context, args.dataset),
+        ("push", None): lambda: push_command(context, args.dataset, args.path),
+        ("label", None): lambda: commands.label(context, args.dataset),
+        ("retrain", None): lambda: commands.retrain(context, args),
+        ("runs", "list"): lambda: commands.runs_list(context, args),
+        ("runs", "watch"): lambda: commands.runs_watch(context, args.run_id),
+        ("predict", None): lambda: commands.predict(context, args),
+        ("base-models", "import"): lambda: commands.base_models_import(context, args.name, args.file, args.sha256),
+        ("dead-letters", "list"): lambda: commands.dead_letters_list(context, args.service, args.all),
+        ("dead-letters", "replay"): lambda: commands.dead_letters_replay(context, args.service, args.id),
+        ("trace", None): lambda: commands.trace(context, args.trace_id, args.logs),
+    }
+    if command == "models":
+        from services.registry.cli import run_models_command
+
+        token = context.api_key if context.api_key and args.models_action in {"list", "show", "audit"} else None
+        registry_url = f"http://127.0.0.1:{context.settings.for_service('registry').port}"
+        return run_models_command(args, registry_url, token or context.internal_token)
+    return handlers[(command, getattr(args, "action", None))]()
+
+
 def main(argv: list[str] | None = None) -> int:
-    from shared.cli import launcher
+    from shared.cli.launcher import LaunchError
 
     args = build_parser().parse_args(argv)
     try:
-        if args.command == "up":
-            return launcher.up(detach=args.detach)
-        if args.command == "down":
-            return launcher.down()
-        if args.command == "status":
-            return launcher.status()
-        if args.command == "worker":
-            return cmd_worker(args)
-        if args.command == "dead-letters":
-            return cmd_dead_letters(args)
-    except launcher.LaunchError as exc:
+        return dispatch(args)
+    except LaunchError as exc:
         print(f"flywheel: {exc}", file=sys.stderr)
+        return 1
+    except ApiError as exc:
+        print(f"flywheel: {exc.message} ({exc.status} {exc.code})", file=sys.stderr)
+        if exc.details:
+            print(f"details: {exc.details}", file=sys.stderr)
         return 1
     except requests.RequestException as exc:
         print(f"flywheel: a service did not answer: {exc}", file=sys.stderr)
         return 1
-    return 2
+    except KeyboardInterrupt:
+        return 130
 
 
 if __name__ == "__main__":

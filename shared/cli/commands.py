@@ -1,0 +1,249 @@
+"""The `flywheel` commands that talk to the platform's APIs (the launcher's are in launcher.py)."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from shared.cli.context import CliContext, progress, table
+from shared.settings import SERVICES
+
+TERMINAL_RUN_STATES = {"succeeded", "failed", "cancelled"}
+
+
+def partners_create(context: CliContext, name: str) -> int:
+    issued = context.operator().ingestion.create_partner(name)
+    print(f"partner {issued['partner']['id']} ({name})")
+    print(f"API key (shown once, store it now): {issued['api_key']}")
+    return 0
+
+
+def datasets_create(context: CliContext, args: Any) -> int:
+    options = {"overlap": args.overlap, "pii_policy": args.pii}
+    if args.retrain_threshold:
+        options["retrain_threshold"] = args.retrain_threshold
+    dataset = context.partner().ingestion.create_dataset(args.name, args.task_type, args.labels.split(","), **options)
+    print(json.dumps(dataset, indent=2))
+    return 0
+
+
+def datasets_show(context: CliContext, dataset_id: str) -> int:
+    client = context.partner()
+    print(
+        json.dumps(
+            client.ingestion.get_dataset(dataset_id) | {"labeling": client.labeling.dataset(dataset_id)}, indent=2
+        )
+    )
+    return 0
+
+
+def datasets_stats(context: CliContext, dataset_id: str) -> int:
+    stats = context.partner().labeling.stats(dataset_id)
+    print(f"tasks: {stats['tasks']}")
+    print(f"labels: {stats['label_counts']}")
+    kappa = stats["fleiss_kappa"]
+    print(
+        f"percent agreement: {_pct(stats['percent_agreement'])}   Fleiss' kappa: "
+        f"{'n/a' if kappa is None else f'{kappa:.3f}'} over {stats['items_in_agreement_stats']} items"
+    )
+    print(table(stats["annotators"], ["annotator_id", "labels", "agreement_with_consensus"]))
+    return 0
+
+
+def _pct(value: float | None) -> str:
+    return "n/a" if value is None else f"{100 * value:.1f}%"
+
+
+def label(context: CliContext, dataset_id: str) -> int:
+    """An interactive labeling loop: the next task, its pre-label, a number to choose, s to skip, q to quit."""
+    labeling = context.annotator().labeling
+    done = 0
+    while True:
+        task = labeling.next_task(dataset_id)
+        if task is None:
+            print(f"\nNothing left to label. You labeled {done} tasks.")
+            return 0
+        labels = task["labels"]
+        print("\n" + "-" * 60)
+        if task.get("text") is not None:
+            print(task["text"])
+        else:
+            print(f"[image, sha256 {task['sha256'][:12]}…; fetch /v1/tasks/{task['id']}/content to view]")
+        if task.get("prelabel"):
+            print(f"model suggests: {task['prelabel']} ({100 * (task['prelabel_confidence'] or 0):.0f}%)")
+        if task.get("feedback"):
+            print(f"a user corrected it to: {task['feedback']['correct_label']}")
+        for number, name in enumerate(labels, start=1):
+            print(f"  {number}. {name}")
+        answer = input("label [number, s=skip, q=quit]: ").strip().lower()
+        if answer == "q":
+            print(f"You labeled {done} tasks.")
+            return 0
+        if answer == "s":
+            labeling.skip(task["id"])
+            continue
+        if answer.isdigit() and 1 <= int(answer) <= len(labels):
+            result = labeling.annotate(task["id"], labels[int(answer) - 1])
+            done += 1
+            if result["task_status"] == "done":
+                print(f"consensus: {result['consensus_label']}")
+        else:
+            print("not a choice; the task stays yours (its lease is renewed when you ask again)")
+
+
+def retrain(context: CliContext, args: Any) -> int:
+    operator = context.operator()
+    snapshot_id = args.snapshot
+    if snapshot_id is None:
+        snapshot = operator.labeling.create_snapshot(args.dataset)
+        snapshot_id = snapshot["id"]
+        print(f"snapshot {snapshot_id}: {snapshot['item_count']} items {snapshot['label_counts']}")
+    dataset = operator.labeling.dataset(args.dataset)
+    options: dict[str, Any] = {"reason": args.reason}
+    if args.base_model:
+        options["base_model"] = args.base_model
+    if args.hyperparameters:
+        options["hyperparameters"] = json.loads(args.hyperparameters)
+    run = operator.training.create_run(
+        dataset["tenant"], args.dataset, snapshot_id, model_name=args.model_name, **options
+    )
+    print(f"run {run['id']} {run['status']}; follow it with `flywheel runs watch {run['id']}`")
+    return 0
+
+
+def runs_list(context: CliContext, args: Any) -> int:
+    client = context.partner() if context.api_key else context.operator()
+    query = {k: v for k, v in {"status": args.status, "dataset_id": args.dataset}.items() if v}
+    runs = client.training.list_runs(**query)
+    rows = [
+        {
+            "id": run["id"],
+            "status": run["status"],
+            "model": run.get("model_name"),
+            "epoch": (run.get("progress") or {}).get("epoch"),
+            "macro_f1": (run.get("metrics") or {}).get("macro_f1"),
+            "created": run.get("created_at", "")[:19],
+        }
+        for run in runs
+    ]
+    print(table(rows, ["id", "status", "model", "epoch", "macro_f1", "created"]))
+    return 0
+
+
+def runs_watch(context: CliContext, run_id: str, interval: float = 1.0) -> int:
+    client = context.partner() if context.api_key else context.operator()
+    while True:
+        run = client.training.get_run(run_id)
+        state = run.get("progress") or {}
+        epochs, loss, eta = state.get("epochs"), state.get("loss"), state.get("eta_seconds")
+        shown_loss = "-" if loss is None else f"{loss:.4f}"
+        shown_eta = "-" if eta is None else f"{eta:.0f}s"
+        label = f"{run['status']:<10} loss {shown_loss} eta {shown_eta}"
+        progress(state.get("epoch") or 0, epochs, label)
+        if run["status"] in TERMINAL_RUN_STATES:
+            print(file=sys.stderr)
+            print(json.dumps({k: run.get(k) for k in ("id", "status", "metrics", "failure_reason")}, indent=2))
+            return 0 if run["status"] == "succeeded" else 1
+        time.sleep(interval)
+
+
+def predict(context: CliContext, args: Any) -> int:
+    inference = context.partner().inference
+    if args.image:
+        answer = inference.predict(args.model, images=[Path(path).read_bytes() for path in args.image])
+    else:
+        answer = inference.predict(args.model, texts=args.text)
+    print(f"model {answer['model_name']} v{answer['model_version']}")
+    for prediction in answer["predictions"]:
+        top = sorted(prediction["probabilities"].items(), key=lambda kv: -kv[1])[:3]
+        print(
+            f"{prediction['prediction_id']}  {prediction['label']:<15} "
+            + "  ".join(f"{name}={p:.2f}" for name, p in top)
+        )
+    return 0
+
+
+def trace(context: CliContext, trace_id: str, log_dir: Path | None = None) -> int:
+    """Every log line of every service that carries this trace id, as one timeline."""
+    log_dir = log_dir or context.settings.log_dir
+    lines = collect_trace(log_dir, trace_id)
+    if not lines:
+        print(f"no log line carries trace_id {trace_id} under {log_dir}")
+        return 1
+    start = _when(lines[0])
+    services = sorted({line.get("service", "?") for line in lines})
+    print(f"trace {trace_id}: {len(lines)} lines across {', '.join(services)}\n")
+    skip = {"timestamp", "trace_id", "service", "event", "level", "logger"}
+    for line in lines:
+        offset = (_when(line) - start).total_seconds()
+        details = " ".join(f"{k}={v}" for k, v in line.items() if k not in skip and not isinstance(v, dict | list))
+        print(f"+{offset:8.3f}s  {line.get('service', '?'):<10} {line.get('event', ''):<28} {details[:140]}")
+    return 0
+
+
+def collect_trace(log_dir: Path, trace_id: str) -> list[dict[str, Any]]:
+    found: list[dict[str, Any]] = []
+    for path in sorted(log_dir.glob("*.log")):
+        with path.open(errors="replace") as handle:
+            for raw in handle:
+                if trace_id not in raw:
+                    continue
+                try:
+                    line = json.loads(raw)
+                except json.JSONDecodeError:
+                    continue
+                if line.get("trace_id") == trace_id:
+                    found.append(line)
+    return sorted(found, key=_when)
+
+
+def _when(line: dict[str, Any]) -> datetime:
+    return datetime.fromisoformat(line.get("timestamp", "1970-01-01T00:00:00+00:00").replace("Z", "+00:00"))
+
+
+def base_models_import(context: CliContext, name: str, path: Path, sha256: str | None) -> int:
+    from services.training.base_models import import_base_model
+    from shared.storage import create_store
+
+    settings = context.settings
+    store = create_store(
+        s3_endpoint=settings.s3_endpoint or None,
+        s3_access_key=settings.s3_access_key,
+        s3_secret_key=settings.s3_secret_key,
+        s3_secure=settings.s3_secure,
+        s3_region=settings.s3_region,
+        file_root=settings.file_store_root,
+    )
+    record = import_base_model(store, name, path, expected_sha256=sha256)
+    print(json.dumps(record, indent=2))
+    return 0
+
+
+def dead_letters_list(context: CliContext, service: str | None, include_replayed: bool) -> int:
+    operator = context.operator()
+    rows = []
+    for name in [service] if service else SERVICES:
+        answer = operator.admin(name).get("/v1/admin/dead-letters", params={"include_replayed": include_replayed})
+        rows += [
+            {
+                "service": name,
+                "id": row["id"],
+                "consumer": row["consumer"],
+                "attempts": row["attempts"],
+                "replayed": "yes" if row.get("replayed_at") else "no",
+                "error": row["error"][:80],
+            }
+            for row in answer["dead_letters"]
+        ]
+    print(table(rows, ["service", "id", "consumer", "attempts", "replayed", "error"]) if rows else "no dead letters")
+    return 0
+
+
+def dead_letters_replay(context: CliContext, service: str, dead_letter_id: int) -> int:
+    replayed = context.operator().admin(service).post(f"/v1/admin/dead-letters/{dead_letter_id}/replay")
+    print(f"replayed dead letter {dead_letter_id} of {service} to {replayed['consumer']}")
+    return 0
