@@ -24,6 +24,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, Counter, Histogram, generate_
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from werkzeug.exceptions import HTTPException
+from werkzeug.routing import IntegerConverter
 
 from shared.db import DatabaseUnavailable
 from shared.errors import DomainError, error_body
@@ -66,9 +67,18 @@ class FlywheelApi(Api):
         return response, error.code or 500
 
 
+class BoundedIntConverter(IntegerConverter):
+    """`<int:...>` path segments beyond a 64-bit integer match no route (404) instead of overflowing the DB."""
+
+    def __init__(self, url_map: Any, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("max", 2**63 - 1)
+        super().__init__(url_map, *args, **kwargs)
+
+
 def create_flask_app(runtime: Runtime, title: str, blueprints: list[Any]) -> Flask:
     settings = runtime.settings
     app = Flask(runtime.service)
+    app.url_map.converters["int"] = BoundedIntConverter
     app.config.update(
         API_TITLE=title,
         API_VERSION="v1",
@@ -161,6 +171,10 @@ def _install_error_handlers(app: Flask) -> None:
     def _validation(error: ValidationError) -> tuple[Response, int]:
         message = "the request does not validate; see details.fields for each bad field"
         return jsonify(error_body("validation_failed", message, {"fields": error.normalized_messages()})), 422
+
+    @app.errorhandler(OverflowError)
+    def _overflow(_error: OverflowError) -> tuple[Response, int]:
+        return jsonify(error_body("validation_failed", "a number in the request is out of range")), 422
 
     @app.errorhandler(DatabaseUnavailable)
     @app.errorhandler(OperationalError)

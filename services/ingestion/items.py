@@ -91,7 +91,7 @@ def download_url(runtime: Runtime, base_url: str, item: Item) -> dict[str, Any]:
 def signed_content(runtime: Runtime, item_id: str, expires: int, signature: str) -> Item:
     """The item a signed URL names, if the signature is ours and has not expired."""
     expected = sign(runtime, item_id, expires)
-    if not hmac.compare_digest(expected, signature):
+    if not hmac.compare_digest(expected.encode(), signature.encode()):
         raise Unauthorized("invalid download signature")
     if expires < time.time():
         raise Unauthorized("this download URL has expired; ask for a new one")

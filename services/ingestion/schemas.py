@@ -198,7 +198,7 @@ class DownloadSchema(Schema):
 
 class DownloadQuery(Schema):
     expires = fields.Integer(required=True)
-    signature = fields.String(required=True, validate=validate.Length(equal=64))
+    signature = fields.String(required=True, validate=validate.Regexp(r"^[0-9a-f]{64}$"))
 
 
 class ImportSchema(Schema):
