@@ -121,6 +121,9 @@ def create_http_app(spec: ServiceSpec, settings: Settings | None = None) -> Flas
     from shared.http import create_flask_app
 
     app = create_flask_app(runtime, spec.title, [*spec.blueprints, dead_letters_blp])
+    # An HTTP process only publishes: one quick connection attempt, then the outbox relay takes over, instead
+    # of Celery's default of retrying the connection for seconds while a request waits.
+    runtime.celery.conf.broker_connection_max_retries = 1
     runtime.bus.start_relay()
     return app
 

@@ -32,6 +32,9 @@ log = get_logger(__name__)
 
 _PENDING_KEY = "flywheel_outbox_pending"
 TASK_PREFIX = "task:"
+# After a failed send, requests stop trying the broker inline for this long (a connection attempt to a dead
+# broker can take seconds); the relay thread keeps retrying in the background and delivers.
+FAST_PATH_BACKOFF_SECONDS = 15.0
 
 
 class EventBus:
@@ -110,8 +113,10 @@ class EventBus:
         if session.in_nested_transaction():  # a SAVEPOINT released; the real commit is still to come
             return
         pending = session.info.pop(_PENDING_KEY, None)
-        if pending and time.monotonic() >= self._broker_down_until:
-            self.deliver(event_ids=pending)
+        if not pending or time.monotonic() < self._broker_down_until:
+            return  # the relay delivers these
+        if not self.deliver(event_ids=pending) and self._broker_down_until > time.monotonic():
+            self._broker_down_until = time.monotonic() + FAST_PATH_BACKOFF_SECONDS
 
     def _after_rollback(self, session: Session) -> None:
         if not session.in_nested_transaction():
@@ -142,8 +147,9 @@ class EventBus:
                     for consumer in CATALOG[message["type"]].consumers:
                         self.send(message, consumer)
                 sent.append(row_id)
+            self._broker_down_until = 0.0  # the broker answers: requests may deliver inline again
         except Exception as exc:
-            self._broker_down_until = time.monotonic() + self.relay_interval
+            self._broker_down_until = max(self._broker_down_until, time.monotonic() + self.relay_interval)
             log.warning("outbox_delivery_failed", error=str(exc), pending=len(rows) - len(sent))
             self._record_failure(rows[len(sent)][0], exc)
         if sent:
