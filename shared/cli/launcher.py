@@ -129,9 +129,14 @@ def _redis_server_binary() -> str:
         raise LaunchError("no Redis answers at REDIS_URL and no redis-server binary was found") from exc
 
 
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def _start_private_redis(home: Path, log_dir: Path) -> tuple[str, int]:
-    if not _port_free(PRIVATE_REDIS_PORT):
-        raise LaunchError(f"port {PRIVATE_REDIS_PORT} (private Redis) is already in use")
+    port = PRIVATE_REDIS_PORT if _port_free(PRIVATE_REDIS_PORT) else _free_port()
     data_dir = home / "redis"
     data_dir.mkdir(parents=True, exist_ok=True)
     command = [
@@ -139,7 +144,7 @@ def _start_private_redis(home: Path, log_dir: Path) -> tuple[str, int]:
         "--bind",
         "127.0.0.1",
         "--port",
-        str(PRIVATE_REDIS_PORT),
+        str(port),
         "--dir",
         str(data_dir),
         "--appendonly",
@@ -150,7 +155,7 @@ def _start_private_redis(home: Path, log_dir: Path) -> tuple[str, int]:
         "",
     ]
     pid = _spawn(command, log_dir / "redis.log", os.environ.copy())
-    url = f"redis://127.0.0.1:{PRIVATE_REDIS_PORT}/0"
+    url = f"redis://127.0.0.1:{port}/0"
     deadline = time.monotonic() + 10
     while not _redis_answers(url):
         if time.monotonic() > deadline or not _pid_alive(pid):
