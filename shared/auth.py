@@ -127,10 +127,18 @@ def _is_internal(presented: str) -> bool:
     return bool(token) and hmac.compare_digest(presented.encode(), token.encode())
 
 
-def authenticate(*, partner: bool, internal: bool) -> Principal:
+TENANT_HEADER = "X-Flywheel-Tenant"
+
+
+def authenticate(*, partner: bool, internal: bool, delegated: bool = False) -> Principal:
     presented = _bearer()
     if presented is None:
         raise Unauthorized("missing credentials: send 'Authorization: Bearer <key>'")
+    if delegated and _is_internal(presented):
+        tenant = (request.headers.get(TENANT_HEADER) or "").strip()
+        if not tenant:
+            raise Unauthorized(f"the internal token acts for a tenant here: send the {TENANT_HEADER} header")
+        return Principal(tenant=tenant[:64], internal=True)
     if internal and _is_internal(presented):
         return INTERNAL
     if partner and presented.startswith(KEY_PREFIX):
@@ -138,16 +146,21 @@ def authenticate(*, partner: bool, internal: bool) -> Principal:
     raise Unauthorized("this endpoint needs the internal token" if not partner else "invalid credentials")
 
 
-def _guard(*, partner: bool, internal: bool) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+def _guard(
+    *, partner: bool, internal: bool, delegated: bool = False
+) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     def decorator(view: Callable[..., Any]) -> Callable[..., Any]:
         @wraps(view)
         def wrapper(*args: Any, **kwargs: Any) -> Any:
-            principal = authenticate(partner=partner, internal=internal)
+            principal = authenticate(partner=partner, internal=internal, delegated=delegated)
             g.principal = principal
-            with log_context(tenant=None if principal.internal else principal.tenant):
+            with log_context(tenant=principal.tenant if principal.tenant != "*" else None):
                 return view(*args, **kwargs)
 
-        wrapper._flywheel_auth = {"partner": partner, "internal": internal}  # type: ignore[attr-defined]
+        wrapper._flywheel_auth = {  # type: ignore[attr-defined]
+            "partner": partner,
+            "internal": internal or delegated,
+        }
         return wrapper
 
     return decorator
@@ -156,6 +169,9 @@ def _guard(*, partner: bool, internal: bool) -> Callable[[Callable[..., Any]], C
 require_partner = _guard(partner=True, internal=False)
 require_internal = _guard(partner=False, internal=True)
 require_partner_or_internal = _guard(partner=True, internal=True)
+# A partner, or another service acting for one: the internal token plus the X-Flywheel-Tenant header (labeling
+# asking inference for pre-labels of a tenant's items). The view sees that tenant as the principal's.
+require_partner_or_delegated = _guard(partner=True, internal=False, delegated=True)
 
 
 def current_principal() -> Principal:
