@@ -24,7 +24,7 @@ $(STAMP): pyproject.toml
 	@touch $@
 
 demo: install
-	$(VENV)/bin/flywheel up
+	$(VENV)/bin/flywheel demo
 
 up: install
 	$(VENV)/bin/flywheel up --detach
@@ -45,6 +45,9 @@ lint: install
 format: install
 	$(VENV)/bin/ruff check --fix .
 	$(VENV)/bin/ruff format .
+
+bench: install
+	$(PY) -m bench
 
 clean:
 	rm -rf .pytest_cache .ruff_cache build *.egg-info

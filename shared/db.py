@@ -46,6 +46,9 @@ class Database:
         self.metadata = metadata
         self.engine = _create_engine(url)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+        self._read_sessions = sessionmaker(
+            self.engine.execution_options(flywheel_read_only=True), expire_on_commit=False
+        )
 
     @property
     def is_sqlite(self) -> bool:
@@ -66,6 +69,16 @@ class Database:
             raise
         finally:
             session.close()
+
+    @contextmanager
+    def read_session(self) -> Iterator[Session]:
+        """A unit of work that only reads. On SQLite it starts a plain (deferred) transaction, so it neither
+        takes nor waits for the write lock; WAL gives it a consistent snapshot while a writer works."""
+        session = self._read_sessions()
+        try:
+            yield session
+        finally:
+            session.close()  # ends the transaction and detaches what was read, still loaded
 
     def ping(self) -> None:
         try:
@@ -104,7 +117,8 @@ def _create_engine(url: str) -> Engine:
 
         @event.listens_for(engine, "begin")
         def _sqlite_begin(conn: Any) -> None:
-            conn.exec_driver_sql("BEGIN IMMEDIATE")
+            read_only = conn.get_execution_options().get("flywheel_read_only", False)
+            conn.exec_driver_sql("BEGIN" if read_only else "BEGIN IMMEDIATE")
 
         return engine
     if parsed.get_backend_name() == "postgresql":

@@ -175,7 +175,7 @@ def verify_key(body: dict[str, Any]) -> dict[str, Any]:
 
 
 def lookup_key(runtime: Runtime, key_hash: str) -> Principal | None:
-    with runtime.db.session() as session:
+    with runtime.db.read_session() as session:
         key = session.scalar(select(ApiKey).where(ApiKey.key_hash == key_hash, ApiKey.revoked_at.is_(None)))
         return None if key is None else Principal(tenant=key.partner_id, key_id=key.id)
 
@@ -213,7 +213,7 @@ def list_datasets() -> dict[str, Any]:
 
 def tenant_dataset(runtime: Runtime, dataset_id: str) -> Dataset:
     """The caller's dataset; another tenant's id answers 404, exactly like an unknown one."""
-    with runtime.db.session() as session:
+    with runtime.db.read_session() as session:
         dataset = session.get(Dataset, dataset_id)
     if dataset is None or dataset.tenant != _tenant():
         raise NotFound(f"dataset {dataset_id} does not exist")

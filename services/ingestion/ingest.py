@@ -115,7 +115,7 @@ def _ingest(
     labels = set(dataset.labels)
     for candidate in candidates:
         candidate.sha256 = hashlib.sha256(candidate.data).hexdigest()
-    with runtime.db.session() as session:
+    with runtime.db.read_session() as session:
         partner = session.get(Partner, dataset.tenant)
         known = dict(
             session.execute(
@@ -140,21 +140,20 @@ def _ingest(
             outcome.results.append({"index": candidate.index, "status": "accepted", "item_id": item_id, "reason": None})
     outcome.accepted_bytes = sum(len(c.data) for c, _ in accepted)
     if accepted:
-        with runtime.db.session() as session:
+        with runtime.db.read_session() as session:
             quotas.check(session, partner, len(accepted), outcome.accepted_bytes)
 
     push_id = f"push_{uuid.uuid4().hex[:20]}"
     rows, written = _store_content(runtime, dataset, push_id, accepted)
     try:
+        event = None
+        if rows:  # built and validated before the write transaction, which then stays short
+            payload = {"dataset": dataset.config(), "items": [_event_item(row) for row in rows]}
+            event = runtime.bus.envelope("item.ingested", payload, tenant=dataset.tenant)
         with runtime.db.session() as session:
             if rows:
                 session.execute(insert(Item), rows)
-                runtime.bus.publish(
-                    session,
-                    "item.ingested",
-                    {"dataset": dataset.config(), "items": [_event_item(row) for row in rows]},
-                    tenant=dataset.tenant,
-                )
+                runtime.bus.publish_envelope(session, event)
             quotas.record(
                 session,
                 partner,

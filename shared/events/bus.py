@@ -19,7 +19,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from celery import Celery
-from sqlalchemy import event, select, update
+from sqlalchemy import delete, event, select, update
 from sqlalchemy.orm import Session
 
 from shared.db import Database
@@ -35,6 +35,8 @@ TASK_PREFIX = "task:"
 # After a failed send, requests stop trying the broker inline for this long (a connection attempt to a dead
 # broker can take seconds); the relay thread keeps retrying in the background and delivers.
 FAST_PATH_BACKOFF_SECONDS = 15.0
+OUTBOX_RETENTION = timedelta(hours=24)
+PRUNE_EVERY_SECONDS = 300.0
 
 
 class EventBus:
@@ -62,16 +64,25 @@ class EventBus:
         trace_id: str | None = None,
     ) -> Envelope:
         """Record an event in the caller's transaction; it is sent only if that transaction commits."""
+        return self.publish_envelope(session, self.envelope(event_type, payload, tenant=tenant, trace_id=trace_id))
+
+    def envelope(
+        self, event_type: str, payload: dict[str, Any], *, tenant: str | None, trace_id: str | None = None
+    ) -> Envelope:
+        """Build and validate an event of this service's ahead of the transaction that publishes it (the
+        validation of a large batch then holds no database lock)."""
         spec = CATALOG.get(event_type)
         if spec is None:
             raise InvalidEvent(f"unknown event type {event_type!r}")
         if spec.producer != self.service:
             raise InvalidEvent(f"{self.service} does not produce {event_type}; {spec.producer} does")
-        envelope = make_envelope(event_type, payload, tenant=tenant, trace_id=trace_id)
+        return make_envelope(event_type, payload, tenant=tenant, trace_id=trace_id)
+
+    def publish_envelope(self, session: Session, envelope: Envelope) -> Envelope:
         session.execute(
             self.tables.outbox.insert().values(
                 event_id=envelope.event_id,
-                event_type=event_type,
+                event_type=envelope.type,
                 envelope=envelope.to_dict(),
                 created_at=datetime.now(UTC),
                 attempts=0,
@@ -189,10 +200,25 @@ class EventBus:
         if self._relay is not None:
             self._relay.join(timeout=5)
 
+    def prune(self, older_than: timedelta = OUTBOX_RETENTION) -> int:
+        """Forget sent events after the retention period (they stay a while for debugging and replay)."""
+        outbox = self.tables.outbox
+        with self.db.session() as session:
+            result = session.execute(
+                delete(outbox).where(outbox.c.sent_at.is_not(None), outbox.c.sent_at < datetime.now(UTC) - older_than)
+            )
+        return result.rowcount or 0
+
     def _relay_loop(self) -> None:
+        last_prune = 0.0
         while not self._stop.wait(self.relay_interval):
             try:
                 while self.deliver(older_than=self.relay_interval) >= 500:
                     pass
+                if time.monotonic() - last_prune > PRUNE_EVERY_SECONDS:
+                    last_prune = time.monotonic()
+                    pruned = self.prune()
+                    if pruned:
+                        log.info("outbox_pruned", rows=pruned)
             except Exception as exc:  # keep sweeping whatever breaks: the relay is the safety net
                 log.warning("outbox_relay_sweep_failed", error=str(exc))
