@@ -30,6 +30,9 @@ class LabelingDataset(Base):
     auto_accept_threshold: Mapped[float | None] = mapped_column(Float, nullable=True)
     min_agreement: Mapped[float] = mapped_column(Float, default=0.5)
     max_extra_annotations: Mapped[int] = mapped_column(Integer, default=2)
+    # What the retrain policy asks training for: base model and hyper-parameters (training's defaults if unset).
+    training_base_model: Mapped[str | None] = mapped_column(String(100), nullable=True)
+    training_hyperparameters: Mapped[dict | None] = mapped_column(JSON, nullable=True)
     # Retrain policy state: consensus labels since the last snapshot (reset when one is taken).
     labels_since_snapshot: Mapped[int] = mapped_column(Integer, default=0)
     # The model serving this dataset in production, learned from `model.promoted`.

@@ -88,6 +88,12 @@ class IssuedAnnotatorSchema(Schema):
 
 class LabelingSettingsSchema(Schema):
     auto_accept_threshold = fields.Float(allow_none=True, validate=validate.Range(min=0.5, max=1.0))
+    training_base_model = fields.String(
+        allow_none=True, metadata={"description": "base model for retrain-policy runs (training validates it)"}
+    )
+    training_hyperparameters = fields.Dict(
+        keys=fields.String(), allow_none=True, metadata={"description": "hyper-parameters for retrain-policy runs"}
+    )
     min_agreement = fields.Float(validate=validate.Range(min=0.0, max=0.99))
     max_extra_annotations = fields.Integer(validate=validate.Range(min=0, max=5))
 
@@ -104,6 +110,8 @@ class DatasetStateSchema(Schema):
     min_agreement = fields.Float()
     max_extra_annotations = fields.Integer()
     labels_since_snapshot = fields.Integer()
+    training_base_model = fields.String(allow_none=True)
+    training_hyperparameters = fields.Dict(allow_none=True)
     production_model = fields.String(allow_none=True)
     production_version = fields.Integer(allow_none=True)
 

@@ -134,6 +134,8 @@ def build_snapshot(runtime: Runtime, snapshot_id: str) -> Snapshot:
                         "labels": list(dataset.labels),
                         "reason": f"retrain policy: {dataset.retrain_threshold} new consensus labels",
                         "model_name": model_name_for(dataset),
+                        "base_model": dataset.training_base_model,
+                        "hyperparameters": dataset.training_hyperparameters or {},
                     },
                     tenant=dataset.tenant,
                     trace_id=snapshot.trace_id,

@@ -225,6 +225,8 @@ def http_command(service: str, port: int) -> list[str]:
         "120",
         "--graceful-timeout",
         "20",
+        "--keep-alive",
+        "30",
         f"services.{service}.app:create_app()",
     ]
 

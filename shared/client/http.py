@@ -6,8 +6,11 @@ from collections.abc import Iterator
 from typing import Any
 
 import requests
+from requests.adapters import HTTPAdapter
+from urllib3.util.retry import Retry
 
 DEFAULT_TIMEOUT = 30.0
+IDEMPOTENT = frozenset({"GET", "HEAD", "PUT", "DELETE", "OPTIONS"})
 
 
 class ApiError(Exception):
@@ -30,6 +33,13 @@ class ServiceClient:
         self.token = token
         self.timeout = timeout
         self.session = requests.Session()
+        # A kept-alive connection the server has just closed surfaces as "remote end closed connection";
+        # idempotent requests are safely retried on a fresh one.
+        retry = Retry(
+            total=3, connect=3, read=2, status=0, backoff_factor=0.2, allowed_methods=IDEMPOTENT, raise_on_status=False
+        )
+        self.session.mount("http://", HTTPAdapter(max_retries=retry))
+        self.session.mount("https://", HTTPAdapter(max_retries=retry))
 
     def with_token(self, token: str | None) -> ServiceClient:
         return type(self)(self.base_url, token, timeout=self.timeout)
