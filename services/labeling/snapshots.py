@@ -57,7 +57,16 @@ def _manifest(dataset: LabelingDataset, tasks: list[Task]) -> tuple[bytes, Count
 
 
 def build_snapshot(runtime: Runtime, snapshot_id: str) -> Snapshot:
-    """Write the snapshot's manifest and mark it ready, emitting its events in the same transaction."""
+    """Write the snapshot's manifest and mark it ready, emitting its events in the same transaction. Its log
+    lines carry the trace of whatever crossed the retrain threshold (or asked for the snapshot)."""
+    with runtime.db.read_session() as session:
+        snapshot = session.get(Snapshot, snapshot_id)
+        trace_id = snapshot.trace_id if snapshot else None
+    with log_context(trace_id=trace_id, snapshot_id=snapshot_id):
+        return _build(runtime, snapshot_id)
+
+
+def _build(runtime: Runtime, snapshot_id: str) -> Snapshot:
     with runtime.db.session() as session:
         snapshot = session.get(Snapshot, snapshot_id)
         if snapshot is None:
@@ -108,38 +117,37 @@ def build_snapshot(runtime: Runtime, snapshot_id: str) -> Snapshot:
         snapshot.item_count = len(tasks)
         snapshot.label_counts = dict(label_counts)
         snapshot.split_counts = dict(split_counts)
-        with log_context(trace_id=snapshot.trace_id):
+        runtime.bus.publish(
+            session,
+            "dataset.snapshot_created",
+            {
+                "dataset_id": dataset.id,
+                "snapshot_id": snapshot_id,
+                "manifest": manifest_ref,
+                "label_counts": dict(label_counts),
+                "item_count": len(tasks),
+            },
+            tenant=dataset.tenant,
+            trace_id=snapshot.trace_id,
+        )
+        if snapshot.trigger_training:
             runtime.bus.publish(
                 session,
-                "dataset.snapshot_created",
+                "training.requested",
                 {
                     "dataset_id": dataset.id,
                     "snapshot_id": snapshot_id,
                     "manifest": manifest_ref,
-                    "label_counts": dict(label_counts),
-                    "item_count": len(tasks),
+                    "task_type": dataset.task_type,
+                    "labels": list(dataset.labels),
+                    "reason": f"retrain policy: {dataset.retrain_threshold} new consensus labels",
+                    "model_name": model_name_for(dataset),
+                    "base_model": dataset.training_base_model,
+                    "hyperparameters": dataset.training_hyperparameters or {},
                 },
                 tenant=dataset.tenant,
                 trace_id=snapshot.trace_id,
             )
-            if snapshot.trigger_training:
-                runtime.bus.publish(
-                    session,
-                    "training.requested",
-                    {
-                        "dataset_id": dataset.id,
-                        "snapshot_id": snapshot_id,
-                        "manifest": manifest_ref,
-                        "task_type": dataset.task_type,
-                        "labels": list(dataset.labels),
-                        "reason": f"retrain policy: {dataset.retrain_threshold} new consensus labels",
-                        "model_name": model_name_for(dataset),
-                        "base_model": dataset.training_base_model,
-                        "hyperparameters": dataset.training_hyperparameters or {},
-                    },
-                    tenant=dataset.tenant,
-                    trace_id=snapshot.trace_id,
-                )
     log.info(
         "snapshot_created",
         snapshot_id=snapshot_id,

@@ -19,6 +19,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from celery import Celery
+from kombu import Exchange
 from sqlalchemy import delete, event, select, update
 from sqlalchemy.orm import Session
 
@@ -113,7 +114,11 @@ class EventBus:
         name = task_name(consumer, spec.name)
         options: dict[str, Any] = {"retry": False}
         if consumer in spec.broadcast_to:
-            options.update(exchange=broadcast_queue(consumer), routing_key=broadcast_queue(consumer))
+            # The fan-out exchange must be declared by the publishing connection too: with Redis, an exchange
+            # this process never declared is taken for a direct one, and the message lands in a list that no
+            # subscriber reads.
+            exchange = Exchange(broadcast_queue(consumer), type="fanout")
+            options.update(exchange=exchange, routing_key=broadcast_queue(consumer), declare=[exchange])
         else:
             options["queue"] = consumer
         self.celery.send_task(name, args=[message], **options)

@@ -1,0 +1,145 @@
+"""The end-to-end flywheel timing: from the retrain threshold being crossed to the new version serving.
+
+Starts the platform with `flywheel up --detach` (file store, Redis DB 8, free ports) in a temporary home,
+then, per repeat, pushes exactly `threshold` labeled digits (the partner's labels are the consensus with
+overlap 1) and times each stage as the services report it: threshold crossed (the push that completes the
+count returns) → training run created → run finished → version registered → inference serving it. The
+baseline beside it is the training run's own wall time (the floor the loop cannot beat), so the ratio says
+how much the platform adds around training. Writes bench/results/flywheel.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from bench.common import Progress, Stats, describe_machine, free_port, machine, print_table, write_results
+from shared.cli.demo_data import DIGIT_LABELS, digit_images, shuffled
+from shared.client import ApiError, Flywheel
+from shared.settings import SERVICES
+
+TOKEN = "bench-internal-token"  # noqa: S105 - a throwaway platform's token, local to this run
+
+
+def _wait(probe: Any, timeout: float, what: str, interval: float = 0.2) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = probe()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"gave up after {timeout:.0f}s waiting for {what}")
+        time.sleep(interval)
+
+
+def _quiet(call: Any) -> Any:
+    try:
+        return call()
+    except ApiError:
+        return None
+
+
+def one_cycle(operator: Flywheel, threshold: int, epochs: int, cycle: int) -> dict[str, float]:
+    issued = operator.ingestion.create_partner(f"bench-{cycle}-{int(time.time())}")
+    partner = operator.with_token(issued["api_key"])
+    dataset = partner.ingestion.create_dataset(
+        "digits", "image_classification", list(DIGIT_LABELS), overlap=1, retrain_threshold=threshold
+    )["id"]
+    _wait(lambda: _quiet(lambda: partner.labeling.dataset(dataset)), 30, "labeling to learn of the dataset")
+    partner.labeling.settings(dataset, training_hyperparameters={"epochs": epochs, "image_size": 32})
+    digits = shuffled(digit_images(), seed=cycle)[:threshold]
+    holdout = digits[0][0]
+    started = time.monotonic()
+    for start in range(0, threshold, 200):
+        batch = digits[start : start + 200]
+        partner.ingestion.push(dataset, [{"image": png, "label": label} for png, label in batch])
+    crossed = time.monotonic()
+    run = _wait(lambda: partner.training.list_runs(dataset_id=dataset), 60, "a run")[0]
+    created = time.monotonic()
+    run = _wait(
+        lambda: (r := partner.training.get_run(run["id"]))["status"] in {"succeeded", "failed"} and r, 900, "training"
+    )
+    finished = time.monotonic()
+    if run["status"] != "succeeded":
+        raise RuntimeError(f"the run failed: {run.get('failure_reason')}")
+    _wait(lambda: _quiet(lambda: partner.registry.versions("digits")), 60, "registration")
+    registered = time.monotonic()
+    _wait(lambda: _quiet(lambda: partner.inference.predict("digits", images=[holdout])), 120, "serving", 0.1)
+    serving = time.monotonic()
+    training_wall = _training_seconds(run)
+    return {
+        "push_s": crossed - started,
+        "to_run_created_s": created - crossed,
+        "run_s": finished - created,
+        "training_wall_s": training_wall,
+        "to_registered_s": registered - finished,
+        "to_serving_s": serving - registered,
+        "threshold_to_serving_s": serving - crossed,
+    }
+
+
+def _training_seconds(run: dict[str, Any]) -> float:
+    from datetime import datetime
+
+    if run.get("started_at") and run.get("finished_at"):
+        return (datetime.fromisoformat(run["finished_at"]) - datetime.fromisoformat(run["started_at"])).total_seconds()
+    return float("nan")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--threshold", type=int, default=200)
+    parser.add_argument("--epochs", type=int, default=3)
+    args = parser.parse_args(argv)
+    say = Progress()
+    home = Path(tempfile.mkdtemp(prefix="flywheel-bench-"))
+    env = {k: v for k, v in os.environ.items() if not k.endswith("_PORT")}
+    env.update(FLYWHEEL_HOME=str(home), REDIS_URL="redis://127.0.0.1:6379/8", FLYWHEEL_INTERNAL_TOKEN=TOKEN)
+    env.pop("S3_ENDPOINT", None)
+    ports = {name: free_port() for name in SERVICES}
+    env.update({f"{name.upper()}_PORT": str(port) for name, port in ports.items()})
+    command = [sys.executable, "-m", "shared.cli.main"]
+    say("starting the platform (flywheel up --detach)")
+    up = subprocess.run([*command, "up", "--detach"], env=env, capture_output=True, text=True, timeout=300)
+    if up.returncode != 0:
+        print(up.stdout + up.stderr, file=sys.stderr)
+        return 1
+    cycles: list[dict[str, float]] = []
+    try:
+        operator = Flywheel.from_urls({n: f"http://127.0.0.1:{p}" for n, p in ports.items()}, TOKEN)
+        for cycle in range(1, args.repeats + 1):
+            say(f"cycle {cycle}/{args.repeats}: push {args.threshold} labeled digits, wait for the new version")
+            cycles.append(one_cycle(operator, args.threshold, args.epochs, cycle))
+            say(f"  threshold → serving in {cycles[-1]['threshold_to_serving_s']:.1f}s")
+    finally:
+        subprocess.run([*command, "down"], env=env, capture_output=True, text=True, timeout=120)
+    stats = {key: Stats.of([c[key] for c in cycles]) for key in cycles[0]}
+    loop = stats["threshold_to_serving_s"]
+    floor = stats["training_wall_s"]
+    rows = [[key, stats[key].show(1)] for key in cycles[0]]
+    print(describe_machine(machine()))
+    print_table(["stage", "seconds (median ±IQR)"], rows)
+    overhead = loop.median / floor.median if floor.median else None
+    print(f"threshold → serving {loop.median:.1f}s vs training alone {floor.median:.1f}s: ratio {overhead:.2f}")
+    write_results(
+        "flywheel",
+        {
+            "machine": machine(),
+            "threshold": args.threshold,
+            "epochs": args.epochs,
+            "stages": {key: stat.as_dict() for key, stat in stats.items()},
+            "ratio_loop_to_training": overhead,
+        },
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
