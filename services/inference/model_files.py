@@ -1,0 +1,130 @@
+"""Fetching one model version's folder from object storage and proving it is exactly what was registered.
+
+Every file is checked twice before anything parses it: the download is verified against the sha256 recorded
+with the object (`ObjectStore.download`), and the bytes on disk against the sha256 the registry's serving
+document names. `metadata.json`'s own `files` map is checked too, and every file the model needs (the graph,
+the tokenizer files) must be among the verified artifacts. Anything else refuses the version.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from marshmallow import ValidationError
+
+from shared.artifacts import ModelMetadata
+from shared.storage import IntegrityError, ObjectNotFound, ObjectStore
+
+GRAPH_FILE = "model.onnx"
+METADATA_FILE = "metadata.json"
+_metadata_schema = ModelMetadata()
+
+
+class ArtifactRefused(Exception):
+    """The version's files are missing, tampered with or inconsistent: it is never loaded."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.message = message
+
+
+@dataclass(frozen=True)
+class ModelFiles:
+    folder: Path
+    metadata: dict[str, Any]
+
+    @property
+    def graph(self) -> Path:
+        return self.folder / GRAPH_FILE
+
+
+def fingerprint(version_doc: dict[str, Any]) -> str:
+    """Identity of a version's content: a version whose artifacts change is loaded again."""
+    parts = sorted(f"{name}={ref['sha256']}" for name, ref in version_doc["artifacts"].items())
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()
+
+
+def sha256_file(path: Path) -> tuple[str, int]:
+    digest = hashlib.sha256()
+    size = 0
+    with path.open("rb") as handle:
+        while chunk := handle.read(1024 * 1024):
+            digest.update(chunk)
+            size += len(chunk)
+    return digest.hexdigest(), size
+
+
+def fetch_version(storage: ObjectStore, version_doc: dict[str, Any], folder: Path) -> ModelFiles:
+    """Download and verify every artifact of a version into `folder`; raise ArtifactRefused on any doubt.
+
+    Storage that does not answer raises StorageError (a transient failure, retried later), not ArtifactRefused.
+    """
+    artifacts: dict[str, dict[str, Any]] = version_doc["artifacts"]
+    for required in (GRAPH_FILE, METADATA_FILE):
+        if required not in artifacts:
+            raise ArtifactRefused("missing_artifact", f"the version has no {required}")
+    for name, ref in artifacts.items():
+        if "/" in name or name in ("", ".", "..") or name.startswith("."):
+            raise ArtifactRefused("invalid_artifact", f"artifact name {name!r} is not a plain file name")
+        path = folder / name
+        try:
+            storage.download(ref["bucket"], ref["key"], path)
+        except ObjectNotFound as exc:
+            raise ArtifactRefused("missing_artifact", f"{name} is missing from object storage: {exc}") from exc
+        except IntegrityError as exc:
+            raise ArtifactRefused("integrity", f"{name} failed its storage integrity check: {exc}") from exc
+        actual, size = sha256_file(path)
+        if actual != ref["sha256"]:
+            raise ArtifactRefused(
+                "integrity", f"{name} hashes to sha256 {actual}, but the registry recorded {ref['sha256']}"
+            )
+        if ref.get("size") is not None and size != ref["size"]:
+            raise ArtifactRefused("integrity", f"{name} is {size} bytes, but the registry recorded {ref['size']}")
+    metadata = _read_metadata(folder / METADATA_FILE)
+    _check_metadata_files(metadata, artifacts)
+    return ModelFiles(folder=folder, metadata=metadata)
+
+
+def _read_metadata(path: Path) -> dict[str, Any]:
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+        metadata = _metadata_schema.load(raw)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ArtifactRefused("invalid_metadata", f"metadata.json is not valid JSON: {exc}") from exc
+    except ValidationError as exc:
+        raise ArtifactRefused(
+            "invalid_metadata", f"metadata.json does not validate: {exc.normalized_messages()}"
+        ) from exc
+    preprocessing = metadata["preprocessing"]
+    kind = preprocessing.get("kind")
+    expected_kind = {"text_classification": "text", "image_classification": "image"}[metadata["task_type"]]
+    if kind != expected_kind:
+        raise ArtifactRefused(
+            "invalid_metadata", f"a {metadata['task_type']} model needs {expected_kind} preprocessing"
+        )
+    if len(metadata["labels"]) < 2 or len(set(metadata["labels"])) != len(metadata["labels"]):
+        raise ArtifactRefused("invalid_metadata", "metadata.json needs at least two distinct labels")
+    return metadata
+
+
+def _check_metadata_files(metadata: dict[str, Any], artifacts: dict[str, dict[str, Any]]) -> None:
+    """metadata.json's `files` map agrees with the artifacts, and names every file serving needs."""
+    for name, info in metadata["files"].items():
+        if name not in artifacts:
+            continue
+        expected = info.get("sha256") if isinstance(info, dict) else None
+        if expected and expected != artifacts[name]["sha256"]:
+            raise ArtifactRefused(
+                "integrity", f"metadata.json records sha256 {expected} for {name}, the registry another"
+            )
+    needed = [GRAPH_FILE, *metadata["preprocessing"].get("tokenizer_files", [])]
+    missing = [name for name in needed if name not in artifacts]
+    if missing:
+        raise ArtifactRefused("missing_artifact", f"files the model needs are not among its artifacts: {missing}")
+    if GRAPH_FILE not in metadata["files"]:
+        raise ArtifactRefused("invalid_metadata", "metadata.json's files map does not list model.onnx")

@@ -1,0 +1,114 @@
+"""A model's own preprocessing, read from its metadata: its tokenizer for texts; decode, resize and normalise
+for images. And the one postprocessing step every classifier shares: logits to probabilities and labels."""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+from tokenizers import Tokenizer
+
+from services.inference.sessions import ModelRefused, TensorSpec
+from shared.errors import Unprocessable
+
+
+class TextPreprocessor:
+    kind = "text"
+
+    def __init__(self, folder: Path, spec: dict[str, Any], inputs: list[TensorSpec]) -> None:
+        files = spec.get("tokenizer_files") or []
+        if "tokenizer.json" not in files:
+            raise ModelRefused("invalid_metadata", "text preprocessing needs tokenizer.json among tokenizer_files")
+        try:
+            self.tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
+        except Exception as exc:
+            raise ModelRefused("invalid_tokenizer", f"tokenizer.json does not load: {str(exc)[:300]}") from exc
+        self.max_length = int(spec["max_length"])
+        self.lowercase = bool(spec.get("lowercase", True))
+        self.tokenizer.enable_truncation(self.max_length)
+        self.tokenizer.no_padding()
+        self.inputs = {tensor.name: tensor for tensor in inputs}
+        for required in ("input_ids", "attention_mask"):
+            if required not in self.inputs:
+                raise ModelRefused("contract_mismatch", f"a text model needs an '{required}' input")
+
+    def __call__(self, texts: list[str]) -> dict[str, np.ndarray]:
+        encodings = self.tokenizer.encode_batch([text.lower() if self.lowercase else text for text in texts])
+        length = max(len(encoding.ids) for encoding in encodings)
+        ids = np.zeros((len(texts), length), dtype=self.inputs["input_ids"].dtype)
+        mask = np.zeros((len(texts), length), dtype=self.inputs["attention_mask"].dtype)
+        for row, encoding in enumerate(encodings):
+            ids[row, : len(encoding.ids)] = encoding.ids
+            mask[row, : len(encoding.ids)] = 1
+        feeds = {"input_ids": ids, "attention_mask": mask}
+        if "token_type_ids" in self.inputs:
+            feeds["token_type_ids"] = np.zeros_like(ids, dtype=self.inputs["token_type_ids"].dtype)
+        return feeds
+
+
+class ImagePreprocessor:
+    kind = "image"
+
+    def __init__(self, spec: dict[str, Any], inputs: list[TensorSpec], max_pixels: int) -> None:
+        if len(inputs) != 1:
+            raise ModelRefused("contract_mismatch", "an image model takes exactly one input tensor")
+        self.input = inputs[0]
+        height, width = (int(v) for v in spec["size"])
+        self.size = (width, height)  # PIL speaks (width, height)
+        self.channels = int(spec.get("channels", 3))
+        if self.channels not in (1, 3):
+            raise ModelRefused("invalid_metadata", f"images with {self.channels} channels are not supported")
+        self.mean = np.asarray(spec["mean"][: self.channels], dtype=np.float32).reshape(-1, 1, 1)
+        self.std = np.asarray(spec["std"][: self.channels], dtype=np.float32).reshape(-1, 1, 1)
+        if np.any(self.std == 0):
+            raise ModelRefused("invalid_metadata", "image std must not be zero")
+        self.max_pixels = max_pixels
+
+    def decode(self, data: bytes, index: int) -> np.ndarray:
+        try:
+            with Image.open(io.BytesIO(data)) as image:
+                if image.width * image.height > self.max_pixels:
+                    raise Unprocessable(f"image {index} is {image.width}x{image.height}, above the pixel limit")
+                image = ImageOps.exif_transpose(image)
+                image = image.convert("RGB" if self.channels == 3 else "L")
+                image = image.resize(self.size, Image.Resampling.BILINEAR)
+                pixels = np.asarray(image, dtype=np.float32) / 255.0
+        except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
+            raise Unprocessable(f"image {index} could not be decoded: {exc}") from exc
+        chw = pixels.reshape(self.size[1], self.size[0], self.channels).transpose(2, 0, 1)
+        return ((chw - self.mean) / self.std).astype(self.input.dtype, copy=False)
+
+    def __call__(self, images: list[bytes]) -> dict[str, np.ndarray]:
+        return {self.input.name: np.stack([self.decode(data, index) for index, data in enumerate(images)])}
+
+
+@dataclass(frozen=True)
+class Classification:
+    label: str
+    confidence: float
+    probabilities: dict[str, float]
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    shifted = logits.astype(np.float64) - logits.max(axis=-1, keepdims=True)
+    exp = np.exp(shifted)
+    return exp / exp.sum(axis=-1, keepdims=True)
+
+
+def classify(logits: np.ndarray, labels: list[str]) -> list[Classification]:
+    probabilities = softmax(logits)
+    results = []
+    for row in probabilities:
+        best = int(row.argmax())
+        results.append(
+            Classification(
+                label=labels[best],
+                confidence=float(row[best]),
+                probabilities={label: round(float(p), 6) for label, p in zip(labels, row, strict=True)},
+            )
+        )
+    return results

@@ -1,0 +1,152 @@
+"""What one HTTP process of inference holds (loaded models, prediction log, promotion listener, metrics), and
+the request path every API shares: find the caller's model, route to a version, submit to its batcher."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from concurrent.futures import TimeoutError as FutureTimeout
+from dataclasses import dataclass
+
+from flask import current_app
+
+from services.inference.batcher import BatcherClosed, Feeds, QueueFull
+from services.inference.canary import choose_version
+from services.inference.config import InferenceConfig
+from services.inference.metrics import InferenceMetrics
+from services.inference.prediction_log import PredictionLog
+from services.inference.promotions import PromotionListener, Reconciler
+from services.inference.registry_client import RegistryClient
+from services.inference.repository import LoadedVersion, ModelRepository, ServedModel, process_work_dir
+from shared.errors import NotFound, ServiceUnavailable
+from shared.logging import get_logger
+from shared.runtime import Runtime
+
+log = get_logger(__name__)
+
+PICK_ATTEMPTS = 3
+
+
+@dataclass(frozen=True)
+class Inference:
+    version: LoadedVersion
+    outputs: Feeds
+
+
+class InferenceServer:
+    def __init__(self, runtime: Runtime, config: InferenceConfig) -> None:
+        self.runtime = runtime
+        self.config = config
+        self.metrics = InferenceMetrics(runtime.metrics)
+        self.registry = RegistryClient(
+            runtime.settings.registry_url, runtime.settings.internal_token, config.registry_timeout_s
+        )
+        self.repository = ModelRepository(
+            storage=runtime.storage,
+            registry=self.registry,
+            config=config,
+            metrics=self.metrics,
+            work_dir=process_work_dir(runtime.settings.home),
+        )
+        self.prediction_log = PredictionLog(runtime, config, self.metrics)
+        self.promotions = PromotionListener(runtime, self.repository, self.metrics)
+        self.reconciler = Reconciler(self.repository, config.reconcile_interval_s)
+        self._closed = False
+
+    def start(self) -> InferenceServer:
+        self.prediction_log.start()
+        self.promotions.start()
+        self.reconciler.start()
+        log.info(
+            "inference_started",
+            registry=self.registry.base_url,
+            max_batch_size=self.config.batching.max_batch_size,
+            max_queue_delay_us=self.config.batching.max_queue_delay_us,
+            max_queue_size=self.config.batching.max_queue_size,
+        )
+        return self
+
+    def close(self) -> None:
+        """Stop the background threads and write what the prediction log still holds (idempotent)."""
+        if self._closed:
+            return
+        self._closed = True
+        self.reconciler.stop()
+        self.promotions.stop()
+        self.repository.close()
+        self.prediction_log.close()
+
+    # -- the request path ------------------------------------------------------------------------------
+
+    def model(self, tenant: str, name: str) -> ServedModel:
+        model = self.repository.get(tenant, name)
+        if model is None:
+            raise NotFound(f"model {name!r} is not served")
+        return model
+
+    def infer(
+        self,
+        model: ServedModel,
+        *,
+        version: int | None,
+        request_key: str | None,
+        make_feeds: Callable[[LoadedVersion], Feeds],
+    ) -> Inference:
+        """Route to a version (pinned, or by the canary weights), build its feeds, run them batched."""
+        for _ in range(PICK_ATTEMPTS):
+            loaded = self._pick(model, version, request_key)
+            if not loaded.acquire():
+                continue  # retired a moment ago: the new state is in place, pick again
+            try:
+                return Inference(loaded, self._run(model, loaded, make_feeds))
+            except BatcherClosed:
+                continue
+            finally:
+                loaded.release()
+        raise ServiceUnavailable(f"model {model.name!r} is being swapped; retry", retry_after=1)
+
+    def _run(self, model: ServedModel, loaded: LoadedVersion, make_feeds: Callable[[LoadedVersion], Feeds]) -> Feeds:
+        batcher = loaded.batcher
+        batcher.announce()
+        try:
+            feeds = make_feeds(loaded)
+        except BaseException:
+            batcher.withdraw()
+            raise
+        try:
+            future = batcher.submit(feeds, announced=True)
+        except QueueFull as exc:
+            raise ServiceUnavailable(
+                f"model {model.name!r} is at capacity: its queue is full; retry shortly",
+                {"queue_limit": loaded.batching.max_queue_size},
+                retry_after=1,
+            ) from exc
+        try:
+            return future.result(timeout=self.config.request_timeout_s)
+        except FutureTimeout as exc:
+            future.cancel()
+            raise ServiceUnavailable(
+                f"model {model.name!r} did not answer within {self.config.request_timeout_s:.0f}s", retry_after=1
+            ) from exc
+
+    def _pick(self, model: ServedModel, version: int | None, request_key: str | None) -> LoadedVersion:
+        state = model.state
+        if version is None:
+            if state.routing is None:
+                raise ServiceUnavailable(f"model {model.name!r} has no version ready to serve", retry_after=5)
+            version = choose_version(state.routing, tenant=model.tenant, model_name=model.name, request_key=request_key)
+        loaded = state.versions.get(version)
+        if loaded is None:
+            raise NotFound(f"version {version} of model {model.name!r} is not loaded")
+        return loaded
+
+    def known_labels(self, tenant: str, name: str, version: int) -> list[str] | None:
+        model = self.repository.get(tenant, name)
+        if model is None:
+            return None
+        versions = model.state.versions
+        loaded = versions.get(version) or next(iter(versions.values()), None)
+        return loaded.labels if loaded else None
+
+
+def current_server() -> InferenceServer:
+    return current_app.extensions["inference"]

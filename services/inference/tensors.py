@@ -1,0 +1,263 @@
+"""The KServe/Triton v2 tensor formats: JSON tensors, and the binary tensor data extension.
+
+A request body is JSON, or — with `Inference-Header-Content-Length: N` — N bytes of JSON followed by the raw
+bytes of the inputs whose `parameters.binary_data_size` say so, in input order (little-endian, row-major;
+BYTES elements as a 4-byte length then the bytes). Outputs come back as JSON `data`, or as binary when the
+output asks for `binary_data: true` or the request sets `binary_data_output: true` (the standard clients'
+default); then the response carries `Inference-Header-Content-Length` too. An output may ask for
+`classification: k`: the top k classes as BYTES `"<score>:<index>:<label>"`, as Triton answers.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from shared.errors import BadRequest
+
+V2_TO_NUMPY: dict[str, Any] = {
+    "BOOL": np.bool_,
+    "UINT8": np.uint8,
+    "UINT16": np.uint16,
+    "UINT32": np.uint32,
+    "UINT64": np.uint64,
+    "INT8": np.int8,
+    "INT16": np.int16,
+    "INT32": np.int32,
+    "INT64": np.int64,
+    "FP16": np.float16,
+    "FP32": np.float32,
+    "FP64": np.float64,
+    "BYTES": np.object_,
+}
+NUMPY_TO_V2: dict[np.dtype, str] = {np.dtype(t): name for name, t in V2_TO_NUMPY.items() if name != "BYTES"}
+HEADER_LENGTH = "Inference-Header-Content-Length"
+
+
+def v2_datatype(dtype: np.dtype) -> str:
+    return NUMPY_TO_V2.get(np.dtype(dtype), "BYTES")
+
+
+@dataclass(frozen=True)
+class RequestedOutput:
+    name: str
+    binary: bool | None
+    classification: int
+
+
+@dataclass
+class InferRequest:
+    id: str | None
+    parameters: dict[str, Any]
+    inputs: dict[str, np.ndarray]
+    datatypes: dict[str, str]
+    outputs: list[RequestedOutput] | None
+
+    @property
+    def binary_output(self) -> bool:
+        return bool(self.parameters.get("binary_data_output", False))
+
+
+def _object(value: Any, where: str) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise BadRequest(f"{where} must be a JSON object")
+    return value
+
+
+def _shape(value: Any, where: str) -> tuple[int, ...]:
+    if not isinstance(value, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in value):
+        raise BadRequest(f"{where}: 'shape' must be a list of non-negative integers")
+    return tuple(value)
+
+
+def parse_infer_request(body: bytes, header_length: str | None) -> InferRequest:
+    if header_length is not None:
+        try:
+            json_size = int(header_length)
+        except ValueError as exc:
+            raise BadRequest(f"{HEADER_LENGTH} must be an integer") from exc
+        if not 0 < json_size <= len(body):
+            raise BadRequest(f"{HEADER_LENGTH} is {json_size}, but the body has {len(body)} bytes")
+        header_bytes, binary = body[:json_size], memoryview(body)[json_size:]
+    else:
+        header_bytes, binary = body, memoryview(b"")
+    try:
+        header = json.loads(header_bytes)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise BadRequest(f"the inference request is not valid JSON: {exc}") from exc
+    header = _object(header, "the inference request")
+    parameters = _object(header.get("parameters") or {}, "'parameters'")
+    raw_inputs = header.get("inputs")
+    if not isinstance(raw_inputs, list) or not raw_inputs:
+        raise BadRequest("'inputs' must be a non-empty list of tensors")
+    inputs: dict[str, np.ndarray] = {}
+    datatypes: dict[str, str] = {}
+    offset = 0
+    for index, raw in enumerate(raw_inputs):
+        tensor = _object(raw, f"inputs[{index}]")
+        name = tensor.get("name")
+        if not isinstance(name, str) or not name:
+            raise BadRequest(f"inputs[{index}] needs a 'name'")
+        if name in inputs:
+            raise BadRequest(f"input {name!r} is given twice")
+        datatype = tensor.get("datatype")
+        if datatype not in V2_TO_NUMPY:
+            raise BadRequest(f"input {name!r}: unknown datatype {datatype!r}; use one of {sorted(V2_TO_NUMPY)}")
+        shape = _shape(tensor.get("shape"), f"input {name!r}")
+        tensor_parameters = _object(tensor.get("parameters") or {}, f"input {name!r} parameters")
+        size = tensor_parameters.get("binary_data_size")
+        if size is not None:
+            if not isinstance(size, int) or size < 0 or offset + size > len(binary):
+                raise BadRequest(f"input {name!r}: binary_data_size {size!r} runs past the binary data")
+            inputs[name] = _from_binary(binary[offset : offset + size], datatype, shape, name)
+            offset += size
+        elif "data" in tensor:
+            inputs[name] = _from_json(tensor["data"], datatype, shape, name)
+        else:
+            raise BadRequest(f"input {name!r} has neither 'data' nor parameters.binary_data_size")
+        datatypes[name] = datatype
+    if offset != len(binary):
+        raise BadRequest(f"{len(binary) - offset} bytes of binary data belong to no input")
+    return InferRequest(
+        id=str(header["id"]) if header.get("id") is not None else None,
+        parameters=parameters,
+        inputs=inputs,
+        datatypes=datatypes,
+        outputs=_requested_outputs(header.get("outputs")),
+    )
+
+
+def _requested_outputs(raw: Any) -> list[RequestedOutput] | None:
+    if raw is None:
+        return None
+    if not isinstance(raw, list):
+        raise BadRequest("'outputs' must be a list")
+    outputs = []
+    for index, item in enumerate(raw):
+        output = _object(item, f"outputs[{index}]")
+        if not isinstance(output.get("name"), str):
+            raise BadRequest(f"outputs[{index}] needs a 'name'")
+        parameters = _object(output.get("parameters") or {}, f"output {output['name']!r} parameters")
+        classification = parameters.get("classification", 0)
+        if not isinstance(classification, int) or classification < 0:
+            raise BadRequest(f"output {output['name']!r}: classification must be a non-negative integer")
+        binary = parameters.get("binary_data")
+        outputs.append(RequestedOutput(output["name"], None if binary is None else bool(binary), classification))
+    return outputs
+
+
+def _from_json(data: Any, datatype: str, shape: tuple[int, ...], name: str) -> np.ndarray:
+    try:
+        if datatype == "BYTES":
+            flat = np.asarray(
+                [item.encode() if isinstance(item, str) else bytes(item) for item in _flatten(data)], dtype=object
+            )
+        else:
+            flat = np.asarray(data, dtype=V2_TO_NUMPY[datatype]).reshape(-1)
+    except (ValueError, TypeError, OverflowError) as exc:
+        raise BadRequest(f"input {name!r}: data does not hold {datatype} values: {exc}") from exc
+    if flat.size != math.prod(shape):
+        raise BadRequest(f"input {name!r}: shape {list(shape)} needs {math.prod(shape)} values, data has {flat.size}")
+    return flat.reshape(shape)
+
+
+def _flatten(data: Any) -> list[Any]:
+    if isinstance(data, list):
+        return [value for item in data for value in _flatten(item)]
+    return [data]
+
+
+def _from_binary(chunk: memoryview, datatype: str, shape: tuple[int, ...], name: str) -> np.ndarray:
+    count = math.prod(shape)
+    if datatype == "BYTES":
+        items, position = [], 0
+        while position < len(chunk):
+            if position + 4 > len(chunk):
+                raise BadRequest(f"input {name!r}: truncated BYTES element")
+            (length,) = struct.unpack_from("<I", chunk, position)
+            position += 4
+            items.append(bytes(chunk[position : position + length]))
+            position += length
+        if position != len(chunk) or len(items) != count:
+            raise BadRequest(f"input {name!r}: BYTES data holds {len(items)} elements, shape needs {count}")
+        return np.asarray(items, dtype=object).reshape(shape)
+    dtype = np.dtype(V2_TO_NUMPY[datatype]).newbyteorder("<")
+    if len(chunk) != count * dtype.itemsize:
+        raise BadRequest(
+            f"input {name!r}: {len(chunk)} bytes of {datatype} do not fill shape {list(shape)} "
+            f"({count * dtype.itemsize} bytes)"
+        )
+    return np.frombuffer(chunk, dtype=dtype).reshape(shape)
+
+
+def _classify(array: np.ndarray, k: int, labels: list[str]) -> np.ndarray:
+    rows = array.reshape(array.shape[0], -1)
+    k = min(k, rows.shape[1])
+    top = np.argsort(-rows, axis=1, kind="stable")[:, :k]
+    entries = [
+        [
+            f"{rows[r, i]:.6f}:{i}:{labels[i]}".encode() if i < len(labels) else f"{rows[r, i]:.6f}:{i}".encode()
+            for i in top[r]
+        ]
+        for r in range(rows.shape[0])
+    ]
+    return np.asarray(entries, dtype=object).reshape(rows.shape[0], k)
+
+
+def _bytes_payload(array: np.ndarray) -> bytes:
+    parts = []
+    for item in array.reshape(-1):
+        data = item if isinstance(item, bytes) else str(item).encode()
+        parts.append(struct.pack("<I", len(data)) + data)
+    return b"".join(parts)
+
+
+def encode_infer_response(
+    *,
+    model_name: str,
+    model_version: int,
+    request: InferRequest,
+    outputs: dict[str, np.ndarray],
+    labels: list[str],
+    parameters: dict[str, Any] | None = None,
+) -> tuple[bytes, dict[str, str]]:
+    requested = request.outputs or [RequestedOutput(name, None, 0) for name in outputs]
+    tensors: list[dict[str, Any]] = []
+    binary_parts: list[bytes] = []
+    for wanted in requested:
+        array = outputs[wanted.name]
+        if wanted.classification:
+            array = _classify(array, wanted.classification, labels)
+        datatype = "BYTES" if array.dtype == object else v2_datatype(array.dtype)
+        tensor: dict[str, Any] = {"name": wanted.name, "datatype": datatype, "shape": list(array.shape)}
+        binary = wanted.binary if wanted.binary is not None else request.binary_output
+        if binary:
+            payload = (
+                _bytes_payload(array)
+                if datatype == "BYTES"
+                else np.ascontiguousarray(array, array.dtype.newbyteorder("<")).tobytes()
+            )
+            tensor["parameters"] = {"binary_data_size": len(payload)}
+            binary_parts.append(payload)
+        elif datatype == "BYTES":
+            tensor["data"] = [item.decode("utf-8", "replace") for item in array.reshape(-1)]
+        else:
+            tensor["data"] = array.reshape(-1).tolist()
+        tensors.append(tensor)
+    header: dict[str, Any] = {"model_name": model_name, "model_version": str(model_version), "outputs": tensors}
+    if request.id is not None:
+        header["id"] = request.id
+    if parameters:
+        header["parameters"] = parameters
+    header_bytes = json.dumps(header, separators=(",", ":")).encode()
+    if not binary_parts:
+        return header_bytes, {"Content-Type": "application/json"}
+    return header_bytes + b"".join(binary_parts), {
+        "Content-Type": "application/octet-stream",
+        HEADER_LENGTH: str(len(header_bytes)),
+    }

@@ -1,0 +1,225 @@
+"""Dynamic batching: concurrent requests really share ONNX Runtime calls, keep their own answers, and a full
+queue answers 503 with Retry-After instead of queueing without bound."""
+
+from __future__ import annotations
+
+import base64
+import json
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+
+from services.inference.batcher import DynamicBatcher, QueueFull
+from services.inference.config import BatchingConfig
+from services.inference.preprocess import TextPreprocessor
+from services.inference.repository import TOKEN_INPUTS
+from services.inference.sessions import create_session, graph_io
+from tests.helpers import eventually
+from tests.inference.support import TEXT_LABELS, metric_samples, png, serving_document, upload_version
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def batch_sizes(replica, model: str) -> tuple[float, float, float]:
+    """(batches, rows, batches of exactly one row) from the batch-size histogram."""
+    text = replica.client.get("/metrics").get_data(as_text=True)
+    count = sum(
+        v for labels, v in metric_samples(text, "flywheel_inference_batch_size_count") if labels["model"] == model
+    )
+    rows = sum(v for labels, v in metric_samples(text, "flywheel_inference_batch_size_sum") if labels["model"] == model)
+    single = sum(
+        v
+        for labels, v in metric_samples(text, "flywheel_inference_batch_size_bucket")
+        if labels["model"] == model and labels["le"] == "1.0"
+    )
+    return count, rows, single
+
+
+def test_concurrent_requests_are_coalesced_and_keep_their_own_answers(
+    inference, store, registry, tenants, model_folders
+) -> None:
+    folder = model_folders["image"]
+    serving = {"max_batch_size": 16, "max_queue_delay_us": 20_000}
+    version = upload_version(store, tenants.alice.tenant, folder, 1, serving=serving)
+    registry.serve(serving_document(tenants.alice.tenant, folder, {1: version}, 1))
+    replica = inference()
+    colours = {"red": png((255, 0, 0)), "blue": png((0, 0, 255))}
+    start = threading.Barrier(16)
+
+    def caller(index: int) -> list[bool]:
+        start.wait()
+        outcomes = []
+        for round_ in range(4):
+            expected = "red" if (index + round_) % 2 else "blue"
+            response = replica.client.post(
+                "/v1/models/colours:predict",
+                json={"images": [base64.b64encode(colours[expected]).decode()]},
+                headers=tenants.alice.headers,
+            )
+            outcomes.append(response.status_code == 200 and response.get_json()["predictions"][0]["label"] == expected)
+        return outcomes
+
+    with ThreadPoolExecutor(16) as pool:
+        results = [ok for outcomes in pool.map(caller, range(16)) for ok in outcomes]
+    assert all(results), f"{results.count(False)} of {len(results)} requests got a wrong answer or failed"
+    batches, rows, single = batch_sizes(replica, "colours")
+    assert rows == 64  # every request ran exactly once; warm-up runs are not counted
+    assert batches < rows, "no two requests ever shared a batch"
+    assert rows / batches > 1.5 and single < batches
+    config = replica.client.get("/v2/models/colours/config", headers=tenants.alice.headers).get_json()
+    assert config["max_batch_size"] == 16 and config["dynamic_batching"]["max_queue_delay_microseconds"] == 20_000
+
+
+def test_texts_of_different_lengths_are_padded_into_one_batch(model_folders) -> None:
+    """Requests of different sequence lengths share one ONNX Runtime call and get the logits they get alone."""
+    folder = model_folders["text"]
+    session = create_session(folder / "model.onnx", intra_op_threads=1, allow_spinning=False, prefer_gpu=False)
+    inputs, _ = graph_io(session)
+    metadata = json.loads((folder / "metadata.json").read_text())
+    tokenize = TextPreprocessor(folder, metadata["preprocessing"], inputs)
+    texts = ["wonderful", "a long and terrible and dull and slow film", "terrible terrible", "so wonderful, really"]
+    alone = [session.run(["logits"], tokenize([text]))[0] for text in texts]
+    observer = Observer()
+    batcher = DynamicBatcher(
+        lambda feeds: {"logits": session.run(["logits"], feeds)[0]},
+        BatchingConfig(8, 5_000_000, 8),
+        name="text",
+        observer=observer,
+        padded_inputs=TOKEN_INPUTS,
+    )
+    try:
+        for _ in texts:
+            batcher.announce()
+        futures = [batcher.submit(tokenize([text]), announced=True) for text in texts]
+        batched = [future.result(5)["logits"] for future in futures]
+    finally:
+        batcher.close()
+    assert observer.batches == [4]
+    for one, together in zip(alone, batched, strict=True):
+        np.testing.assert_allclose(together, one, atol=1e-6)
+    assert [TEXT_LABELS[int(row.argmax())] for row in np.concatenate(batched)] == ["pos", "neg", "neg", "pos"]
+
+
+def test_concurrent_texts_keep_their_own_answers(inference, store, registry, tenants, model_folders) -> None:
+    folder = model_folders["text"]
+    version = upload_version(store, tenants.alice.tenant, folder, 1, serving={"max_queue_delay_us": 50_000})
+    registry.serve(serving_document(tenants.alice.tenant, folder, {1: version}, 1))
+    replica = inference()
+    expected = {
+        "wonderful": "pos",
+        "a long and terrible and dull film": "neg",
+        "terrible terrible": "neg",
+        "so wonderful": "pos",
+    }
+    start = threading.Barrier(8)
+
+    def caller(index: int) -> bool:
+        start.wait()
+        texts = list(expected)[index % 4 :] + list(expected)[: index % 4]
+        for text in texts:
+            response = replica.client.post(
+                "/v1/models/reviews:predict", json={"texts": [text]}, headers=tenants.alice.headers
+            )
+            if response.status_code != 200 or response.get_json()["predictions"][0]["label"] != expected[text]:
+                return False
+        return True
+
+    with ThreadPoolExecutor(8) as pool:
+        assert all(pool.map(caller, range(8)))
+    _, rows, _ = batch_sizes(replica, "reviews")
+    assert rows == 32
+
+
+def test_a_full_queue_answers_503_with_retry_after(inference, store, registry, tenants, model_folders) -> None:
+    folder = model_folders["slow"]
+    serving = {"max_batch_size": 1, "max_queue_size": 2, "max_queue_delay_us": 0}
+    version = upload_version(store, tenants.alice.tenant, folder, 1, serving=serving)
+    registry.serve(serving_document(tenants.alice.tenant, folder, {1: version}, 1))
+    replica = inference()
+    image = base64.b64encode(png((10, 200, 30))).decode()
+    start = threading.Barrier(10)
+
+    def caller(_: int):
+        start.wait()
+        return replica.client.post("/v1/models/slow:predict", json={"images": [image]}, headers=tenants.alice.headers)
+
+    with ThreadPoolExecutor(10) as pool:
+        responses = list(pool.map(caller, range(10)))
+    statuses = sorted(response.status_code for response in responses)
+    assert set(statuses) == {200, 503}, statuses
+    assert statuses.count(200) >= 3  # one running and two queued at least
+    for response in responses:
+        if response.status_code == 503:
+            assert response.headers["Retry-After"] == "1"
+            assert response.get_json()["error"]["code"] == "unavailable"
+            assert response.get_json()["error"]["details"] == {"queue_limit": 2}
+    text = replica.client.get("/metrics").get_data(as_text=True)
+    rejected = [
+        v
+        for labels, v in metric_samples(text, "flywheel_inference_failures_total")
+        if labels["reason"] == "unavailable"
+    ]
+    assert rejected == [statuses.count(503)]
+
+
+class Observer:
+    def __init__(self) -> None:
+        self.batches: list[int] = []
+
+    def batch_ran(self, rows, queue_seconds, compute_seconds) -> None:
+        self.batches.append(rows)
+
+    def queue_depth(self, depth) -> None:
+        pass
+
+
+def test_a_failing_batch_is_retried_request_by_request() -> None:
+    """One request that makes the graph fail (say an out-of-range token id) fails alone, not its batch."""
+
+    def run(feeds):
+        if (feeds["x"] < 0).any():
+            raise ValueError("negative input")
+        return {"y": feeds["x"] * 2}
+
+    observer = Observer()
+    batcher = DynamicBatcher(run, BatchingConfig(8, 5_000_000, 8), name="unit", observer=observer)
+    try:
+        for _ in range(3):
+            batcher.announce()
+        futures = [batcher.submit({"x": np.array([[value]])}, announced=True) for value in (1, -1, 3)]
+        assert futures[0].result(5)["y"].tolist() == [[2]]
+        assert futures[2].result(5)["y"].tolist() == [[6]]
+        with pytest.raises(ValueError, match="negative"):
+            futures[1].result(5)
+        assert observer.batches == [1, 1]  # the batch of three failed; the good two ran alone
+    finally:
+        batcher.close()
+
+
+def test_the_queue_wait_ends_when_no_one_else_is_coming_and_the_queue_is_bounded() -> None:
+    release = threading.Event()
+
+    def run(feeds):
+        release.wait(5)
+        return {"y": feeds["x"]}
+
+    observer = Observer()
+    batcher = DynamicBatcher(run, BatchingConfig(8, 10_000_000, 2), name="unit", observer=observer)
+    try:
+        started = time.monotonic()
+        first = batcher.submit({"x": np.array([[1]])})  # nobody announced: it must not wait the 10 s delay
+        eventually(lambda: batcher.depth == 0, timeout=2, what="the first request taken at once")
+        queued = [batcher.submit({"x": np.array([[v]])}) for v in (2, 3)]
+        with pytest.raises(QueueFull):
+            batcher.submit({"x": np.array([[4]])})
+        release.set()
+        assert first.result(5)["y"].tolist() == [[1]]
+        assert [f.result(5)["y"].tolist() for f in queued] == [[[2]], [[3]]]
+        assert time.monotonic() - started < 5
+        assert observer.batches == [1, 2]
+    finally:
+        release.set()
+        batcher.close()
