@@ -1,7 +1,94 @@
-"""Training's tables. Its domain tables arrive with its feature issue; the bus tables are here already."""
+"""Training's tables: one row per training run, which is also the run's lease and live progress record.
+
+A run row is written when a run is requested (by `training.requested` or `POST /v1/runs`) and updated by
+whichever process executes it: the lease columns say which process holds the run right now (and until when,
+renewed by a heartbeat), the progress columns say how far it got, and the terminal columns say how it ended.
+"""
 
 from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import JSON, Boolean, DateTime, Float, Integer, String, Text
+from sqlalchemy.orm import Mapped, mapped_column
 
 from shared.db import declarative_base
 
 Base = declarative_base()
+
+QUEUED = "queued"
+RUNNING = "running"
+CANCELLING = "cancelling"
+SUCCEEDED = "succeeded"
+FAILED = "failed"
+CANCELLED = "cancelled"
+
+STATUSES = (QUEUED, RUNNING, CANCELLING, SUCCEEDED, FAILED, CANCELLED)
+ACTIVE_STATUSES = (QUEUED, RUNNING, CANCELLING)
+TERMINAL_STATUSES = (SUCCEEDED, FAILED, CANCELLED)
+
+LAUNCH_QUEUE = "queue"
+"""The run is sent to the training worker's queue (`training.run`)."""
+LAUNCH_EXTERNAL = "external"
+"""The run is executed by a launcher outside the worker (a `torchrun` Job running `services.training.distributed`)."""
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class TrainingRun(Base):
+    __tablename__ = "training_runs"
+
+    seq: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    id: Mapped[str] = mapped_column(String(40), unique=True)
+    tenant: Mapped[str] = mapped_column(String(64), index=True)
+    dataset_id: Mapped[str] = mapped_column(String(64), index=True)
+    snapshot_id: Mapped[str] = mapped_column(String(64))
+    manifest: Mapped[dict[str, Any]] = mapped_column(JSON)
+    task_type: Mapped[str] = mapped_column(String(40))
+    labels: Mapped[list[str]] = mapped_column(JSON)
+    model_name: Mapped[str] = mapped_column(String(100), index=True)
+    base_model: Mapped[str] = mapped_column(String(100))
+    hyperparameters: Mapped[dict[str, Any]] = mapped_column(JSON)
+    reason: Mapped[str] = mapped_column(String(500))
+    source: Mapped[str] = mapped_column(String(20))  # "event" or "api"
+    launch: Mapped[str] = mapped_column(String(20), default=LAUNCH_QUEUE)
+    trace_id: Mapped[str | None] = mapped_column(String(128), nullable=True)
+    active_key: Mapped[str | None] = mapped_column(String(64), unique=True, nullable=True)
+    """Dedupe key of an identical request (same snapshot, model, base model, hyper-parameters); cleared when
+    the run fails or is cancelled so that the same request may be tried again."""
+
+    status: Mapped[str] = mapped_column(String(20), default=QUEUED, index=True)
+    cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
+    failure_reason: Mapped[str | None] = mapped_column(Text, nullable=True)
+
+    lease_owner: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    lease_expires_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    resumed_from_epoch: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    world_size: Mapped[int] = mapped_column(Integer, default=1)
+    device: Mapped[str | None] = mapped_column(String(40), nullable=True)
+    base_weights: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+
+    epoch: Mapped[int] = mapped_column(Integer, default=0)
+    epochs: Mapped[int] = mapped_column(Integer, default=0)
+    step: Mapped[int] = mapped_column(Integer, default=0)
+    steps: Mapped[int] = mapped_column(Integer, default=0)
+    loss: Mapped[float | None] = mapped_column(Float, nullable=True)
+    samples_per_second: Mapped[float | None] = mapped_column(Float, nullable=True)
+    eta_seconds: Mapped[float | None] = mapped_column(Float, nullable=True)
+    history: Mapped[list[dict[str, Any]]] = mapped_column(JSON, default=list)
+    metrics: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+    artifacts: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, onupdate=utcnow)
+
+    @property
+    def progress(self) -> dict[str, Any]:
+        names = ("epoch", "epochs", "step", "steps", "loss", "samples_per_second", "eta_seconds")
+        return {name: getattr(self, name) for name in names}

@@ -1,0 +1,139 @@
+"""Training's HTTP API: start runs (internal token), follow them (partner key or internal token), cancel them.
+
+A partner sees its own runs only; another tenant's run answers 404, exactly like an unknown id.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from flask import current_app
+from flask_smorest import Blueprint
+from marshmallow import ValidationError
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
+
+from services.training import runs as run_lifecycle
+from services.training.data import manifest_ref, read_snapshot_info
+from services.training.failures import DataError
+from services.training.models import LAUNCH_QUEUE, TrainingRun
+from services.training.runs import RunRequest
+from services.training.schemas import (
+    RunCreateSchema,
+    RunListQuery,
+    RunListSchema,
+    RunSchema,
+    resolve_base_model,
+    resolve_hyperparameters,
+)
+from shared.auth import current_principal, require_internal, require_partner_or_internal
+from shared.errors import NotFound, Unprocessable
+from shared.logging import current_trace_id, get_logger
+from shared.runtime import Runtime
+
+log = get_logger(__name__)
+
+runs = Blueprint("training_runs", __name__, url_prefix="/v1/runs", description="Training runs")
+
+
+def _runtime() -> Runtime:
+    return current_app.extensions["flywheel"]
+
+
+def _visible_run(session: Any, run_id: str) -> TrainingRun:
+    run = session.scalar(select(TrainingRun).where(TrainingRun.id == run_id))
+    principal = current_principal()
+    if run is None or (not principal.internal and run.tenant != principal.tenant):
+        raise NotFound(f"run {run_id} does not exist")
+    return run
+
+
+@runs.post("")
+@require_internal
+@runs.arguments(RunCreateSchema)
+@runs.response(202, RunSchema, description="The run was created and queued (or recorded for an external launcher).")
+@runs.alt_response(200, schema=RunSchema, description="An identical run is already active or succeeded.")
+def create_run(body: dict[str, Any]) -> tuple[TrainingRun, int]:
+    """Train a model on a dataset snapshot. Hyper-parameters default per task; every one is validated."""
+    runtime = _runtime()
+    try:
+        info = read_snapshot_info(runtime.storage, body["tenant"], body["dataset_id"], body["snapshot_id"])
+    except DataError as exc:
+        raise Unprocessable(exc.reason, {"fields": {"snapshot_id": [exc.reason]}}) from exc
+    errors: dict[str, Any] = {}
+    base_model = hyperparameters = None
+    try:
+        base_model = resolve_base_model(info["task_type"], body["base_model"])
+    except ValidationError as exc:
+        errors["base_model"] = exc.messages if isinstance(exc.messages, list) else [str(exc.messages)]
+    try:
+        hyperparameters = resolve_hyperparameters(info["task_type"], body["hyperparameters"])
+    except ValidationError as exc:
+        errors["hyperparameters"] = exc.normalized_messages()
+    if errors:
+        raise ValidationError(errors)
+    request = RunRequest(
+        tenant=body["tenant"],
+        dataset_id=body["dataset_id"],
+        snapshot_id=body["snapshot_id"],
+        manifest=manifest_ref(body["tenant"], body["dataset_id"], body["snapshot_id"], info["manifest_sha256"]),
+        task_type=info["task_type"],
+        labels=list(info["labels"]),
+        model_name=body["model_name"] or body["dataset_id"],
+        base_model=base_model,
+        hyperparameters=hyperparameters,
+        reason=body["reason"],
+        source="api",
+        launch=body["launch"],
+        trace_id=current_trace_id(),
+    )
+    try:
+        with runtime.db.session() as session:
+            run, created = run_lifecycle.create_run(session, request, force=body["force"])
+            if created and run.launch == LAUNCH_QUEUE:
+                run_lifecycle.dispatch_after_commit(runtime, session, run.id)
+    except IntegrityError:  # an identical request committed first
+        with runtime.db.session() as session:
+            run, created = run_lifecycle.create_run(session, request)
+    log.info("run_requested" if created else "training_request_duplicate", run_id=run.id, launch=run.launch)
+    return run, 202 if created else 200
+
+
+@runs.get("")
+@require_partner_or_internal
+@runs.arguments(RunListQuery, location="query")
+@runs.response(200, RunListSchema)
+def list_runs(query: dict[str, Any]) -> dict[str, Any]:
+    """Runs, oldest first, paged by the `after` cursor; a partner sees its own only."""
+    principal = current_principal()
+    statement = select(TrainingRun).where(TrainingRun.seq > query["after"])
+    if not principal.internal:
+        statement = statement.where(TrainingRun.tenant == principal.tenant)
+    for name in ("tenant", "status", "dataset_id", "snapshot_id", "model_name"):
+        if name in query:
+            statement = statement.where(getattr(TrainingRun, name) == query[name])
+    with _runtime().db.session() as session:
+        found = session.scalars(statement.order_by(TrainingRun.seq).limit(query["limit"])).all()
+    next_after = found[-1].seq if len(found) == query["limit"] else None
+    return {"runs": found, "next_after": next_after}
+
+
+@runs.get("/<run_id>")
+@require_partner_or_internal
+@runs.response(200, RunSchema)
+def get_run(run_id: str) -> TrainingRun:
+    """Status, epoch and step, loss, throughput, ETA, metrics and artifacts of one run."""
+    with _runtime().db.session() as session:
+        return _visible_run(session, run_id)
+
+
+@runs.post("/<run_id>/cancel")
+@require_internal
+@runs.response(202, RunSchema)
+def cancel_run(run_id: str) -> TrainingRun:
+    """Stop a run: a queued run is cancelled at once, a running one at its next training step."""
+    runtime = _runtime()
+    with runtime.db.session() as session:
+        run = _visible_run(session, run_id)
+        run_lifecycle.request_cancel(runtime, session, run, who="an operator")
+    return run

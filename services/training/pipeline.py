@@ -1,0 +1,344 @@
+"""One execution of a run: lease → snapshot → model → train (resuming from a checkpoint) → export → publish.
+
+`execute_run` is the single entry point, called by the worker's `training.run` task and by every rank of a
+torchrun job (`services.training.distributed`). Whatever happens, the run ends in exactly one recorded
+outcome: succeeded with `training.completed`, failed with `training.failed` and a reason, cancelled, or, for
+a transient storage error, released for another attempt that resumes from the last checkpoint.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import enum
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy.exc import OperationalError
+from torch.utils.data import DataLoader
+
+from services.training import runs
+from services.training.checkpoints import CheckpointStore
+from services.training.data import load_snapshot
+from services.training.distributed import World
+from services.training.export import ModelPackage, build_package
+from services.training.failures import LeaseLost, RunCancelled, RunInterrupted, TrainingFailure
+from services.training.models import CANCELLED, SUCCEEDED
+from services.training.runs import Heartbeat, LiveProgress, RunInfo
+from services.training.spec import PreparedTask
+from services.training.trainer import EpochReport, FitResult, Recipe, Trainer, TrainerHooks, seed_everything
+from shared.artifacts import MODELS_BUCKET, model_run_prefix
+from shared.db import DatabaseUnavailable
+from shared.logging import get_logger, log_context
+from shared.runtime import Runtime
+from shared.storage import IntegrityError, ObjectNotFound, StorageError
+
+log = get_logger(__name__)
+
+MAX_ATTEMPTS = 5
+"""Executions of one run (worker deaths and transient storage errors included) before it is failed."""
+
+
+class Outcome(enum.Enum):
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+    HELD = "held"  # another live execution holds the run: try again later
+    RETRY = "retry"  # a transient error: released, try again later
+    STOPPED = "stopped"  # the run is finished, gone, or was taken over: nothing to do
+
+
+def execute_run(runtime: Runtime, run_id: str, *, world: World | None = None) -> Outcome:
+    world = world or World()
+    owner = runs.new_lease_owner()
+    claim = runs.claim(runtime, run_id, owner, world_size=world.world_size) if world.is_main else None
+    claim = world.broadcast(claim)
+    if claim.outcome != "acquired":
+        log.info("run_not_started", run_id=run_id, outcome=claim.outcome)
+        return {"held": Outcome.HELD, "cancelled": Outcome.CANCELLED}.get(claim.outcome, Outcome.STOPPED)
+    run = claim.run
+    with log_context(service="training", run_id=run.id, tenant=run.tenant, trace_id=run.trace_id):
+        if run.attempts > MAX_ATTEMPTS and world.is_main:
+            runs.fail(runtime, run.id, owner, f"gave up after {MAX_ATTEMPTS} attempts; see the logs of run {run.id}")
+            runs.forget_owner(owner)
+            return Outcome.FAILED
+        log.info("run_started", attempt=run.attempts, world_size=world.world_size, rank=world.rank)
+        try:
+            return _execute(runtime, run, owner, world)
+        finally:
+            runs.forget_owner(owner)
+
+
+def _execute(runtime: Runtime, run: RunInfo, owner: str, world: World) -> Outcome:
+    progress = LiveProgress()
+    heartbeat = Heartbeat(runtime, run.id, owner, progress) if world.is_main else None
+    checkpoints = CheckpointStore(runtime.storage, run.tenant, run.id)
+    try:
+        with heartbeat or contextlib.nullcontext():
+            package, artifacts = _train_and_export(runtime, run, owner, world, progress, heartbeat, checkpoints)
+        if package is None:
+            return Outcome.SUCCEEDED
+        payload = {
+            "run_id": run.id,
+            "dataset_id": run.dataset_id,
+            "snapshot_id": run.snapshot_id,
+            "model_name": run.model_name,
+            "artifacts": artifacts,
+            "metrics": package.metrics,
+            "metadata": package.metadata,
+        }
+        ended = runs.complete(runtime, run.id, owner, payload=payload, metrics=package.metrics)
+        if ended:
+            checkpoints.delete()
+        if ended == SUCCEEDED:
+            log.info(
+                "run_published",
+                model_name=run.model_name,
+                accuracy=round(package.metrics["accuracy"], 4),
+                macro_f1=round(package.metrics["macro_f1"], 4),
+                files=sorted(artifacts),
+            )
+            return Outcome.SUCCEEDED
+        return Outcome.CANCELLED if ended == CANCELLED else Outcome.STOPPED
+    except RunCancelled:
+        if world.is_main and runs.cancelled(runtime, run.id, owner, "cancelled by an operator during training"):
+            checkpoints.delete()
+        return Outcome.CANCELLED
+    except LeaseLost:
+        log.warning("run_lease_lost", action="stopping; the execution that took the run over continues it")
+        return Outcome.STOPPED
+    except RunInterrupted:
+        return Outcome.STOPPED
+    except TrainingFailure as failure:
+        log.warning("run_failed_reason", reason=failure.reason)
+        if world.is_main:
+            runs.fail(runtime, run.id, owner, failure.reason)
+        return Outcome.FAILED
+    except StorageError as exc:
+        if isinstance(exc, ObjectNotFound | IntegrityError) or run.attempts >= MAX_ATTEMPTS:
+            reason = f"object storage failed: {exc}; check that {runtime.storage.describe} is reachable, then retrain"
+            if world.is_main:
+                runs.fail(runtime, run.id, owner, reason)
+            return Outcome.FAILED
+        log.warning("run_transient_error", error=str(exc)[:500], attempt=run.attempts, action="retrying")
+        if world.is_main:
+            runs.release(runtime, run.id, owner)
+        return Outcome.RETRY
+    except (OperationalError, DatabaseUnavailable) as exc:
+        log.warning("run_transient_error", error=str(exc)[:500], attempt=run.attempts, action="retrying")
+        if world.is_main:
+            with contextlib.suppress(Exception):  # the lease expires by itself if the database stays away
+                runs.release(runtime, run.id, owner)
+        return Outcome.RETRY
+    except Exception as exc:
+        log.exception("run_crashed", error=repr(exc)[:500])
+        if world.is_main:
+            reason = (
+                f"the training run crashed ({exc.__class__.__name__}: {str(exc)[:300]}); "
+                f"the traceback is in the training worker's log under run_id {run.id}"
+            )
+            runs.fail(runtime, run.id, owner, reason)
+        return Outcome.FAILED
+
+
+def prepare_task(runtime: Runtime, run: RunInfo, data: Any) -> PreparedTask:
+    if run.task_type == "text_classification":
+        from services.training.text_model import prepare_text_task
+
+        return prepare_text_task(data, run.hyperparameters, run.base_model)
+    from services.training.image_model import prepare_image_task
+
+    return prepare_image_task(runtime.storage, data, run.hyperparameters, run.base_model)
+
+
+def _train_and_export(
+    runtime: Runtime,
+    run: RunInfo,
+    owner: str,
+    world: World,
+    progress: LiveProgress,
+    heartbeat: Heartbeat | None,
+    checkpoints: CheckpointStore,
+) -> tuple[ModelPackage | None, dict[str, Any]]:
+    hp = run.hyperparameters
+    data = load_snapshot(runtime.storage, run.manifest, run.labels, run.task_type, snapshot_id=run.snapshot_id)
+    seed_everything(hp["seed"])  # the new head (and a from-scratch backbone) start from seeded weights
+    prepared = prepare_task(runtime, run, data)
+    recipe = Recipe.from_hyperparameters(hp, data.train_label_counts())
+    hooks = RunHooks(runtime, run, owner, progress, heartbeat, checkpoints)
+    trainer = Trainer(
+        prepared.model,
+        prepared.train_set,
+        prepared.val_set,
+        prepared.train_collate,
+        recipe,
+        world=world,
+        hooks=hooks,
+        eval_collate=prepared.eval_collate,
+        head_prefixes=prepared.head_prefixes,
+    )
+    hooks.steps_per_epoch = trainer.steps_per_epoch
+    if world.is_main:
+        started = runs.record_start(
+            runtime,
+            run.id,
+            owner,
+            base_weights=prepared.base_model,
+            device=str(trainer.device),
+            world_size=world.world_size,
+            epochs=recipe.epochs,
+            steps=trainer.steps_per_epoch,
+        )
+        if not started:
+            raise LeaseLost(run.id)
+        log.info(
+            "run_data_loaded",
+            train_items=len(data.train),
+            validation_items=len(data.validation),
+            label_counts=data.label_counts,
+            base_model=prepared.base_model["name"],
+            base_weights=prepared.base_model["weights"],
+            device=str(trainer.device),
+        )
+    resume = checkpoints.load()
+    if resume is not None:
+        log.info("run_resumed", from_epoch=resume[0]["epoch"], finished=resume[0]["finished"])
+        hooks.epochs_left = recipe.epochs - resume[0]["epoch"]
+        if world.is_main:
+            runs.record_start(runtime, run.id, owner, resumed_from_epoch=resume[0]["epoch"])
+    fit = trainer.fit(*resume) if resume is not None else trainer.fit()
+    if not world.is_main:
+        return None, {}
+    hooks.check()
+    with tempfile.TemporaryDirectory(prefix=f"{run.id}-") as tmp:
+        batches = list(
+            DataLoader(prepared.val_set, batch_size=recipe.batch_size, collate_fn=prepared.eval_collate, shuffle=False)
+        )
+        package = build_package(
+            folder=Path(tmp) / "model",
+            model=trainer.core,
+            spec=prepared.export,
+            batches=batches,
+            labels=data.labels,
+            quantize=bool(hp.get("quantize")),
+            identity={"model_name": run.model_name, "task_type": run.task_type},
+            lineage=_lineage(run, data.manifest_sha256, prepared.base_model, world, str(trainer.device)),
+            hyperparameters=hp,
+            training=_training_summary(fit, data),
+        )
+        hooks.check()
+        artifacts = _upload(runtime, run, package)
+    return package, artifacts
+
+
+def _lineage(
+    run: RunInfo, manifest_sha256: str, base_model: dict[str, Any], world: World, device: str
+) -> dict[str, Any]:
+    return {
+        "run_id": run.id,
+        "tenant": run.tenant,
+        "dataset_id": run.dataset_id,
+        "snapshot_id": run.snapshot_id,
+        "manifest": {"bucket": run.manifest["bucket"], "key": run.manifest["key"], "sha256": manifest_sha256},
+        "base_model": base_model,
+        "world_size": world.world_size,
+        "device": device,
+    }
+
+
+def _training_summary(fit: FitResult, data: Any) -> dict[str, Any]:
+    return {
+        "epochs_run": fit.epochs_run,
+        "best_epoch": fit.best_epoch,
+        "best_validation_macro_f1": fit.best_macro_f1,
+        "stopped_early": fit.stopped_early,
+        "resumed_from_epoch": fit.resumed_from_epoch,
+        "train_items": len(data.train),
+        "validation_items": len(data.validation),
+        "label_counts": data.label_counts,
+        "history": fit.history,
+    }
+
+
+def _upload(runtime: Runtime, run: RunInfo, package: ModelPackage) -> dict[str, dict[str, Any]]:
+    prefix = model_run_prefix(run.tenant, run.model_name, run.id)
+    artifacts = {}
+    # metadata.json goes last: a folder with metadata is a complete folder.
+    names = sorted(path.name for path in package.folder.iterdir())
+    names.sort(key=lambda name: name == "metadata.json")
+    for name in names:
+        with (package.folder / name).open("rb") as stream:
+            content_type = "application/json" if name.endswith(".json") else "application/octet-stream"
+            info = runtime.storage.put(MODELS_BUCKET, f"{prefix}/{name}", stream, content_type=content_type)
+        artifacts[name] = {"bucket": MODELS_BUCKET, "key": info.key, "sha256": info.sha256}
+    return artifacts
+
+
+class RunHooks(TrainerHooks):
+    """Turns the trainer's news into checkpoints, progress records, log lines, and stops it when asked."""
+
+    def __init__(
+        self,
+        runtime: Runtime,
+        run: RunInfo,
+        owner: str,
+        progress: LiveProgress,
+        heartbeat: Heartbeat | None,
+        checkpoints: CheckpointStore,
+    ) -> None:
+        self.runtime = runtime
+        self.run = run
+        self.owner = owner
+        self.progress = progress
+        self.heartbeat = heartbeat
+        self.checkpoints = checkpoints
+        self.steps_per_epoch = 0
+        self.epoch_started = time.monotonic()
+        self.last_epoch_seconds: float | None = None
+        self.epochs_left = run.hyperparameters["epochs"]
+
+    def interruption(self) -> RunInterrupted | None:
+        if self.heartbeat is None:
+            return None
+        if self.heartbeat.lost.is_set():
+            return LeaseLost(self.run.id)
+        if self.heartbeat.cancelled.is_set():
+            return RunCancelled(self.run.id)
+        return None
+
+    def check(self) -> None:
+        interruption = self.interruption()
+        if interruption is not None:
+            raise interruption
+
+    def on_step(self, step: int, steps: int, loss: float, samples_per_second: float) -> None:
+        progress = self.progress
+        progress.step, progress.steps, progress.loss = step, steps, loss
+        progress.samples_per_second = samples_per_second
+        rest_of_epoch = (steps - step) * (time.monotonic() - self.epoch_started) / max(step, 1)
+        later_epochs = (self.last_epoch_seconds or 0.0) * max(self.epochs_left - 1, 0)
+        progress.eta_seconds = rest_of_epoch + later_epochs
+
+    def on_epoch_end(self, report: EpochReport, checkpoint: dict[str, Any], best_state: dict | None) -> None:
+        self.check()
+        self.checkpoints.save(checkpoint, best_state)
+        metrics = {"accuracy": report.accuracy, "macro_f1": report.macro_f1, "val_loss": report.val_loss}
+        if not runs.record_epoch(self.runtime, self.run.id, self.owner, checkpoint["history"], metrics):
+            raise LeaseLost(self.run.id)
+        log.info(
+            "run_epoch_finished",
+            epoch=report.epoch,
+            epochs=report.epochs,
+            loss=round(report.train_loss, 5),
+            val_loss=round(report.val_loss, 5),
+            accuracy=round(report.accuracy, 4),
+            macro_f1=round(report.macro_f1, 4),
+            samples_per_second=round(report.samples_per_second, 1),
+            eta_seconds=round(report.eta_seconds, 1),
+            learning_rate=report.learning_rate,
+            improved=report.improved,
+        )
+        self.last_epoch_seconds = report.epoch_seconds
+        self.epochs_left = report.epochs - report.epoch
+        self.epoch_started = time.monotonic()

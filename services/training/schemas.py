@@ -1,0 +1,224 @@
+"""Training's request and response schemas (marshmallow), and the hyper-parameters with their validated defaults.
+
+Hyper-parameters arrive from two places, `training.requested` and `POST /v1/runs`; both go through
+`resolve_hyperparameters`, which rejects unknown names, out-of-range values and options that do not apply to
+the task, and fills every default so that the run record states exactly what was trained.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from marshmallow import RAISE, Schema, ValidationError, fields, validate
+
+from services.training.base_models import DEFAULT_BASE_MODELS, known_base_models
+from services.training.models import LAUNCH_EXTERNAL, LAUNCH_QUEUE, STATUSES
+from shared.events.catalog import TASK_TYPES, ObjectRef
+
+NAME = validate.Regexp(
+    r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$",
+    error="1-100 letters, digits, '.', '_' or '-', starting with a letter or digit",
+)
+TEXT = "text_classification"
+IMAGE = "image_classification"
+
+TEXT_ONLY = ("max_length", "quantize")
+IMAGE_ONLY = ("image_size", "augment", "horizontal_flip")
+
+
+class HyperparametersSchema(Schema):
+    """Every knob of the recipe. `None` means "the task's default" (see `TASK_DEFAULTS`)."""
+
+    class Meta:
+        unknown = RAISE
+
+    epochs = fields.Integer(validate=validate.Range(min=1, max=200))
+    batch_size = fields.Integer(validate=validate.Range(min=1, max=1024))
+    learning_rate = fields.Float(
+        validate=validate.Range(min=0, max=1, min_inclusive=False),
+        metadata={"description": "AdamW learning rate of the pretrained encoder or backbone."},
+    )
+    head_learning_rate = fields.Float(
+        validate=validate.Range(min=0, max=1, min_inclusive=False),
+        metadata={"description": "AdamW learning rate of the classification head."},
+    )
+    weight_decay = fields.Float(validate=validate.Range(min=0, max=1))
+    warmup_ratio = fields.Float(
+        validate=validate.Range(min=0, max=0.5),
+        metadata={"description": "Share of all steps spent in linear warm-up before the cosine decay."},
+    )
+    max_grad_norm = fields.Float(validate=validate.Range(min=0, max=100, min_inclusive=False))
+    early_stopping_patience = fields.Integer(
+        validate=validate.Range(min=0, max=100),
+        metadata={"description": "Epochs without a better validation macro-F1 before stopping; 0 turns it off."},
+    )
+    seed = fields.Integer(validate=validate.Range(min=0, max=2**31 - 1))
+    class_weighted_loss = fields.Boolean()
+    freeze_encoder = fields.Boolean(
+        metadata={"description": "Train only the classification head; the encoder (or backbone) stays as loaded."}
+    )
+    dropout = fields.Float(validate=validate.Range(min=0, max=0.9))
+    num_workers = fields.Integer(
+        allow_none=True,
+        validate=validate.Range(min=0, max=32),
+        metadata={"description": "DataLoader workers; null picks 0 on CPU and up to 4 (pinned memory) on a GPU."},
+    )
+    max_length = fields.Integer(validate=validate.Range(min=8, max=512), metadata={"description": "text only"})
+    quantize = fields.Boolean(
+        metadata={"description": "text only: ship an int8 dynamic-quantized graph if macro-F1 drops by <= 0.01"}
+    )
+    image_size = fields.Integer(validate=validate.Range(min=16, max=1024), metadata={"description": "image only"})
+    augment = fields.Boolean(metadata={"description": "image only: random resized crop and colour jitter (train)"})
+    horizontal_flip = fields.Boolean(metadata={"description": "image only: random horizontal flips (train)"})
+
+
+_COMMON_DEFAULTS: dict[str, Any] = {
+    "weight_decay": 0.01,
+    "max_grad_norm": 1.0,
+    "early_stopping_patience": 3,
+    "seed": 42,
+    "class_weighted_loss": True,
+    "freeze_encoder": False,
+    "dropout": 0.1,
+    "num_workers": None,
+}
+TASK_DEFAULTS: dict[str, dict[str, Any]] = {
+    TEXT: {
+        **_COMMON_DEFAULTS,
+        "epochs": 4,
+        "batch_size": 32,
+        "learning_rate": 5e-5,
+        "head_learning_rate": 2e-3,
+        "warmup_ratio": 0.1,
+        "max_length": 128,
+        "quantize": False,
+    },
+    IMAGE: {
+        **_COMMON_DEFAULTS,
+        "epochs": 10,
+        "batch_size": 64,
+        "learning_rate": 1e-3,
+        "head_learning_rate": 1e-3,
+        "warmup_ratio": 0.05,
+        "image_size": 224,
+        "augment": True,
+        "horizontal_flip": True,
+    },
+}
+
+
+def resolve_hyperparameters(task_type: str, raw: dict[str, Any] | None) -> dict[str, Any]:
+    """The complete hyper-parameters of a run: validated values over the task's defaults.
+
+    Raises marshmallow's ValidationError with one message per bad field.
+    """
+    if task_type not in TASK_DEFAULTS:
+        raise ValidationError(f"unknown task type {task_type!r}; expected one of {list(TASK_TYPES)}", "task_type")
+    raw = raw or {}
+    schema = HyperparametersSchema()
+    errors: dict[str, Any] = dict(schema.validate(raw))
+    foreign = IMAGE_ONLY if task_type == TEXT else TEXT_ONLY
+    for name in foreign:
+        if name in raw:
+            errors.setdefault(name, []).append(f"applies to {_other(task_type)} models only")
+    if errors:
+        raise ValidationError(errors)
+    return {**TASK_DEFAULTS[task_type], **schema.load(raw)}
+
+
+def _other(task_type: str) -> str:
+    return "image" if task_type == TEXT else "text"
+
+
+def resolve_base_model(task_type: str, base_model: str | None) -> str:
+    name = base_model or DEFAULT_BASE_MODELS[task_type]
+    known = known_base_models(task_type)
+    if name not in known:
+        raise ValidationError(f"unknown base model {name!r} for {task_type}; choose one of {known}", "base_model")
+    return name
+
+
+# ------------------------------------------------------------------------------------------------ requests
+
+
+class RunCreateSchema(Schema):
+    tenant = fields.String(required=True, validate=validate.Length(min=1, max=64))
+    dataset_id = fields.String(required=True, validate=NAME)
+    snapshot_id = fields.String(required=True, validate=NAME)
+    model_name = fields.String(load_default=None, allow_none=True, validate=NAME)
+    base_model = fields.String(load_default=None, allow_none=True)
+    hyperparameters = fields.Dict(keys=fields.String(), load_default=dict)
+    reason = fields.String(load_default="requested through the run API", validate=validate.Length(min=1, max=500))
+    launch = fields.String(
+        load_default=LAUNCH_QUEUE,
+        validate=validate.OneOf((LAUNCH_QUEUE, LAUNCH_EXTERNAL)),
+        metadata={
+            "description": "queue: the training worker runs it; external: a torchrun Job runs "
+            "`python -m services.training.distributed RUN_ID`."
+        },
+    )
+    force = fields.Boolean(
+        load_default=False,
+        metadata={"description": "Train again even if an identical request already ran or is running."},
+    )
+
+
+class RunListQuery(Schema):
+    status = fields.String(validate=validate.OneOf(STATUSES))
+    tenant = fields.String(validate=validate.Length(min=1, max=64), metadata={"description": "a partner sees its own"})
+    dataset_id = fields.String()
+    snapshot_id = fields.String()
+    model_name = fields.String()
+    limit = fields.Integer(load_default=50, validate=validate.Range(min=1, max=200))
+    after = fields.Integer(load_default=0, validate=validate.Range(min=0))
+
+
+# ----------------------------------------------------------------------------------------------- responses
+
+
+class ProgressSchema(Schema):
+    epoch = fields.Integer(metadata={"description": "epochs completed"})
+    epochs = fields.Integer()
+    step = fields.Integer(metadata={"description": "optimizer steps completed in the current epoch"})
+    steps = fields.Integer(metadata={"description": "optimizer steps per epoch"})
+    loss = fields.Float(allow_none=True)
+    samples_per_second = fields.Float(allow_none=True)
+    eta_seconds = fields.Float(allow_none=True)
+
+
+class RunSchema(Schema):
+    id = fields.String()
+    seq = fields.Integer()
+    tenant = fields.String()
+    dataset_id = fields.String()
+    snapshot_id = fields.String()
+    manifest = fields.Nested(ObjectRef)
+    task_type = fields.String()
+    labels = fields.List(fields.String())
+    model_name = fields.String()
+    base_model = fields.String()
+    base_weights = fields.Dict(allow_none=True)
+    hyperparameters = fields.Dict()
+    reason = fields.String()
+    source = fields.String()
+    launch = fields.String()
+    status = fields.String()
+    cancel_requested = fields.Boolean()
+    failure_reason = fields.String(allow_none=True)
+    attempts = fields.Integer()
+    resumed_from_epoch = fields.Integer(allow_none=True)
+    world_size = fields.Integer()
+    device = fields.String(allow_none=True)
+    progress = fields.Nested(ProgressSchema)
+    history = fields.List(fields.Dict())
+    metrics = fields.Dict(allow_none=True)
+    artifacts = fields.Dict(allow_none=True)
+    created_at = fields.DateTime()
+    started_at = fields.DateTime(allow_none=True)
+    finished_at = fields.DateTime(allow_none=True)
+    updated_at = fields.DateTime()
+
+
+class RunListSchema(Schema):
+    runs = fields.List(fields.Nested(RunSchema))
+    next_after = fields.Integer(allow_none=True)

@@ -1,0 +1,37 @@
+"""What a task type (text or image) hands the pipeline: its model, datasets and collators, and how the
+model is exported and served (ONNX input names and axes, the preprocessing spec, files that go beside it)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+from torch.utils.data import Dataset
+
+
+@dataclass
+class ExportSpec:
+    input_names: list[str]
+    inputs: list[dict[str, Any]]
+    """For metadata.json: [{"name", "datatype", "shape"}], -1 where an axis is dynamic."""
+    dynamic_axes: dict[str, dict[int, str]]
+    preprocessing: dict[str, Any]
+    write_support_files: Callable[[Path], list[str]] = field(default=lambda _folder: [])
+    """Writes the files serving needs beside model.onnx (the tokenizer) and returns their names."""
+
+
+@dataclass
+class PreparedTask:
+    model: nn.Module
+    train_set: Dataset
+    val_set: Dataset
+    train_collate: Callable[[list[Any]], dict[str, Any]]
+    eval_collate: Callable[[list[Any]], dict[str, Any]]
+    head_prefixes: tuple[str, ...]
+    """Parameter name prefixes of the classification head (trained at the head learning rate)."""
+    base_model: dict[str, Any]
+    """Lineage of the starting weights: name, "pretrained" or "scratch", source, sha256."""
+    export: ExportSpec

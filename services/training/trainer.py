@@ -1,0 +1,398 @@
+"""The training recipe: AdamW, linear warm-up then cosine decay, gradient clipping, class-weighted loss,
+early stopping on validation macro-F1, fixed seeds; CUDA with bf16 autocast and pinned-memory loaders on a GPU.
+
+`Trainer` knows nothing of runs, storage or events: it trains a model whose `forward` takes the batch's
+tensors by name (`input_ids`/`attention_mask`, or `pixels`) and returns logits, and tells its hooks what
+happened (each step, each epoch, with a checkpoint to keep). The pipeline turns those calls into progress
+records, checkpoints in object storage and log lines; the benchmark runs it with no hooks at all.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import random
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler, SequentialSampler
+
+from services.training.distributed import World
+from services.training.evaluate import macro_f1
+from services.training.failures import RunInterrupted
+
+PROGRESS_EVERY_STEPS = 10
+
+
+@dataclass(frozen=True)
+class Recipe:
+    epochs: int
+    batch_size: int
+    learning_rate: float
+    head_learning_rate: float
+    weight_decay: float
+    warmup_ratio: float
+    max_grad_norm: float
+    early_stopping_patience: int
+    seed: int
+    class_weights: list[float] | None = None
+    num_workers: int | None = None
+
+    @classmethod
+    def from_hyperparameters(cls, hp: dict[str, Any], train_label_counts: list[int] | None = None) -> Recipe:
+        weights = (
+            balanced_class_weights(train_label_counts) if hp["class_weighted_loss"] and train_label_counts else None
+        )
+        return cls(
+            epochs=hp["epochs"],
+            batch_size=hp["batch_size"],
+            learning_rate=hp["learning_rate"],
+            head_learning_rate=hp["head_learning_rate"],
+            weight_decay=hp["weight_decay"],
+            warmup_ratio=hp["warmup_ratio"],
+            max_grad_norm=hp["max_grad_norm"],
+            early_stopping_patience=hp["early_stopping_patience"],
+            seed=hp["seed"],
+            class_weights=weights,
+            num_workers=hp["num_workers"],
+        )
+
+
+def balanced_class_weights(counts: list[int]) -> list[float]:
+    """n / (k * n_c) per class (scikit-learn's "balanced"); a class without train items weighs 0."""
+    total = sum(counts)
+    present = sum(1 for c in counts if c > 0)
+    return [total / (present * c) if c > 0 else 0.0 for c in counts]
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+@dataclass
+class EpochReport:
+    epoch: int
+    epochs: int
+    train_loss: float
+    val_loss: float
+    accuracy: float
+    macro_f1: float
+    samples_per_second: float
+    train_seconds: float
+    epoch_seconds: float
+    eta_seconds: float
+    learning_rate: float
+    improved: bool
+    finished: bool
+    best_macro_f1: float
+    best_epoch: int
+
+    def as_dict(self) -> dict[str, Any]:
+        return {k: (round(v, 6) if isinstance(v, float) else v) for k, v in asdict(self).items()}
+
+
+class TrainerHooks:
+    """What the trainer tells the outside world. The defaults do nothing."""
+
+    def interruption(self) -> RunInterrupted | None:
+        """An exception to stop training with (cancelled, lease lost), checked before every step."""
+        return None
+
+    def on_step(self, step: int, steps: int, loss: float, samples_per_second: float) -> None:
+        """Every few steps, with the running mean loss of the epoch."""
+
+    def on_epoch_end(self, report: EpochReport, checkpoint: dict[str, Any], best_state: dict | None) -> None:
+        """After each epoch (rank 0 only): the checkpoint to keep, and the weights of the best epoch so far."""
+
+
+@dataclass
+class FitResult:
+    history: list[dict[str, Any]]
+    best_epoch: int
+    best_macro_f1: float
+    epochs_run: int
+    stopped_early: bool
+    resumed_from_epoch: int | None
+    samples_per_second: float
+
+
+@dataclass
+class _Progress:
+    epoch: int = 0
+    best_macro_f1: float = -1.0
+    best_epoch: int = 0
+    bad_epochs: int = 0
+    finished: bool = False
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+class Trainer:
+    def __init__(
+        self,
+        model: nn.Module,
+        train_set: Dataset,
+        val_set: Dataset,
+        collate: Callable[[list[Any]], dict[str, torch.Tensor]],
+        recipe: Recipe,
+        *,
+        device: torch.device | None = None,
+        world: World | None = None,
+        hooks: TrainerHooks | None = None,
+        eval_collate: Callable[[list[Any]], dict[str, torch.Tensor]] | None = None,
+        head_prefixes: tuple[str, ...] = ("head.",),
+    ) -> None:
+        self.head_prefixes = head_prefixes
+        self.world = world or World()
+        self.device = device or self.world.device()
+        self.recipe = recipe
+        self.hooks = hooks or TrainerHooks()
+        self.core = model.to(self.device)
+        self.model = self.world.wrap(self.core, self.device)
+        cuda = self.device.type == "cuda"
+        workers = recipe.num_workers if recipe.num_workers is not None else (min(4, os.cpu_count() or 1) if cuda else 0)
+        self.generator = torch.Generator()
+        if self.world.distributed:
+            self.sampler: Any = DistributedSampler(
+                train_set, num_replicas=self.world.world_size, rank=self.world.rank, shuffle=True, seed=recipe.seed
+            )
+        else:
+            self.sampler = RandomSampler(train_set, generator=self.generator)
+        shard = len(self.sampler)
+        # BatchNorm cannot train on a batch of one: drop a last batch of exactly one item.
+        self.train_loader = DataLoader(
+            train_set,
+            batch_size=recipe.batch_size,
+            sampler=self.sampler,
+            collate_fn=collate,
+            num_workers=workers,
+            pin_memory=cuda,
+            drop_last=shard % recipe.batch_size == 1 and shard > 1,
+            persistent_workers=workers > 0,
+        )
+        self.val_loader = DataLoader(
+            val_set,
+            batch_size=recipe.batch_size,
+            sampler=SequentialSampler(val_set),
+            collate_fn=eval_collate or collate,
+            num_workers=workers,
+            pin_memory=cuda,
+        )
+        self.steps_per_epoch = len(self.train_loader)
+        self.total_steps = self.steps_per_epoch * recipe.epochs
+        weights = torch.tensor(recipe.class_weights, dtype=torch.float32) if recipe.class_weights else None
+        self.criterion = nn.CrossEntropyLoss(weight=weights.to(self.device) if weights is not None else None)
+        self.optimizer = torch.optim.AdamW(self._param_groups(), fused=cuda)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
+        self.progress = _Progress()
+        self.best_state: dict[str, torch.Tensor] | None = None
+
+    # -- setup ------------------------------------------------------------------------------------------
+
+    def _param_groups(self) -> list[dict[str, Any]]:
+        """Head vs body learning rates; no weight decay on biases and normalisation weights."""
+        groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
+        for name, param in self.core.named_parameters():
+            if param.requires_grad:
+                groups.setdefault((name.startswith(self.head_prefixes), param.ndim > 1), []).append(param)
+        recipe = self.recipe
+        return [
+            {
+                "params": params,
+                "lr": recipe.head_learning_rate if is_head else recipe.learning_rate,
+                "weight_decay": recipe.weight_decay if decays else 0.0,
+            }
+            for (is_head, decays), params in sorted(groups.items())
+        ]
+
+    def _lr_factor(self, step: int) -> float:
+        warmup = int(self.total_steps * self.recipe.warmup_ratio)
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, self.total_steps - warmup)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    # -- the loop ---------------------------------------------------------------------------------------
+
+    def fit(self, resume: dict[str, Any] | None = None, resume_best: dict[str, Any] | None = None) -> FitResult:
+        seed_everything(self.recipe.seed)
+        resumed_from = None
+        if resume is not None:
+            self._restore(resume, resume_best)
+            resumed_from = self.progress.epoch
+        speeds = []
+        while not self.progress.finished and self.progress.epoch < self.recipe.epochs:
+            report = self._epoch(self.progress.epoch)
+            if report is not None:
+                speeds.append(report.samples_per_second)
+        if self.best_state is not None:
+            load_trainable_state(self.core, self.best_state)
+        return FitResult(
+            history=list(self.progress.history),
+            best_epoch=self.progress.best_epoch,
+            best_macro_f1=self.progress.best_macro_f1,
+            epochs_run=self.progress.epoch,
+            stopped_early=self.progress.epoch < self.recipe.epochs,
+            resumed_from_epoch=resumed_from,
+            samples_per_second=float(np.mean(speeds)) if speeds else 0.0,
+        )
+
+    def _epoch(self, epoch: int) -> EpochReport | None:
+        started = time.perf_counter()
+        # Seeding per epoch makes a resumed run see the same order and augmentations it would have seen.
+        torch.manual_seed(self.recipe.seed + epoch)
+        self.generator.manual_seed(self.recipe.seed + epoch)
+        if isinstance(self.sampler, DistributedSampler):
+            self.sampler.set_epoch(epoch)
+        self.model.train()
+        loss_sum = torch.zeros((), device=self.device)
+        samples = 0
+        for step, batch in enumerate(self.train_loader, start=1):
+            self._check_interruption()
+            labels = batch.pop("labels").to(self.device, non_blocking=True)
+            inputs = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+            with _autocast(self.device):
+                logits = self.model(**inputs)
+            loss = self.criterion(logits.float(), labels)
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            nn.utils.clip_grad_norm_(self.core.parameters(), self.recipe.max_grad_norm)
+            self.optimizer.step()
+            self.scheduler.step()
+            loss_sum += loss.detach()
+            samples += len(labels)
+            if step % PROGRESS_EVERY_STEPS == 0 or step == self.steps_per_epoch:
+                elapsed = time.perf_counter() - started
+                self.hooks.on_step(
+                    step, self.steps_per_epoch, loss_sum.item() / step, samples * self.world.world_size / elapsed
+                )
+        train_seconds = time.perf_counter() - started
+        train_loss = loss_sum.item() / max(1, self.steps_per_epoch)
+        speed = samples * self.world.world_size / train_seconds if train_seconds > 0 else 0.0
+        report = self._evaluate_epoch(epoch, train_loss, speed, train_seconds, started) if self.world.is_main else None
+        improved, finished = self.world.broadcast((report.improved, report.finished) if report else None)
+        progress = self.progress
+        progress.epoch = epoch + 1
+        progress.finished = finished
+        progress.bad_epochs = 0 if improved else progress.bad_epochs + 1
+        if report is not None:
+            progress.history.append(report.as_dict())
+            if improved:
+                progress.best_macro_f1, progress.best_epoch = report.macro_f1, report.epoch
+                self.best_state = trainable_state(self.core)
+            self.hooks.on_epoch_end(report, self.checkpoint(), self.best_state)
+        return report
+
+    def _evaluate_epoch(
+        self, epoch: int, train_loss: float, speed: float, train_seconds: float, started: float
+    ) -> EpochReport:
+        progress = self.progress
+        logits, labels = predict(self.core, self.val_loader, self.device)
+        val_loss = float(nn.functional.cross_entropy(torch.from_numpy(logits), torch.from_numpy(labels)))
+        score = macro_f1(labels, logits.argmax(1), logits.shape[1])
+        improved = score > progress.best_macro_f1 + 1e-6
+        bad_epochs = 0 if improved else progress.bad_epochs + 1
+        patience = self.recipe.early_stopping_patience
+        finished = epoch + 1 >= self.recipe.epochs or (patience > 0 and bad_epochs >= patience)
+        epoch_seconds = time.perf_counter() - started
+        seconds = [h["epoch_seconds"] for h in progress.history] + [epoch_seconds]
+        return EpochReport(
+            epoch=epoch + 1,
+            epochs=self.recipe.epochs,
+            train_loss=train_loss,
+            val_loss=val_loss,
+            accuracy=float((logits.argmax(1) == labels).mean()),
+            macro_f1=score,
+            samples_per_second=speed,
+            train_seconds=train_seconds,
+            epoch_seconds=epoch_seconds,
+            eta_seconds=0.0 if finished else float(np.mean(seconds)) * (self.recipe.epochs - epoch - 1),
+            learning_rate=self.scheduler.get_last_lr()[-1],
+            improved=improved,
+            finished=finished,
+            best_macro_f1=max(score, progress.best_macro_f1),
+            best_epoch=epoch + 1 if improved else progress.best_epoch,
+        )
+
+    def _check_interruption(self) -> None:
+        interruption = self.hooks.interruption() if self.world.is_main else None
+        if self.world.any(interruption is not None, self.device):
+            raise interruption or RunInterrupted("rank 0 stopped the run")
+
+    # -- checkpoints ------------------------------------------------------------------------------------
+
+    def checkpoint(self) -> dict[str, Any]:
+        """Everything needed to continue after the last finished epoch (frozen weights are not repeated)."""
+        progress = self.progress
+        return {
+            "format": 1,
+            "epoch": progress.epoch,
+            "finished": progress.finished,
+            "best_macro_f1": progress.best_macro_f1,
+            "best_epoch": progress.best_epoch,
+            "bad_epochs": progress.bad_epochs,
+            "history": progress.history,
+            "model": trainable_state(self.core),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+        }
+
+    def _restore(self, checkpoint: dict[str, Any], best: dict[str, Any] | None) -> None:
+        load_trainable_state(self.core, checkpoint["model"])
+        self.optimizer.load_state_dict(checkpoint["optimizer"])
+        self.scheduler.load_state_dict(checkpoint["scheduler"])
+        self.progress = _Progress(
+            epoch=checkpoint["epoch"],
+            best_macro_f1=checkpoint["best_macro_f1"],
+            best_epoch=checkpoint["best_epoch"],
+            bad_epochs=checkpoint["bad_epochs"],
+            finished=checkpoint["finished"],
+            history=list(checkpoint["history"]),
+        )
+        self.best_state = best
+
+
+def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Parameters that train, plus buffers (BatchNorm statistics), copied to the CPU."""
+    trainable = {name for name, param in model.named_parameters() if param.requires_grad}
+    buffers = {name for name, _ in model.named_buffers()}
+    return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items() if k in trainable | buffers}
+
+
+def load_trainable_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    result = model.load_state_dict(state, strict=False)
+    frozen = {name for name, param in model.named_parameters() if not param.requires_grad}
+    missing = [k for k in result.missing_keys if k not in frozen]
+    if missing or result.unexpected_keys:
+        raise ValueError(
+            f"checkpoint does not fit the model: missing {missing[:3]}, unexpected {result.unexpected_keys[:3]}"
+        )
+
+
+def predict(model: nn.Module, loader: DataLoader, device: torch.device) -> tuple[np.ndarray, np.ndarray]:
+    """Logits (fp32) and labels of every item the loader yields, in order."""
+    was_training = model.training
+    model.eval()
+    logits, labels = [], []
+    with torch.inference_mode(), _autocast(device):
+        for batch in loader:
+            labels.append(batch.pop("labels").numpy())
+            inputs = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+            logits.append(model(**inputs).float().cpu().numpy())
+    model.train(was_training)
+    if not logits:
+        return np.zeros((0, 0), dtype=np.float32), np.zeros((0,), dtype=np.int64)
+    return np.concatenate(logits), np.concatenate(labels)
+
+
+def _autocast(device: torch.device) -> contextlib.AbstractContextManager[Any]:
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()

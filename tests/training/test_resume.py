@@ -1,0 +1,132 @@
+"""A worker SIGKILLed mid-run: the run is redelivered, resumes from its last checkpoint, and yields one result.
+
+The worker runs as a real `flywheel worker training` process (solo pool, prefetch 1) against Redis with a
+5 s visibility timeout, exactly as deployed; the test kills it with SIGKILL after a checkpoint was written.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+import redis
+
+from shared.artifacts import checkpoint_key
+from tests.conftest import INTERNAL_TOKEN
+from tests.helpers import INTERNAL, eventually
+from tests.training.support import all_runs, digit_items, published, write_snapshot
+
+pytestmark = [pytest.mark.timeout(200), pytest.mark.slow]
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@contextmanager
+def worker_process(settings, log_path: Path) -> Iterator[subprocess.Popen]:
+    env = {
+        "PATH": os.environ.get("PATH", ""),
+        "HOME": os.environ.get("HOME", str(settings.home)),
+        "PYTHONPATH": str(REPO),
+        "FLYWHEEL_HOME": str(settings.home),
+        "REDIS_URL": settings.redis_url,
+        "S3_ENDPOINT": settings.s3_endpoint,
+        "S3_ACCESS_KEY": settings.s3_access_key,
+        "S3_SECRET_KEY": settings.s3_secret_key,
+        "FLYWHEEL_INTERNAL_TOKEN": INTERNAL_TOKEN,
+        "TRAINING_DATABASE_URL": f"sqlite:///{settings.home / 'db' / 'training.sqlite3'}",
+        "VISIBILITY_TIMEOUT": "5",
+        "OUTBOX_RELAY_INTERVAL": "0.5",
+        "LOG_LEVEL": "INFO",
+        "OMP_NUM_THREADS": "1",  # see tests/training/conftest.py
+    }
+    with log_path.open("ab") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "shared.cli.main", "worker", "training"],
+            cwd=REPO,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        yield process
+    finally:
+        if process.poll() is None:
+            process.terminate()
+            try:
+                process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+
+
+def registry_event_ids(redis_url: str) -> list[str]:
+    """event_ids of the training.completed messages waiting for the registry in Redis."""
+    ids = []
+    for raw in redis.Redis.from_url(redis_url).lrange("registry", 0, -1):
+        args, _kwargs, _embed = json.loads(base64.b64decode(json.loads(raw)["body"]))
+        ids.append(args[0]["event_id"])
+    return ids
+
+
+def test_a_killed_worker_resumes_from_its_last_checkpoint(platform, settings, tmp_path) -> None:
+    api = platform("training")
+    store = api.runtime.storage
+    snapshot = write_snapshot(
+        store,
+        tenant="acme",
+        dataset_id="ds_digits",
+        task_type="image_classification",
+        labels=["0", "1", "2"],
+        items=digit_items(60, digits=(0, 1, 2)),
+    )
+    body = {
+        "tenant": "acme",
+        "dataset_id": "ds_digits",
+        "snapshot_id": snapshot["snapshot_id"],
+        "base_model": "mobilenet_v3_small",
+        "hyperparameters": {"epochs": 6, "image_size": 32, "batch_size": 8, "early_stopping_patience": 0},
+    }
+    run_id = api.client.post("/v1/runs", json=body, headers=INTERNAL).get_json()["id"]
+    first_log, second_log = tmp_path / "worker-1.log", tmp_path / "worker-2.log"
+
+    with worker_process(settings, first_log) as first:
+        eventually(lambda: all_runs(api.runtime)[0].epoch >= 1, timeout=120, interval=0.05, what="a finished epoch")
+        first.send_signal(signal.SIGKILL)
+        first.wait()  # reaped: its pid is gone, as after a crash
+    killed = all_runs(api.runtime)[0]
+    assert killed.status == "running", "the run must still be unfinished when its worker dies"
+    assert store.exists("checkpoints", checkpoint_key("acme", run_id))
+    epochs_at_kill = killed.epoch
+
+    with worker_process(settings, second_log):
+        run = eventually(
+            lambda: next((r for r in all_runs(api.runtime) if r.status in ("succeeded", "failed")), None),
+            timeout=150,
+            what="the resumed run to finish",
+        )
+        assert run.status == "succeeded", run.failure_reason
+        eventually(lambda: registry_event_ids(settings.redis_url), timeout=10, what="the event on the bus")
+
+    assert run.attempts == 2
+    assert epochs_at_kill <= run.resumed_from_epoch < 6
+    assert [epoch["epoch"] for epoch in run.history] == [1, 2, 3, 4, 5, 6]
+    resumed = [json.loads(line) for line in second_log.read_text().splitlines() if '"run_resumed"' in line]
+    assert resumed and resumed[0]["from_epoch"] == run.resumed_from_epoch
+    first_epochs = first_log.read_text().count('"run_epoch_finished"')
+    second_epochs = second_log.read_text().count('"run_epoch_finished"')
+    assert second_epochs == 6 - run.resumed_from_epoch, "the resumed worker must not train the saved epochs again"
+    assert first_epochs >= run.resumed_from_epoch
+
+    # Exactly one result: one training.completed in the outbox, one distinct event on the bus.
+    [completed] = published(api.runtime, "training.completed", run_id)
+    assert set(registry_event_ids(settings.redis_url)) == {completed["event_id"]}
+    assert published(api.runtime, "training.failed") == []
+    assert not store.exists("checkpoints", checkpoint_key("acme", run_id)), "checkpoints are removed after success"
