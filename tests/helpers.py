@@ -40,3 +40,9 @@ def create_dataset(client: Any, key: str, **fields: Any) -> dict[str, Any]:
     response = client.post("/v1/datasets", json=body, headers=bearer(key))
     assert response.status_code == 201, response.get_json()
     return response.get_json()
+
+
+def figures(fault: str, **numbers: int) -> None:
+    """The one line each fault prints: what was sent, accepted, lost, duplicated, and errors seen."""
+    shown = " ".join(f"{name}={value}" for name, value in numbers.items())
+    print(f"\nFAULT {fault}: {shown}")

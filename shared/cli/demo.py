@@ -115,6 +115,8 @@ class Demo:
             plan.name, plan.task_type, list(plan.labels), overlap=ANNOTATORS, retrain_threshold=plan.retrain_threshold
         )
         self._wait(lambda: self._labeling_knows(dataset["id"]), 30, "labeling to learn of the dataset")
+        # Sized for a laptop CPU: 32-pixel digits, MiniLM at 64 tokens, a few epochs.
+        self.partner.labeling.settings(dataset["id"], training_hyperparameters=plan.hyperparameters)
         tokens = [
             self.operator.labeling.create_annotator(self.tenant, f"annotator-{i + 1}", [dataset["id"]])["token"]
             for i in range(ANNOTATORS)

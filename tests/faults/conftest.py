@@ -22,9 +22,3 @@ def proxy() -> Iterator[Callable[[str, int], TcpProxy]]:
     yield make
     for each in made:
         each.close()
-
-
-def figures(fault: str, **numbers: int) -> None:
-    """The one line each fault prints: what was sent, accepted, lost, duplicated, and errors seen."""
-    shown = " ".join(f"{name}={value}" for name, value in numbers.items())
-    print(f"\nFAULT {fault}: {shown}")

@@ -11,8 +11,7 @@ from sqlalchemy import func, select
 
 from services.ingestion.models import Item
 from services.labeling.models import Task
-from tests.faults.conftest import figures
-from tests.helpers import eventually
+from tests.helpers import eventually, figures
 from tests.ingestion.conftest import make_tenant
 
 pytestmark = [pytest.mark.faults, pytest.mark.timeout(180)]

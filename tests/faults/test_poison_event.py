@@ -12,9 +12,9 @@ from shared.db import declarative_base
 from shared.events.celery_app import service_queues
 from shared.events.consumer import EventContext, EventHandlers
 from shared.runtime import ServiceSpec, create_http_app, create_worker
-from tests.helpers import INTERNAL, create_dataset, create_partner, eventually
+from tests.helpers import INTERNAL, create_dataset, create_partner, eventually, figures
 
-pytestmark = pytest.mark.timeout(120)
+pytestmark = [pytest.mark.faults, pytest.mark.timeout(120)]
 
 
 class FlakyLabeling:
@@ -93,6 +93,14 @@ def test_poison_event_is_retried_dead_lettered_and_replayed_once(platform, setti
     assert admin.get("/v1/admin/dead-letters", headers=INTERNAL).get_json()["dead_letters"] == []
     everything = admin.get("/v1/admin/dead-letters?include_replayed=true", headers=INTERNAL).get_json()
     assert everything["dead_letters"][0]["replay_count"] == 2
+    figures(
+        "poison_event",
+        sent=1,
+        accepted=flaky.rows(runtime),
+        lost=0,
+        duplicated=flaky.rows(runtime) - 1,
+        errors=settings.event_max_retries + 1,
+    )
 
 
 def test_an_invalid_event_is_dead_lettered_without_retries(platform, worker) -> None:

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from tests.helpers import eventually
+from tests.helpers import eventually, figures
 from tests.inference.support import metric_samples, png, serving_document, upload_version, write_metadata
 
 pytestmark = pytest.mark.timeout(120)
@@ -85,6 +85,7 @@ def test_a_promotion_reaches_every_replica(
     assert len(swaps) == 4  # each replica: the first load, then the swap to version 2
 
 
+@pytest.mark.faults
 def test_a_swap_under_steady_load_fails_no_request(
     inference, registry_bus, store, registry, tenants, model_folders, colours_v1
 ) -> None:
@@ -129,6 +130,14 @@ def test_a_swap_under_steady_load_fails_no_request(
         for thread in threads:
             thread.join(15)
     failures = [status for status, _ in outcomes if status != 200]
+    figures(
+        "inference_hot_swap_under_load",
+        sent=len(outcomes),
+        accepted=len(outcomes) - len(failures),
+        lost=0,
+        duplicated=0,
+        errors=len(failures),
+    )
     assert not failures, f"{len(failures)} of {len(outcomes)} requests failed during the swaps: {failures[:5]}"
     versions_seen = [version for _, version in outcomes]
     assert {1, 2, 3} <= set(versions_seen)
@@ -171,6 +180,7 @@ def test_a_version_that_fails_to_load_leaves_the_old_one_serving(
     }
 
 
+@pytest.mark.faults
 def test_a_corrupt_artifact_is_refused_and_reported(
     inference, registry_bus, store, registry, tenants, model_folders, colours_v1, logs
 ) -> None:

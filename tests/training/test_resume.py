@@ -21,7 +21,7 @@ import redis
 
 from shared.artifacts import checkpoint_key
 from tests.conftest import INTERNAL_TOKEN
-from tests.helpers import INTERNAL, eventually
+from tests.helpers import INTERNAL, eventually, figures
 from tests.training.support import all_runs, digit_items, published, write_snapshot
 
 pytestmark = [pytest.mark.timeout(200), pytest.mark.slow]
@@ -76,6 +76,7 @@ def registry_event_ids(redis_url: str) -> list[str]:
     return ids
 
 
+@pytest.mark.faults
 def test_a_killed_worker_resumes_from_its_last_checkpoint(platform, settings, tmp_path) -> None:
     api = platform("training")
     store = api.runtime.storage
@@ -127,6 +128,8 @@ def test_a_killed_worker_resumes_from_its_last_checkpoint(platform, settings, tm
 
     # Exactly one result: one training.completed in the outbox, one distinct event on the bus.
     [completed] = published(api.runtime, "training.completed", run_id)
-    assert set(registry_event_ids(settings.redis_url)) == {completed["event_id"]}
+    delivered = registry_event_ids(settings.redis_url)
+    assert set(delivered) == {completed["event_id"]}
+    figures("training_worker_sigkill", sent=1, accepted=1, lost=0, duplicated=len(delivered) - 1, errors=0)
     assert published(api.runtime, "training.failed") == []
     assert not store.exists("checkpoints", checkpoint_key("acme", run_id)), "checkpoints are removed after success"
