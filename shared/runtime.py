@@ -74,6 +74,7 @@ class Runtime:
         )
         self.keys = KeyVerifier(lookup, self.settings.key_cache_seconds)
         self._started = False
+        self._closers: list[Callable[[], None]] = []
 
     def start(self) -> Runtime:
         """Create tables, bootstrap buckets (if storage answers now; readiness reports it otherwise)."""
@@ -103,7 +104,13 @@ class Runtime:
     def _ping_redis(self) -> None:
         self.redis.ping()
 
+    def on_close(self, closer: Callable[[], None]) -> None:
+        """Run `closer` (stop a service's own threads, flush its buffers) when the runtime closes."""
+        self._closers.append(closer)
+
     def close(self) -> None:
+        for closer in reversed(self._closers):
+            closer()
         self.bus.stop_relay()
         self.db.dispose()
         self.redis.close()

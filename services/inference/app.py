@@ -39,6 +39,7 @@ def create_app(settings: Settings | None = None, config: InferenceConfig | dict[
     server = InferenceServer(runtime, InferenceConfig.from_settings(runtime.settings, config))
     app.extensions["inference"] = server
     server.start()
+    runtime.on_close(server.close)
     # gunicorn ends a worker with a normal interpreter exit: write the buffered prediction log first.
     atexit.register(_close_at_exit, weakref.ref(server))
     return app

@@ -275,7 +275,6 @@ def up(*, detach: bool, out: Any = sys.stdout) -> int:
     if detach:
         print("Running in the background. `flywheel status` checks it, `flywheel down` stops it.", file=out)
         return 0
-    print("Press Ctrl-C to stop.", file=out, flush=True)
     return _supervise(platform, out)
 
 
@@ -339,6 +338,7 @@ def _supervise(platform: Platform, out: Any) -> int:
 
     signal.signal(signal.SIGINT, _on_signal)
     signal.signal(signal.SIGTERM, _on_signal)
+    print("Press Ctrl-C to stop.", file=out, flush=True)  # only once Ctrl-C is ours to handle
     while not stopping:
         dead = [name for name, pid in platform.processes.items() if not _pid_alive(pid)]
         if dead:

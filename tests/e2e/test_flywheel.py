@@ -94,6 +94,29 @@ def test_data_in_model_out_feedback_back_in(running_platform) -> None:
     correct = sum(p["label"] == truth for p, (_, truth) in zip(answer["predictions"], holdout, strict=True))
     assert correct / len(holdout) > 0.5
 
+    # Model assistance against the real inference service: new tasks get pre-labels from the production
+    # model, and the queue hands out the least confident first.
+    fresh = digits[TRAIN_ITEMS + 40 : TRAIN_ITEMS + 46]
+    partner.ingestion.push(dataset, [{"image": png} for png, _ in fresh])
+    prelabeled = eventually(
+        lambda: [t for t in partner.labeling.tasks(dataset, status="open") if t["prelabel"] is not None],
+        timeout=60,
+        what="pre-labels from the served model",
+    )
+    assert {t["prelabel_version"] for t in prelabeled} == {1}
+    annotator = operator.with_token(operator.labeling.create_annotator(tenant, "a1", [dataset])["token"])
+    eventually(
+        lambda: (
+            len(partner.labeling.tasks(dataset, status="open"))
+            == len([t for t in partner.labeling.tasks(dataset, status="open") if t["prelabel"] is not None])
+        ),
+        timeout=60,
+        what="every new task pre-labeled",
+    )
+    confidences = sorted(t["prelabel_confidence"] for t in partner.labeling.tasks(dataset, status="open"))
+    first_task = annotator.labeling.next_task(dataset)
+    assert first_task["prelabel_confidence"] == confidences[0], "least confident first"
+
     first = answer["predictions"][0]
     partner.inference.feedback(first["prediction_id"], holdout[0][1])
     feedback = eventually(
