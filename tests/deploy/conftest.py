@@ -11,7 +11,7 @@ from flask import Flask
 from shared.settings import SERVICES, Settings
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")  # closed when tests/deploy ends: inference's listener must not outlive it
 def service_apps(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Flask]]:
     """Each service's app from its own `create_app(settings)`: SQLite and the file store under a temp
     FLYWHEEL_HOME, the test Redis as broker. Only their routes are read (and /healthz asked)."""
