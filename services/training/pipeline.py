@@ -178,7 +178,7 @@ def _train_and_export(
         eval_collate=prepared.eval_collate,
         head_prefixes=prepared.head_prefixes,
     )
-    hooks.steps_per_epoch = trainer.steps_per_epoch
+    progress.steps = trainer.steps_per_epoch
     if world.is_main:
         started = runs.record_start(
             runtime,
@@ -207,6 +207,7 @@ def _train_and_export(
         hooks.epochs_left = recipe.epochs - resume[0]["epoch"]
         if world.is_main:
             runs.record_start(runtime, run.id, owner, resumed_from_epoch=resume[0]["epoch"])
+    hooks.epoch_started = time.monotonic()
     fit = trainer.fit(*resume) if resume is not None else trainer.fit()
     if not world.is_main:
         return None, {}
@@ -293,7 +294,6 @@ class RunHooks(TrainerHooks):
         self.progress = progress
         self.heartbeat = heartbeat
         self.checkpoints = checkpoints
-        self.steps_per_epoch = 0
         self.epoch_started = time.monotonic()
         self.last_epoch_seconds: float | None = None
         self.epochs_left = run.hyperparameters["epochs"]
@@ -316,9 +316,9 @@ class RunHooks(TrainerHooks):
         progress = self.progress
         progress.step, progress.steps, progress.loss = step, steps, loss
         progress.samples_per_second = samples_per_second
-        rest_of_epoch = (steps - step) * (time.monotonic() - self.epoch_started) / max(step, 1)
-        later_epochs = (self.last_epoch_seconds or 0.0) * max(self.epochs_left - 1, 0)
-        progress.eta_seconds = rest_of_epoch + later_epochs
+        per_step = (time.monotonic() - self.epoch_started) / max(step, 1)
+        epoch_seconds = self.last_epoch_seconds or per_step * steps
+        progress.eta_seconds = (steps - step) * per_step + epoch_seconds * max(self.epochs_left - 1, 0)
 
     def on_epoch_end(self, report: EpochReport, checkpoint: dict[str, Any], best_state: dict | None) -> None:
         self.check()

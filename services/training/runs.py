@@ -301,13 +301,15 @@ class LiveProgress:
     eta_seconds: float | None = None
 
     def values(self) -> dict[str, Any]:
-        return {
+        """The numbers known so far (an unknown one never overwrites what an epoch recorded)."""
+        values = {
             "step": self.step,
             "steps": self.steps,
             "loss": self.loss,
             "samples_per_second": self.samples_per_second,
             "eta_seconds": self.eta_seconds,
         }
+        return {name: value for name, value in values.items() if value is not None}
 
 
 class Heartbeat:

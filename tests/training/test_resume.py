@@ -46,6 +46,7 @@ def worker_process(settings, log_path: Path) -> Iterator[subprocess.Popen]:
         "OUTBOX_RELAY_INTERVAL": "0.5",
         "LOG_LEVEL": "INFO",
         "OMP_NUM_THREADS": "1",  # see tests/training/conftest.py
+        "PYTHONUNBUFFERED": "1",
     }
     with log_path.open("ab") as log:
         process = subprocess.Popen(
@@ -106,6 +107,7 @@ def test_a_killed_worker_resumes_from_its_last_checkpoint(platform, settings, tm
     assert killed.status == "running", "the run must still be unfinished when its worker dies"
     assert store.exists("checkpoints", checkpoint_key("acme", run_id))
     epochs_at_kill = killed.epoch
+    assert [epoch["epoch"] for epoch in killed.history] == list(range(1, epochs_at_kill + 1))
 
     with worker_process(settings, second_log):
         run = eventually(
@@ -121,10 +123,8 @@ def test_a_killed_worker_resumes_from_its_last_checkpoint(platform, settings, tm
     assert [epoch["epoch"] for epoch in run.history] == [1, 2, 3, 4, 5, 6]
     resumed = [json.loads(line) for line in second_log.read_text().splitlines() if '"run_resumed"' in line]
     assert resumed and resumed[0]["from_epoch"] == run.resumed_from_epoch
-    first_epochs = first_log.read_text().count('"run_epoch_finished"')
     second_epochs = second_log.read_text().count('"run_epoch_finished"')
     assert second_epochs == 6 - run.resumed_from_epoch, "the resumed worker must not train the saved epochs again"
-    assert first_epochs >= run.resumed_from_epoch
 
     # Exactly one result: one training.completed in the outbox, one distinct event on the bus.
     [completed] = published(api.runtime, "training.completed", run_id)
