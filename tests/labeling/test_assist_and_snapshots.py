@@ -205,8 +205,13 @@ def test_the_retrain_policy_fires_exactly_once_under_concurrent_annotations(harn
     barrier = threading.Barrier(len(people))
 
     def work(headers):
-        task = harness.next(headers, dataset)
+        task = None
+        for _ in range(20):  # a lease can briefly be contended under SKIP LOCKED; ask again
+            task = harness.next(headers, dataset)
+            if task is not None:
+                break
         barrier.wait()
+        assert task is not None
         harness.label(headers, task["id"], "pos")
 
     threads = [threading.Thread(target=work, args=(p,)) for p in people]
@@ -221,7 +226,7 @@ def test_the_retrain_policy_fires_exactly_once_under_concurrent_annotations(harn
             rows = session.scalars(select(outbox.c.envelope).where(outbox.c.event_type == "training.requested")).all()
         return rows
 
-    [event] = eventually(requested, what="one training.requested")
+    [event] = eventually(requested, timeout=60, what="one training.requested")
     assert event["payload"]["model_name"] == "reviews" and event["payload"]["task_type"] == "text_classification"
     assert event["payload"]["manifest"]["bucket"] == "datasets"
     snapshots = harness.labeling.client.get(f"/v1/datasets/{dataset}/snapshots", headers=harness.partner).get_json()
