@@ -1,9 +1,9 @@
 """`flywheel models list|show|promote|rollback|audit`: the registry's API from a terminal.
 
-Each command is a function of (base_url, token, …) that calls the HTTP API with `requests`, prints a table to
-`out` and returns an exit status (0, or 1 with the API's error message on stderr). `add_models_parser` and
-`run_models_command` wire them into an argparse CLI; the `flywheel` command supplies the registry's URL and a
-token (the internal token, or a partner's API key for the read-only commands).
+Each command is a function of (base_url, token, …) that calls the API through `shared.client.RegistryClient`,
+prints a table to `out` and returns an exit status (0, or 1 with the API's error message on stderr).
+`add_models_parser` and `run_models_command` wire them into an argparse CLI; the `flywheel` command supplies
+the registry's URL and a token (the internal token, or a partner's API key for the read-only commands).
 """
 
 from __future__ import annotations
@@ -12,38 +12,16 @@ import argparse
 import getpass
 import json
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, TextIO
 
-import requests
+from shared.client import ApiError, RegistryClient
 
 TIMEOUT_SECONDS = 10
 
 
-class ApiError(Exception):
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-
-
-def _call(method: str, base_url: str, token: str, path: str, **kwargs: Any) -> dict[str, Any]:
-    response = requests.request(
-        method,
-        base_url.rstrip("/") + path,
-        headers={"Authorization": f"Bearer {token}"},
-        timeout=TIMEOUT_SECONDS,
-        **kwargs,
-    )
-    try:
-        body = response.json()
-    except ValueError:
-        body = {}
-    if response.status_code >= 400:
-        error = body.get("error", {}) if isinstance(body, dict) else {}
-        message = error.get("message") or response.text[:500] or response.reason
-        fields = error.get("details", {}).get("fields")
-        raise ApiError(response.status_code, f"{message} {json.dumps(fields)}" if fields else message)
-    return body
+def _client(base_url: str, token: str) -> RegistryClient:
+    return RegistryClient(base_url, token, timeout=TIMEOUT_SECONDS)
 
 
 def _query(**values: Any) -> dict[str, Any]:
@@ -73,11 +51,13 @@ def _aliases(aliases: dict[str, Any]) -> str:
     return ", ".join(parts) or "-"
 
 
-def _guarded(run: Any) -> int:
+def _guarded(run: Callable[[], int]) -> int:
     try:
         return run()
     except ApiError as exc:
-        print(f"registry answered {exc.status}: {exc}", file=sys.stderr)
+        fields = exc.details.get("fields")
+        detail = f" {json.dumps(fields)}" if fields else ""
+        print(f"registry answered {exc.status}: {exc.message}{detail}", file=sys.stderr)
         return 1
 
 
@@ -96,13 +76,8 @@ def models_list(
     out = out or sys.stdout
 
     def run() -> int:
-        body = _call(
-            "GET",
-            base_url,
-            token,
-            "/v1/models",
-            params=_query(tenant=tenant, tag=tag, alias=alias, dataset_id=dataset_id, limit=limit),
-        )
+        query = _query(tenant=tenant, tag=tag, alias=alias, dataset_id=dataset_id, limit=limit)
+        body = _client(base_url, token).get("/v1/models", params=query)  # the page, for its total
         if not body["models"]:
             print("no models", file=out)
             return 0
@@ -138,10 +113,9 @@ def models_show(
     out = out or sys.stdout
 
     def run() -> int:
-        model = _call("GET", base_url, token, f"/v1/models/{model_name}", params=_query(tenant=tenant))
-        versions = _call(
-            "GET", base_url, token, f"/v1/models/{model_name}/versions", params=_query(tenant=tenant, limit=limit)
-        )
+        client = _client(base_url, token)
+        model = client.get_model(model_name, **_query(tenant=tenant))
+        versions = client.versions(model_name, **_query(tenant=tenant, limit=limit))
         policy = model["policy"]
         print(f"model      {model['name']}  ({model['task_type']}, dataset {model['dataset_id']})", file=out)
         print(f"aliases    {_aliases(model['aliases'])}", file=out)
@@ -167,7 +141,7 @@ def models_show(
                 (v["decision"] or {}).get("outcome"),
                 v["created_at"][:19],
             )
-            for v in versions["versions"]
+            for v in versions
         ]
         _table(rows, ("version", "status", metric, "accuracy", "snapshot", "run", "aliases", "gate", "created"), out)
         return 0
@@ -192,9 +166,10 @@ def models_promote(
     out = out or sys.stdout
 
     def run() -> int:
-        body: dict[str, Any] = _query(tenant=tenant, reason=reason, actor=actor)
-        body.update({"weights": weights} if weights else {"version": version})
-        result = _call("PUT", base_url, token, f"/v1/models/{model_name}/aliases/{alias}", json=body)
+        target: dict[str, Any] = {"weights": weights} if weights else {"version": version}
+        result = _client(base_url, token).set_alias(
+            model_name, alias, tenant=tenant, reason=reason, **target, **_query(actor=actor)
+        )
         _print_change(result, alias, out)
         return 0
 
@@ -216,8 +191,7 @@ def models_rollback(
     out = out or sys.stdout
 
     def run() -> int:
-        body = _query(tenant=tenant, reason=reason, actor=actor, alias=alias)
-        result = _call("POST", base_url, token, f"/v1/models/{model_name}/rollback", json=body)
+        result = _client(base_url, token).rollback(model_name, tenant=tenant, reason=reason, alias=alias, actor=actor)
         _print_change(result, alias, out)
         return 0
 
@@ -256,14 +230,8 @@ def models_audit(
     out = out or sys.stdout
 
     def run() -> int:
-        body = _call(
-            "GET",
-            base_url,
-            token,
-            f"/v1/models/{model_name}/audit",
-            params=_query(tenant=tenant, alias=alias, limit=limit),
-        )
-        if not body["changes"]:
+        changes = _client(base_url, token).audit(model_name, **_query(tenant=tenant, alias=alias, limit=limit))
+        if not changes:
             print("no alias changes", file=out)
             return 0
         rows = [
@@ -276,7 +244,7 @@ def models_audit(
                 c["actor"],
                 c["reason"],
             )
-            for c in body["changes"]
+            for c in changes
         ]
         _table(rows, ("when", "alias", "action", "from", "to", "who", "why"), out)
         return 0

@@ -177,8 +177,11 @@ class RegistryClient(ServiceClient):
         """Point an alias at `version=N`, or split it as a canary with `weights={"3": 90, "4": 10}`."""
         return self.put(f"/v1/models/{name}/aliases/{alias}", json={"tenant": tenant, "reason": reason, **target})
 
-    def rollback(self, name: str, *, tenant: str, reason: str, alias: str = "production") -> dict[str, Any]:
-        return self.post(f"/v1/models/{name}/rollback", json={"tenant": tenant, "reason": reason, "alias": alias})
+    def rollback(
+        self, name: str, *, tenant: str, reason: str, alias: str = "production", actor: str | None = None
+    ) -> dict[str, Any]:
+        body = {"tenant": tenant, "reason": reason, "alias": alias} | ({"actor": actor} if actor else {})
+        return self.post(f"/v1/models/{name}/rollback", json=body)
 
     def audit(self, name: str, **query: Any) -> list[dict[str, Any]]:
         return self.get(f"/v1/models/{name}/audit", params=query)["changes"]
