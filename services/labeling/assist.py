@@ -15,6 +15,7 @@ from typing import Any
 
 import requests
 from sqlalchemy import func, select
+from sqlalchemy.orm import Session
 
 from services.labeling.models import Annotation, LabelingDataset, Task
 from services.labeling.queue import settle
@@ -24,6 +25,8 @@ from shared.runtime import Runtime
 log = get_logger(__name__)
 
 PRELABEL_TASK = "labeling.prelabel"
+PRELABEL_CHUNK = 256
+"""Tasks per queued pre-label job: a promotion over a large queue becomes many short jobs, not one long one."""
 BATCH = 64
 TIMEOUT_SECONDS = 30
 
@@ -52,6 +55,12 @@ def predict(runtime: Runtime, dataset: LabelingDataset, tasks: list[Task]) -> li
         return None
     answer = response.json()
     return [p | {"model_version": answer.get("model_version")} for p in answer["predictions"]]
+
+
+def queue_prelabels(runtime: Runtime, session: Session, task_ids: list[int]) -> None:
+    """Queue pre-labeling of these tasks for a worker, in chunks of PRELABEL_CHUNK, with the caller's transaction."""
+    for start in range(0, len(task_ids), PRELABEL_CHUNK):
+        runtime.bus.enqueue(session, PRELABEL_TASK, [task_ids[start : start + PRELABEL_CHUNK]])
 
 
 def prelabel(runtime: Runtime, task_ids: list[int]) -> int:

@@ -18,7 +18,6 @@ log = get_logger(__name__)
 handlers = EventHandlers("labeling")
 
 FEEDBACK_PRIORITY = 100
-PRELABEL_CHUNK = 256
 
 
 def _upsert_dataset(ctx: EventContext, config: dict[str, Any]) -> LabelingDataset:
@@ -84,7 +83,7 @@ def on_item_ingested(ctx: EventContext) -> None:
             apply_consensus(ctx.runtime, ctx.session, task, dataset)
             partner_labeled += 1
     if dataset.production_model and created:
-        ctx.runtime.bus.enqueue(ctx.session, assist.PRELABEL_TASK, [[t.id for t in created if t.status == "open"]])
+        assist.queue_prelabels(ctx.runtime, ctx.session, [t.id for t in created if t.status == "open"])
     log.info(
         "tasks_created",
         dataset_id=dataset.id,
@@ -120,8 +119,7 @@ def on_model_promoted(ctx: EventContext) -> None:
     if dataset.production_model is None:
         return
     open_ids = list(ctx.session.scalars(select(Task.id).where(Task.dataset_id == dataset.id, Task.status == "open")))
-    for start in range(0, len(open_ids), PRELABEL_CHUNK):
-        ctx.runtime.bus.enqueue(ctx.session, assist.PRELABEL_TASK, [open_ids[start : start + PRELABEL_CHUNK]])
+    assist.queue_prelabels(ctx.runtime, ctx.session, open_ids)
     log.info("production_model_set", dataset_id=dataset.id, model=payload["model_name"], version=payload["version"])
 
 
