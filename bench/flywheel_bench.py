@@ -12,17 +12,16 @@ from __future__ import annotations
 
 import argparse
 import os
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-from bench.common import Progress, Stats, describe_machine, free_port, machine, print_table, write_results
+from bench.common import Progress, Stats, describe_machine, machine, print_table, write_results
 from shared.cli.demo_data import DIGIT_LABELS, digit_images, shuffled
+from shared.cli.launcher import LaunchError, detached_platform
 from shared.client import ApiError, Flywheel
-from shared.settings import SERVICES
 
 TOKEN = "bench-internal-token"  # noqa: S105 - a throwaway platform's token, local to this run
 
@@ -100,26 +99,20 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     say = Progress()
     home = Path(tempfile.mkdtemp(prefix="flywheel-bench-"))
-    env = {k: v for k, v in os.environ.items() if not k.endswith("_PORT")}
-    env.update(FLYWHEEL_HOME=str(home), REDIS_URL="redis://127.0.0.1:6379/8", FLYWHEEL_INTERNAL_TOKEN=TOKEN)
+    env = dict(os.environ, REDIS_URL="redis://127.0.0.1:6379/8", FLYWHEEL_INTERNAL_TOKEN=TOKEN)
     env.pop("S3_ENDPOINT", None)
-    ports = {name: free_port() for name in SERVICES}
-    env.update({f"{name.upper()}_PORT": str(port) for name, port in ports.items()})
-    command = [sys.executable, "-m", "shared.cli.main"]
     say("starting the platform (flywheel up --detach)")
-    up = subprocess.run([*command, "up", "--detach"], env=env, capture_output=True, text=True, timeout=300)
-    if up.returncode != 0:
-        print(up.stdout + up.stderr, file=sys.stderr)
-        return 1
     cycles: list[dict[str, float]] = []
     try:
-        operator = Flywheel.from_urls({n: f"http://127.0.0.1:{p}" for n, p in ports.items()}, TOKEN)
-        for cycle in range(1, args.repeats + 1):
-            say(f"cycle {cycle}/{args.repeats}: push {args.threshold} labeled digits, wait for the new version")
-            cycles.append(one_cycle(operator, args.threshold, args.epochs, cycle))
-            say(f"  threshold → serving in {cycles[-1]['threshold_to_serving_s']:.1f}s")
-    finally:
-        subprocess.run([*command, "down"], env=env, capture_output=True, text=True, timeout=120)
+        with detached_platform(home, env) as urls:
+            operator = Flywheel.from_urls(urls, TOKEN)
+            for cycle in range(1, args.repeats + 1):
+                say(f"cycle {cycle}/{args.repeats}: push {args.threshold} labeled digits, wait for the new version")
+                cycles.append(one_cycle(operator, args.threshold, args.epochs, cycle))
+                say(f"  threshold → serving in {cycles[-1]['threshold_to_serving_s']:.1f}s")
+    except LaunchError as exc:
+        print(exc, file=sys.stderr)
+        return 1
     stats = {key: Stats.of([c[key] for c in cycles]) for key in cycles[0]}
     loop = stats["threshold_to_serving_s"]
     floor = stats["training_wall_s"]

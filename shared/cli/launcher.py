@@ -16,6 +16,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -411,3 +412,29 @@ def status(*, out: Any = sys.stdout) -> int:
     redis_host = urlparse(platform.redis_url if platform else Settings.from_env().redis_url)
     print(f"redis at {redis_host.hostname}:{redis_host.port}", file=out)
     return 0 if all_ready else 1
+
+
+@contextlib.contextmanager
+def detached_platform(home: Path, env: dict[str, str], *, timeout: float = 300) -> Iterator[dict[str, str]]:
+    """A whole platform in a child `flywheel up --detach`, with FLYWHEEL_HOME=`home` and every service on a
+    free port, stopped with `flywheel down` however the block ends; yields each service's URL. For the
+    end-to-end tests and the flywheel benchmark: `env` is the child's whole environment (Redis, storage,
+    token); any `*_PORT` in it is replaced."""
+    child_env = {key: value for key, value in env.items() if not key.endswith("_PORT")}
+    child_env["FLYWHEEL_HOME"] = str(home)
+    ports = {}
+    for service in SERVICES:  # free now, and distinct from one another
+        while (port := _free_port()) in ports.values():
+            pass
+        ports[service] = port
+    child_env.update({f"{service.upper()}_PORT": str(port) for service, port in ports.items()})
+    command = [sys.executable, "-m", "shared.cli.main"]
+    started = subprocess.run(
+        [*command, "up", "--detach"], env=child_env, capture_output=True, text=True, timeout=timeout
+    )
+    try:
+        if started.returncode != 0:
+            raise LaunchError(f"flywheel up failed ({started.returncode}):\n{started.stdout}{started.stderr}")
+        yield {service: f"http://127.0.0.1:{port}" for service, port in ports.items()}
+    finally:
+        subprocess.run([*command, "down"], env=child_env, capture_output=True, text=True, timeout=120)

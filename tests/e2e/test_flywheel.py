@@ -5,8 +5,6 @@ trace id visible in the logs of all five services."""
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 import uuid
 from pathlib import Path
 
@@ -14,11 +12,11 @@ import pytest
 
 from shared.cli.commands import collect_trace
 from shared.cli.demo_data import DIGIT_LABELS, digit_images, shuffled
+from shared.cli.launcher import detached_platform
 from shared.client import ApiError, Flywheel
 from shared.settings import SERVICES
 from tests.conftest import INTERNAL_TOKEN
 from tests.helpers import eventually
-from tests.shared.test_launcher import free_ports
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(900)]
 
@@ -27,9 +25,8 @@ TRAIN_ITEMS = 240
 
 @pytest.fixture
 def running_platform(tmp_path: Path, redis_url: str, s3_server):
-    env = {k: v for k, v in os.environ.items() if not k.endswith("_PORT")}
-    env.update(
-        FLYWHEEL_HOME=str(tmp_path / "home"),
+    env = dict(
+        os.environ,
         REDIS_URL=redis_url,
         FLYWHEEL_INTERNAL_TOKEN=INTERNAL_TOKEN,
         S3_ENDPOINT=s3_server.endpoint,
@@ -38,16 +35,8 @@ def running_platform(tmp_path: Path, redis_url: str, s3_server):
         KEY_CACHE_SECONDS="2",
         EVENT_RETRY_BACKOFF="0.5",
     )
-    ports = dict(zip(SERVICES, free_ports(len(SERVICES)), strict=True))
-    for service, port in ports.items():
-        env[f"{service.upper()}_PORT"] = str(port)
-    command = [sys.executable, "-m", "shared.cli.main"]
-    up = subprocess.run([*command, "up", "--detach"], env=env, capture_output=True, text=True, timeout=180)
-    assert up.returncode == 0, up.stdout + up.stderr
-    try:
-        yield {name: f"http://127.0.0.1:{port}" for name, port in ports.items()}, tmp_path / "home" / "logs"
-    finally:
-        subprocess.run([*command, "down"], env=env, capture_output=True, text=True, timeout=60)
+    with detached_platform(tmp_path / "home", env, timeout=180) as urls:
+        yield urls, tmp_path / "home" / "logs"
 
 
 def test_data_in_model_out_feedback_back_in(running_platform) -> None:
