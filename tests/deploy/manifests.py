@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import os
 import re
 import shutil
@@ -60,6 +61,7 @@ DEPLOYMENT_VARIABLES = {
     "NPROC_PER_NODE",
     "TRAINING_RUN_ID",
     "JOB_COMPLETION_INDEX",
+    "OMP_NUM_THREADS",  # read by PyTorch's and OpenMP's runtimes, not by Settings
 }
 
 
@@ -140,9 +142,26 @@ def container_env(objects: list[dict[str, Any]], container: dict[str, Any]) -> d
         elif "secretKeyRef" in item["valueFrom"]:
             ref = item["valueFrom"]["secretKeyRef"]
             env[item["name"]] = _secret_data(find(objects, "Secret", ref["name"]))[ref["key"]]
+        elif "resourceFieldRef" in item["valueFrom"]:
+            env[item["name"]] = _resource_field(container, item["valueFrom"]["resourceFieldRef"])
         else:
             env[item["name"]] = "<from the downward API>"
     return env
+
+
+def cpu_cores(quantity: str | int | float) -> float:
+    """A Kubernetes CPU quantity ("2", "500m", 1.5) in cores."""
+    text = str(quantity)
+    return int(text[:-1]) / 1000 if text.endswith("m") else float(text)
+
+
+def _resource_field(container: dict[str, Any], ref: dict[str, Any]) -> str:
+    """What the kubelet puts in a `resourceFieldRef` variable: the quantity over the divisor, rounded up."""
+    section, _, resource = ref["resource"].partition(".")
+    quantity = container.get("resources", {}).get(section, {}).get(resource)
+    if quantity is None or resource != "cpu":
+        return "<from the downward API>"
+    return str(math.ceil(cpu_cores(quantity) / cpu_cores(ref.get("divisor", "1"))))
 
 
 def _secret_data(secret: dict[str, Any]) -> dict[str, str]:

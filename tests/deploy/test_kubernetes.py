@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 import re
 from typing import Any
 from urllib.parse import urlparse
@@ -19,6 +20,7 @@ from tests.deploy.manifests import (
     argv,
     container_env,
     containers,
+    cpu_cores,
     find,
     image_name,
     is_flywheel,
@@ -211,6 +213,27 @@ def _check_configuration(path: str, objects: list[dict[str, Any]], workload: dic
         assert database.scheme == "postgresql+psycopg"
         assert (database.hostname, database.port, database.path) == ("postgres", 5432, f"/{own}")
         assert database.password == env["POSTGRES_PASSWORD"] and "$(" not in database.netloc
+
+
+THREAD_POOLS = {("training-worker", "worker"): "OMP_NUM_THREADS", ("inference", "http"): "INFERENCE_INTRA_OP_THREADS"}
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_model_runtimes_size_their_threads_to_the_cpu_limit(overlay: str) -> None:
+    """PyTorch and ONNX Runtime size their thread pools from the node's cores unless told otherwise; in a
+    container limited to fewer cores the threads oversubscribe it, and training ran 10-50x slower that way."""
+    objects = render(overlay)
+    seen = set()
+    for workload in workloads(objects):
+        for container in containers(workload):
+            variable = THREAD_POOLS.get((workload["metadata"]["name"], container["name"]))
+            if variable is None:
+                continue
+            seen.add(variable)
+            limit = cpu_cores(container["resources"]["limits"]["cpu"])
+            threads = container_env(objects, container).get(variable)
+            assert threads == str(math.ceil(limit)), f"k8s/{overlay} {workload['metadata']['name']}: {variable}"
+    assert seen == set(THREAD_POOLS.values())
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
