@@ -29,6 +29,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from bench.common import Stats
 from services.training.base_models import IMAGE_ARCHITECTURES
 from services.training.export import export_onnx, onnx_session
 from services.training.image_model import ImageClassifier, ImageItems, collate_images, eval_transform
@@ -175,6 +176,7 @@ def overhead(
             cpu[name].append(cpu_seconds)
     rate = {name: samples / statistics.median(values) for name, values in wall.items()}
     cpu_rate = {name: samples / statistics.median(values) for name, values in cpu.items()}
+    noisy = sorted(name for name, values in wall.items() if Stats.of(values).noisy)
     return {
         "workload": name_of_workload,
         "train_items": len(train),
@@ -189,6 +191,7 @@ def overhead(
         "trainer_vs_minimal": round(rate["trainer"] / rate["minimal"], 4),
         "cpu_trainer_vs_bare": round(cpu_rate["trainer"] / cpu_rate["recipe"], 4),
         "cpu_overhead_percent": round(100 * (1 - cpu_rate["trainer"] / cpu_rate["recipe"]), 2),
+        "noisy": ", ".join(noisy) or "-",
         "wall_seconds": {name: [round(v, 3) for v in values] for name, values in wall.items()},
         "cpu_seconds": {name: [round(v, 3) for v in values] for name, values in cpu.items()},
     }
@@ -255,9 +258,11 @@ def table(rows: list[dict[str, Any]], columns: list[str]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=3, help="timed repetitions per trainer workload")
+    parser.add_argument("--repeats", type=int, default=5, help="timed repetitions per trainer workload")
     parser.add_argument("--quick", action="store_true", help="smaller workloads (a smoke run)")
-    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    parser.add_argument(
+        "--threads", type=int, default=1, help="torch intra-op threads (default 1: the steadiest timing; 0: torch's)"
+    )
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -272,9 +277,9 @@ def main(argv: list[str] | None = None) -> int:
         encoder.load_state_dict(encoder_state)
         return TextClassifier(encoder, num_labels, dropout=0.1, freeze_encoder=False)
 
-    texts, text_labels = docstring_texts(160 // scale)
-    text_train = TextItems(texts[: 128 // scale], text_labels[: 128 // scale])
-    text_val = TextItems(texts[128 // scale :], text_labels[128 // scale :])
+    texts, text_labels = docstring_texts(320 // scale)
+    text_train = TextItems(texts[: 256 // scale], text_labels[: 256 // scale])
+    text_val = TextItems(texts[256 // scale :], text_labels[256 // scale :])
     images, digits = digit_images(320 // scale)
     transform = eval_transform(32)
     image_train = ImageItems(images[: 256 // scale], digits[: 256 // scale], transform)
@@ -357,7 +362,9 @@ def main(argv: list[str] | None = None) -> int:
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(results, indent=2) + "\n")
     print("Trainer vs a bare PyTorch loop with the same recipe math (training samples/s, median of repetitions);")
-    print("the minimal loop (AdamW + cross-entropy only) is shown for the cost of the recipe itself")
+    print("the minimal loop (AdamW + cross-entropy only) is shown for the cost of the recipe itself; 'noisy' names")
+    threads = torch.get_num_threads()
+    print(f"the loops whose repeats spread more than 10% (IQR over median); torch on {threads} thread(s)")
     print(
         table(
             training,
@@ -369,6 +376,7 @@ def main(argv: list[str] | None = None) -> int:
                 "overhead_percent",
                 "cpu_overhead_percent",
                 "trainer_vs_minimal",
+                "noisy",
             ],
         )
     )
