@@ -18,11 +18,12 @@ from typing import Any
 from bench.common import describe_machine, machine
 
 RESULTS = Path(__file__).parent / "results"
-BENCHMARKS = ("ingestion_bench", "training_bench", "inference_bench", "flywheel_bench")
+BENCHMARKS = ("ingestion_bench", "training_bench", "inference_bench", "inference_floor", "flywheel_bench")
 RESULT_FILES = {
     "ingestion_bench": "ingestion",
     "training_bench": "training",
     "inference_bench": "inference",
+    "inference_floor": "inference_floor",
     "flywheel_bench": "flywheel",
 }
 
@@ -76,23 +77,184 @@ def plot_inference(results: dict[str, Any]) -> Path | None:
     return path
 
 
+def _table(headers: list[str], rows: list[list[Any]]) -> str:
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _median(stat: Any) -> float:
+    return stat["median"] if isinstance(stat, dict) else float(stat)
+
+
+def _shown(stat: Any, digits: int = 0) -> str:
+    """A Stats dict as `1,234 ±5%`, with `~` when its repeats were noisy."""
+    if not isinstance(stat, dict):
+        return f"{stat:,.{digits}f}"
+    spread = 100 * stat["iqr"] / stat["median"] if stat["median"] else 0.0
+    return f"{stat['median']:,.{digits}f} ±{spread:.0f}%{' ~' if stat['noisy'] else ''}"
+
+
+def _ingestion(r: dict[str, Any]) -> str:
+    rows = [
+        [
+            m["backend"],
+            f"{m['kind']}, batches of {m['batch_size']}",
+            _shown(m["service_items_per_s"]),
+            _shown(m["raw_items_per_s"]),
+            f"{m['ratio']:.2f}",
+            m["target"],
+            "met" if m["passed"] else "**missed**",
+        ]
+        for m in r["measurements"]
+    ]
+    headers = ["backend", "push", "service items/s", "raw writes items/s (baseline)", "ratio", "target", "result"]
+    return _table(headers, rows)
+
+
+def _training(r: dict[str, Any]) -> str:
+    overhead = _table(
+        ["workload", "bare loop samples/s (baseline)", "trainer samples/s", "ratio", "overhead wall / CPU", "noisy"],
+        [
+            [
+                w["workload"],
+                w["bare_loop_samples_per_second"],
+                w["trainer_samples_per_second"],
+                f"{w['trainer_vs_bare']:.3f}",
+                f"{w['overhead_percent']:.1f}% / {w['cpu_overhead_percent']:.1f}%",
+                w.get("noisy", "-"),
+            ]
+            for w in r["trainer_overhead"]
+        ],
+    )
+    onnx = _table(
+        ["model", "batch", "torch ms (baseline)", "ONNX Runtime ms", "speed-up"],
+        [
+            [i["model"], i["batch"], i["torch_ms"], i["onnxruntime_ms"], f"{i['onnxruntime_speedup']:.2f}x"]
+            for i in r["inference"]
+        ],
+    )
+    threads = r.get("machine", {}).get("torch_threads")
+    return f"Trainer against a bare loop (torch on {threads} thread(s); target overhead <= 5%):\n\n{overhead}\n\n{onnx}"
+
+
+def _inference(r: dict[str, Any]) -> str:
+    parts = []
+    for layout, modes in r["served"].items():
+        rows = []
+        for model in modes["on"]:
+            ceiling = r["ceilings"][model]["best"]
+            off_levels = {level["concurrency"]: level for level in modes["off"][model]}
+            for on in modes["on"][model]:
+                off = off_levels[on["concurrency"]]
+                rows.append(
+                    [
+                        model,
+                        on["concurrency"],
+                        _shown(on["items_per_s"]),
+                        _shown(off["items_per_s"]),
+                        f"{_median(on['items_per_s']) / _median(off['items_per_s']):.2f}x",
+                        f"{on['p99_ms']:.1f} / {off['p99_ms']:.1f}",
+                        f"{ceiling:,.0f}",
+                        f"{_median(on['items_per_s']) / _median(on['adjacent_ceiling']):.0%}",
+                        "-" if on["mean_batch"] is None else f"{on['mean_batch']:.1f}",
+                    ]
+                )
+        headers = [
+            "model",
+            "concurrency",
+            "batching on items/s",
+            "off items/s",
+            "on/off",
+            "p99 ms on / off",
+            "in-process ceiling (baseline)",
+            "on, of ceiling beside",
+            "mean batch",
+        ]
+        verdicts = r["targets"][layout]
+        text, image = verdicts["text_on_vs_ceiling"], verdicts["image_on_vs_off"]
+        parts.append(
+            f"Deployment {layout} (gunicorn workers x threads):\n\n{_table(headers, rows)}\n\n"
+            f"Targets at concurrency 32: text {text['ratio']:.0%} of its ceiling (>= {text['target']:.0%}: "
+            f"{'met' if text['met'] else '**missed**'}); image batching on/off {image['speedup']:.2f}x "
+            f"(>= {image['target']:.0f}x: {'met' if image['met'] else '**missed**'}); "
+            f"failed requests: {verdicts['errors']}."
+        )
+    return "\n\n".join(parts)
+
+
+def _inference_floor(r: dict[str, Any]) -> str:
+    rows = [
+        [
+            row["server"],
+            row["onnxruntime_threads"],
+            _shown(row["on_items_per_s"]),
+            _shown(row["off_items_per_s"]),
+            f"{row['speedup']:.2f}x",
+            f"{row['on_cpu_ms_per_request']:.2f} / {row['off_cpu_ms_per_request']:.2f}",
+        ]
+        for row in r["rows"]
+    ]
+    headers = ["front end (floor app)", "ORT threads", "on items/s", "off items/s (baseline)", "on/off", "CPU ms/req"]
+    return f"{_table(headers, rows)}\n\nBest floor {r['best_speedup']:.2f}x against the {r['target']:.0f}x target."
+
+
+def _flywheel(r: dict[str, Any]) -> str:
+    stages = r["stages"]
+    rows = [[name, _shown(stat, 1)] for name, stat in stages.items()]
+    ratio = r.get("ratio_loop_to_training")
+    tail = f"threshold → serving / training alone (baseline): {ratio:.2f}" if ratio else ""
+    return f"{_table(['stage', 'seconds'], rows)}\n\n{tail}"
+
+
+SECTIONS = {
+    "ingestion_bench": ("Ingestion", _ingestion),
+    "training_bench": ("Training", _training),
+    "inference_bench": ("Inference", _inference),
+    "inference_floor": ("Inference: the floor of a Python front end", _inference_floor),
+    "flywheel_bench": ("The flywheel: retrain threshold to serving", _flywheel),
+}
+
+
 def markdown(outcomes: dict[str, Any], info: dict[str, Any]) -> str:
     lines = [
         f"# Benchmark results\n\n{describe_machine(info)}\n",
-        "| benchmark | exit | seconds | headline |",
+        "Medians over repeats, `±` the inter-quartile range as a share of the median, `~` a noisy figure.\n",
+        "| benchmark | exit | seconds | finished |",
         "|---|---|---|---|",
     ]
     for name, outcome in outcomes.items():
-        headline = (outcome.get("results") or {}).get("headline", "")
-        lines.append(f"| {name} | {outcome['exit_status']} | {outcome['seconds']} | {headline} |")
+        results = outcome.get("results") or {}
+        finished = results.get("finished_at") or results.get("created_at", "")
+        lines.append(f"| {name} | {outcome['exit_status']} | {outcome['seconds']} | {finished} |")
+    for name, outcome in outcomes.items():
+        results = outcome.get("results")
+        if not results:
+            continue
+        title, section = SECTIONS[name]
+        try:
+            body = section(results)
+        except (KeyError, TypeError, ZeroDivisionError) as exc:  # an older or partial results file
+            body = f"(results file not in the expected shape: {exc!r})"
+        lines.append(f"\n## {title}\n\n{body}")
     return "\n".join(lines) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:
-    names = list(argv if argv is not None else sys.argv[1:]) or list(BENCHMARKS)
+    """`python -m bench` runs every benchmark; `python -m bench NAME…` reruns some and reports all of them (the
+    others from their last results); `python -m bench --report` only rewrites the report."""
+    args = list(argv if argv is not None else sys.argv[1:])
+    report_only = "--report" in args
+    names = [] if report_only else [a for a in args if a != "--report"] or list(BENCHMARKS)
+    unknown = sorted(set(names) - set(BENCHMARKS))
+    if unknown:
+        print(f"unknown benchmarks {unknown}; choose from {list(BENCHMARKS)}", file=sys.stderr)
+        return 2
     info = machine()
     print(describe_machine(info))
-    outcomes = run_all(names)
+    fresh = run_all(names)
+    outcomes = {**_previous_outcomes(), **fresh}
+    outcomes = {name: outcomes[name] for name in BENCHMARKS if name in outcomes}
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "latest.json").write_text(json.dumps({"machine": info, "benchmarks": outcomes}, indent=2))
     (RESULTS / "latest.md").write_text(markdown(outcomes, info))
@@ -101,7 +263,23 @@ def main(argv: list[str] | None = None) -> int:
         if plotted:
             print(f"plot: {plotted}")
     print(f"\nwrote {RESULTS / 'latest.json'} and {RESULTS / 'latest.md'}")
-    return 0 if all(o["exit_status"] == 0 for o in outcomes.values()) else 1
+    return 0 if all(o["exit_status"] == 0 for o in fresh.values()) else 1
+
+
+def _previous_outcomes() -> dict[str, Any]:
+    """What the last report said about each benchmark, refreshed from its results file when one is there."""
+    try:
+        previous = json.loads((RESULTS / "latest.json").read_text())["benchmarks"]
+    except (OSError, ValueError, KeyError):
+        previous = {}
+    outcomes = {}
+    for name, stem in RESULT_FILES.items():
+        path = RESULTS / f"{stem}.json"
+        if path.exists():
+            outcome = dict(previous.get(name) or {"exit_status": "-", "seconds": "-"})
+            outcome["results"] = json.loads(path.read_text())
+            outcomes[name] = outcome
+    return outcomes
 
 
 if __name__ == "__main__":

@@ -577,6 +577,11 @@ def summarise(samples: list[dict[str, Any]], concurrency: int, workers: int) -> 
     }
 
 
+def _batch(mean: float | None) -> str:
+    """The mean batch the server formed; "-" where it cannot be known (several workers)."""
+    return "-" if mean is None else f"{mean:.1f}"
+
+
 def serve_and_measure(
     *,
     home: Path,
@@ -637,7 +642,7 @@ def serve_and_measure(
                     progress(
                         f"  {key:5} batching {mode:3} c={concurrency:<3} {row['items_per_s'].show(1):>14} items/s  "
                         f"p50 {row['p50_ms']:7.1f} ms  p99 {row['p99_ms']:7.1f} ms  "
-                        f"mean batch {row['mean_batch'] or 0:5.1f}  errors {row['errors']}"
+                        f"mean batch {_batch(row['mean_batch']):>5}  errors {row['errors']}"
                     )
     return results
 
