@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import re
 import secrets
 import threading
 import time
@@ -19,14 +20,21 @@ from typing import Any
 
 import requests
 from flask import current_app, g, request
+from marshmallow import validate
 
-from shared.errors import ServiceUnavailable, Unauthorized
+from shared.errors import BadRequest, ServiceUnavailable, Unauthorized
 from shared.logging import get_logger, log_context
 
 log = get_logger(__name__)
 
 KEY_PREFIX = "fwk_"
 NEGATIVE_CACHE_SECONDS = 5.0
+TENANT_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
+TENANT_ERROR = "a tenant id: 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit"
+TENANT_ID = validate.Regexp(TENANT_PATTERN, error=TENANT_ERROR)
+"""Every tenant id a caller names (the internal token acting for a tenant) is checked against this before it
+reaches a query or an object key: partner ids (`ptn_…`) match it, and nothing that could upset a storage
+key or an S3 XML answer does."""
 
 
 @dataclass(frozen=True)
@@ -138,7 +146,9 @@ def authenticate(*, partner: bool, internal: bool, delegated: bool = False) -> P
         tenant = (request.headers.get(TENANT_HEADER) or "").strip()
         if not tenant:
             raise Unauthorized(f"the internal token acts for a tenant here: send the {TENANT_HEADER} header")
-        return Principal(tenant=tenant[:64], internal=True)
+        if not re.match(TENANT_PATTERN, tenant):
+            raise BadRequest(f"{TENANT_HEADER} must be {TENANT_ERROR}")
+        return Principal(tenant=tenant, internal=True)
     if internal and _is_internal(presented):
         return INTERNAL
     if partner and presented.startswith(KEY_PREFIX):

@@ -25,6 +25,7 @@ from email.utils import parsedate_to_datetime
 from pathlib import Path
 from typing import IO, Any, BinaryIO, cast
 from urllib.parse import urlsplit
+from xml.etree.ElementTree import ParseError
 
 import certifi
 import urllib3
@@ -402,6 +403,8 @@ class S3Store(ObjectStore):
             raise StorageError(f"{action} {self.describe}/{bucket}/{key} failed: {exc.code}: {exc}") from exc
         except (MinioException, urllib3.exceptions.HTTPError, OSError) as exc:
             raise StorageError(f"{action} {self.describe}/{bucket}/{key} failed: {exc}") from exc
+        except ParseError as exc:  # the SDK could not read the endpoint's XML error answer
+            raise StorageError(f"{action} {self.describe}/{bucket}/{key} failed: unreadable answer: {exc}") from exc
 
     def _info(self, bucket: str, key: str, headers: Any) -> ObjectInfo:
         modified = headers.get("last-modified")

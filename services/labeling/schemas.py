@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from marshmallow import Schema, fields, validate
 
+from shared.auth import TENANT_ID
+
 
 class TaskSchema(Schema):
     id = fields.Integer()
@@ -67,7 +69,7 @@ class ResolveSchema(Schema):
 
 
 class AnnotatorCreateSchema(Schema):
-    tenant = fields.String(required=True, validate=validate.Length(min=1, max=40))
+    tenant = fields.String(required=True, validate=[TENANT_ID, validate.Length(max=40)])
     name = fields.String(required=True, validate=validate.Length(min=1, max=200))
     datasets = fields.List(fields.String(), required=True, validate=validate.Length(min=1, max=1000))
 

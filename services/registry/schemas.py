@@ -6,15 +6,15 @@ from typing import Any
 
 from marshmallow import Schema, ValidationError, fields, validate, validates_schema
 
+from shared.auth import TENANT_ID
+
 TENANT_DOC = "Required with the internal token (which tenant's model); a partner key implies its own tenant."
 ACTOR_DOC = "Who asks (an operator's login, a pipeline's name); recorded in the audit log beside the token used."
 
 
 def _tenant(required: bool = False) -> fields.String:
     optional: dict[str, Any] = {} if required else {"load_default": None}
-    return fields.String(
-        required=required, validate=validate.Length(min=1, max=64), metadata={"description": TENANT_DOC}, **optional
-    )
+    return fields.String(required=required, validate=TENANT_ID, metadata={"description": TENANT_DOC}, **optional)
 
 
 def _reason() -> fields.String:

@@ -13,6 +13,7 @@ from marshmallow import RAISE, Schema, ValidationError, fields, validate
 
 from services.training.base_models import DEFAULT_BASE_MODELS, known_base_models
 from services.training.models import LAUNCH_EXTERNAL, LAUNCH_QUEUE, STATUSES
+from shared.auth import TENANT_ID
 from shared.events.catalog import TASK_TYPES, ObjectRef
 
 NAME = validate.Regexp(
@@ -142,7 +143,7 @@ def resolve_base_model(task_type: str, base_model: str | None) -> str:
 
 
 class RunCreateSchema(Schema):
-    tenant = fields.String(required=True, validate=validate.Length(min=1, max=64))
+    tenant = fields.String(required=True, validate=TENANT_ID)
     dataset_id = fields.String(required=True, validate=NAME)
     snapshot_id = fields.String(required=True, validate=NAME)
     model_name = fields.String(load_default=None, allow_none=True, validate=NAME)
@@ -165,7 +166,7 @@ class RunCreateSchema(Schema):
 
 class RunListQuery(Schema):
     status = fields.String(validate=validate.OneOf(STATUSES))
-    tenant = fields.String(validate=validate.Length(min=1, max=64), metadata={"description": "a partner sees its own"})
+    tenant = fields.String(validate=TENANT_ID, metadata={"description": "a partner sees its own"})
     dataset_id = fields.String()
     snapshot_id = fields.String()
     model_name = fields.String()

@@ -405,6 +405,35 @@ def test_operations_fail_fast_with_storage_error_when_unreachable() -> None:
     assert time.monotonic() - started < 10
 
 
+def test_an_unreadable_error_answer_is_a_storage_error() -> None:
+    """An endpoint whose XML error body does not parse (moto once echoed a control character in a key) is a
+    storage failure the API can answer 503 for, not a parse error that escapes as a 500."""
+    import http.server
+    import threading
+
+    class Garbled(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            body = b'<?xml version="1.0"?>\n<Error><Key>a\x01b</Key></Error>'
+            self.send_response(404)
+            self.send_header("Content-Type", "application/xml")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *_args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Garbled)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        store = S3Store(f"127.0.0.1:{server.server_address[1]}", "k", "s")
+        with pytest.raises(StorageError, match="unreadable answer"):
+            store.get_bytes("bucket", "key")
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
 def test_file_ping_fails_when_root_is_missing(tmp_path: Path) -> None:
     with pytest.raises(StorageError):
         FileStore(tmp_path / "absent").ping()
