@@ -174,7 +174,7 @@ def _inference(r: dict[str, Any]) -> str:
         verdicts = r["targets"][layout]
         text, image = verdicts["text_on_vs_ceiling"], verdicts["image_on_vs_off"]
         parts.append(
-            f"Deployment {layout} (gunicorn workers x threads):\n\n{_table(headers, rows)}\n\n"
+            f"Deployment {layout} (server worker processes x threads):\n\n{_table(headers, rows)}\n\n"
             f"Targets at concurrency 32: text {text['ratio']:.0%} of its ceiling (>= {text['target']:.0%}: "
             f"{'met' if text['met'] else '**missed**'}); image batching on/off {image['speedup']:.2f}x "
             f"(>= {image['target']:.0f}x: {'met' if image['met'] else '**missed**'}); "

@@ -12,14 +12,13 @@ What it does:
 2. measures the ceiling: raw in-process ONNX Runtime on the same inputs, with the session options the service
    uses, at batch sizes 1 to 64 in interleaved rounds (medians kept), before and after the served runs; the
    machine is shared, so both are reported and the higher one is the ceiling;
-3. serves the real inference app under gunicorn (gthread), as `flywheel up` does, against a local stand-in
+3. serves the real inference app under granian, with `flywheel up`'s command, against a local stand-in
    for the registry's serving contract and ingestion's key check, models in a file:// object store under a
    temp FLYWHEEL_HOME. Two servers run side by side, batching on and batching off, configured per model as
    Triton's model configuration would be: on, a model's max_batch_size is the batch (above 1) at which raw
    ONNX Runtime did best in step 2, with the service's 2 ms max queue delay; off, max_batch_size 1. Each
    deployment in `--deployments` is measured: `1x16` is one process with 16 threads (what `flywheel up`
-   runs, with 16 threads instead of 8), `2x16` two processes, each with its own sessions and batchers and
-   ONNX Runtime on cores/2 threads;
+   runs), `2x16` two processes, each with its own sessions and batchers and ONNX Runtime on cores/2 threads;
 4. drives them with a bounded asyncio load generator (C keep-alive connections, each one request at a time)
    at concurrency 1, 8, 32 and 64 (after a warm-up), alternating between the two servers so that each pair
    sees the same machine; the text model through the friendly API (`POST /v1/models/minilm:predict` with one
@@ -77,6 +76,7 @@ from bench.common import (
 )
 from services.inference.sessions import PROVIDERS, session_options
 from shared.auth import hash_api_key
+from shared.cli.launcher import http_command
 from shared.storage import FileStore
 
 REPO = Path(__file__).resolve().parent.parent
@@ -498,7 +498,8 @@ def start_server(
     workers: int,
     threads: int,
 ) -> tuple[Server, Any]:
-    """The inference app under gunicorn, as `flywheel up` runs it (gthread), with its own FLYWHEEL_HOME."""
+    """The inference app under granian, with the command `flywheel up` runs (its worker processes and threads
+    set to the deployment's), its own FLYWHEEL_HOME, and `config` as INFERENCE_* variables."""
     port = free_port()
     env = {
         **os.environ,
@@ -511,25 +512,11 @@ def start_server(
         "INFERENCE_PORT": str(port),
         "LOG_LEVEL": "INFO",
         "PYTHONUNBUFFERED": "1",
+        **{f"INFERENCE_{key.upper()}": str(value) for key, value in config.items()},
     }
-    command = [
-        sys.executable,
-        "-m",
-        "gunicorn",
-        "--bind",
-        f"127.0.0.1:{port}",
-        "--worker-class",
-        "gthread",
-        "--workers",
-        str(workers),
-        "--threads",
-        str(threads),
-        "--timeout",
-        "120",
-        "--keep-alive",
-        "30",
-        f"services.inference.app:create_app(config={config!r})",
-    ]
+    command = http_command("inference", port)
+    command[command.index("--workers") + 1] = str(workers)
+    command[command.index("--blocking-threads") + 1] = str(threads)
     child = processes.spawn(f"inference-{mode}", command, env=env, log_path=home / "logs" / "inference.log", cwd=REPO)
     return Server(mode, port, child.process.pid), child
 
@@ -570,7 +557,7 @@ def summarise(samples: list[dict[str, Any]], concurrency: int, workers: int) -> 
         "completed": completed,
         "errors": sum(sample["errors"] for sample in samples),
         "statuses": statuses,
-        # Each gunicorn worker keeps its own metrics and /metrics answers from whichever one takes the scrape,
+        # Each worker process keeps its own metrics and /metrics answers from whichever one takes the scrape,
         # so the server's batch sizes are only known with one worker.
         "mean_batch": sum(sample["rows"] for sample in samples) / batches if batches and workers == 1 else None,
         "server_cpu_ms_per_request": 1000 * sum(sample["server_cpu_s"] for sample in samples) / max(1, completed),
@@ -652,7 +639,7 @@ def serve_and_measure(
 
 @dataclass(frozen=True)
 class Deployment:
-    """How the service is run: gunicorn worker processes x threads, and ONNX Runtime threads per process."""
+    """How the service is run: granian worker processes x threads, and ONNX Runtime threads per process."""
 
     workers: int
     threads: int
@@ -681,7 +668,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--deployments",
         default=",".join(DEPLOYMENTS),
-        help="gunicorn WORKERSxTHREADS to measure, comma-separated; ONNX Runtime gets cores/workers threads each",
+        help="granian WORKERSxTHREADS to measure, comma-separated; ONNX Runtime gets cores/workers threads each",
     )
     parser.add_argument("--redis-url", default=os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/14"))
     args = parser.parse_args(argv)
@@ -727,7 +714,7 @@ def main(argv: list[str] | None = None) -> int:
         served: dict[str, dict[str, dict[str, list[dict[str, Any]]]]] = {}
         for deployment in deployments:
             progress(
-                f"deployment {deployment.name}: gunicorn gthread, {deployment.workers} worker(s) x "
+                f"deployment {deployment.name}: granian, {deployment.workers} worker(s) x "
                 f"{deployment.threads} threads, ONNX Runtime {deployment.intra_op_threads} thread(s) per process"
             )
             served[deployment.name] = serve_and_measure(
@@ -824,7 +811,7 @@ def report(
                 )
     print()
     print(
-        f"deployment {deployment.name}: {deployment.workers} gunicorn worker(s) x {deployment.threads} threads, "
+        f"deployment {deployment.name}: {deployment.workers} granian worker(s) x {deployment.threads} threads, "
         f"ONNX Runtime {deployment.intra_op_threads} thread(s) per process"
     )
     print_table(

@@ -12,9 +12,9 @@ the JSON header, view the tensor, submit it to the service's own `DynamicBatcher
 session with the service's session options, encode the v2 binary answer) and nothing else: no Flask, no
 authentication, no request log line, no metrics, no canary routing.
 
-It serves that app under gunicorn (gthread, 1 worker x 16 threads, as the service runs) and, when the
-`granian` package is installed (`pip install granian`; it is not a Flywheel dependency), under granian (a Rust
-HTTP server: parsing and socket work happen outside the GIL), with ONNX Runtime on 1 and on 2 threads, batching
+It serves that app under gunicorn (gthread, 1 worker x 16 threads, as the other services run) and under
+granian (1 worker x 16 threads, as inference runs: a Rust HTTP server, parsing and socket work outside the
+GIL), with ONNX Runtime on 1 and on 2 threads, batching
 on (max batch 16, 2 ms max queue delay) and off (max batch 1), driven by the same load generator as the
 service benchmark at concurrency 32, on and off measured back to back in alternating order. If even this floor
 stays under 2x, no tuning of the service's request path can meet the target on this machine, and the table
@@ -24,7 +24,6 @@ says by how much. Writes bench/results/inference_floor.json.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import shutil
@@ -163,9 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     progress = Progress()
     info = machine()
     progress(f"machine: {describe_machine(info)}")
-    servers = ["gunicorn"] + (["granian"] if importlib.util.find_spec("granian") else [])
-    if "granian" not in servers:
-        progress("granian is not installed: measuring gunicorn only (pip install granian to add it)")
+    servers = ["gunicorn", "granian"]
     root = Path(tempfile.mkdtemp(prefix="flywheel-inference-floor-"))
     rows: list[dict[str, Any]] = []
     try:

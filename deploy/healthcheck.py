@@ -3,7 +3,8 @@
 
 The image's HEALTHCHECK and docker-compose call it without arguments; it finds out what the container runs:
 
-- an HTTP service (a gunicorn process): GET http://127.0.0.1:<its --bind port>/healthz (`--ready`: /readyz);
+- an HTTP service (a gunicorn or granian process): GET http://127.0.0.1:<its --bind or --port port>/healthz
+  (`--ready`: /readyz);
 - a worker (`flywheel worker <service>`): the worker process is alive and the broker at REDIS_URL answers
   (the Celery config turns remote control off, so there is no ping to send to the worker itself);
 - `--url URL`: that URL answers 200.
@@ -35,11 +36,12 @@ class Process:
 
 
 def classify(argv: list[str]) -> Process | None:
-    """What one command line is: a gunicorn server (with its port), a Flywheel worker, or neither."""
+    """What one command line is: an HTTP server (gunicorn or granian, with its port), a Flywheel worker, or
+    neither."""
     if not argv:
         return None
     names = [Path(arg).name for arg in argv[:3]]
-    if "gunicorn" in names:
+    if "gunicorn" in names or "granian" in names:
         port = _bind_port(argv)
         return Process("http", port=port) if port else None
     for index, arg in enumerate(argv[:-1]):
@@ -53,9 +55,9 @@ def classify(argv: list[str]) -> Process | None:
 def _bind_port(argv: list[str]) -> int:
     for index, arg in enumerate(argv):
         value = ""
-        if arg in {"--bind", "-b"} and index + 1 < len(argv):
+        if arg in {"--bind", "-b", "--port"} and index + 1 < len(argv):
             value = argv[index + 1]
-        elif arg.startswith("--bind="):
+        elif arg.startswith(("--bind=", "--port=")):
             value = arg.split("=", 1)[1]
         if value:
             port = value.rsplit(":", 1)[-1]

@@ -4,7 +4,7 @@ feedback. `create_app()` is one HTTP process: it loads what the registry serves 
 
 from __future__ import annotations
 
-import atexit
+import multiprocessing.util
 import weakref
 from typing import Any
 
@@ -31,8 +31,9 @@ SPEC = ServiceSpec(
 
 
 def create_app(settings: Settings | None = None, config: InferenceConfig | dict[str, Any] | None = None) -> Flask:
-    """One HTTP process. `config` overrides the inference defaults (gunicorn can pass a dict literal:
-    `services.inference.app:create_app(config={"max_batch_size": 1})`)."""
+    """One HTTP process (granian calls it as a factory: `granian --interface wsgi --factory
+    services.inference.app:create_app`). `config` overrides the inference defaults (tests, benchmarks); a
+    deployment sets them with INFERENCE_* variables."""
     app = create_http_app(SPEC, settings)
     app.register_blueprint(v2.fallback)
     runtime = app.extensions["flywheel"]
@@ -40,8 +41,10 @@ def create_app(settings: Settings | None = None, config: InferenceConfig | dict[
     app.extensions["inference"] = server
     server.start()
     runtime.on_close(server.close)
-    # gunicorn ends a worker with a normal interpreter exit: write the buffered prediction log first.
-    atexit.register(_close_at_exit, weakref.ref(server))
+    # Write the buffered prediction log when the process ends. granian's workers leave through
+    # multiprocessing, which skips `atexit` but runs multiprocessing's finalizers; those also run at a normal
+    # interpreter exit (gunicorn, a test process), so this one hook serves every server.
+    multiprocessing.util.Finalize(None, _close_at_exit, args=(weakref.ref(server),), exitpriority=10)
     return app
 
 

@@ -1,9 +1,10 @@
 """`flywheel up|down|status`: the whole platform on one machine, without Docker.
 
-Starts Redis if none answers at REDIS_URL, then each service's HTTP server (gunicorn) and Celery worker as
-separate process groups, waits until every `/readyz` is green, and prints where each listens. Logs go to
-one file per process under FLYWHEEL_HOME/logs. State (process groups, ports) lives in FLYWHEEL_HOME/run so
-that `down` and `status` find a detached platform, and a second `up` refuses instead of starting twice.
+Starts Redis if none answers at REDIS_URL, then each service's HTTP server (gunicorn; granian for inference)
+and Celery worker as separate process groups, waits until every `/readyz` is green, and prints where each
+listens. Logs go to one file per process under FLYWHEEL_HOME/logs. State (process groups, ports) lives in
+FLYWHEEL_HOME/run so that `down` and `status` find a detached platform, and a second `up` refuses instead of
+starting twice.
 """
 
 from __future__ import annotations
@@ -209,7 +210,34 @@ def service_env(settings: Settings, redis_url: str, token: str, ports: dict[str,
     return env
 
 
+INFERENCE_THREADS = 16
+"""Requests inference handles at once: in-flight requests bound how large a dynamic batch can grow."""
+
+
 def http_command(service: str, port: int) -> list[str]:
+    """The HTTP server of one service. Inference, the partners' hot path, runs under granian (HTTP parsing and
+    socket work in Rust, outside the GIL: +57% image throughput measured, docs/performance.md); the other
+    services under gunicorn's threaded workers."""
+    if service == "inference":
+        return [
+            sys.executable,
+            "-m",
+            "granian",
+            "--interface",
+            "wsgi",
+            "--factory",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            "1",
+            "--blocking-threads",
+            str(INFERENCE_THREADS),
+            "--workers-kill-timeout",
+            "20",
+            "services.inference.app:create_app",
+        ]
     return [
         sys.executable,
         "-m",
@@ -221,7 +249,7 @@ def http_command(service: str, port: int) -> list[str]:
         "--workers",
         "1",
         "--threads",
-        "16" if service == "inference" else "8",  # in-flight requests bound how large a batch can grow
+        "8",
         "--timeout",
         "120",
         "--graceful-timeout",
@@ -363,7 +391,7 @@ def stop(platform: Platform, *, out: Any = sys.stdout) -> None:
     for name, pid in platform.alive().items():
         print(f"  {name} did not stop in {STOP_GRACE_SECONDS:.0f}s; killing it", file=out)
         _signal_group(pid, signal.SIGKILL)
-    # Reap whatever is left in each group (gunicorn's and celery's children).
+    # Reap whatever is left in each group (the HTTP servers' and celery's children).
     for pid in platform.processes.values():
         _signal_group(pid, signal.SIGKILL)
     platform.state_file.unlink(missing_ok=True)

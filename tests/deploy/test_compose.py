@@ -67,7 +67,7 @@ def test_every_flywheel_container_is_locked_down_and_healthchecked() -> None:
         assert any(v.endswith(":/var/lib/flywheel") for v in service["volumes"]), name
         check = service["healthcheck"]["test"]
         assert check[:2] == ["CMD", "flywheel-healthcheck"], name
-        http = compose_argv(service)[0] == "gunicorn"
+        http = compose_argv(service)[0] in ("gunicorn", "granian")
         assert ("--ready" in check) == http, f"{name}: HTTP services are healthy when /readyz answers"
         assert service["depends_on"] == {
             "redis": {"condition": "service_healthy"},

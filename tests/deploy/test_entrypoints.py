@@ -33,6 +33,8 @@ from tests.deploy.manifests import (
 
 ALL_INTERFACES = "0.0.0.0"  # noqa: S104 - a container's server listens on its pod's address
 GUNICORN_OPTIONS = {"--worker-class": "gthread", "--workers": "1", "--threads": "8"}
+GRANIAN_OPTIONS = {"--interface": "wsgi", "--workers": "1", "--blocking-threads": "16"}
+GRANIAN_SERVICES = {"inference"}  # the partners' hot path; the others run under gunicorn
 
 
 def _load_healthcheck() -> Any:
@@ -61,22 +63,37 @@ def _options(arguments: list[str]) -> dict[str, str]:
     return options
 
 
+def _app_factory(target: str, expected: str, where: str) -> str:
+    """The service whose app factory `target` (`services.<service>.app:<expected>`) names, checked to exist."""
+    module_name, _, factory = target.partition(":")
+    assert factory == expected, f"{where}: the server must call the app factory ({expected}), got {target!r}"
+    service = module_name.removeprefix("services.").removesuffix(".app")
+    assert module_name == f"services.{service}.app" and service in SERVICES, f"{where}: {target!r}"
+    module = importlib.import_module(module_name)
+    assert callable(getattr(module, "create_app", None)), f"{where}: {module_name} has no create_app"
+    return service
+
+
 def check_command(command: list[str], where: str) -> tuple[str, str, int]:
     """Checks one Flywheel container command against the code; returns (kind, service, port)."""
     if command[0] == "gunicorn":
-        target = command[-1]
-        module_name, _, factory = target.partition(":")
-        assert factory == "create_app()", f"{where}: gunicorn must call the app factory, got {target!r}"
-        service = module_name.removeprefix("services.").removesuffix(".app")
-        assert module_name == f"services.{service}.app" and service in SERVICES, f"{where}: {target!r}"
-        module = importlib.import_module(module_name)
-        assert callable(getattr(module, "create_app", None)), f"{where}: {module_name} has no create_app"
+        service = _app_factory(command[-1], "create_app()", where)
+        assert service not in GRANIAN_SERVICES, f"{where}: {service} runs under granian"
         options = _options(command[1:-1])
         host, _, port = options["--bind"].rpartition(":")
         assert host == ALL_INTERFACES and int(port) == DEFAULT_PORTS[service], f"{where}: --bind {options['--bind']}"
         for option, value in GUNICORN_OPTIONS.items():
             assert options.get(option) == value, f"{where}: {option} {options.get(option)}"
         return "http", service, int(port)
+    if command[0] == "granian":
+        service = _app_factory(command[-1], "create_app", where)
+        assert service in GRANIAN_SERVICES and "--factory" in command, f"{where}: granian must call the factory"
+        options = dict(arg.split("=", 1) for arg in command[1:-1] if "=" in arg)
+        port = int(options["--port"])
+        assert options["--host"] == ALL_INTERFACES and port == DEFAULT_PORTS[service], f"{where}: {options}"
+        for option, value in GRANIAN_OPTIONS.items():
+            assert options.get(option) == value, f"{where}: {option} {options.get(option)}"
+        return "http", service, port
     if command[:2] == ["flywheel", "worker"]:
         scripts = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]
         module_name, _, function = scripts["flywheel"].partition(":")
