@@ -497,9 +497,10 @@ def start_server(
     config: dict[str, Any],
     workers: int,
     threads: int,
+    server: str,
 ) -> tuple[Server, Any]:
     """The inference app under granian, with the command `flywheel up` runs (its worker processes and threads
-    set to the deployment's), its own FLYWHEEL_HOME, and `config` as INFERENCE_* variables."""
+    set to the deployment's), or under gunicorn; its own FLYWHEEL_HOME, and `config` as INFERENCE_* variables."""
     port = free_port()
     env = {
         **os.environ,
@@ -514,9 +515,14 @@ def start_server(
         "PYTHONUNBUFFERED": "1",
         **{f"INFERENCE_{key.upper()}": str(value) for key, value in config.items()},
     }
-    command = http_command("inference", port)
-    command[command.index("--workers") + 1] = str(workers)
-    command[command.index("--blocking-threads") + 1] = str(threads)
+    if server == "granian":
+        command = http_command("inference", port)
+        command[command.index("--workers") + 1] = str(workers)
+        command[command.index("--blocking-threads") + 1] = str(threads)
+    else:  # what inference ran under before granian, kept for comparison (--server gunicorn)
+        command = [sys.executable, "-m", "gunicorn", "--bind", f"127.0.0.1:{port}", "--worker-class", "gthread"]
+        command += ["--workers", str(workers), "--threads", str(threads), "--keep-alive", "30"]
+        command.append("services.inference.app:create_app()")
     child = processes.spawn(f"inference-{mode}", command, env=env, log_path=home / "logs" / "inference.log", cwd=REPO)
     return Server(mode, port, child.process.pid), child
 
@@ -577,6 +583,7 @@ def serve_and_measure(
     config: dict[str, Any],
     workers: int,
     threads: int,
+    server: str,
     loads: dict[str, Workload],
     probes: dict[str, CeilingProbe],
     levels: list[int],
@@ -601,6 +608,7 @@ def serve_and_measure(
                 config=config,
                 workers=workers,
                 threads=threads,
+                server=server,
             )
         for mode, server in servers.items():
 
@@ -670,6 +678,12 @@ def main(argv: list[str] | None = None) -> int:
         default=",".join(DEPLOYMENTS),
         help="granian WORKERSxTHREADS to measure, comma-separated; ONNX Runtime gets cores/workers threads each",
     )
+    parser.add_argument(
+        "--server",
+        choices=("granian", "gunicorn"),
+        default="granian",
+        help="the HTTP server: granian (what inference runs under) or gunicorn gthread (what it ran under before)",
+    )
     parser.add_argument("--redis-url", default=os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/14"))
     args = parser.parse_args(argv)
     seconds, warmup, repeats = (2.0, 0.5, 1) if args.quick else (args.seconds, args.warmup, args.repeats)
@@ -714,7 +728,7 @@ def main(argv: list[str] | None = None) -> int:
         served: dict[str, dict[str, dict[str, list[dict[str, Any]]]]] = {}
         for deployment in deployments:
             progress(
-                f"deployment {deployment.name}: granian, {deployment.workers} worker(s) x "
+                f"deployment {deployment.name}: {args.server}, {deployment.workers} worker(s) x "
                 f"{deployment.threads} threads, ONNX Runtime {deployment.intra_op_threads} thread(s) per process"
             )
             served[deployment.name] = serve_and_measure(
@@ -724,6 +738,7 @@ def main(argv: list[str] | None = None) -> int:
                 config={"intra_op_threads": deployment.intra_op_threads},
                 workers=deployment.workers,
                 threads=deployment.threads,
+                server=args.server,
                 loads=loads,
                 probes=probes,
                 levels=levels,
@@ -746,6 +761,7 @@ def main(argv: list[str] | None = None) -> int:
                 "machine": info,
                 "load_average_at_end": list(os.getloadavg()),
                 "settings": {
+                    "server": args.server,
                     "seconds_per_measurement": seconds,
                     "warmup_seconds": warmup,
                     "repeats": repeats,
@@ -811,7 +827,7 @@ def report(
                 )
     print()
     print(
-        f"deployment {deployment.name}: {deployment.workers} granian worker(s) x {deployment.threads} threads, "
+        f"deployment {deployment.name}: {deployment.workers} worker process(es) x {deployment.threads} threads, "
         f"ONNX Runtime {deployment.intra_op_threads} thread(s) per process"
     )
     print_table(
