@@ -29,7 +29,7 @@ log = get_logger(__name__)
 
 KEY_PREFIX = "fwk_"
 NEGATIVE_CACHE_SECONDS = 5.0
-TENANT_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
+TENANT_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}\Z"  # \Z: "$" would let a trailing newline through
 TENANT_ERROR = "a tenant id: 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit"
 TENANT_ID = validate.Regexp(TENANT_PATTERN, error=TENANT_ERROR)
 """Every tenant id a caller names (the internal token acting for a tenant) is checked against this before it

@@ -17,7 +17,7 @@ from shared.auth import TENANT_ID
 from shared.events.catalog import TASK_TYPES, ObjectRef
 
 NAME = validate.Regexp(
-    r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$",
+    r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}\Z",
     error="1-100 letters, digits, '.', '_' or '-', starting with a letter or digit",
 )
 TEXT = "text_classification"

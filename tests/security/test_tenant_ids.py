@@ -11,7 +11,7 @@ import pytest
 
 from tests.helpers import INTERNAL
 
-BAD_TENANTS = ["ptn\x01abc", "a b", "../ptn_1", "ptn_1/x", "-leading-dash", "x" * 65, "ptn_é"]
+BAD_TENANTS = ["ptn\x01abc", "ptn_1\n", "a b", "../ptn_1", "ptn_1/x", "-leading-dash", "x" * 65, "ptn_é"]
 
 
 @pytest.mark.parametrize("tenant", BAD_TENANTS)
@@ -25,12 +25,11 @@ def test_a_tenant_that_is_not_an_id_is_refused_everywhere_it_is_named(platform, 
         "POST /v1/annotators": labeling.client.post(
             "/v1/annotators", json={"tenant": tenant, "name": "ann", "datasets": ["ds_1"]}, headers=INTERNAL
         ),
-        "predict on behalf of": inference.client.post(
-            "/v1/models/m:predict",
-            json={"texts": ["hello"]},
-            headers={**INTERNAL, "X-Flywheel-Tenant": tenant},
-        ),
     }
+    if "\n" not in tenant:  # a header cannot carry a newline at all
+        answers["predict on behalf of"] = inference.client.post(
+            "/v1/models/m:predict", json={"texts": ["hello"]}, headers={**INTERNAL, "X-Flywheel-Tenant": tenant}
+        )
     for what, response in answers.items():
         assert response.status_code in (400, 422), f"{what} with tenant {tenant!r}: {response.status_code}"
         body = response.get_json()
