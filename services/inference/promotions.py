@@ -30,7 +30,6 @@ makes every promotion wait for the poll interval.
 from __future__ import annotations
 
 import threading
-from collections import OrderedDict
 from typing import Any
 
 from kombu.common import Broadcast
@@ -39,6 +38,7 @@ from kombu.mixins import ConsumerMixin
 from services.inference.metrics import InferenceMetrics
 from services.inference.repository import ModelRepository
 from shared.events.catalog import broadcast_queue
+from shared.events.consumer import RecentIds
 from shared.events.envelope import InvalidEvent, validate_envelope
 from shared.logging import get_logger, log_context
 from shared.runtime import Runtime
@@ -47,24 +47,6 @@ log = get_logger(__name__)
 
 EVENT_TYPE = "model.promoted"
 STOP_CHECK_S = 0.25
-
-
-class RecentIds:
-    """A bounded set of recently seen event ids (per process)."""
-
-    def __init__(self, capacity: int = 10_000) -> None:
-        self.capacity = capacity
-        self._ids: OrderedDict[str, None] = OrderedDict()
-        self._lock = threading.Lock()
-
-    def add(self, event_id: str) -> bool:
-        with self._lock:
-            if event_id in self._ids:
-                return False
-            self._ids[event_id] = None
-            if len(self._ids) > self.capacity:
-                self._ids.popitem(last=False)
-            return True
 
 
 def envelope_of(body: Any) -> Any:

@@ -96,7 +96,7 @@ def retry_delay(attempt: int, base: float) -> float:
 def _register(runtime: Runtime, event_type: str, handler: Handler) -> None:
     name = task_name(runtime.service, event_type)
     broadcast = runtime.service in CATALOG[event_type].broadcast_to
-    seen = _RecentIds() if broadcast else None
+    seen = RecentIds() if broadcast else None
     settings = runtime.settings
 
     @runtime.celery.task(name=name, bind=True, max_retries=None, acks_late=True, ignore_result=True, shared=False)
@@ -186,7 +186,7 @@ def record_dead_letter(runtime: Runtime, consumer: str, message: Any, error: str
         )
 
 
-class _RecentIds:
+class RecentIds:
     """A bounded, thread-safe set of recently handled event ids (per-process dedupe for broadcast events)."""
 
     def __init__(self, capacity: int = 10_000) -> None:
