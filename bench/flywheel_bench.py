@@ -21,27 +21,9 @@ from typing import Any
 from bench.common import Progress, Stats, describe_machine, machine, print_table, write_results
 from shared.cli.demo_data import DIGIT_LABELS, digit_images, shuffled
 from shared.cli.launcher import LaunchError, detached_platform
-from shared.client import ApiError, Flywheel
+from shared.client import Flywheel, answer_or_none, wait_for
 
 TOKEN = "bench-internal-token"  # noqa: S105 - a throwaway platform's token, local to this run
-
-
-def _wait(probe: Any, timeout: float, what: str, interval: float = 0.2) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = probe()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"gave up after {timeout:.0f}s waiting for {what}")
-        time.sleep(interval)
-
-
-def _quiet(call: Any) -> Any:
-    try:
-        return call()
-    except ApiError:
-        return None
 
 
 def one_cycle(operator: Flywheel, threshold: int, epochs: int, cycle: int) -> dict[str, float]:
@@ -50,7 +32,7 @@ def one_cycle(operator: Flywheel, threshold: int, epochs: int, cycle: int) -> di
     dataset = partner.ingestion.create_dataset(
         "digits", "image_classification", list(DIGIT_LABELS), overlap=1, retrain_threshold=threshold
     )["id"]
-    _wait(lambda: _quiet(lambda: partner.labeling.dataset(dataset)), 30, "labeling to learn of the dataset")
+    wait_for(lambda: answer_or_none(lambda: partner.labeling.dataset(dataset)), timeout=30, what="labeling")
     partner.labeling.settings(dataset, training_hyperparameters={"epochs": epochs, "image_size": 32})
     digits = shuffled(digit_images(), seed=cycle)[:threshold]
     holdout = digits[0][0]
@@ -59,17 +41,24 @@ def one_cycle(operator: Flywheel, threshold: int, epochs: int, cycle: int) -> di
         batch = digits[start : start + 200]
         partner.ingestion.push(dataset, [{"image": png, "label": label} for png, label in batch])
     crossed = time.monotonic()
-    run = _wait(lambda: partner.training.list_runs(dataset_id=dataset), 60, "a run")[0]
+    run = wait_for(lambda: partner.training.list_runs(dataset_id=dataset), timeout=60, what="a run")[0]
     created = time.monotonic()
-    run = _wait(
-        lambda: (r := partner.training.get_run(run["id"]))["status"] in {"succeeded", "failed"} and r, 900, "training"
+    run = wait_for(
+        lambda: (r := partner.training.get_run(run["id"]))["status"] in {"succeeded", "failed"} and r,
+        timeout=900,
+        what="training",
     )
     finished = time.monotonic()
     if run["status"] != "succeeded":
         raise RuntimeError(f"the run failed: {run.get('failure_reason')}")
-    _wait(lambda: _quiet(lambda: partner.registry.versions("digits")), 60, "registration")
+    wait_for(lambda: answer_or_none(lambda: partner.registry.versions("digits")), timeout=60, what="registration")
     registered = time.monotonic()
-    _wait(lambda: _quiet(lambda: partner.inference.predict("digits", images=[holdout])), 120, "serving", 0.1)
+    wait_for(
+        lambda: answer_or_none(lambda: partner.inference.predict("digits", images=[holdout])),
+        timeout=120,
+        what="serving",
+        interval=0.1,
+    )
     serving = time.monotonic()
     training_wall = _training_seconds(run)
     return {

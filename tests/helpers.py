@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
+from shared.client import wait_for
 from tests.conftest import INTERNAL_TOKEN
 
 T = TypeVar("T")
@@ -15,14 +15,10 @@ INTERNAL = {"Authorization": f"Bearer {INTERNAL_TOKEN}"}
 
 def eventually(probe: Callable[[], T], *, timeout: float = 20.0, interval: float = 0.1, what: str = "") -> T:
     """Poll `probe` until it returns something truthy; fail with `what` after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = probe()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what or probe}")
-        time.sleep(interval)
+    try:
+        return wait_for(probe, timeout=timeout, what=what or repr(probe), interval=interval)
+    except TimeoutError as exc:
+        raise AssertionError(str(exc)) from None
 
 
 def bearer(key: str) -> dict[str, str]:

@@ -19,11 +19,13 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from shared.cli.demo_data import DIGIT_LABELS, TEXT_LABELS, digit_images, shuffled, stdlib_docstrings
-from shared.client import ApiError, Flywheel
+from shared.client import Flywheel, answer_or_none, wait_for
 from shared.settings import Settings
 
 NOISE = 0.10
 ANNOTATORS = 3
+POLL_S = 0.5
+"""How often the demo asks whether an asynchronous step (an event, a run, a promotion) has happened."""
 
 
 @dataclass
@@ -114,7 +116,12 @@ class Demo:
         dataset = self.partner.ingestion.create_dataset(
             plan.name, plan.task_type, list(plan.labels), overlap=ANNOTATORS, retrain_threshold=plan.retrain_threshold
         )
-        self._wait(lambda: self._labeling_knows(dataset["id"]), 30, "labeling to learn of the dataset")
+        wait_for(
+            lambda: self._labeling_knows(dataset["id"]),
+            timeout=30,
+            what="labeling to learn of the dataset",
+            interval=POLL_S,
+        )
         # Sized for a laptop CPU: 32-pixel digits, MiniLM at 64 tokens, a few epochs.
         self.partner.labeling.settings(dataset["id"], training_hyperparameters=plan.hyperparameters)
         tokens = [
@@ -134,11 +141,7 @@ class Demo:
         }
 
     def _labeling_knows(self, dataset_id: str) -> bool:
-        try:
-            self.partner.labeling.dataset(dataset_id)
-            return True
-        except ApiError:
-            return False
+        return answer_or_none(lambda: self.partner.labeling.dataset(dataset_id)) is not None
 
     def _cycle(self, plan: DatasetPlan, state: dict[str, Any], cycle: int) -> CycleResult:
         seconds: dict[str, float] = {}
@@ -161,13 +164,23 @@ class Demo:
         self.say(f"pushed {len(chunk)} items (trace {trace_id})")
 
         started = time.monotonic()
-        self._wait(lambda: self._open_tasks(dataset_id) >= len(chunk) * 0.95, 60, "labeling tasks")
+        wait_for(
+            lambda: self._open_tasks(dataset_id) >= len(chunk) * 0.95,
+            timeout=60,
+            what="labeling tasks",
+            interval=POLL_S,
+        )
         labeled, feedback_tasks = self._label_everything(plan, state)
         seconds["label"] = time.monotonic() - started
         self.say(f"{labeled} annotations ({feedback_tasks} feedback tasks); consensus forming")
 
         started = time.monotonic()
-        run = self._wait(lambda: self._new_run(dataset_id, runs_before), 60, "the retrain policy to start a run")
+        run = wait_for(
+            lambda: self._new_run(dataset_id, runs_before),
+            timeout=60,
+            what="the retrain policy to start a run",
+            interval=POLL_S,
+        )
         self.say(f"retrain policy fired: run {run['id']} on snapshot {run['snapshot_id']}")
         run = self._follow_run(run["id"])
         version = decision = serving = None
@@ -250,13 +263,10 @@ class Demo:
 
     def _registered(self, plan: DatasetPlan, run_id: str) -> tuple[int | None, str | None]:
         def find() -> dict[str, Any] | None:
-            try:
-                versions = self.partner.registry.versions(plan.name)
-            except ApiError:
-                return None
+            versions = answer_or_none(lambda: self.partner.registry.versions(plan.name)) or []
             return next((v for v in versions if v.get("run_id") == run_id), None)
 
-        version = self._wait(find, 60, "the registry to register the model")
+        version = wait_for(find, timeout=60, what="the registry to register the model", interval=POLL_S)
         outcome = (version.get("decision") or {}).get("outcome")
         self.say(f"  registered v{version['version']}: {outcome or 'recorded'}")
         return version["version"], outcome
@@ -266,14 +276,13 @@ class Demo:
         probe = {"texts": [content["text"]]} if "text" in content else {"images": [content["image"]]}
 
         def served() -> int | None:
-            try:
-                answer = self.partner.inference.predict(plan.name, **probe)
-            except ApiError:
+            answer = answer_or_none(lambda: self.partner.inference.predict(plan.name, **probe))
+            if answer is None:
                 return None
             expected = version if decision == "production" or state["version"] is None else state["version"]
             return answer["model_version"] if answer["model_version"] in {expected, version} else None
 
-        serving = self._wait(served, 120, "inference to serve the model")
+        serving = wait_for(served, timeout=120, what="inference to serve the model", interval=POLL_S)
         state["version"] = serving
         self.say(f"  inference serves v{serving}")
         return serving
@@ -299,16 +308,6 @@ class Demo:
         accuracy = correct / served if served else None
         self.say(f"  {served} predictions, held-out accuracy {accuracy:.3f}; {sent} corrections sent as feedback")
         return served, accuracy, sent
-
-    def _wait(self, probe: Callable[[], Any], timeout: float, what: str) -> Any:
-        deadline = time.monotonic() + timeout
-        while True:
-            value = probe()
-            if value:
-                return value
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"gave up after {timeout:.0f}s waiting for {what}")
-            time.sleep(0.5)
 
 
 def summary_table(results: list[CycleResult]) -> str:

@@ -8,7 +8,7 @@ from shared.client.api import (
     RegistryClient,
     TrainingClient,
 )
-from shared.client.http import ApiError, ServiceClient
+from shared.client.http import ApiError, ServiceClient, answer_or_none, wait_for
 
 __all__ = [
     "ApiError",
@@ -19,4 +19,6 @@ __all__ = [
     "RegistryClient",
     "ServiceClient",
     "TrainingClient",
+    "answer_or_none",
+    "wait_for",
 ]

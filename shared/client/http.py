@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from typing import Any
+import time
+from collections.abc import Callable, Iterator
+from typing import Any, TypeVar
 
 import requests
 from requests.adapters import HTTPAdapter
 from urllib3.util.retry import Retry
+
+T = TypeVar("T")
 
 DEFAULT_TIMEOUT = 30.0
 IDEMPOTENT = frozenset({"GET", "HEAD", "PUT", "DELETE", "OPTIONS"})
@@ -99,3 +102,25 @@ def _error(response: requests.Response, url: str) -> ApiError:
         error.get("details"),
         url,
     )
+
+
+def answer_or_none(call: Callable[[], T]) -> T | None:
+    """The API's answer, or None when it answers with an error (what is asked for is not there yet)."""
+    try:
+        return call()
+    except ApiError:
+        return None
+
+
+def wait_for(probe: Callable[[], T], *, timeout: float, what: str, interval: float = 0.2) -> T:
+    """Poll `probe` until it returns something truthy and return that; TimeoutError after `timeout` seconds.
+
+    For steps of the platform that happen asynchronously (an event consumed, a run finished, a version served)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = probe()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"gave up after {timeout:.0f}s waiting for {what}")
+        time.sleep(interval)

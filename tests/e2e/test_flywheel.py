@@ -13,7 +13,7 @@ import pytest
 from shared.cli.commands import collect_trace
 from shared.cli.demo_data import DIGIT_LABELS, digit_images, shuffled
 from shared.cli.launcher import detached_platform
-from shared.client import ApiError, Flywheel
+from shared.client import Flywheel, answer_or_none
 from shared.settings import SERVICES
 from tests.conftest import INTERNAL_TOKEN
 from tests.helpers import eventually
@@ -128,11 +128,7 @@ def test_data_in_model_out_feedback_back_in(running_platform) -> None:
 
 
 def _knows(client: Flywheel, dataset: str) -> bool:
-    try:
-        client.labeling.dataset(dataset)
-        return True
-    except ApiError:
-        return False
+    return answer_or_none(lambda: client.labeling.dataset(dataset)) is not None
 
 
 def _only(items: list) -> dict | None:
@@ -144,14 +140,8 @@ def _finished(run: dict) -> dict | None:
 
 
 def _versions(client: Flywheel) -> list:
-    try:
-        return client.registry.versions("digits")
-    except ApiError:
-        return []
+    return answer_or_none(lambda: client.registry.versions("digits")) or []
 
 
 def _predict(client: Flywheel, images: list[bytes]) -> dict | None:
-    try:
-        return client.inference.predict("digits", images=images)
-    except ApiError:
-        return None
+    return answer_or_none(lambda: client.inference.predict("digits", images=images))
