@@ -100,10 +100,6 @@ class Settings:
     def log_dir(self) -> Path:
         return self.home / "logs"
 
-    @property
-    def run_dir(self) -> Path:
-        return self.home / "run"
-
     def for_service(self, service: str, env: Mapping[str, str] | None = None) -> Settings:
         """Settings of one service: its own DATABASE_URL and port, falling back to the shared defaults."""
         env = os.environ if env is None else env

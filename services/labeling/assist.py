@@ -101,8 +101,3 @@ def _record(runtime: Runtime, dataset: LabelingDataset, chunk: list[Task], predi
                 if untouched:
                     settle(runtime, session, row, current, row.prelabel, "model_auto", row.prelabel_confidence)
     return len(chunk)
-
-
-def open_task_ids(runtime: Runtime, dataset_id: str) -> list[int]:
-    with runtime.db.session() as session:
-        return list(session.scalars(select(Task.id).where(Task.dataset_id == dataset_id, Task.status == "open")))

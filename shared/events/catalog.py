@@ -169,7 +169,3 @@ def task_name(consumer: str, event_type: str) -> str:
 
 def broadcast_queue(service: str) -> str:
     return f"{service}.broadcast"
-
-
-def events_consumed_by(service: str) -> list[EventSpec]:
-    return [spec for spec in _SPECS if service in spec.consumers]
