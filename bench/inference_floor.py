@@ -69,6 +69,8 @@ class _NoObserver:
 
 
 def _batcher() -> Any:
+    if "batcher" in _state:  # the request path: no lock once the model is loaded
+        return _state["batcher"]
     with _state_lock:
         if "batcher" not in _state:
             import onnxruntime as ort
