@@ -27,8 +27,13 @@ class Harness:
         return bearer(self.key)
 
     def dataset(self, **fields: Any) -> str:
-        dataset = create_dataset(self.ingestion.client, self.key, **fields)
-        return dataset["id"]
+        """A new dataset, once labeling has consumed its `dataset.created` (so its settings can be changed)."""
+        dataset_id = create_dataset(self.ingestion.client, self.key, **fields)["id"]
+        eventually(
+            lambda: self.labeling.client.get(f"/v1/datasets/{dataset_id}", headers=self.partner).status_code == 200,
+            what="labeling to learn of the dataset",
+        )
+        return dataset_id
 
     def push(self, dataset_id: str, texts: list[str], labels: list[str | None] | None = None) -> list[str]:
         labels = labels or [None] * len(texts)

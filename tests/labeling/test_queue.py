@@ -88,9 +88,10 @@ def test_majority_decides_and_a_tie_escalates_to_one_more_annotator(harness) -> 
 
 def test_review_after_escalations_and_owner_resolution(harness) -> None:
     dataset = harness.dataset(overlap=2, labels=["a", "b", "c", "d"])
-    harness.labeling.client.patch(
+    patched = harness.labeling.client.patch(
         f"/v1/datasets/{dataset}/settings", json={"max_extra_annotations": 1}, headers=harness.partner
     )
+    assert patched.status_code == 200, patched.get_json()
     harness.push(dataset, ["contested"])
     harness.wait_tasks(dataset, 1)
     outcomes = []
