@@ -13,6 +13,7 @@ policy's counter moves one consensus at a time and a threshold crossing queues e
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 from sqlalchemy import delete, func, select
 from sqlalchemy.orm import Session
@@ -27,6 +28,7 @@ log = get_logger(__name__)
 
 LEASE_SECONDS = 300
 BUILD_SNAPSHOT_TASK = "labeling.build_snapshot"
+MAX_LEASE_ATTEMPTS = 20  # candidates a request may pass over after losing a race for them
 
 
 def now() -> datetime:
@@ -50,35 +52,47 @@ def next_task(runtime: Runtime, annotator_id: str, dataset_id: str, lease_second
             _lease(session, current.id, annotator_id, lease_seconds)
             return current
         answered = select(Annotation.task_id).where(Annotation.annotator_id == annotator_id)
-        labels = (
-            select(func.count(Annotation.id))
-            .where(Annotation.task_id == Task.id, Annotation.skipped.is_(False))
-            .scalar_subquery()
-        )
-        leased = (
-            select(func.count(Lease.id))
-            .where(Lease.task_id == Task.id, Lease.expires_at > now(), Lease.annotator_id != annotator_id)
-            .scalar_subquery()
-        )
-        query = (
-            select(Task)
-            .where(
-                Task.dataset_id == dataset_id,
-                Task.status == "open",
-                Task.id.not_in(answered),
-                labels + leased < Task.required,
+        rejected: list[int] = []
+        for _ in range(MAX_LEASE_ATTEMPTS):
+            query = (
+                select(Task)
+                .where(
+                    Task.dataset_id == dataset_id,
+                    Task.status == "open",
+                    Task.id.not_in(answered),
+                    Task.id.not_in(rejected),
+                    _demand(Task.id, annotator_id) < Task.required,
+                )
+                .order_by(Task.priority.desc(), Task.uncertainty.desc().nulls_last(), Task.id)
+                .limit(1)
             )
-            .order_by(Task.priority.desc(), Task.uncertainty.desc().nulls_last(), Task.id)
-            .limit(1)
-        )
-        if not runtime.db.is_sqlite:  # SQLite's BEGIN IMMEDIATE already serialises this transaction
-            query = query.with_for_update(skip_locked=True)
-        task = session.scalar(query)
-        if task is None:
-            return None
-        _lease(session, task.id, annotator_id, lease_seconds)
+            if runtime.db.is_sqlite:  # SQLite's BEGIN IMMEDIATE already serialises this transaction
+                return _lease_found(session, session.scalar(query), annotator_id, dataset_id, lease_seconds)
+            task = session.scalar(query.with_for_update(skip_locked=True))
+            if task is None:
+                return None
+            # The row lock was free, but the statement's snapshot may predate the commit of whoever held it
+            # just before: a fresh statement sees that holder's lease, so a full task is passed over.
+            if session.scalar(select(_demand(task.id, annotator_id))) < task.required:
+                return _lease_found(session, task, annotator_id, dataset_id, lease_seconds)
+            rejected.append(task.id)
+        return None
+
+
+def _demand(task_id: Any, annotator_id: str) -> Any:
+    """Labels a task has plus live leases others hold on it: what counts against its `required`."""
+    labels = select(func.count(Annotation.id)).where(Annotation.task_id == task_id, Annotation.skipped.is_(False))
+    leased = select(func.count(Lease.id)).where(
+        Lease.task_id == task_id, Lease.expires_at > now(), Lease.annotator_id != annotator_id
+    )
+    return labels.scalar_subquery() + leased.scalar_subquery()
+
+
+def _lease_found(session: Session, task: Task | None, annotator_id: str, dataset_id: str, seconds: int) -> Task | None:
+    if task is not None:
+        _lease(session, task.id, annotator_id, seconds)
         log.info("task_leased", task_id=task.id, annotator_id=annotator_id, dataset_id=dataset_id)
-        return task
+    return task
 
 
 def _lease(session: Session, task_id: int, annotator_id: str, seconds: int) -> None:

@@ -176,3 +176,32 @@ def test_partner_labels_count_and_deleted_items_are_withdrawn(harness) -> None:
     eventually(lambda: harness.task_count(dataset, "withdrawn") == 1, what="the erased item's task withdrawn")
     alice = harness.annotator("alice", dataset)
     assert harness.next(alice, dataset) is None
+
+
+def test_simultaneous_requests_never_lease_one_task_twice(harness_factory, postgres_database) -> None:
+    # Annotators who ask at the same instant race for the same first task: the loser of the row lock must
+    # see the winner's lease and move on, not hand the task out a second time (overlap is 1).
+    harness = harness_factory(database_url=postgres_database())
+    dataset = harness.dataset(overlap=1)
+    people, rounds = 6, 5
+    harness.push(dataset, [f"review {i}" for i in range(people * rounds)])
+    harness.wait_tasks(dataset, people * rounds)
+    tokens = [harness.annotator(f"annotator-{i}", dataset) for i in range(people)]
+    for round_number in range(rounds):
+        barrier = threading.Barrier(people)
+        handed: list[int | None] = []
+
+        def ask(headers: dict[str, str], barrier: threading.Barrier, handed: list[int | None]) -> None:
+            barrier.wait()
+            task = harness.next(headers, dataset)
+            handed.append(None if task is None else task["id"])
+
+        threads = [threading.Thread(target=ask, args=(t, barrier, handed)) for t in tokens]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(30)
+        assert None not in handed and len(set(handed)) == people, f"round {round_number}: {sorted(handed)}"
+        for headers in tokens:  # each labels the task it holds, so the next round starts from fresh leases
+            held = harness.next(headers, dataset)
+            assert harness.label(headers, held["id"], "pos").status_code == 201
