@@ -28,18 +28,9 @@ def configure_logging(service: str, level: str = "INFO", fmt: str = "json") -> N
     if _configured:
         return
     _configured = True
-    shared_processors: list[Any] = [
-        structlog.contextvars.merge_contextvars,
-        structlog.processors.add_log_level,
-        structlog.processors.TimeStamper(fmt="iso", utc=True),
-        _add_service(service),
-    ]
-    renderer: Any = (
-        structlog.dev.ConsoleRenderer(colors=False) if fmt == "console" else structlog.processors.JSONRenderer()
-    )
     structlog.configure(
         processors=[
-            *shared_processors,
+            *_shared_processors(service),
             structlog.processors.StackInfoRenderer(),
             structlog.processors.format_exc_info,
             structlog.stdlib.ProcessorFormatter.wrap_for_formatter,
@@ -48,21 +39,42 @@ def configure_logging(service: str, level: str = "INFO", fmt: str = "json") -> N
         wrapper_class=structlog.stdlib.BoundLogger,
         cache_logger_on_first_use=True,
     )
-    formatter = structlog.stdlib.ProcessorFormatter(
-        foreign_pre_chain=[*shared_processors, structlog.stdlib.ExtraAdder()],
+    formatter = json_formatter(service, fmt)
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(formatter)
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+    logging.captureWarnings(True)  # a library's warning is a JSON line too, not bare text on stderr
+    for noisy in ("urllib3", "botocore", "werkzeug", "kombu", "amqp"):
+        logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))
+
+
+def json_formatter(service: str, fmt: str = "json", *, logger_name: bool = False) -> logging.Formatter:
+    """The formatter every handler uses: a standard library record becomes one JSON line (or, with
+    `fmt="console"`, one readable line) carrying `service`, level, UTC timestamp and the bound context;
+    with `logger_name`, also `logger`, the record's logger."""
+    named = [structlog.stdlib.add_logger_name] if logger_name else []
+    renderer: Any = (
+        structlog.dev.ConsoleRenderer(colors=False) if fmt == "console" else structlog.processors.JSONRenderer()
+    )
+    return structlog.stdlib.ProcessorFormatter(
+        foreign_pre_chain=[*_shared_processors(service), *named, structlog.stdlib.ExtraAdder()],
         processors=[
             structlog.stdlib.ProcessorFormatter.remove_processors_meta,
             structlog.processors.format_exc_info,
             renderer,
         ],
     )
-    handler = logging.StreamHandler(sys.stdout)
-    handler.setFormatter(formatter)
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(level.upper())
-    for noisy in ("urllib3", "botocore", "werkzeug", "kombu", "amqp"):
-        logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))
+
+
+def _shared_processors(service: str) -> list[Any]:
+    return [
+        structlog.contextvars.merge_contextvars,
+        structlog.processors.add_log_level,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+        _add_service(service),
+    ]
 
 
 def _add_service(service: str):

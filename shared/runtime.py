@@ -94,7 +94,7 @@ class Runtime:
             "service_started",
             database=self.db.safe_url,
             storage=self.storage.describe,
-            broker=_redact(self.settings.redis_url),
+            broker=redact_url(self.settings.redis_url),
         )
         return self
 
@@ -116,7 +116,7 @@ class Runtime:
         self.redis.close()
 
 
-def _redact(url: str) -> str:
+def redact_url(url: str) -> str:
     scheme, sep, rest = url.partition("://")
     if "@" in rest:
         rest = "***@" + rest.split("@", 1)[1]
@@ -146,6 +146,7 @@ def create_worker(spec: ServiceSpec, settings: Settings | None = None) -> Celery
 
 def worker_argv(spec: ServiceSpec) -> list[str]:
     return [
+        "--quiet",  # no ASCII banner (the CLI logs `worker_starting` instead): every line stays JSON
         "worker",
         f"--queues={','.join(service_queues(spec.name))}",
         f"--pool={spec.worker_pool}",

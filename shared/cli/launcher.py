@@ -27,6 +27,7 @@ import redis
 import requests
 
 from shared.auth import generate_internal_token
+from shared.server_logging import GRANIAN_LOG_CONFIG
 from shared.settings import SERVICES, Settings
 
 READY_TIMEOUT_SECONDS = 90.0
@@ -236,6 +237,8 @@ def http_command(service: str, port: int) -> list[str]:
             str(INFERENCE_THREADS),
             "--workers-kill-timeout",
             "20",
+            "--log-config",
+            str(GRANIAN_LOG_CONFIG),
             "services.inference.app:create_app",
         ]
     return [
@@ -256,6 +259,8 @@ def http_command(service: str, port: int) -> list[str]:
         "20",
         "--keep-alive",
         "30",
+        "--logger-class",
+        "shared.server_logging.GunicornLogger",
         f"services.{service}.app:create_app()",
     ]
 

@@ -21,12 +21,23 @@ from shared.settings import SERVICES
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
-    from shared.runtime import worker_argv
+    from shared.events.celery_app import service_queues
+    from shared.logging import get_logger
+    from shared.runtime import redact_url, worker_argv
 
     module = importlib.import_module(f"services.{args.service}.app")
     celery = module.create_celery()
-    celery.flywheel_runtime.bus.start_relay()
-    celery.worker_main(worker_argv(module.SPEC))
+    runtime = celery.flywheel_runtime
+    runtime.bus.start_relay()
+    argv = worker_argv(module.SPEC)
+    get_logger(__name__).info(
+        "worker_starting",
+        queues=service_queues(module.SPEC.name),
+        pool=module.SPEC.worker_pool,
+        concurrency=module.SPEC.worker_concurrency,
+        broker=redact_url(runtime.settings.redis_url),
+    )
+    celery.worker_main(argv)
     return 0
 
 

@@ -32,8 +32,19 @@ from tests.deploy.manifests import (
 )
 
 ALL_INTERFACES = "0.0.0.0"  # noqa: S104 - a container's server listens on its pod's address
-GUNICORN_OPTIONS = {"--worker-class": "gthread", "--workers": "1", "--threads": "8"}
-GRANIAN_OPTIONS = {"--interface": "wsgi", "--workers": "1", "--blocking-threads": "16"}
+IMAGE_GRANIAN_LOG_CONFIG = "/etc/flywheel/granian-logging.json"  # where both Dockerfiles put it
+GUNICORN_OPTIONS = {
+    "--worker-class": "gthread",
+    "--workers": "1",
+    "--threads": "8",
+    "--logger-class": "shared.server_logging.GunicornLogger",
+}
+GRANIAN_OPTIONS = {
+    "--interface": "wsgi",
+    "--workers": "1",
+    "--blocking-threads": "16",
+    "--log-config": IMAGE_GRANIAN_LOG_CONFIG,
+}
 GRANIAN_SERVICES = {"inference"}  # the partners' hot path; the others run under gunicorn
 
 

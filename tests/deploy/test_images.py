@@ -133,3 +133,10 @@ def test_the_build_context_holds_what_the_dockerfile_copies(path: str) -> None:
 def test_the_cpu_image_exposes_every_service_port() -> None:
     exposed = next(i.arguments for i in stages("deploy/Dockerfile")[-1] if i.keyword == "EXPOSE")
     assert {int(p) for p in exposed.split()} == set(DEFAULT_PORTS.values())
+
+
+@pytest.mark.parametrize("path", DOCKERFILES)
+def test_the_final_stage_holds_the_servers_log_configuration(path: str) -> None:
+    # granian's --log-config in every manifest names this path (tests/deploy/test_entrypoints.py).
+    copies = [i.arguments for i in stages(path)[-1] if i.keyword == "COPY"]
+    assert "shared/granian_logging.json /etc/flywheel/granian-logging.json" in copies

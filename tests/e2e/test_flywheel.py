@@ -4,6 +4,7 @@ trace id visible in the logs of all five services."""
 
 from __future__ import annotations
 
+import json
 import os
 import uuid
 from pathlib import Path
@@ -125,6 +126,23 @@ def test_data_in_model_out_feedback_back_in(running_platform) -> None:
     for step in ("items_ingested", "tasks_created", "snapshot_created", "run_epoch_finished", "run_published"):
         assert any(step in event for event in events), (step, sorted(set(events)))
     assert tenant
+    # Every line every process printed, the HTTP servers' own included, is JSON naming its service: a log
+    # pipeline that parses JSON loses none of them.
+    unparsed = [
+        f"{log.name}:{number}: {line[:300]}"
+        for log in sorted(log_dir.glob("*.log"))
+        for number, line in enumerate(log.read_text().splitlines(), 1)
+        if (_json_or_none(line) or {}).get("service") != log.stem.removesuffix("-worker")
+    ]
+    assert not unparsed, "\n".join(unparsed)
+
+
+def _json_or_none(line: str) -> dict | None:
+    try:
+        parsed = json.loads(line)
+    except ValueError:
+        return None
+    return parsed if isinstance(parsed, dict) else None
 
 
 def _knows(client: Flywheel, dataset: str) -> bool:
