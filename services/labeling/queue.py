@@ -6,8 +6,9 @@ often than its overlap needs. Order: priority (feedback first), then uncertainty
 prediction first: human effort goes where the model is weakest), then age. A lease that expires returns
 its task to the queue by itself: only live leases count.
 
-`apply_consensus` runs in the transaction that adds a label; it locks the dataset row, so the retrain
-policy's counter moves one consensus at a time and a threshold crossing queues exactly one snapshot.
+A label (or an owner's resolution) locks the dataset row, then reads its task again under the task's own
+row lock, so the retrain policy's counter moves one consensus at a time, a threshold crossing queues exactly
+one snapshot, and a label that waited behind the one deciding its task sees the task as decided.
 """
 
 from __future__ import annotations
@@ -114,6 +115,7 @@ def annotate(
         if task is None or task.dataset_id not in allowed_datasets:
             raise NotFound(f"task {task_id} does not exist")
         dataset = _locked_dataset(runtime, session, task.dataset_id)
+        task = _locked_task(runtime, session, task)
         if label is not None and label not in dataset.labels:
             raise Unprocessable(
                 f"label {label!r} is not in the dataset's label set",
@@ -158,6 +160,15 @@ def _locked_dataset(runtime: Runtime, session: Session, dataset_id: str) -> Labe
     if dataset is None:
         raise NotFound(f"dataset {dataset_id} does not exist")
     return dataset
+
+
+def _locked_task(runtime: Runtime, session: Session, task: Task) -> Task:
+    """The task read again under a row lock, after its dataset's: what was read before the wait may be stale
+    (another label decided it, or its item was withdrawn), and decisions must rest on what is now true."""
+    fresh = session.get(Task, task.id, with_for_update=not runtime.db.is_sqlite, populate_existing=True)
+    if fresh is None:
+        raise NotFound(f"task {task.id} does not exist")
+    return fresh
 
 
 def apply_consensus(runtime: Runtime, session: Session, task: Task, dataset: LabelingDataset) -> None:
@@ -241,6 +252,7 @@ def resolve(runtime: Runtime, task_id: int, tenant: str | None, label: str) -> T
         if task is None or (tenant is not None and task.tenant != tenant):
             raise NotFound(f"task {task_id} does not exist")
         dataset = _locked_dataset(runtime, session, task.dataset_id)
+        task = _locked_task(runtime, session, task)
         if label not in dataset.labels:
             raise Unprocessable(f"label {label!r} is not in the dataset's label set")
         if task.status not in {"review", "open"}:

@@ -6,10 +6,11 @@ import threading
 import time
 from collections import Counter
 
+import psycopg
 import pytest
 from sqlalchemy import select
 
-from services.labeling.models import Annotation
+from services.labeling.models import Annotation, Task
 from tests.helpers import bearer, create_partner, eventually
 
 pytestmark = pytest.mark.timeout(120)
@@ -205,3 +206,48 @@ def test_simultaneous_requests_never_lease_one_task_twice(harness_factory, postg
         for headers in tokens:  # each labels the task it holds, so the next round starts from fresh leases
             held = harness.next(headers, dataset)
             assert harness.label(headers, held["id"], "pos").status_code == 201
+
+
+def test_an_edit_that_waited_behind_the_deciding_label_is_refused(harness_factory, postgres_database) -> None:
+    # Bob's label decides the task while Alice's edit of her own label waits for the dataset's lock. When
+    # Alice's turn comes the task is done: her edit must be refused, not applied on top of the consensus.
+    database_url = postgres_database()
+    harness = harness_factory(database_url=database_url)
+    dataset = harness.dataset(overlap=2)
+    harness.push(dataset, ["contested"])
+    harness.wait_tasks(dataset, 1)
+    alice, bob = harness.annotator("alice", dataset), harness.annotator("bob", dataset)
+    task_id = harness.next(alice, dataset)["id"]
+    assert harness.label(alice, task_id, "pos").status_code == 201
+    assert harness.next(bob, dataset)["id"] == task_id
+    answers: dict[str, int] = {}
+
+    def post(name: str, headers: dict[str, str], label: str) -> None:
+        answers[name] = harness.label(headers, task_id, label).status_code
+
+    with psycopg.connect(database_url.replace("postgresql+psycopg://", "postgresql://", 1)) as holder:
+        holder.execute("SELECT id FROM datasets WHERE id = %s FOR UPDATE", (dataset,))
+        waiting = [threading.Thread(target=post, args=("bob", bob, "pos"))]
+        waiting[0].start()
+        eventually(lambda: _lock_waiters(database_url) == 1, what="bob's label waiting for the lock")
+        waiting.append(threading.Thread(target=post, args=("alice", alice, "neg")))
+        waiting[1].start()
+        eventually(lambda: _lock_waiters(database_url) == 2, what="alice's edit waiting behind it")
+        holder.rollback()  # Postgres grants the lock in the order asked: bob first, then alice
+    for thread in waiting:
+        thread.join(30)
+    assert answers == {"bob": 201, "alice": 409}
+    with harness.worker.db.session() as session:
+        labels = dict(session.execute(select(Annotation.annotator_id, Annotation.label)).all())
+        task = session.get(Task, task_id)
+        assert (task.status, task.consensus_label, task.required) == ("done", "pos", 2)
+    assert sorted(labels.values()) == ["pos", "pos"], "the consensus stands on the labels it was formed from"
+
+
+def _lock_waiters(database_url: str) -> int:
+    name = database_url.rsplit("/", 1)[1]
+    with psycopg.connect(database_url.replace("postgresql+psycopg://", "postgresql://", 1).rsplit("/", 1)[0]) as conn:
+        row = conn.execute(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = %s AND wait_event_type = 'Lock'", (name,)
+        ).fetchone()
+    return row[0]
