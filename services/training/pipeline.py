@@ -2,8 +2,9 @@
 
 `execute_run` is the single entry point, called by the worker's `training.run` task and by every rank of a
 torchrun job (`services.training.distributed`). Whatever happens, the run ends in exactly one recorded
-outcome: succeeded with `training.completed`, failed with `training.failed` and a reason, cancelled, or, for
-a transient storage error, released for another attempt that resumes from the last checkpoint.
+outcome: succeeded with `training.completed`; failed or cancelled with `training.failed` and a reason (its
+`outcome` says which); or, for a transient storage error, released for another attempt that resumes from the
+last checkpoint.
 """
 
 from __future__ import annotations

@@ -457,7 +457,13 @@ def _finish(
     if status == SUCCEEDED:
         runtime.bus.publish(session, "training.completed", payload or {}, tenant=run.tenant, trace_id=run.trace_id)
     else:
-        failure = {"run_id": run.id, "dataset_id": run.dataset_id, "snapshot_id": run.snapshot_id, "reason": reason}
+        failure = {
+            "run_id": run.id,
+            "dataset_id": run.dataset_id,
+            "snapshot_id": run.snapshot_id,
+            "reason": reason,
+            "outcome": status,
+        }
         runtime.bus.publish(session, "training.failed", failure, tenant=run.tenant, trace_id=run.trace_id)
     log.info(f"run_{status}", run_id=run.id, reason=reason)
 

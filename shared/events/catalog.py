@@ -96,6 +96,8 @@ class TrainingFailed(Schema):
     dataset_id = fields.String(required=True)
     snapshot_id = fields.String(load_default=None, allow_none=True)
     reason = fields.String(required=True)
+    # "cancelled" when an operator stopped the run: an alert on failures can tell the two apart.
+    outcome = fields.String(load_default="failed", validate=validate.OneOf(("failed", "cancelled")))
 
 
 class ModelVersionCreated(Schema):
@@ -145,7 +147,7 @@ _SPECS = (
     EventSpec("dataset.snapshot_created", 1, SnapshotCreated, "labeling", (), doc="immutable dataset version"),
     EventSpec("training.requested", 1, TrainingRequested, "labeling", ("training",), doc="retrain policy fired"),
     EventSpec("training.completed", 1, TrainingCompleted, "training", ("registry",), doc="verified ONNX export"),
-    EventSpec("training.failed", 1, TrainingFailed, "training", (), doc="run failed, with a reason"),
+    EventSpec("training.failed", 1, TrainingFailed, "training", (), doc="run failed or cancelled, with a reason"),
     EventSpec("model.version_created", 1, ModelVersionCreated, "registry", (), doc="new registered version"),
     EventSpec(
         "model.promoted",

@@ -40,7 +40,7 @@ def test_cancelling_a_running_run_stops_it(platform, worker, logs) -> None:
     assert run.epoch < 200
     assert run.failure_reason == "cancelled by an operator during training"
     [failed] = published(api.runtime, "training.failed", run_id)
-    assert failed["payload"]["reason"] == run.failure_reason
+    assert failed["payload"]["reason"] == run.failure_reason and failed["payload"]["outcome"] == "cancelled"
     assert published(api.runtime, "training.completed") == []
     assert not api.runtime.storage.exists("checkpoints", checkpoint_key("acme", run_id))
     assert logs.find(event="run_cancelled", run_id=run_id)

@@ -35,7 +35,7 @@ def failure_reason(runtime, snapshot_id: str) -> str:
     )
     [event] = published(runtime, "training.failed", run.id)
     assert event["payload"]["reason"] == run.failure_reason
-    assert event["payload"]["snapshot_id"] == snapshot_id
+    assert event["payload"]["snapshot_id"] == snapshot_id and event["payload"]["outcome"] == "failed"
     return run.failure_reason
 
 

@@ -120,6 +120,7 @@ def test_runs_need_the_internal_token_and_partners_see_only_their_own(services, 
     assert cancelled.status_code == 202 and cancelled.get_json()["status"] == "cancelled"
     [failed] = published(training.runtime, "training.failed", run["id"])
     assert "cancelled" in failed["payload"]["reason"] and failed["tenant"] == acme_tenant
+    assert failed["payload"]["outcome"] == "cancelled"
     twice = client.post(f"/v1/runs/{run['id']}/cancel", headers=INTERNAL)
     assert twice.status_code == 409 and twice.get_json()["error"]["code"] == "conflict"
     # A cancelled request may be made again.
