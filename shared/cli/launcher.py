@@ -31,6 +31,7 @@ from shared.server_logging import GRANIAN_LOG_CONFIG
 from shared.settings import SERVICES, Settings
 
 READY_TIMEOUT_SECONDS = 90.0
+READY_FILE_ENV = "FLYWHEEL_WORKER_READY_FILE"  # where a worker started by `up` says it consumes
 STOP_GRACE_SECONDS = 10.0
 PRIVATE_REDIS_PORT = 6390
 
@@ -76,6 +77,10 @@ class Platform:
             processes={k: int(v) for k, v in data["processes"].items()},
             started_at=data["started_at"],
         )
+
+    def worker_ready_file(self, service: str) -> Path:
+        """Written by the service's worker once it consumes (`READY_FILE_ENV`); `up` waits for it."""
+        return self.home / "run" / f"{service}-worker.ready"
 
     def alive(self) -> dict[str, int]:
         return {name: pid for name, pid in self.processes.items() if _pid_alive(pid)}
@@ -297,8 +302,10 @@ def up(*, detach: bool, out: Any = sys.stdout) -> int:
     try:
         for service in SERVICES:
             platform.processes[service] = _spawn(http_command(service, ports[service]), log_dir / f"{service}.log", env)
+            ready_file = platform.worker_ready_file(service)
+            ready_file.unlink(missing_ok=True)
             platform.processes[f"{service}-worker"] = _spawn(
-                worker_command(service), log_dir / f"{service}-worker.log", env
+                worker_command(service), log_dir / f"{service}-worker.log", {**env, READY_FILE_ENV: str(ready_file)}
             )
             platform.save()
         _wait_ready(platform, log_dir, out)
@@ -314,17 +321,18 @@ def up(*, detach: bool, out: Any = sys.stdout) -> int:
 
 def _wait_ready(platform: Platform, log_dir: Path, out: Any) -> None:
     deadline = time.monotonic() + READY_TIMEOUT_SECONDS
-    pending = set(SERVICES)
+    pending = set(SERVICES) | {f"{service}-worker" for service in SERVICES}
     while pending:
         for name, pid in platform.processes.items():
             if not _pid_alive(pid):
                 log_name = "redis" if name == "redis" else name
                 tail = _tail(log_dir / f"{log_name}.log")
                 raise LaunchError(f"{name} exited during start-up; last lines of its log:\n{tail}")
-        for service in sorted(pending):
-            if _ready(platform.ports[service]):
-                pending.discard(service)
-                print(f"  {service} ready", file=out, flush=True)
+        for name in sorted(pending):
+            service, _, worker = name.partition("-")
+            if platform.worker_ready_file(service).exists() if worker else _ready(platform.ports[service]):
+                pending.discard(name)
+                print(f"  {name} ready", file=out, flush=True)
         if pending and time.monotonic() > deadline:
             raise LaunchError(
                 f"not ready after {READY_TIMEOUT_SECONDS:.0f}s: {', '.join(sorted(pending))}; logs in {log_dir}"
@@ -400,6 +408,8 @@ def stop(platform: Platform, *, out: Any = sys.stdout) -> None:
     for pid in platform.processes.values():
         _signal_group(pid, signal.SIGKILL)
     platform.state_file.unlink(missing_ok=True)
+    for service in SERVICES:
+        platform.worker_ready_file(service).unlink(missing_ok=True)
     print("Flywheel stopped.", file=out, flush=True)
 
 

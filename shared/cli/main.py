@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,9 @@ from shared.settings import SERVICES
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
+    from celery.signals import worker_ready
+
+    from shared.cli.launcher import READY_FILE_ENV
     from shared.events.celery_app import service_queues
     from shared.logging import get_logger
     from shared.runtime import redact_url, worker_argv
@@ -37,6 +41,13 @@ def cmd_worker(args: argparse.Namespace) -> int:
         concurrency=module.SPEC.worker_concurrency,
         broker=redact_url(runtime.settings.redis_url),
     )
+    ready_file = os.environ.get(READY_FILE_ENV)
+    if ready_file:  # started by `flywheel up`, which waits until the worker consumes
+
+        def on_ready(**_: Any) -> None:
+            Path(ready_file).write_text(str(os.getpid()))
+
+        worker_ready.connect(on_ready, weak=False)
     celery.worker_main(argv)
     return 0
 

@@ -68,6 +68,7 @@ def test_up_detach_status_refuse_twice_and_down(launcher_env: dict[str, str], tm
         assert elapsed < 90, f"took {elapsed:.0f}s to be ready"
         for service in SERVICES:
             assert f"{service} ready" in up.stdout
+            assert f"{service}-worker ready" in up.stdout, "up returns once every worker consumes"
             assert f"http://127.0.0.1:{launcher_env[f'{service.upper()}_PORT']}" in up.stdout
         token_file = tmp_path / "home" / "internal-token"
         assert f"internal token in {token_file}" in up.stdout
@@ -87,7 +88,7 @@ def test_up_detach_status_refuse_twice_and_down(launcher_env: dict[str, str], tm
     finally:
         down = flywheel(launcher_env, "down", timeout=60)
     assert down.returncode == 0, down.stdout + down.stderr
-    assert not state_file.exists()
+    assert not state_file.exists() and not list(state_file.parent.glob("*.ready"))
     assert not [name for name, pid in pids.items() if group_alive(pid)], "processes left behind"
     stopped = flywheel(launcher_env, "status")
     assert stopped.returncode == 1
