@@ -165,7 +165,9 @@ def _locked_dataset(runtime: Runtime, session: Session, dataset_id: str) -> Labe
 def _locked_task(runtime: Runtime, session: Session, task: Task) -> Task:
     """The task read again under a row lock, after its dataset's: what was read before the wait may be stale
     (another label decided it, or its item was withdrawn), and decisions must rest on what is now true."""
-    fresh = session.get(Task, task.id, with_for_update=not runtime.db.is_sqlite, populate_existing=True)
+    if runtime.db.is_sqlite:  # BEGIN IMMEDIATE: the first read was already made under the write lock
+        return task
+    fresh = session.get(Task, task.id, with_for_update=True, populate_existing=True)
     if fresh is None:
         raise NotFound(f"task {task.id} does not exist")
     return fresh
