@@ -1,9 +1,12 @@
-"""Small helpers the tests share: waiting for eventual effects, and creating a partner with a dataset."""
+"""Small helpers the tests share: waiting for eventual effects, creating a partner with a dataset, and
+holding PostgreSQL row locks to order concurrent requests."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from typing import Any, TypeVar
+
+import psycopg
 
 from shared.client import wait_for
 from tests.conftest import INTERNAL_TOKEN
@@ -42,3 +45,18 @@ def figures(fault: str, **numbers: int) -> None:
     """The one line each fault prints: what was sent, accepted, lost, duplicated, and errors seen."""
     shown = " ".join(f"{name}={value}" for name, value in numbers.items())
     print(f"\nFAULT {fault}: {shown}")
+
+
+def libpq_url(database_url: str) -> str:
+    """A SQLAlchemy `postgresql+psycopg://` URL as psycopg itself takes it."""
+    return database_url.replace("postgresql+psycopg://", "postgresql://", 1)
+
+
+def lock_waiters(database_url: str) -> int:
+    """How many sessions of that PostgreSQL database are waiting for a lock right now."""
+    server, _, name = libpq_url(database_url).rpartition("/")
+    with psycopg.connect(f"{server}/postgres") as conn:
+        row = conn.execute(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = %s AND wait_event_type = 'Lock'", (name,)
+        ).fetchone()
+    return row[0]

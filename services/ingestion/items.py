@@ -122,6 +122,8 @@ def delete_item(runtime: Runtime, tenant: str, item_id: str) -> None:
         sharing = session.scalars(
             select(Item).where(Item.bucket == item.bucket, Item.object_key == item.object_key).with_for_update()
         ).all()
+        if not any(row is item for row in sharing):  # a deletion that held the lock before us took it
+            raise NotFound(f"item {item_id} does not exist")
         if item.offset is not None and len(sharing) > 1:
             pack = bytearray(runtime.storage.get_bytes(item.bucket, item.object_key, verify=False))
             pack[item.offset : item.offset + item.length] = bytes(item.length)

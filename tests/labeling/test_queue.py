@@ -11,7 +11,7 @@ import pytest
 from sqlalchemy import select
 
 from services.labeling.models import Annotation, Task
-from tests.helpers import bearer, create_partner, eventually
+from tests.helpers import bearer, create_partner, eventually, libpq_url, lock_waiters
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -225,14 +225,14 @@ def test_an_edit_that_waited_behind_the_deciding_label_is_refused(harness_factor
     def post(name: str, headers: dict[str, str], label: str) -> None:
         answers[name] = harness.label(headers, task_id, label).status_code
 
-    with psycopg.connect(database_url.replace("postgresql+psycopg://", "postgresql://", 1)) as holder:
+    with psycopg.connect(libpq_url(database_url)) as holder:
         holder.execute("SELECT id FROM datasets WHERE id = %s FOR UPDATE", (dataset,))
         waiting = [threading.Thread(target=post, args=("bob", bob, "pos"))]
         waiting[0].start()
-        eventually(lambda: _lock_waiters(database_url) == 1, what="bob's label waiting for the lock")
+        eventually(lambda: lock_waiters(database_url) == 1, what="bob's label waiting for the lock")
         waiting.append(threading.Thread(target=post, args=("alice", alice, "neg")))
         waiting[1].start()
-        eventually(lambda: _lock_waiters(database_url) == 2, what="alice's edit waiting behind it")
+        eventually(lambda: lock_waiters(database_url) == 2, what="alice's edit waiting behind it")
         holder.rollback()  # Postgres grants the lock in the order asked: bob first, then alice
     for thread in waiting:
         thread.join(30)
@@ -242,12 +242,3 @@ def test_an_edit_that_waited_behind_the_deciding_label_is_refused(harness_factor
         task = session.get(Task, task_id)
         assert (task.status, task.consensus_label, task.required) == ("done", "pos", 2)
     assert sorted(labels.values()) == ["pos", "pos"], "the consensus stands on the labels it was formed from"
-
-
-def _lock_waiters(database_url: str) -> int:
-    name = database_url.rsplit("/", 1)[1]
-    with psycopg.connect(database_url.replace("postgresql+psycopg://", "postgresql://", 1).rsplit("/", 1)[0]) as conn:
-        row = conn.execute(
-            "SELECT count(*) FROM pg_stat_activity WHERE datname = %s AND wait_event_type = 'Lock'", (name,)
-        ).fetchone()
-    return row[0]
