@@ -13,10 +13,11 @@ one snapshot, and a label that waited behind the one deciding its task sees the 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import delete, func, select
+from sqlalchemy import Select, delete, func, select
 from sqlalchemy.orm import Session
 
 from services.labeling.consensus import decide
@@ -53,31 +54,45 @@ def next_task(runtime: Runtime, annotator_id: str, dataset_id: str, lease_second
             _lease(session, current.id, annotator_id, lease_seconds)
             return current
         answered = select(Annotation.task_id).where(Annotation.annotator_id == annotator_id)
-        rejected: list[int] = []
-        for _ in range(MAX_LEASE_ATTEMPTS):
-            query = (
+
+        def first_open(passed_over: list[int]) -> Select[tuple[Task]]:
+            return (
                 select(Task)
                 .where(
                     Task.dataset_id == dataset_id,
                     Task.status == "open",
                     Task.id.not_in(answered),
-                    Task.id.not_in(rejected),
+                    Task.id.not_in(passed_over),
                     _demand(Task.id, annotator_id) < Task.required,
                 )
                 .order_by(Task.priority.desc(), Task.uncertainty.desc().nulls_last(), Task.id)
                 .limit(1)
             )
-            if runtime.db.is_sqlite:  # SQLite's BEGIN IMMEDIATE already serialises this transaction
-                return _lease_found(session, session.scalar(query), annotator_id, dataset_id, lease_seconds)
-            task = session.scalar(query.with_for_update(skip_locked=True))
-            if task is None:
-                return None
-            # The row lock was free, but the statement's snapshot may predate the commit of whoever held it
-            # just before: a fresh statement sees that holder's lease, so a full task is passed over.
-            if session.scalar(select(_demand(task.id, annotator_id))) < task.required:
-                return _lease_found(session, task, annotator_id, dataset_id, lease_seconds)
-            rejected.append(task.id)
-        return None
+
+        if runtime.db.is_sqlite:  # SQLite's BEGIN IMMEDIATE already serialises this transaction
+            task = session.scalar(first_open([]))
+        else:
+            task = _locked_open_task(session, first_open, annotator_id)
+        if task is None:
+            return None
+        _lease(session, task.id, annotator_id, lease_seconds)
+        log.info("task_leased", task_id=task.id, annotator_id=annotator_id, dataset_id=dataset_id)
+        return task
+
+
+def _locked_open_task(
+    session: Session, first_open: Callable[[list[int]], Select[tuple[Task]]], annotator_id: str
+) -> Task | None:
+    """The first open task whose row lock is free and that still needs a label once locked. The lock may come
+    free just after its holder committed a lease that this statement's snapshot predates: a fresh statement
+    sees that lease, and a task it fills is passed over."""
+    passed_over: list[int] = []
+    for _ in range(MAX_LEASE_ATTEMPTS):
+        task = session.scalar(first_open(passed_over).with_for_update(skip_locked=True))
+        if task is None or session.scalar(select(_demand(task.id, annotator_id))) < task.required:
+            return task
+        passed_over.append(task.id)
+    return None
 
 
 def _demand(task_id: Any, annotator_id: str) -> Any:
@@ -87,13 +102,6 @@ def _demand(task_id: Any, annotator_id: str) -> Any:
         Lease.task_id == task_id, Lease.expires_at > now(), Lease.annotator_id != annotator_id
     )
     return labels.scalar_subquery() + leased.scalar_subquery()
-
-
-def _lease_found(session: Session, task: Task | None, annotator_id: str, dataset_id: str, seconds: int) -> Task | None:
-    if task is not None:
-        _lease(session, task.id, annotator_id, seconds)
-        log.info("task_leased", task_id=task.id, annotator_id=annotator_id, dataset_id=dataset_id)
-    return task
 
 
 def _lease(session: Session, task_id: int, annotator_id: str, seconds: int) -> None:
