@@ -3,6 +3,7 @@ holding PostgreSQL row locks to order concurrent requests."""
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -47,14 +48,35 @@ def figures(fault: str, **numbers: int) -> None:
     print(f"\nFAULT {fault}: {shown}")
 
 
-def libpq_url(database_url: str) -> str:
+def in_lock_order(database_url: str, lock: str, params: tuple[Any, ...], calls: list[Callable[[], T]]) -> list[T]:
+    """Hold a PostgreSQL row lock (`lock`: a SELECT ... FOR UPDATE) while each call starts in a thread of its
+    own and queues on it, one after another; then release it, and PostgreSQL grants it in that order. Returns
+    what the calls returned, in that order."""
+    results: list[Any] = [None] * len(calls)
+
+    def run(index: int) -> None:
+        results[index] = calls[index]()
+
+    threads = [threading.Thread(target=run, args=(index,)) for index in range(len(calls))]
+    with psycopg.connect(_libpq_url(database_url)) as holder:
+        holder.execute(lock, params)
+        for number, thread in enumerate(threads, 1):
+            thread.start()
+            eventually(lambda number=number: _lock_waiters(database_url) == number, what=f"call {number} queued")
+        holder.rollback()
+    for thread in threads:
+        thread.join(30)
+    return results
+
+
+def _libpq_url(database_url: str) -> str:
     """A SQLAlchemy `postgresql+psycopg://` URL as psycopg itself takes it."""
     return database_url.replace("postgresql+psycopg://", "postgresql://", 1)
 
 
-def lock_waiters(database_url: str) -> int:
+def _lock_waiters(database_url: str) -> int:
     """How many sessions of that PostgreSQL database are waiting for a lock right now."""
-    server, _, name = libpq_url(database_url).rpartition("/")
+    server, _, name = _libpq_url(database_url).rpartition("/")
     with psycopg.connect(f"{server}/postgres") as conn:
         row = conn.execute(
             "SELECT count(*) FROM pg_stat_activity WHERE datname = %s AND wait_event_type = 'Lock'", (name,)

@@ -5,16 +5,14 @@ from __future__ import annotations
 import base64
 import io
 import random
-import threading
 
-import psycopg
 import pytest
 from PIL import Image
 from sqlalchemy import func, select
 
 from services.ingestion.models import Item
 from shared.events.tables import event_tables
-from tests.helpers import eventually, libpq_url, lock_waiters
+from tests.helpers import in_lock_order
 from tests.ingestion.conftest import make_tenant, png
 
 
@@ -305,26 +303,17 @@ def test_delete_erases_content_and_emits_item_deleted(tenant) -> None:
 
 
 def test_two_deletions_of_one_item_at_once_give_204_and_404(platform, postgres_database) -> None:
-    # Both requests read the item, then queue for the pack's row locks; the second must find it gone (404),
-    # not fail deleting a row that no longer exists (500), and must not announce the deletion twice.
+    # Both requests read the item, then queue for the pack's row locks. The second must find it gone (404);
+    # it used to take the single-item branch and delete the whole pack, and announce the deletion again.
     database_url = postgres_database()
     tenant = make_tenant(platform("ingestion", database_url=database_url), "acme")
     pushed = tenant.push(tenant.text["id"], [{"text": "keep"}, {"text": "erase twice"}]).get_json()["items"]
     item_id = pushed[1]["item_id"]
-    answers: list[int] = []
 
-    def delete() -> None:
-        answers.append(tenant.service.client.delete(f"/v1/items/{item_id}", headers=tenant.headers).status_code)
+    def delete() -> int:
+        return tenant.service.client.delete(f"/v1/items/{item_id}", headers=tenant.headers).status_code
 
-    with psycopg.connect(libpq_url(database_url)) as holder:
-        holder.execute("SELECT id FROM items WHERE id = %s FOR UPDATE", (item_id,))
-        requests = [threading.Thread(target=delete) for _ in range(2)]
-        for number, thread in enumerate(requests, 1):
-            thread.start()
-            eventually(lambda number=number: lock_waiters(database_url) == number, what=f"deletion {number} waiting")
-        holder.rollback()
-    for thread in requests:
-        thread.join(30)
+    answers = in_lock_order(database_url, "SELECT id FROM items WHERE id = %s FOR UPDATE", (item_id,), [delete] * 2)
     assert sorted(answers) == [204, 404]
     assert len(outbox_events(tenant.service, "item.deleted")) == 1
     assert download(tenant, pushed[0]["item_id"]) == b"keep"

@@ -5,13 +5,13 @@ from __future__ import annotations
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 
-import psycopg
 import pytest
 from sqlalchemy import select
 
 from services.labeling.models import Annotation, Task
-from tests.helpers import bearer, create_partner, eventually, libpq_url, lock_waiters
+from tests.helpers import bearer, create_partner, eventually, in_lock_order
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -220,22 +220,14 @@ def test_an_edit_that_waited_behind_the_deciding_label_is_refused(harness_factor
     task_id = harness.next(alice, dataset)["id"]
     assert harness.label(alice, task_id, "pos").status_code == 201
     assert harness.next(bob, dataset)["id"] == task_id
-    answers: dict[str, int] = {}
 
-    def post(name: str, headers: dict[str, str], label: str) -> None:
-        answers[name] = harness.label(headers, task_id, label).status_code
+    def post(headers: dict[str, str], label: str) -> Callable[[], int]:
+        return lambda: harness.label(headers, task_id, label).status_code
 
-    with psycopg.connect(libpq_url(database_url)) as holder:
-        holder.execute("SELECT id FROM datasets WHERE id = %s FOR UPDATE", (dataset,))
-        waiting = [threading.Thread(target=post, args=("bob", bob, "pos"))]
-        waiting[0].start()
-        eventually(lambda: lock_waiters(database_url) == 1, what="bob's label waiting for the lock")
-        waiting.append(threading.Thread(target=post, args=("alice", alice, "neg")))
-        waiting[1].start()
-        eventually(lambda: lock_waiters(database_url) == 2, what="alice's edit waiting behind it")
-        holder.rollback()  # Postgres grants the lock in the order asked: bob first, then alice
-    for thread in waiting:
-        thread.join(30)
+    lock = "SELECT id FROM datasets WHERE id = %s FOR UPDATE"
+    # Bob's label queues for the dataset's lock first, then Alice's edit.
+    bob_answer, alice_answer = in_lock_order(database_url, lock, (dataset,), [post(bob, "pos"), post(alice, "neg")])
+    answers = {"bob": bob_answer, "alice": alice_answer}
     assert answers == {"bob": 201, "alice": 409}
     with harness.worker.db.session() as session:
         labels = dict(session.execute(select(Annotation.annotator_id, Annotation.label)).all())
