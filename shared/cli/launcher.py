@@ -17,7 +17,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -321,16 +321,18 @@ def up(*, detach: bool, out: Any = sys.stdout) -> int:
 
 def _wait_ready(platform: Platform, log_dir: Path, out: Any) -> None:
     deadline = time.monotonic() + READY_TIMEOUT_SECONDS
-    pending = set(SERVICES) | {f"{service}-worker" for service in SERVICES}
+    probes: dict[str, Callable[[], bool]] = {}
+    for service in SERVICES:
+        probes[service] = lambda port=platform.ports[service]: _ready(port)
+        probes[f"{service}-worker"] = platform.worker_ready_file(service).exists
+    pending = set(probes)
     while pending:
         for name, pid in platform.processes.items():
             if not _pid_alive(pid):
-                log_name = "redis" if name == "redis" else name
-                tail = _tail(log_dir / f"{log_name}.log")
+                tail = _tail(log_dir / f"{name}.log")
                 raise LaunchError(f"{name} exited during start-up; last lines of its log:\n{tail}")
         for name in sorted(pending):
-            service, _, worker = name.partition("-")
-            if platform.worker_ready_file(service).exists() if worker else _ready(platform.ports[service]):
+            if probes[name]():
                 pending.discard(name)
                 print(f"  {name} ready", file=out, flush=True)
         if pending and time.monotonic() > deadline:
