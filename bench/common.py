@@ -29,6 +29,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import requests
+
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 NOISY_IQR_FRACTION = 0.10
 
@@ -359,6 +361,14 @@ def managed_processes() -> Iterator[Processes]:
             for sig, handler in previous.items():
                 with contextlib.suppress(ValueError, TypeError):
                     signal.signal(sig, handler)
+
+
+def answers_ok(url: str, timeout: float = 2.0) -> bool:
+    """Whether `url` answers a GET with 200 (a readiness probe); False while nothing listens there."""
+    try:
+        return requests.get(url, timeout=timeout).status_code == 200
+    except requests.RequestException:
+        return False
 
 
 def wait_until(

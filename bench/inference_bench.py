@@ -64,6 +64,7 @@ from werkzeug.serving import make_server
 from bench.common import (
     Progress,
     Stats,
+    answers_ok,
     describe_machine,
     free_port,
     machine,
@@ -611,14 +612,13 @@ def serve_and_measure(
                 server=server,
             )
         for mode, server in servers.items():
-
-            def ready(server: Server = server) -> bool:
-                try:
-                    return requests.get(f"{server.url}/v2/health/ready", timeout=2).status_code == 200
-                except requests.RequestException:
-                    return False
-
-            wait_until(ready, timeout=240, what=f"inference (batching {mode}) ready", child=children[mode])
+            ready = f"{server.url}/v2/health/ready"
+            wait_until(
+                lambda url=ready: answers_ok(url),
+                timeout=240,
+                what=f"inference (batching {mode}) ready",
+                child=children[mode],
+            )
         progress(f"inference with batching on ({servers['on'].url}) and off ({servers['off'].url}) is ready")
         for key, load in loads.items():
             for mode in servers:

@@ -34,11 +34,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import requests
 
 from bench.common import (
     Progress,
     Stats,
+    answers_ok,
     describe_machine,
     free_port,
     machine,
@@ -141,14 +141,7 @@ def serve(processes: Any, server: str, graph: Path, threads: int, max_batch: int
     command = [sys.executable, *command, "--workers", "1", "bench.inference_floor:app"]
     env = {**os.environ, "FLOOR_GRAPH": str(graph), "FLOOR_THREADS": str(threads), "FLOOR_MAX_BATCH": str(max_batch)}
     child = processes.spawn(f"floor-{server}", command, env=env, log_path=logs / f"{server}.log", cwd=REPO)
-
-    def ready() -> bool:
-        try:
-            return requests.get(f"http://127.0.0.1:{port}/", timeout=2).status_code == 200
-        except requests.RequestException:
-            return False
-
-    wait_until(ready, timeout=60, what=f"{server} floor app", child=child)
+    wait_until(lambda: answers_ok(f"http://127.0.0.1:{port}/"), timeout=60, what=f"{server} floor app", child=child)
     return port, child.process.pid
 
 

@@ -67,6 +67,7 @@ from bench.common import (
     Processes,
     Progress,
     Stats,
+    answers_ok,
     describe_machine,
     free_port,
     machine,
@@ -208,13 +209,6 @@ def _http_answers(url: str) -> bool:
         return False
 
 
-def _ready(url: str) -> bool:
-    try:
-        return requests.get(f"{url}/readyz", timeout=5).status_code == 200
-    except requests.RequestException:
-        return False
-
-
 def start_service(processes: Processes, backend: str, home: Path, s3_endpoint: str | None) -> Service:
     """The ingestion service under gunicorn, with exactly the command line `flywheel up` uses."""
     from shared.cli.launcher import http_command
@@ -237,7 +231,13 @@ def start_service(processes: Processes, backend: str, home: Path, s3_endpoint: s
     command = http_command("ingestion", port)
     child = processes.spawn(f"ingestion ({backend})", command, env=env, log_path=home / "ingestion.log", cwd=REPO_ROOT)
     url = f"http://127.0.0.1:{port}"
-    wait_until(lambda: _ready(url), timeout=90, what=f"ingestion ({backend}) /readyz", child=child, interval=0.25)
+    wait_until(
+        lambda: answers_ok(f"{url}/readyz", timeout=5),
+        timeout=90,
+        what=f"ingestion ({backend}) /readyz",
+        child=child,
+        interval=0.25,
+    )
     return Service(backend, url, child, home)
 
 
