@@ -19,8 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import Progress, Stats, describe_machine, machine, print_table, write_results
-from shared.cli.demo_data import DIGIT_LABELS, digit_images, shuffled
-from shared.cli.launcher import LaunchError, detached_platform
+from cli.demo_data import DIGIT_LABELS, digit_images, shuffled
+from cli.launcher import LaunchError, detached_platform
 from shared.client import Flywheel, answer_or_none, wait_for
 
 TOKEN = "bench-internal-token"  # noqa: S105 - a throwaway platform's token, local to this run

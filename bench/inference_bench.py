@@ -75,9 +75,9 @@ from bench.common import (
     wait_until,
     write_results,
 )
+from cli.launcher import http_command
 from services.inference.sessions import PROVIDERS, session_options
 from shared.auth import hash_api_key
-from shared.cli.launcher import http_command
 from shared.storage import FileStore
 
 REPO = Path(__file__).resolve().parent.parent

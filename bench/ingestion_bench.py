@@ -211,7 +211,7 @@ def _http_answers(url: str) -> bool:
 
 def start_service(processes: Processes, backend: str, home: Path, s3_endpoint: str | None) -> Service:
     """The ingestion service under gunicorn, with exactly the command line `flywheel up` uses."""
-    from shared.cli.launcher import http_command
+    from cli.launcher import http_command
 
     port = free_port()
     env = os.environ.copy()
@@ -1111,7 +1111,7 @@ def main(argv: list[str] | None = None) -> int:
             "config": {
                 **vars(args),
                 "redis_url": REDIS_URL,
-                "gunicorn": "gthread, 1 worker, 8 threads (shared.cli.launcher.http_command)",
+                "gunicorn": "gthread, 1 worker, 8 threads (cli.launcher.http_command)",
             },
             "targets": {
                 "text_items_per_s": TEXT_TARGET_ITEMS_PER_S,

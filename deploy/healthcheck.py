@@ -45,7 +45,7 @@ def classify(argv: list[str]) -> Process | None:
         port = _bind_port(argv)
         return Process("http", port=port) if port else None
     for index, arg in enumerate(argv[:-1]):
-        is_cli = Path(arg).name == "flywheel" or arg == "shared.cli.main"
+        is_cli = Path(arg).name == "flywheel" or arg == "cli.main"
         if is_cli and argv[index + 1] == "worker":
             service = argv[index + 2] if index + 2 < len(argv) else ""
             return Process("worker", service=service)

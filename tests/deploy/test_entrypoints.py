@@ -16,7 +16,7 @@ from flask import Flask
 from werkzeug.routing import Map
 from werkzeug.serving import make_server
 
-from shared.cli.main import build_parser
+from cli.main import build_parser
 from shared.settings import DEFAULT_PORTS, SERVICES
 from tests.deploy.manifests import (
     KUSTOMIZATIONS,
@@ -252,7 +252,7 @@ def test_the_health_check_recognises_every_deployed_command() -> None:
         seen = healthcheck.classify(["/opt/venv/bin/python", f"/opt/venv/bin/{command[0]}", *command[1:]])
         assert seen == healthcheck.Process(kind, port=port, service="" if kind == "http" else service)
     assert healthcheck.classify(["/bin/sh", "-c", "sleep 1"]) is None
-    assert healthcheck.classify(["python", "-m", "shared.cli.main", "worker", "labeling"]).kind == "worker"
+    assert healthcheck.classify(["python", "-m", "cli.main", "worker", "labeling"]).kind == "worker"
 
 
 @pytest.fixture

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from shared.cli.commands import collect_trace
-from shared.cli.demo_data import DIGIT_LABELS, digit_images, shuffled
-from shared.cli.launcher import detached_platform
+from cli.commands import collect_trace
+from cli.demo_data import DIGIT_LABELS, digit_images, shuffled
+from cli.launcher import detached_platform
 from shared.client import Flywheel, answer_or_none
 from shared.settings import SERVICES
 from tests.conftest import INTERNAL_TOKEN

@@ -16,14 +16,14 @@ import pytest
 import requests
 from sqlalchemy import select
 
+from cli.launcher import http_command
 from services.inference.models import Base, Prediction
-from shared.cli.launcher import http_command
 from shared.db import Database
 from shared.settings import Settings
+from tests.cli.test_launcher import free_ports
 from tests.conftest import INTERNAL_TOKEN
 from tests.helpers import eventually
 from tests.inference.support import serving_document, upload_version
-from tests.shared.test_launcher import free_ports
 
 pytestmark = pytest.mark.timeout(180)
 

@@ -50,7 +50,7 @@ def worker_process(settings, log_path: Path) -> Iterator[subprocess.Popen]:
     }
     with log_path.open("ab") as log:
         process = subprocess.Popen(
-            [sys.executable, "-m", "shared.cli.main", "worker", "training"],
+            [sys.executable, "-m", "cli.main", "worker", "training"],
             cwd=REPO,
             env=env,
             stdout=log,

@@ -24,7 +24,7 @@ from shared.settings import SERVICES
 def cmd_worker(args: argparse.Namespace) -> int:
     from celery.signals import worker_ready
 
-    from shared.cli.launcher import READY_FILE_ENV
+    from cli.launcher import READY_FILE_ENV
     from shared.events.celery_app import service_queues
     from shared.logging import get_logger
     from shared.runtime import redact_url, worker_argv
@@ -53,7 +53,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from services.registry.cli import add_models_parser
+    from cli.models import add_models_parser
 
     parser = argparse.ArgumentParser(prog="flywheel", description="Flywheel: data in, better models out.")
     parser.add_argument("--api-key", help="a partner API key (default: $FLYWHEEL_API_KEY)")
@@ -137,9 +137,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def dispatch(args: argparse.Namespace) -> int:
-    from shared.cli import commands, launcher
-    from shared.cli.context import CliContext
-    from shared.cli.push import push as push_command
+    from cli import commands, launcher
+    from cli.context import CliContext
+    from cli.push import push as push_command
 
     command = args.command
     if command == "up":
@@ -151,7 +151,7 @@ def dispatch(args: argparse.Namespace) -> int:
     if command == "worker":
         return cmd_worker(args)
     if command == "demo":
-        from shared.cli.demo import run_demo
+        from cli.demo import run_demo
 
         return run_demo(cycles=args.cycles, keep_running=args.keep_running)
     context = CliContext.from_args(args)
@@ -172,7 +172,7 @@ def dispatch(args: argparse.Namespace) -> int:
         ("trace", None): lambda: commands.trace(context, args.trace_id, args.logs),
     }
     if command == "models":
-        from services.registry.cli import run_models_command
+        from cli.models import run_models_command
 
         token = context.api_key if context.api_key and args.models_action in {"list", "show", "audit"} else None
         registry_url = f"http://127.0.0.1:{context.settings.for_service('registry').port}"
@@ -181,7 +181,7 @@ def dispatch(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from shared.cli.launcher import LaunchError
+    from cli.launcher import LaunchError
 
     args = build_parser().parse_args(argv)
     try:

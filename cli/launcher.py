@@ -271,7 +271,7 @@ def http_command(service: str, port: int) -> list[str]:
 
 
 def worker_command(service: str) -> list[str]:
-    return [sys.executable, "-m", "shared.cli.main", "worker", service]
+    return [sys.executable, "-m", "cli.main", "worker", service]
 
 
 def up(*, detach: bool, out: Any = sys.stdout) -> int:
@@ -473,7 +473,7 @@ def detached_platform(home: Path, env: dict[str, str], *, timeout: float = 300) 
             pass
         ports[service] = port
     child_env.update({f"{service.upper()}_PORT": str(port) for service, port in ports.items()})
-    command = [sys.executable, "-m", "shared.cli.main"]
+    command = [sys.executable, "-m", "cli.main"]
     started = subprocess.run(
         [*command, "up", "--detach"], env=child_env, capture_output=True, text=True, timeout=timeout
     )

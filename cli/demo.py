@@ -18,7 +18,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from shared.cli.demo_data import DIGIT_LABELS, TEXT_LABELS, digit_images, shuffled, stdlib_docstrings
+from cli.demo_data import DIGIT_LABELS, TEXT_LABELS, digit_images, shuffled, stdlib_docstrings
 from shared.client import Flywheel, answer_or_none, wait_for
 from shared.settings import Settings
 
@@ -328,7 +328,7 @@ def summary_table(results: list[CycleResult]) -> str:
 
 
 def run_demo(*, cycles: int = 2, keep_running: bool = True, scale: float = 1.0) -> int:
-    from shared.cli import launcher
+    from cli import launcher
 
     settings = Settings.from_env()
     started_here = False

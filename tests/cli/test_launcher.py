@@ -30,7 +30,7 @@ def free_ports(count: int) -> list[int]:
 
 def flywheel(env: dict[str, str], *args: str, timeout: float = 150) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "shared.cli.main", *args],
+        [sys.executable, "-m", "cli.main", *args],
         env=env,
         capture_output=True,
         text=True,
@@ -111,7 +111,7 @@ def test_foreground_with_a_private_redis_stops_everything_on_ctrl_c(
     (closed,) = free_ports(1)
     launcher_env["REDIS_URL"] = f"redis://127.0.0.1:{closed}/0"  # nothing answers there
     process = subprocess.Popen(
-        [sys.executable, "-u", "-m", "shared.cli.main", "up"],
+        [sys.executable, "-u", "-m", "cli.main", "up"],
         env=launcher_env,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,

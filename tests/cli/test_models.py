@@ -7,7 +7,7 @@ import io
 
 import pytest
 
-from services.registry import cli
+from cli import models as cli
 from tests.conftest import INTERNAL_TOKEN, serve
 from tests.registry.support import deliver
 

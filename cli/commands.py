@@ -9,7 +9,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from shared.cli.context import CliContext, progress, table
+from cli.context import CliContext, progress, table
 from shared.settings import SERVICES
 
 TERMINAL_RUN_STATES = {"succeeded", "failed", "cancelled"}
