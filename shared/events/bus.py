@@ -16,18 +16,20 @@ import time
 import uuid
 from collections.abc import Iterable
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from celery import Celery
 from kombu import Exchange
 from sqlalchemy import delete, event, select, update
 from sqlalchemy.orm import Session
 
-from shared.db import Database
 from shared.events.catalog import CATALOG, broadcast_queue, task_name
 from shared.events.envelope import Envelope, InvalidEvent, make_envelope
 from shared.events.tables import event_tables
 from shared.logging import get_logger
+
+if TYPE_CHECKING:  # shared.db builds its tables from shared.events: the bus needs the type only
+    from shared.db import Database
 
 log = get_logger(__name__)
 

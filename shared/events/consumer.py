@@ -8,7 +8,6 @@ row and is skipped, and a handler that fails leaves neither its writes nor the r
 
 from __future__ import annotations
 
-import random
 import threading
 from collections import OrderedDict
 from collections.abc import Callable
@@ -20,6 +19,7 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from shared.backoff import backoff_delay
 from shared.events.catalog import CATALOG, task_name
 from shared.events.envelope import Envelope, InvalidEvent, validate_envelope
 from shared.events.tables import event_tables
@@ -87,12 +87,6 @@ class EventHandlers:
             _register(runtime, event_type, handler)
 
 
-def retry_delay(attempt: int, base: float) -> float:
-    """Exponential backoff with full jitter's upper half: base, 2*base, 4*base ... capped, never synchronized."""
-    ceiling = min(base * (2 ** (attempt - 1)), MAX_BACKOFF_SECONDS)
-    return ceiling * random.uniform(0.5, 1.0)  # noqa: S311 - jitter, not security
-
-
 def _register(runtime: Runtime, event_type: str, handler: Handler) -> None:
     name = task_name(runtime.service, event_type)
     broadcast = runtime.service in CATALOG[event_type].broadcast_to
@@ -136,7 +130,7 @@ def _register(runtime: Runtime, event_type: str, handler: Handler) -> None:
                     log.error("event_dead_lettered", consumer=name, attempts=attempt, error=repr(exc))
                     record_dead_letter(runtime, name, message, repr(exc), attempt)
                     return "dead_lettered"
-                delay = retry_delay(attempt, settings.event_retry_backoff)
+                delay = backoff_delay(attempt, settings.event_retry_backoff, MAX_BACKOFF_SECONDS)
                 log.warning(
                     "event_retry_scheduled", consumer=name, attempt=attempt, delay_s=round(delay, 2), error=repr(exc)
                 )
