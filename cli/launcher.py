@@ -1,8 +1,8 @@
 """`flywheel up|down|status`: the whole platform on one machine, without Docker.
 
 Starts Redis if none answers at REDIS_URL, then each service's HTTP server (gunicorn; granian for inference)
-and Celery worker as separate process groups, waits until every `/readyz` is green, and prints where each
-listens. Logs go to one file per process under FLYWHEEL_HOME/logs. State (process groups, ports) lives in
+and, where its `ServiceSpec` says it runs one, its Celery worker, as separate process groups; waits until every
+`/readyz` is green and every worker consumes, and prints where each listens. Logs go to one file per process under FLYWHEEL_HOME/logs. State (process groups, ports) lives in
 FLYWHEEL_HOME/run so that `down` and `status` find a detached platform, and a second `up` refuses instead of
 starting twice.
 """
@@ -10,6 +10,7 @@ starting twice.
 from __future__ import annotations
 
 import contextlib
+import importlib
 import json
 import os
 import signal
@@ -27,8 +28,9 @@ import redis
 import requests
 
 from shared.auth import generate_internal_token
+from shared.client.api import service_urls
 from shared.server_logging import GRANIAN_LOG_CONFIG
-from shared.settings import SERVICES, Settings
+from shared.settings import SERVICES, Settings, loopback_url
 
 READY_TIMEOUT_SECONDS = 90.0
 READY_FILE_ENV = "FLYWHEEL_WORKER_READY_FILE"  # where a worker started by `up` says it consumes
@@ -82,6 +84,10 @@ class Platform:
         """Written by the service's worker once it consumes (`READY_FILE_ENV`); `up` waits for it."""
         return self.home / "run" / f"{service}-worker.ready"
 
+    def workers(self) -> list[str]:
+        """The services whose worker this platform started."""
+        return [name.removesuffix("-worker") for name in self.processes if name.endswith("-worker")]
+
     def alive(self) -> dict[str, int]:
         return {name: pid for name, pid in self.processes.items() if _pid_alive(pid)}
 
@@ -99,6 +105,11 @@ def _pid_alive(pid: int) -> bool:
         return waited == 0
     except ChildProcessError:
         return True
+
+
+def services_with_workers() -> tuple[str, ...]:
+    """The services that run a Celery worker beside their HTTP server, as each one's `ServiceSpec` says."""
+    return tuple(s for s in SERVICES if importlib.import_module(f"services.{s}.app").SPEC.runs_worker)
 
 
 def service_ports(env: dict[str, str] | None = None) -> dict[str, int]:
@@ -206,13 +217,11 @@ def service_env(settings: Settings, redis_url: str, token: str, ports: dict[str,
         FLYWHEEL_HOME=str(settings.home),
         REDIS_URL=redis_url,
         FLYWHEEL_INTERNAL_TOKEN=token,
-        INGESTION_URL=f"http://127.0.0.1:{ports['ingestion']}",
-        INFERENCE_URL=f"http://127.0.0.1:{ports['inference']}",
-        REGISTRY_URL=f"http://127.0.0.1:{ports['registry']}",
         PYTHONUNBUFFERED="1",
     )
-    for name, port in ports.items():
+    for name, port in ports.items():  # every process, and every client it calls, finds each service here
         env[f"{name.upper()}_PORT"] = str(port)
+        env[f"{name.upper()}_URL"] = loopback_url(port)
     return env
 
 
@@ -299,14 +308,16 @@ def up(*, detach: bool, out: Any = sys.stdout) -> int:
         platform.processes["redis"] = pid
     platform.save()
     env = service_env(settings, platform.redis_url, token, ports)
+    workers = services_with_workers()
     try:
         for service in SERVICES:
             platform.processes[service] = _spawn(http_command(service, ports[service]), log_dir / f"{service}.log", env)
-            ready_file = platform.worker_ready_file(service)
-            ready_file.unlink(missing_ok=True)
-            platform.processes[f"{service}-worker"] = _spawn(
-                worker_command(service), log_dir / f"{service}-worker.log", {**env, READY_FILE_ENV: str(ready_file)}
-            )
+            if service in workers:
+                ready_file = platform.worker_ready_file(service)
+                ready_file.unlink(missing_ok=True)
+                platform.processes[f"{service}-worker"] = _spawn(
+                    worker_command(service), log_dir / f"{service}-worker.log", {**env, READY_FILE_ENV: str(ready_file)}
+                )
             platform.save()
         _wait_ready(platform, log_dir, out)
     except BaseException:
@@ -324,6 +335,7 @@ def _wait_ready(platform: Platform, log_dir: Path, out: Any) -> None:
     probes: dict[str, Callable[[], bool]] = {}
     for service in SERVICES:
         probes[service] = lambda port=platform.ports[service]: _ready(port)
+    for service in platform.workers():
         probes[f"{service}-worker"] = platform.worker_ready_file(service).exists
     pending = set(probes)
     while pending:
@@ -344,7 +356,7 @@ def _wait_ready(platform: Platform, log_dir: Path, out: Any) -> None:
 
 def _ready(port: int) -> bool:
     try:
-        return requests.get(f"http://127.0.0.1:{port}/readyz", timeout=5).status_code == 200
+        return requests.get(f"{loopback_url(port)}/readyz", timeout=5).status_code == 200
     except requests.RequestException:
         return False
 
@@ -360,12 +372,10 @@ def _print_table(platform: Platform, settings: Settings, token_path: str | None,
     print("", file=out)
     print(f"{'service':<11} {'url':<24} {'http pid':>8} {'worker pid':>10}  logs", file=out)
     for service in SERVICES:
-        url = f"http://127.0.0.1:{platform.ports[service]}"
-        print(
-            f"{service:<11} {url:<24} {platform.processes[service]:>8} "
-            f"{platform.processes[service + '-worker']:>10}  {settings.log_dir / service}{{,-worker}}.log",
-            file=out,
-        )
+        url = loopback_url(platform.ports[service])
+        worker = platform.processes.get(f"{service}-worker")
+        logs = f"{settings.log_dir / service}{{,-worker}}.log" if worker else f"{settings.log_dir / service}.log"
+        print(f"{service:<11} {url:<24} {platform.processes[service]:>8} {worker or '-':>10}  {logs}", file=out)
     storage = f"s3://{settings.s3_endpoint}" if settings.s3_endpoint else f"file://{settings.file_store_root}"
     print(f"\nredis    {platform.redis_url}\nstorage  {storage}\ndata     {settings.home}", file=out)
     if token_path:
@@ -410,7 +420,7 @@ def stop(platform: Platform, *, out: Any = sys.stdout) -> None:
     for pid in platform.processes.values():
         _signal_group(pid, signal.SIGKILL)
     platform.state_file.unlink(missing_ok=True)
-    for service in SERVICES:
+    for service in platform.workers():
         platform.worker_ready_file(service).unlink(missing_ok=True)
     print("Flywheel stopped.", file=out, flush=True)
 
@@ -433,11 +443,13 @@ def down(*, out: Any = sys.stdout) -> int:
 def status(*, out: Any = sys.stdout) -> int:
     home = Settings.from_env().home
     platform = Platform.load(home)
-    ports = platform.ports if platform else service_ports()
+    settings = Settings.from_env()
+    # The platform this machine started, else wherever the settings point (<SERVICE>_URL): any deployment.
+    urls = {s: loopback_url(p) for s, p in platform.ports.items()} if platform else service_urls(settings)
     all_ready = True
     print(f"{'service':<11} {'url':<24} status", file=out)
     for service in SERVICES:
-        url = f"http://127.0.0.1:{ports[service]}"
+        url = urls[service]
         try:
             response = requests.get(f"{url}/readyz", timeout=5)
             if response.status_code == 200:
@@ -450,7 +462,7 @@ def status(*, out: Any = sys.stdout) -> int:
             state = "down"
         print(f"{service:<11} {url:<24} {state}", file=out)
     if platform is not None:
-        dead_workers = [s for s in SERVICES if not _pid_alive(platform.processes.get(f"{s}-worker", -1))]
+        dead_workers = [s for s in platform.workers() if not _pid_alive(platform.processes[f"{s}-worker"])]
         if dead_workers:
             all_ready = False
             print(f"workers not running: {', '.join(dead_workers)}", file=out)
@@ -480,6 +492,6 @@ def detached_platform(home: Path, env: dict[str, str], *, timeout: float = 300) 
     try:
         if started.returncode != 0:
             raise LaunchError(f"flywheel up failed ({started.returncode}):\n{started.stdout}{started.stderr}")
-        yield {service: f"http://127.0.0.1:{port}" for service, port in ports.items()}
+        yield {service: loopback_url(port) for service, port in ports.items()}
     finally:
         subprocess.run([*command, "down"], env=child_env, capture_output=True, text=True, timeout=120)

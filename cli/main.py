@@ -175,8 +175,7 @@ def dispatch(args: argparse.Namespace) -> int:
         from cli.models import run_models_command
 
         token = context.api_key if context.api_key and args.models_action in {"list", "show", "audit"} else None
-        registry_url = f"http://127.0.0.1:{context.settings.for_service('registry').port}"
-        return run_models_command(args, registry_url, token or context.internal_token)
+        return run_models_command(args, context.settings.service_url("registry"), token or context.internal_token)
     return handlers[(command, getattr(args, "action", None))]()
 
 

@@ -24,6 +24,11 @@ DEFAULT_PORTS: dict[str, int] = {
 BUCKETS: tuple[str, ...] = ("raw", "datasets", "checkpoints", "models", "base-models")
 
 
+def loopback_url(port: int) -> str:
+    """A service on this machine: the default of every <SERVICE>_URL, and where `flywheel up` starts them."""
+    return f"http://127.0.0.1:{port}"
+
+
 def _bool(value: str) -> bool:
     return value.strip().lower() in {"1", "true", "yes", "on"}
 
@@ -50,12 +55,19 @@ class Settings:
     """S3_REGION."""
     internal_token: str = ""
     """FLYWHEEL_INTERNAL_TOKEN: operator token for internal actions (a local run generates one)."""
-    ingestion_url: str = "http://127.0.0.1:8001"
-    """INGESTION_URL: where other services verify partner API keys."""
-    inference_url: str = "http://127.0.0.1:8005"
-    """INFERENCE_URL: where labeling asks for pre-label predictions."""
-    registry_url: str = "http://127.0.0.1:8004"
-    """REGISTRY_URL: where inference reads which model versions to serve."""
+    ingestion_url: str = ""
+    """INGESTION_URL: the ingestion service (partner pushes; where other services verify partner API keys)."""
+    labeling_url: str = ""
+    """LABELING_URL: the labeling service (annotators, snapshots)."""
+    training_url: str = ""
+    """TRAINING_URL: the training service (runs)."""
+    registry_url: str = ""
+    """REGISTRY_URL: the registry (models, aliases; where inference reads which versions to serve)."""
+    inference_url: str = ""
+    """INFERENCE_URL: the inference service (predictions; where labeling asks for pre-labels).
+
+    Each <SERVICE>_URL defaults to the service on this machine at its <SERVICE>_PORT; the CLI, the Python client
+    and every service-to-service call read these, so pointing them at a deployment is all a client needs."""
     key_cache_seconds: float = 30.0
     """KEY_CACHE_SECONDS: how long a verified partner key is trusted before asking ingestion again."""
     event_max_retries: int = 5
@@ -91,6 +103,15 @@ class Settings:
     port: int = 0
     """<SERVICE>_PORT: HTTP port of a service (defaults 8001..8005)."""
     service: str = ""
+
+    def __post_init__(self) -> None:
+        for service in SERVICES:
+            if not getattr(self, f"{service}_url"):
+                object.__setattr__(self, f"{service}_url", loopback_url(DEFAULT_PORTS[service]))
+
+    def service_url(self, service: str) -> str:
+        """Where `service` answers HTTP: its <SERVICE>_URL."""
+        return getattr(self, f"{service}_url").rstrip("/")
 
     @property
     def file_store_root(self) -> Path:
@@ -136,5 +157,9 @@ class Settings:
                 values[f.name] = float(raw)
             else:
                 values[f.name] = raw
+        for service in SERVICES:  # a service moved to another local port is found there without its URL
+            port = env.get(f"{service.upper()}_PORT")
+            if port and not values.get(f"{service}_url"):
+                values[f"{service}_url"] = loopback_url(int(port))
         values.update(overrides)
         return cls(**values)  # type: ignore[arg-type]

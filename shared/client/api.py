@@ -246,6 +246,4 @@ class Flywheel:
 
 
 def service_urls(settings: Settings) -> dict[str, str]:
-    urls = {name: f"http://127.0.0.1:{settings.for_service(name).port}" for name in SERVICES}
-    urls["ingestion"] = settings.ingestion_url if settings.ingestion_url else urls["ingestion"]
-    return urls
+    return {name: settings.service_url(name) for name in SERVICES}
