@@ -2,9 +2,9 @@
 
 Starts Redis if none answers at REDIS_URL, then each service's HTTP server (gunicorn; granian for inference)
 and, where its `ServiceSpec` says it runs one, its Celery worker, as separate process groups; waits until every
-`/readyz` is green and every worker consumes, and prints where each listens. Logs go to one file per process under FLYWHEEL_HOME/logs. State (process groups, ports) lives in
-FLYWHEEL_HOME/run so that `down` and `status` find a detached platform, and a second `up` refuses instead of
-starting twice.
+`/readyz` is green and every worker consumes, and prints where each listens. Logs go to one file per process
+under FLYWHEEL_HOME/logs. State (process groups, ports) lives in FLYWHEEL_HOME/run so that `down` and `status`
+find a detached platform, and a second `up` refuses instead of starting twice.
 """
 
 from __future__ import annotations

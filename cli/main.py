@@ -30,6 +30,9 @@ def cmd_worker(args: argparse.Namespace) -> int:
     from shared.runtime import redact_url, worker_argv
 
     module = importlib.import_module(f"services.{args.service}.app")
+    if not module.SPEC.runs_worker:
+        print(f"flywheel: {args.service} runs no Celery worker (its HTTP processes consume its events)", file=sys.stderr)
+        return 2
     celery = module.create_celery()
     runtime = celery.flywheel_runtime
     runtime.bus.start_relay()

@@ -1,9 +1,10 @@
 """A service's runtime: the resources one process of it holds, built from settings in one place.
 
-`ServiceSpec` says what a service is (its tables, HTTP blueprints, event handlers); `Runtime` builds its
-database, object store, Celery app, event bus, key verifier and metrics from `Settings`. Each service's
-`app.py` declares its spec and exposes `create_app()` (gunicorn) and `create_worker()` (Celery), both thin
-calls into this module, so nothing happens at import time and tests build services with their own settings.
+`ServiceSpec` says what a service is (its tables, HTTP blueprints, event handlers, whether it runs a Celery
+worker); `Runtime` builds its database, object store, Celery app, event bus, key verifier and metrics from
+`Settings`. Each service's `app.py` declares its spec and exposes `create_app()` (gunicorn) and, if it runs a
+worker, `create_celery()` (Celery), both thin calls into this module, so nothing happens at import time and
+tests build services with their own settings.
 """
 
 from __future__ import annotations
@@ -42,8 +43,15 @@ class ServiceSpec:
     """How this service resolves partner keys; default: ask ingestion over HTTP."""
     register_tasks: Callable[[Runtime], None] | None = None
     """Registers the service's own Celery tasks (work it queues for itself, not catalog events)."""
+    runs_worker: bool = True
+    """False: the service consumes nothing through Celery (no handlers, no tasks of its own), so it runs its HTTP
+    server only; `flywheel up`, docker-compose and Kubernetes start no worker for it."""
     worker_pool: str = "threads"
     worker_concurrency: int = 4
+
+    def __post_init__(self) -> None:
+        if not self.runs_worker and (self.handlers is not None or self.register_tasks is not None):
+            raise ValueError(f"{self.name} runs no worker, so nothing would run its event handlers or tasks")
 
 
 class Runtime:
@@ -137,6 +145,8 @@ def create_http_app(spec: ServiceSpec, settings: Settings | None = None) -> Flas
 
 def create_worker(spec: ServiceSpec, settings: Settings | None = None) -> Celery:
     """The service's Celery app with its consumers registered (start it with `flywheel worker <service>`)."""
+    if not spec.runs_worker:
+        raise ValueError(f"{spec.name} runs no Celery worker")
     runtime = Runtime(spec, settings).start()
     runtime.celery.conf.worker_pool = spec.worker_pool
     runtime.celery.conf.worker_concurrency = spec.worker_concurrency

@@ -1,6 +1,7 @@
 """The inference service: ONNX Runtime serving (KServe v2 + a friendly predict API), the prediction log and
 feedback. `create_app()` is one HTTP process: it loads what the registry serves and keeps it current (see
-`promotions.py`); `create_celery()` is its worker, which only observes promotions."""
+`promotions.py`). Inference runs no Celery worker: the one event it consumes, `model.promoted`, is broadcast to
+every replica and heard by each HTTP process itself."""
 
 from __future__ import annotations
 
@@ -8,15 +9,13 @@ import multiprocessing.util
 import weakref
 from typing import Any
 
-from celery import Celery
 from flask import Flask
 
 from services.inference import api, v2
 from services.inference.config import InferenceConfig
-from services.inference.consumers import handlers
 from services.inference.models import Base
 from services.inference.server import InferenceServer
-from shared.runtime import ServiceSpec, create_http_app, create_worker
+from shared.runtime import ServiceSpec, create_http_app
 from shared.settings import Settings
 
 SPEC = ServiceSpec(
@@ -24,9 +23,7 @@ SPEC = ServiceSpec(
     title="Flywheel inference API",
     metadata=Base.metadata,
     blueprints=[api.models, api.feedback, v2.blp],
-    handlers=handlers,
-    worker_pool="threads",
-    worker_concurrency=4,
+    runs_worker=False,
 )
 
 
@@ -52,7 +49,3 @@ def _close_at_exit(server: weakref.ref[InferenceServer]) -> None:
     alive = server()
     if alive is not None:
         alive.close()
-
-
-def create_celery(settings: Settings | None = None) -> Celery:
-    return create_worker(SPEC, settings)

@@ -26,6 +26,7 @@ import pytest
 import yaml
 from referencing import Registry, Resource
 
+from cli.launcher import services_with_workers
 from shared.settings import SERVICES, Settings
 
 REPO = Path(__file__).resolve().parents[2]
@@ -37,6 +38,10 @@ KUSTOMIZATIONS = ("overlays/dev", "overlays/gpu", "distributed-training")
 KUBERNETES_VERSIONS = ("1.30", "1.35")
 FLYWHEEL_IMAGES = ("flywheel", "flywheel-gpu")
 WORKLOAD_KINDS = ("Deployment", "StatefulSet", "Job")
+# The services that run a Celery worker beside their HTTP server, as their ServiceSpecs say (inference runs none):
+# every deployment runs exactly these workers.
+WORKER_SERVICES = services_with_workers()
+WORKERS = {f"{service}-worker" for service in WORKER_SERVICES}
 
 
 def settings_variables() -> set[str]:

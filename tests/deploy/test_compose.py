@@ -14,6 +14,7 @@ from shared.settings import BUCKETS, SERVICES
 from tests.deploy.manifests import (
     DEPLOYMENT_VARIABLES,
     REPO,
+    WORKERS,
     compose,
     compose_argv,
     compose_schema,
@@ -52,7 +53,7 @@ def test_the_specification_check_rejects_a_broken_file() -> None:
 def test_compose_names_the_same_services_as_kubernetes() -> None:
     deployments = {w["metadata"]["name"] for w in workloads(render("overlays/dev")) if w["kind"] == "Deployment"}
     cpu = {name for name, s in _flywheel_services().items() if "gpu" not in s.get("profiles", [])}
-    assert cpu == deployments == {n for s in SERVICES for n in (s, f"{s}-worker")}
+    assert cpu == deployments == {*SERVICES, *WORKERS}
     statefulsets = {w["metadata"]["name"] for w in workloads(render("overlays/dev")) if w["kind"] == "StatefulSet"}
     assert statefulsets == BACKING - {"minio-init"}
 
@@ -106,7 +107,7 @@ def test_postgres_creates_one_database_per_service_with_the_kubernetes_script() 
     assert (REPO / script).stat().st_mode & 0o111, "the entrypoint runs it (not sources it) when executable"
 
 
-@pytest.mark.parametrize("name", sorted(set(SERVICES) | {f"{s}-worker" for s in SERVICES}))
+@pytest.mark.parametrize("name", sorted({*SERVICES, *WORKERS}))
 def test_each_process_gets_its_configuration(name: str) -> None:
     service = compose()["services"][name]
     env = {key: _interpolate(str(value)) for key, value in service["environment"].items()}

@@ -17,6 +17,8 @@ from tests.deploy.manifests import (
     KUBERNETES_VERSIONS,
     KUSTOMIZATIONS,
     OVERLAYS,
+    WORKER_SERVICES,
+    WORKERS,
     argv,
     container_env,
     containers,
@@ -84,9 +86,11 @@ def test_each_overlay_holds_the_whole_platform(overlay: str) -> None:
     expected |= {("Service", name) for name in ("redis", "postgres", "minio")}
     expected |= {("Job", "bucket-bootstrap"), ("HorizontalPodAutoscaler", "inference")}
     for service in SERVICES:
-        expected |= {("Deployment", service), ("Deployment", f"{service}-worker")}
-        expected |= {("Service", service), ("PodDisruptionBudget", service)}
+        expected |= {("Deployment", service), ("Service", service), ("PodDisruptionBudget", service)}
+    expected |= {("Deployment", worker) for worker in WORKERS}
     assert expected <= names, f"missing from k8s/{overlay}: {sorted(expected - names)}"
+    deployments = {n for k, n in names if k == "Deployment"}
+    assert deployments == {*SERVICES, *WORKERS}, f"k8s/{overlay}: a worker for a service that runs none?"
     for kind in ("PersistentVolumeClaim",):
         assert not [n for k, n in names if k == kind], "storage comes from the StatefulSets' volumeClaimTemplates"
     for name in ("redis", "postgres", "minio"):
@@ -286,8 +290,10 @@ def test_each_http_service_has_a_service_and_a_disruption_budget(overlay: str) -
         assert svc["spec"]["ports"] == [{"name": "http", "port": DEFAULT_PORTS[service], "targetPort": "http"}]
         pdb = find(objects, "PodDisruptionBudget", service)
         assert all(labels.get(k) == v for k, v in pdb["spec"]["selector"]["matchLabels"].items())
-        worker_labels = find(objects, "Deployment", f"{service}-worker")["spec"]["template"]["metadata"]["labels"]
-        assert not all(worker_labels.get(k) == v for k, v in pdb["spec"]["selector"]["matchLabels"].items())
+        if service in WORKER_SERVICES:
+            worker = find(objects, "Deployment", f"{service}-worker")
+            worker_labels = worker["spec"]["template"]["metadata"]["labels"]
+            assert not all(worker_labels.get(k) == v for k, v in pdb["spec"]["selector"]["matchLabels"].items())
         assert "minAvailable" in pdb["spec"] or pdb["spec"]["maxUnavailable"] >= 1
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from shared.settings import DEFAULT_PORTS, SERVICES
-from tests.deploy.manifests import OVERLAYS, NetworkPolicies, Pod, render, workload_pods
+from tests.deploy.manifests import OVERLAYS, WORKERS, NetworkPolicies, Pod, render, workload_pods
 
 NAMESPACE = "flywheel"
 INGRESS_CONTROLLER = Pod("ingress-controller", "ingress-nginx", {"app.kubernetes.io/name": "ingress-nginx"})
@@ -28,7 +28,7 @@ def _policies(objects: list[dict]) -> NetworkPolicies:
 
 
 def _app_pods() -> set[str]:
-    return {name for service in SERVICES for name in (service, f"{service}-worker")}
+    return {*SERVICES, *WORKERS}
 
 
 def _service(pod_name: str) -> str:

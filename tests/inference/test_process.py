@@ -1,4 +1,5 @@
-"""Inference as `flywheel up`, compose and the manifests run it: the WSGI app under granian, in its own process.
+"""Inference as `flywheel up`, compose and the manifests run it: the WSGI app under granian, in its own process,
+and no Celery worker beside it.
 
 The other inference tests drive the app in-process. This one runs the real server command: it serves a
 prediction, and when the server is stopped the prediction it just answered is in the prediction log, written
@@ -17,8 +18,12 @@ import requests
 from sqlalchemy import select
 
 from cli.launcher import http_command
+from services.inference.app import SPEC
 from services.inference.models import Base, Prediction
 from shared.db import Database
+from shared.events.catalog import CATALOG
+from shared.events.consumer import EventHandlers
+from shared.runtime import ServiceSpec, create_worker
 from shared.settings import Settings
 from tests.cli.test_launcher import free_ports
 from tests.conftest import INTERNAL_TOKEN
@@ -26,6 +31,18 @@ from tests.helpers import eventually
 from tests.inference.support import serving_document, upload_version
 
 pytestmark = pytest.mark.timeout(180)
+
+
+def test_inference_runs_no_worker_its_http_processes_hear_promotions() -> None:
+    """Inference's only event is broadcast to every replica, whose HTTP processes subscribe to it themselves
+    (test_hot_swap.py); so the service declares no worker, and none can be built for it."""
+    consumed = {name: spec.broadcast_to for name, spec in CATALOG.items() if "inference" in spec.consumers}
+    assert consumed == {"model.promoted": ("inference",)}
+    assert SPEC.runs_worker is False and SPEC.handlers is None and SPEC.register_tasks is None
+    with pytest.raises(ValueError, match="runs no Celery worker"):
+        create_worker(SPEC)
+    with pytest.raises(ValueError, match="nothing would run its event handlers"):
+        ServiceSpec("inference", "t", Base.metadata, handlers=EventHandlers("inference"), runs_worker=False)
 
 
 def test_the_server_process_serves_and_logs_its_last_prediction_when_stopped(
