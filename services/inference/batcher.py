@@ -70,7 +70,6 @@ class DynamicBatcher:
         name: str,
         observer: BatchObserver,
         padded_inputs: frozenset[str] = frozenset(),
-        instances: int = 1,
     ) -> None:
         self.run = run
         self.config = config
@@ -81,11 +80,8 @@ class DynamicBatcher:
         self._arriving = 0
         self._cond = threading.Condition()
         self._closed = False
-        self._threads = [
-            threading.Thread(target=self._loop, name=f"batcher-{name}-{i}", daemon=True) for i in range(instances)
-        ]
-        for thread in self._threads:
-            thread.start()
+        self._thread = threading.Thread(target=self._loop, name=f"batcher-{name}", daemon=True)
+        self._thread.start()
 
     # -- the request side ------------------------------------------------------------------------------
 
@@ -117,13 +113,12 @@ class DynamicBatcher:
         return pending.future
 
     def close(self, timeout: float = 30.0) -> None:
-        """Stop taking requests, finish the queued ones, and stop the execution threads."""
+        """Stop taking requests, finish the queued ones, and stop the execution thread."""
         with self._cond:
             self._closed = True
             self._cond.notify_all()
-        for thread in self._threads:
-            if thread is not threading.current_thread():
-                thread.join(timeout)
+        if self._thread is not threading.current_thread():
+            self._thread.join(timeout)
 
     @property
     def depth(self) -> int:
@@ -159,8 +154,6 @@ class DynamicBatcher:
                 if remaining <= 0:
                     break
                 self._cond.wait(remaining)
-            if not self._queue:  # another instance took them while this one waited
-                return []
             batch = [self._queue.popleft()]
             rows = batch[0].rows
             kept: deque[_Pending] = deque()
