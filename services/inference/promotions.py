@@ -1,7 +1,7 @@
 """How every HTTP process of every inference replica learns that a model was promoted.
 
-The ONNX sessions live in the HTTP (gunicorn) processes, not in the Celery worker, so the HTTP processes are
-the ones that must hear `model.promoted`. The design:
+The ONNX sessions live in the HTTP (granian) processes, so the HTTP processes are the ones that must hear
+`model.promoted`; inference runs no Celery worker at all. The design:
 
 1. **Each HTTP process subscribes to the broadcast itself.** `model.promoted` is fanned out by the bus on the
    `inference.broadcast` exchange (a kombu fan-out exchange: Redis PUBLISH/PSUBSCRIBE). `PromotionListener`
@@ -18,13 +18,10 @@ the ones that must hear `model.promoted`. The design:
    down; `/v2/health/ready` stays false until it has answered once), again immediately whenever the listener
    reconnects, and every `reconcile_interval_s` (30 s) otherwise. A missed promotion is thus applied within
    one interval, and a failed version is retried on a backoff.
-3. **The Celery worker** also receives the broadcast (the catalog lists inference as a consumer); it holds no
-   sessions, so its handler (`consumers.py`) only records the promotion in its log, keeping the event's
-   trace visible on the worker side.
 
-Rejected alternatives: relaying from the worker to the HTTP processes (over Redis pub/sub or HTTP) adds a hop
-that fails when the worker is down or busy, and must still fan out to every gunicorn process; polling alone
-makes every promotion wait for the poll interval.
+Rejected alternatives: a Celery worker relaying to the HTTP processes (over Redis pub/sub or HTTP) adds a hop
+that fails when the worker is down or busy, and must still fan out to every HTTP process; polling alone makes
+every promotion wait for the poll interval.
 """
 
 from __future__ import annotations
@@ -37,6 +34,7 @@ from kombu.mixins import ConsumerMixin
 
 from services.inference.metrics import InferenceMetrics
 from services.inference.repository import ModelRepository
+from shared.backoff import backoff_delay
 from shared.events.catalog import broadcast_queue
 from shared.events.consumer import RecentIds
 from shared.events.envelope import InvalidEvent, validate_envelope
@@ -47,6 +45,7 @@ log = get_logger(__name__)
 
 EVENT_TYPE = "model.promoted"
 STOP_CHECK_S = 0.25
+RECONCILE_RETRY_S = 1.0
 
 
 def envelope_of(body: Any) -> Any:
@@ -142,7 +141,7 @@ class Reconciler:
         self._thread.start()
 
     def _loop(self) -> None:
-        delay, backoff = 0.0, 1.0
+        delay, failures = 0.0, 0
         while not self._stop.wait(delay):
             future = self.repository.request_reconcile()
             succeeded = self.repository.reconciled.is_set()
@@ -153,9 +152,10 @@ class Reconciler:
                     log.warning("serving_reconcile_error", error=repr(exc)[:300])
                     succeeded = False
             if succeeded:
-                delay, backoff = self.interval, 1.0
+                delay, failures = self.interval, 0
             else:
-                delay, backoff = backoff, min(backoff * 2, self.interval)
+                failures += 1
+                delay = backoff_delay(failures, RECONCILE_RETRY_S, self.interval, jitter=False)
 
     def stop(self) -> None:
         self._stop.set()

@@ -41,6 +41,7 @@ from services.inference.model_files import ArtifactRefused, fetch_version, finge
 from services.inference.preprocess import ImagePreprocessor, TextPreprocessor
 from services.inference.registry_client import RegistryClient, RegistryUnavailable
 from services.inference.sessions import ModelRefused, TensorSpec, check_contract, create_session, graph_io, warm_up
+from shared.backoff import backoff_delay
 from shared.logging import get_logger
 from shared.storage import ObjectStore, StorageError
 
@@ -456,7 +457,8 @@ class ModelRepository:
     ) -> None:
         previous = model.failures.get(version)
         attempts = previous.attempts + 1 if previous and previous.fingerprint == version_fingerprint else 1
-        backoff = self.config.failed_retry_s * (0.25 if transient else 1.0) * 2 ** (attempts - 1)
+        base = self.config.failed_retry_s * (0.25 if transient else 1.0)
+        backoff = backoff_delay(attempts, base, MAX_FAILED_RETRY_S, jitter=False)
         failure = LoadFailure(
             version=version,
             fingerprint=version_fingerprint,
@@ -464,7 +466,7 @@ class ModelRepository:
             message=message,
             failed_at=_now(),
             attempts=attempts,
-            retry_at=time.monotonic() + min(backoff, MAX_FAILED_RETRY_S),
+            retry_at=time.monotonic() + backoff,
         )
         model.failures = MappingProxyType({**model.failures, version: failure})
         self.metrics.load_failures.labels(model.tenant, model.name, str(version), reason).inc()
