@@ -31,7 +31,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
     module = importlib.import_module(f"services.{args.service}.app")
     if not module.SPEC.runs_worker:
-        print(f"flywheel: {args.service} runs no Celery worker (its HTTP processes consume its events)", file=sys.stderr)
+        print(f"flywheel: {args.service} runs no Celery worker: its HTTP processes consume its events", file=sys.stderr)
         return 2
     celery = module.create_celery()
     runtime = celery.flywheel_runtime
