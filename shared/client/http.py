@@ -1,4 +1,9 @@
-"""HTTP plumbing of the client: one session per service, JSON in and out, errors as `ApiError`."""
+"""HTTP plumbing of the client: one session per service, JSON in and out, errors as `ApiError`.
+
+`ServiceClient` is also the one client of every service-to-service call (registry lookups from inference,
+partner-key checks, pre-labels from labeling): every call has a timeout, only idempotent calls are retried, and
+the trace id bound to the caller's log context leaves as `X-Request-ID`, so the callee logs the same `trace_id`.
+"""
 
 from __future__ import annotations
 
@@ -10,10 +15,13 @@ import requests
 from requests.adapters import HTTPAdapter
 from urllib3.util.retry import Retry
 
+from shared.logging import current_trace_id
+
 T = TypeVar("T")
 
 DEFAULT_TIMEOUT = 30.0
 IDEMPOTENT = frozenset({"GET", "HEAD", "PUT", "DELETE", "OPTIONS"})
+TRACE_HEADER = "X-Request-ID"
 
 
 class ApiError(Exception):
@@ -35,26 +43,37 @@ class ServiceClient:
         self.base_url = base_url.rstrip("/")
         self.token = token
         self.timeout = timeout
-        self.session = requests.Session()
         # A kept-alive connection the server has just closed surfaces as "remote end closed connection";
-        # idempotent requests are safely retried on a fresh one.
-        retry = Retry(
-            total=3, connect=3, read=2, status=0, backoff_factor=0.2, allowed_methods=IDEMPOTENT, raise_on_status=False
-        )
-        self.session.mount("http://", HTTPAdapter(max_retries=retry))
-        self.session.mount("https://", HTTPAdapter(max_retries=retry))
+        # idempotent requests are safely retried on a fresh one. A POST that only looks something up says so
+        # (`idempotent=True`) and goes through a second session that retries it the same way.
+        self.session = _retrying_session(IDEMPOTENT)
+        self._lookup_session = _retrying_session(None)
 
     def with_token(self, token: str | None) -> ServiceClient:
         return type(self)(self.base_url, token, timeout=self.timeout)
 
     def _headers(self, extra: dict[str, str] | None) -> dict[str, str]:
         headers = {"Authorization": f"Bearer {self.token}"} if self.token else {}
+        trace_id = current_trace_id()
+        if trace_id:
+            headers[TRACE_HEADER] = trace_id
         return headers | (extra or {})
 
-    def request(self, method: str, path: str, *, headers: dict[str, str] | None = None, **kwargs: Any) -> Any:
+    def request(
+        self,
+        method: str,
+        path: str,
+        *,
+        headers: dict[str, str] | None = None,
+        idempotent: bool = False,
+        **kwargs: Any,
+    ) -> Any:
+        """The answer's JSON (or bytes, or None when empty); `ApiError` for a 4xx or 5xx, `requests`' own
+        exceptions when the service cannot be reached. `idempotent=True` marks a POST that is safe to resend."""
         url = f"{self.base_url}{path}"
         kwargs.setdefault("timeout", self.timeout)
-        response = self.session.request(method, url, headers=self._headers(headers), **kwargs)
+        session = self._lookup_session if idempotent else self.session
+        response = session.request(method, url, headers=self._headers(headers), **kwargs)
         if response.status_code >= 400:
             raise _error(response, url)
         if response.status_code == 204 or not response.content:
@@ -86,6 +105,17 @@ class ServiceClient:
 
     def delete(self, path: str, **kwargs: Any) -> Any:
         return self.request("DELETE", path, **kwargs)
+
+
+def _retrying_session(methods: frozenset[str] | None) -> requests.Session:
+    """A session that retries failed connections, and reads cut short for `methods` (None: every method)."""
+    retry = Retry(
+        total=3, connect=3, read=2, status=0, backoff_factor=0.2, allowed_methods=methods, raise_on_status=False
+    )
+    session = requests.Session()
+    session.mount("http://", HTTPAdapter(max_retries=retry))
+    session.mount("https://", HTTPAdapter(max_retries=retry))
+    return session
 
 
 def _error(response: requests.Response, url: str) -> ApiError:
