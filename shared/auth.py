@@ -1,8 +1,9 @@
 """Credentials: partner API keys (owned by ingestion, stored hashed) and the internal operator token.
 
 Every service verifies a partner key through `KeyVerifier`: ingestion looks it up in its own database,
-the others ask ingestion over HTTP and cache the answer for `KEY_CACHE_SECONDS` (30 s by default), so a
-revoked key stops working everywhere within that time.
+the others ask ingestion over HTTP (through the one service-to-service client, `shared.client.ServiceClient`) and
+cache the answer for `KEY_CACHE_SECONDS` (30 s by default), so a revoked key stops working everywhere within that
+time. An unknown key is remembered for `NEGATIVE_CACHE_SECONDS` at most, so a key issued a moment ago works soon.
 """
 
 from __future__ import annotations
@@ -12,16 +13,17 @@ import hmac
 import re
 import secrets
 import threading
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import wraps
 from typing import Any
 
 import requests
+from cachetools import TTLCache
 from flask import current_app, g, request
 from marshmallow import validate
 
+from shared.client.http import ApiError, ServiceClient
 from shared.errors import BadRequest, ServiceUnavailable, Unauthorized
 from shared.logging import get_logger, log_context
 
@@ -29,6 +31,8 @@ log = get_logger(__name__)
 
 KEY_PREFIX = "fwk_"
 NEGATIVE_CACHE_SECONDS = 5.0
+MAX_CACHED_KEYS = 100_000
+"""Per cache (known keys, unknown keys): beyond it the least recently used entry makes room."""
 TENANT_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}\Z"  # \Z: "$" would let a trailing newline through
 TENANT_ERROR = "a tenant id: 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit"
 TENANT_ID = validate.Regexp(TENANT_PATTERN, error=TENANT_ERROR)
@@ -69,56 +73,55 @@ class KeyVerifier:
     def __init__(self, lookup: KeyLookup, ttl_seconds: float) -> None:
         self.lookup = lookup
         self.ttl = ttl_seconds
-        self._cache: dict[str, tuple[Principal | None, float]] = {}
-        self._lock = threading.Lock()
+        self._known: TTLCache[str, Principal] = TTLCache(maxsize=MAX_CACHED_KEYS, ttl=ttl_seconds)
+        self._unknown: TTLCache[str, bool] = TTLCache(
+            maxsize=MAX_CACHED_KEYS, ttl=min(ttl_seconds, NEGATIVE_CACHE_SECONDS)
+        )
+        self._lock = threading.Lock()  # a TTLCache is not thread-safe; the lookup itself runs outside the lock
 
     def verify(self, key: str) -> Principal:
         digest = hash_api_key(key)
-        now = time.monotonic()
         with self._lock:
-            cached = self._cache.get(digest)
-        if cached is not None and cached[1] > now:
-            principal = cached[0]
-        else:
+            principal = self._known.get(digest)
+            unknown = principal is None and digest in self._unknown
+        if principal is None and not unknown:
             principal = self.lookup(digest)
-            ttl = self.ttl if principal is not None else min(self.ttl, NEGATIVE_CACHE_SECONDS)
             with self._lock:
-                if len(self._cache) > 100_000:
-                    self._cache.clear()
-                self._cache[digest] = (principal, now + ttl)
+                if principal is not None:
+                    self._known[digest] = principal
+                else:
+                    self._unknown[digest] = True
         if principal is None:
             raise Unauthorized("invalid or revoked API key")
         return principal
 
     def forget(self, key_hash: str) -> None:
         with self._lock:
-            self._cache.pop(key_hash, None)
+            self._known.pop(key_hash, None)
+            self._unknown.pop(key_hash, None)
+
+
+VERIFY_KEY_PATH = "/v1/internal/keys/verify"
 
 
 class HttpKeyLookup:
     """Asks the ingestion service, which owns partners and keys, who a key hash belongs to."""
 
     def __init__(self, ingestion_url: str, internal_token: str, timeout: float = 3.0) -> None:
-        self.url = ingestion_url.rstrip("/") + "/v1/internal/keys/verify"
-        self.internal_token = internal_token
-        self.timeout = timeout
-        self.session = requests.Session()
+        self.client = ServiceClient(ingestion_url, internal_token, timeout=timeout)
 
     def __call__(self, key_hash: str) -> Principal | None:
         try:
-            response = self.session.post(
-                self.url,
-                json={"key_hash": key_hash},
-                headers={"Authorization": f"Bearer {self.internal_token}"},
-                timeout=self.timeout,
-            )
+            # A POST that only reads: safe to resend on a fresh connection.
+            body = self.client.post(VERIFY_KEY_PATH, json={"key_hash": key_hash}, idempotent=True)
+        except ApiError as exc:
+            if exc.status == 404:
+                return None
+            raise ServiceUnavailable(f"cannot verify the API key: ingestion answered {exc.status}") from exc
         except requests.RequestException as exc:
             raise ServiceUnavailable("cannot verify the API key: the ingestion service does not answer") from exc
-        if response.status_code == 404:
-            return None
-        if response.status_code != 200:
-            raise ServiceUnavailable(f"cannot verify the API key: ingestion answered {response.status_code}")
-        body = response.json()
+        if not isinstance(body, dict):
+            raise ServiceUnavailable("cannot verify the API key: ingestion answered something other than an object")
         return Principal(tenant=body["tenant"], key_id=body["key_id"])
 
 

@@ -143,7 +143,7 @@ def test_metrics_and_one_log_line_per_request_with_trace_id(inference, tenants, 
     )
     assert response.status_code == 200
     assert response.headers["X-Request-ID"] == "trace-inference-1"
-    lines = logs.find(event="http_request", trace_id="trace-inference-1")
+    lines = logs.find(event="http_request", trace_id="trace-inference-1", service="inference")
     assert len(lines) == 1
     assert lines[0]["model"] == "reviews" and lines[0]["model_version"] == 1 and lines[0]["rows"] == 2
     assert lines[0]["tenant"] == tenants.alice.tenant and lines[0]["status"] == 200

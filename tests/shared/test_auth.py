@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import time
 
+import pytest
 from sqlalchemy import select
 
 from services.ingestion.models import ApiKey
-from shared.auth import hash_api_key
+from shared.auth import KeyVerifier, Principal, hash_api_key
+from shared.errors import Unauthorized
 from tests.helpers import INTERNAL, bearer, create_dataset, create_partner, eventually
 
 
@@ -58,6 +60,41 @@ def test_another_service_verifies_keys_through_ingestion_and_revocation_propagat
         what="labeling to refuse the revoked key",
     )
     assert time.monotonic() - started <= labeling.runtime.settings.key_cache_seconds + 1
+
+
+def test_the_key_check_carries_the_callers_trace_id_to_ingestion(platform, logs) -> None:
+    """The trace id a partner's request came with is the one ingestion logs for the key check it causes."""
+    ingestion = platform("ingestion")
+    labeling = platform("labeling")
+    issued = create_partner(ingestion.client)
+    headers = bearer(issued["api_key"]) | {"X-Request-ID": "trace-of-the-partner-request"}
+    assert labeling.client.get("/v1/datasets/x/tasks", headers=headers).status_code == 404
+    checks = logs.find(event="http_request", service="ingestion", path="/v1/internal/keys/verify")
+    assert [line["trace_id"] for line in checks] == ["trace-of-the-partner-request"]
+
+
+def test_verified_keys_are_cached_for_the_ttl_and_unknown_ones_briefly() -> None:
+    asked: list[str] = []
+    known = {hash_api_key("fwk_known"): Principal(tenant="acme", key_id="key_1")}
+
+    def lookup(key_hash: str) -> Principal | None:
+        asked.append(key_hash)
+        return known.get(key_hash)
+
+    verifier = KeyVerifier(lookup, ttl_seconds=0.3)
+    assert verifier.verify("fwk_known") == verifier.verify("fwk_known") == Principal(tenant="acme", key_id="key_1")
+    for _ in range(2):
+        with pytest.raises(Unauthorized):
+            verifier.verify("fwk_unknown")
+    assert len(asked) == 2, "one lookup per key while cached"
+    verifier.forget(hash_api_key("fwk_known"))
+    verifier.verify("fwk_known")
+    assert len(asked) == 3, "a forgotten key is looked up again"
+    time.sleep(0.35)
+    verifier.verify("fwk_known")
+    with pytest.raises(Unauthorized):
+        verifier.verify("fwk_unknown")
+    assert len(asked) == 5, "both answers expire with the TTL"
 
 
 def test_rotated_key_works_alongside_until_the_old_one_is_revoked(platform) -> None:
