@@ -2,6 +2,7 @@
 
 `GET /v1/internal/serving` lists every model's serving document; `GET /v1/internal/serving/<tenant>/<model>`
 answers one (404 when the model has nothing to serve). A document that does not validate is refused loudly.
+Both go through the one service-to-service client (timeouts, retried GETs, the trace id as `X-Request-ID`).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import requests
 from marshmallow import ValidationError
 
 from services.inference.schemas import ServingDocumentSchema
+from shared.client.http import ApiError, ServiceClient
 from shared.logging import get_logger
 
 log = get_logger(__name__)
@@ -26,10 +28,11 @@ class RegistryUnavailable(Exception):
 
 class RegistryClient:
     def __init__(self, base_url: str, internal_token: str, timeout: float) -> None:
-        self.base_url = base_url.rstrip("/")
-        self.timeout = timeout
-        self._session = requests.Session()
-        self._session.headers["Authorization"] = f"Bearer {internal_token}"
+        self.http = ServiceClient(base_url, internal_token, timeout=timeout)
+
+    @property
+    def base_url(self) -> str:
+        return self.http.base_url
 
     def list_serving(self) -> list[dict[str, Any]]:
         body = self._get("/v1/internal/serving")
@@ -54,18 +57,16 @@ class RegistryClient:
 
     def _get(self, path: str) -> dict[str, Any] | None:
         try:
-            response = self._session.get(self.base_url + path, timeout=self.timeout)
+            body = self.http.get(path)
+        except ApiError as exc:
+            if exc.status == 404:
+                return None
+            raise RegistryUnavailable(f"registry answered {exc.status} for {path}") from exc
+        except requests.JSONDecodeError as exc:
+            raise RegistryUnavailable(f"registry answered non-JSON for {path}") from exc
         except requests.RequestException as exc:
             raise RegistryUnavailable(f"registry at {self.base_url} does not answer: {exc}") from exc
-        if response.status_code == 404:
-            return None
-        if response.status_code != 200:
-            raise RegistryUnavailable(f"registry answered {response.status_code} for {path}")
-        try:
-            body = response.json()
-        except ValueError as exc:
-            raise RegistryUnavailable(f"registry answered non-JSON for {path}") from exc
-        if not isinstance(body, dict):
+        if not isinstance(body, dict):  # also a non-JSON answer, which the client hands back as bytes
             raise RegistryUnavailable(f"registry answered a non-object for {path}")
         return body
 
