@@ -7,7 +7,10 @@ per `request_key`), and answers each input's label, confidence and probabilities
 and a `prediction_id`. Every prediction a partner makes here is logged with its input, so any of them can
 receive `POST /v1/feedback` `{prediction_id, label}`, which emits `prediction.feedback` in the same
 transaction. Another service may call predict for a tenant (the internal token and `X-Flywheel-Tenant`:
-labeling's pre-labels); those predictions are neither logged nor given a `prediction_id`.
+labeling's pre-labels); those predictions are neither logged nor given a `prediction_id`. Such a caller may
+name the tenant's stored items instead of sending them, `{"references": [{bucket, key, sha256, offset,
+length}, ...]}`: inference reads them from object storage (the tenant's own prefix only) and checks each
+sha256, so items travel as references, not as re-encoded bytes.
 """
 
 from __future__ import annotations
@@ -23,10 +26,11 @@ from marshmallow import ValidationError
 
 from services.inference.batcher import Feeds
 from services.inference.prediction_log import LoggedPrediction, new_prediction_id
-from services.inference.preprocess import classify
+from services.inference.preprocess import as_model_inputs, classify, read_stored_inputs
 from services.inference.repository import LoadedVersion, ServedModel
 from services.inference.request_log import annotate, install_request_annotations
 from services.inference.schemas import (
+    INPUT_KINDS,
     FeedbackResultSchema,
     FeedbackSchema,
     PredictRequestSchema,
@@ -34,7 +38,7 @@ from services.inference.schemas import (
 )
 from services.inference.server import Inference, InferenceServer, current_server
 from shared.auth import current_principal, require_partner, require_partner_or_delegated
-from shared.errors import BadRequest, DomainError, Unprocessable
+from shared.errors import BadRequest, DomainError, Forbidden, Unprocessable
 
 models = Blueprint("inference_models", __name__, url_prefix="/v1/models", description="Predictions")
 feedback = Blueprint("inference_feedback", __name__, url_prefix="/v1/feedback", description="Feedback on predictions")
@@ -93,26 +97,46 @@ def _decode_base64(data: str, index: int) -> bytes:
 
 
 def _infer(server: InferenceServer, model: ServedModel) -> tuple[str, list[Any], Inference]:
-    """Read the texts or images, run them through the model's own preprocessing, and infer."""
+    """Read the texts, images or stored inputs, run them through the model's own preprocessing, and infer."""
     body = _read_request()
-    kind = "text" if "texts" in body else "image"
-    inputs: list[Any] = body["texts"] if kind == "text" else body["images"]
-    if len(inputs) > server.config.max_instances_per_request:
+    field = next(kind for kind in INPUT_KINDS if kind in body)
+    if len(body[field]) > server.config.max_instances_per_request:
         raise Unprocessable(
-            f"at most {server.config.max_instances_per_request} inputs per request",
-            {"fields": {f"{kind}s": ["too many"]}},
+            f"at most {server.config.max_instances_per_request} inputs per request", {"fields": {field: ["too many"]}}
         )
+    if field == "references":
+        return _infer_stored(server, model, body)
+    kind = field.removesuffix("s")
+    inputs: list[Any] = body[field]
 
     def feeds(loaded: LoadedVersion) -> Feeds:
         if loaded.preprocessor.kind != kind:
             raise Unprocessable(
                 f"model {model.name!r} takes {loaded.preprocessor.kind}s, not {kind}s",
-                {"fields": {f"{kind}s": ["wrong kind"]}},
+                {"fields": {field: ["wrong kind"]}},
             )
         return loaded.preprocessor(inputs)
 
     result = server.infer(model, version=body["version"], request_key=body["request_key"], make_feeds=feeds)
     return kind, inputs, result
+
+
+def _infer_stored(
+    server: InferenceServer, model: ServedModel, body: dict[str, Any]
+) -> tuple[str, list[Any], Inference]:
+    """Inputs named by reference, for a service acting for the tenant: read, checked, taken as the model's kind."""
+    principal = current_principal()
+    if not principal.internal:
+        raise Forbidden("references to stored inputs are for services acting for a tenant; send texts or images")
+    contents = read_stored_inputs(
+        server.runtime.storage, principal.tenant, body["references"], server.runtime.settings.max_request_bytes
+    )
+
+    def feeds(loaded: LoadedVersion) -> Feeds:
+        return loaded.preprocessor(as_model_inputs(contents, loaded.preprocessor.kind))
+
+    result = server.infer(model, version=body["version"], request_key=body["request_key"], make_feeds=feeds)
+    return result.version.preprocessor.kind, contents, result
 
 
 @models.post("/<name>:predict")

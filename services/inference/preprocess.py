@@ -1,9 +1,15 @@
 """A model's own preprocessing, read from its metadata: its tokenizer for texts; decode, resize and normalise
-for images. And the one postprocessing step every classifier shares: logits to probabilities and labels."""
+for images. And the one postprocessing step every classifier shares: logits to probabilities and labels.
+
+Inputs a service names by reference instead of sending them (labeling's pre-labels) are read here first: only
+from the tenant's own prefix, each checked against its sha256, then taken as the model's kind of input."""
 
 from __future__ import annotations
 
+import hashlib
 import io
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -13,7 +19,8 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from tokenizers import Tokenizer
 
 from services.inference.sessions import ModelRefused, TensorSpec
-from shared.errors import Unprocessable
+from shared.errors import NotFound, PayloadTooLarge, Unprocessable
+from shared.storage import ObjectNotFound, ObjectStore
 
 
 class TextPreprocessor:
@@ -84,6 +91,54 @@ class ImagePreprocessor:
 
     def __call__(self, images: list[bytes]) -> dict[str, np.ndarray]:
         return {self.input.name: np.stack([self.decode(data, index) for index, data in enumerate(images)])}
+
+
+def read_stored_inputs(
+    storage: ObjectStore, tenant: str, references: list[dict[str, Any]], max_bytes: int
+) -> list[bytes]:
+    """The bytes of each referenced input, in order. Another tenant's key, or a missing object, answers 404 (as
+    another tenant's ids do); bytes that do not match the reference's sha256 are refused (422); together the
+    inputs may not exceed `max_bytes`, the limit of a request that sends them inline (413)."""
+    for index, reference in enumerate(references):
+        if not reference["key"].startswith(f"{tenant}/"):  # tenant ids hold no '/': the prefix is the tenant's
+            raise NotFound(f"stored input {index} is not an item of this tenant")
+    spans = [_span(storage, index, reference) for index, reference in enumerate(references)]
+    if sum(length for _offset, length in spans) > max_bytes:
+        raise PayloadTooLarge(f"the stored inputs exceed the {max_bytes}-byte limit of a request")
+    contents = []
+    for index, (reference, (offset, length)) in enumerate(zip(references, spans, strict=True)):
+        with _stored(index):
+            data = storage.get_range(reference["bucket"], reference["key"], offset, length)
+        if hashlib.sha256(data).hexdigest() != reference["sha256"]:
+            raise Unprocessable(
+                f"stored input {index} does not match its sha256",
+                {"fields": {"references": {str(index): {"sha256": ["does not match the stored bytes"]}}}},
+            )
+        contents.append(data)
+    return contents
+
+
+def _span(storage: ObjectStore, index: int, reference: dict[str, Any]) -> tuple[int, int]:
+    """Where the input lies in its object, as (offset, length); without a length, up to the object's end."""
+    offset = reference["offset"] or 0
+    if reference["length"] is not None:
+        return offset, reference["length"]
+    with _stored(index):
+        size = storage.stat(reference["bucket"], reference["key"]).size
+    return offset, max(0, size - offset)
+
+
+@contextmanager
+def _stored(index: int) -> Iterator[None]:
+    try:
+        yield
+    except ObjectNotFound as exc:
+        raise NotFound(f"stored input {index} is not in object storage") from exc
+
+
+def as_model_inputs(contents: list[bytes], kind: str) -> list[Any]:
+    """Stored bytes as a model of `kind` takes them: UTF-8 text (undecodable bytes replaced), or image bytes."""
+    return [data.decode("utf-8", errors="replace") for data in contents] if kind == "text" else contents
 
 
 @dataclass(frozen=True)
