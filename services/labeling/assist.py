@@ -1,8 +1,11 @@
 """Model assistance: the production model's predictions as pre-labels, and uncertainty for the queue.
 
 When a dataset has a production model, new tasks (and, after a promotion, open ones) are sent in batches
-to the inference service's predict API with the internal token on behalf of the dataset's tenant. Each
-task records the predicted label, its confidence and the model version; `uncertainty = 1 - confidence`
+to the inference service's predict API with the internal token on behalf of the dataset's tenant, as
+references to the items in object storage (bucket/key, byte range and sha256, as `item.ingested` gave them)
+that inference reads and checks itself. The call goes through the one service-to-service client and carries
+the trace id of the event that queued it, so inference logs it under the same `trace_id`. Each task records
+the predicted label, its confidence and the model version; `uncertainty = 1 - confidence`
 orders the queue (least confidence first). With `auto_accept_threshold` set, a prediction at or above it
 settles an untouched task as `model_auto`, recorded as such. Inference being down never blocks labeling:
 the tasks simply stay without pre-labels, and the next promotion or push tries again.
@@ -10,8 +13,8 @@ the tasks simply stay without pre-labels, and the next promotion or push tries a
 
 from __future__ import annotations
 
-import base64
 from typing import Any
+from urllib.parse import quote
 
 import requests
 from sqlalchemy import func, select
@@ -19,7 +22,9 @@ from sqlalchemy.orm import Session
 
 from services.labeling.models import Annotation, LabelingDataset, Task
 from services.labeling.queue import settle
-from shared.logging import get_logger
+from shared.auth import TENANT_HEADER
+from shared.client.http import ApiError, ServiceClient
+from shared.logging import current_trace_id, get_logger
 from shared.runtime import Runtime
 
 log = get_logger(__name__)
@@ -31,39 +36,46 @@ BATCH = 64
 TIMEOUT_SECONDS = 30
 
 
-def predict(runtime: Runtime, dataset: LabelingDataset, tasks: list[Task]) -> list[dict[str, Any]] | None:
+def inference_client(runtime: Runtime) -> ServiceClient:
+    """The inference service, called with the internal token (built once per worker)."""
+    return ServiceClient(runtime.settings.inference_url, runtime.settings.internal_token, timeout=TIMEOUT_SECONDS)
+
+
+def predict(inference: ServiceClient, dataset: LabelingDataset, tasks: list[Task]) -> list[dict[str, Any]] | None:
     """The production model's predictions for these tasks, in order, or None when inference cannot answer."""
-    inputs = [
-        runtime.storage.get_range(t.bucket, t.object_key, t.offset, t.length)
-        if t.offset is not None
-        else runtime.storage.get_bytes(t.bucket, t.object_key)
-        for t in tasks
-    ]
-    if dataset.task_type == "text_classification":
-        body: dict[str, Any] = {"texts": [data.decode("utf-8", errors="replace") for data in inputs]}
-    else:
-        body = {"images": [base64.b64encode(data).decode("ascii") for data in inputs]}
-    url = f"{runtime.settings.inference_url.rstrip('/')}/v1/models/{dataset.production_model}:predict"
-    headers = {"Authorization": f"Bearer {runtime.settings.internal_token}", "X-Flywheel-Tenant": dataset.tenant}
+    body = {"references": [_reference(task) for task in tasks]}
+    path = f"/v1/models/{quote(dataset.production_model, safe='')}:predict"
     try:
-        response = requests.post(url, json=body, headers=headers, timeout=TIMEOUT_SECONDS)
+        answer = inference.post(path, json=body, headers={TENANT_HEADER: dataset.tenant})
+    except ApiError as exc:
+        log.warning(
+            "prelabel_refused", dataset_id=dataset.id, status=exc.status, code=exc.code, error=exc.message[:300]
+        )
+        return None
     except requests.RequestException as exc:
         log.warning("prelabel_unavailable", dataset_id=dataset.id, error=str(exc)[:200])
         return None
-    if response.status_code != 200:
-        log.warning("prelabel_refused", dataset_id=dataset.id, status=response.status_code, body=response.text[:300])
-        return None
-    answer = response.json()
     return [p | {"model_version": answer.get("model_version")} for p in answer["predictions"]]
 
 
+def _reference(task: Task) -> dict[str, Any]:
+    return {
+        "bucket": task.bucket,
+        "key": task.object_key,
+        "sha256": task.sha256,
+        "offset": task.offset,
+        "length": task.length,
+    }
+
+
 def queue_prelabels(runtime: Runtime, session: Session, task_ids: list[int]) -> None:
-    """Queue pre-labeling of these tasks for a worker, in chunks of PRELABEL_CHUNK, with the caller's transaction."""
+    """Queue pre-labeling of these tasks for a worker, in chunks of PRELABEL_CHUNK, with the caller's transaction
+    and its trace id (the worker binds it again, so the calls to inference carry it)."""
     for start in range(0, len(task_ids), PRELABEL_CHUNK):
-        runtime.bus.enqueue(session, PRELABEL_TASK, [task_ids[start : start + PRELABEL_CHUNK]])
+        runtime.bus.enqueue(session, PRELABEL_TASK, [task_ids[start : start + PRELABEL_CHUNK], current_trace_id()])
 
 
-def prelabel(runtime: Runtime, task_ids: list[int]) -> int:
+def prelabel(runtime: Runtime, inference: ServiceClient, task_ids: list[int]) -> int:
     """Pre-label the given tasks that are still open; returns how many got a prediction."""
     with runtime.db.session() as session:
         tasks = list(session.scalars(select(Task).where(Task.id.in_(task_ids), Task.status == "open")))
@@ -75,7 +87,7 @@ def prelabel(runtime: Runtime, task_ids: list[int]) -> int:
     done = 0
     for start in range(0, len(tasks), BATCH):
         chunk = tasks[start : start + BATCH]
-        predictions = predict(runtime, dataset, chunk)
+        predictions = predict(inference, dataset, chunk)
         if predictions is None:
             break
         done += _record(runtime, dataset, chunk, predictions)

@@ -169,7 +169,9 @@ def register_tasks(runtime: Runtime) -> None:
         with log_context(service=runtime.service, snapshot_id=snapshot_id):
             return snapshots.build_snapshot(runtime, snapshot_id).status
 
+    inference = assist.inference_client(runtime)
+
     @runtime.celery.task(name=assist.PRELABEL_TASK, acks_late=True, ignore_result=True, shared=False)
-    def prelabel(task_ids: list[int]) -> int:
-        with log_context(service=runtime.service):
-            return assist.prelabel(runtime, task_ids)
+    def prelabel(task_ids: list[int], trace_id: str | None = None) -> int:
+        with log_context(service=runtime.service, trace_id=trace_id):
+            return assist.prelabel(runtime, inference, task_ids)

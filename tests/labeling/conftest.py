@@ -10,6 +10,8 @@ from sqlalchemy import func, select
 
 from services.labeling.models import Task
 from shared.events.envelope import make_envelope
+from shared.settings import Settings
+from shared.storage import ObjectStore, create_store
 from tests.helpers import INTERNAL, bearer, create_dataset, create_partner, eventually
 
 
@@ -35,11 +37,19 @@ class Harness:
         )
         return dataset_id
 
-    def push(self, dataset_id: str, texts: list[str], labels: list[str | None] | None = None) -> list[str]:
+    def push(
+        self,
+        dataset_id: str,
+        texts: list[str],
+        labels: list[str | None] | None = None,
+        *,
+        trace_id: str | None = None,
+    ) -> list[str]:
         labels = labels or [None] * len(texts)
         items = [{"text": t, "label": label} for t, label in zip(texts, labels, strict=True)]
+        headers = self.partner | ({"X-Request-ID": trace_id} if trace_id else {})
         response = self.ingestion.client.post(
-            f"/v1/datasets/{dataset_id}/items", json={"items": items}, headers=self.partner
+            f"/v1/datasets/{dataset_id}/items", json={"items": items}, headers=headers
         )
         assert response.status_code == 200, response.get_json()
         return [i["item_id"] for i in response.get_json()["items"]]
@@ -73,10 +83,36 @@ class Harness:
     def label(self, headers: dict[str, str], task_id: int, label: str) -> Any:
         return self.labeling.client.post(f"/v1/tasks/{task_id}/annotations", json={"label": label}, headers=headers)
 
-    def send(self, event_type: str, payload: dict[str, Any]) -> None:
+    def promote(self, dataset_id: str, model: str = "reviews", version: int = 3, trace_id: str | None = None) -> None:
+        """The registry's `model.promoted` of `model` to production for the dataset."""
+        payload = {
+            "model_name": model,
+            "dataset_id": dataset_id,
+            "alias": "production",
+            "version": version,
+            "previous_version": None,
+            "weights": {},
+            "reason": "test",
+        }
+        self.send("model.promoted", payload, trace_id=trace_id)
+
+    def send(self, event_type: str, payload: dict[str, Any], *, trace_id: str | None = None) -> None:
         """Deliver an event another service would produce, through Redis to the labeling worker."""
-        message = make_envelope(event_type, payload, tenant=self.tenant).to_dict()
+        message = make_envelope(event_type, payload, tenant=self.tenant, trace_id=trace_id).to_dict()
         self.worker.celery.send_task(f"labeling.{event_type}", args=[message], queue="labeling")
+
+
+@pytest.fixture
+def store(settings: Settings) -> ObjectStore:
+    """The object store the platform writes raw items to, as the inference service reads it."""
+    return create_store(
+        s3_endpoint=settings.s3_endpoint,
+        s3_access_key=settings.s3_access_key,
+        s3_secret_key=settings.s3_secret_key,
+        s3_secure=False,
+        s3_region=settings.s3_region,
+        file_root=settings.file_store_root,
+    )
 
 
 @pytest.fixture

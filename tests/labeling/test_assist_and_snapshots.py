@@ -13,6 +13,7 @@ from sqlalchemy import select
 
 from services.labeling.consensus import fleiss_kappa
 from shared.events.tables import event_tables
+from shared.storage import ObjectStore
 from tests.conftest import INTERNAL_TOKEN, serve
 from tests.helpers import eventually
 
@@ -21,21 +22,36 @@ pytestmark = pytest.mark.timeout(120)
 CONFIDENCE = {"great": 0.95, "fine": 0.55, "awful": 0.80, "meh": 0.51}
 
 
-def fake_inference() -> tuple[Flask, list[dict]]:
-    """Speaks the inference service's predict API over a real socket: a stand-in until tests run the real one.
-    Its 'model' reads the first word of each text and is more or less sure of it."""
+def fake_inference(store: ObjectStore) -> tuple[Flask, list[dict]]:
+    """Speaks the inference service's predict API over a real socket (test_prelabels_by_reference runs the real one).
+    Like inference, it reads the referenced items from object storage, the tenant's own only, and checks each
+    sha256. Its 'model' reads the first word of each text and is more or less sure of it."""
     app = Flask("fake-inference")
     calls: list[dict] = []
 
     @app.post("/v1/models/<name>:predict")
     def predict(name: str):
-        calls.append({"name": name, "headers": dict(request.headers), "body": request.get_json()})
-        if request.headers.get("Authorization") != f"Bearer {INTERNAL_TOKEN}" or not request.headers.get(
-            "X-Flywheel-Tenant"
-        ):
+        calls.append(
+            {
+                "name": name,
+                "headers": dict(request.headers),
+                "trace_id": request.headers.get("X-Request-ID"),
+                "body": request.get_json(),
+            }
+        )
+        tenant = request.headers.get("X-Flywheel-Tenant")
+        if request.headers.get("Authorization") != f"Bearer {INTERNAL_TOKEN}" or not tenant:
             return jsonify(error={"code": "unauthorized"}), 401
+        texts = []
+        for reference in request.get_json()["references"]:
+            if not reference["key"].startswith(f"{tenant}/"):
+                return jsonify(error={"code": "not_found"}), 404
+            data = store.get_range(reference["bucket"], reference["key"], reference["offset"] or 0, reference["length"])
+            if hashlib.sha256(data).hexdigest() != reference["sha256"]:
+                return jsonify(error={"code": "validation_failed"}), 422
+            texts.append(data.decode())
         predictions = []
-        for index, text in enumerate(request.get_json()["texts"]):
+        for index, text in enumerate(texts):
             word = text.split()[0]
             confidence = CONFIDENCE.get(word, 0.6)
             label = "pos" if word in {"great", "fine"} else "neg"
@@ -52,30 +68,15 @@ def fake_inference() -> tuple[Flask, list[dict]]:
     return app, calls
 
 
-def promote(harness, dataset: str, version: int = 3) -> None:
-    harness.send(
-        "model.promoted",
-        {
-            "model_name": "reviews",
-            "dataset_id": dataset,
-            "alias": "production",
-            "version": version,
-            "previous_version": None,
-            "weights": {},
-            "reason": "test",
-        },
-    )
-
-
-def test_prelabels_order_the_queue_by_uncertainty_and_auto_accept_is_recorded(harness_factory) -> None:
-    app, calls = fake_inference()
+def test_prelabels_order_the_queue_by_uncertainty_and_auto_accept_is_recorded(harness_factory, store) -> None:
+    app, calls = fake_inference(store)
     url, stop = serve(app)
     try:
         harness = harness_factory(inference_url=url)
         dataset = harness.dataset()
         harness.push(dataset, ["great film", "fine film", "awful film", "meh film"])
         harness.wait_tasks(dataset, 4)
-        promote(harness, dataset)
+        harness.promote(dataset)
 
         def prelabeled():
             tasks = harness.labeling.client.get(f"/v1/datasets/{dataset}/tasks", headers=harness.partner).get_json()
@@ -83,6 +84,7 @@ def test_prelabels_order_the_queue_by_uncertainty_and_auto_accept_is_recorded(ha
 
         tasks = eventually(prelabeled, what="pre-labels on every task")
         assert calls and calls[0]["name"] == "reviews" and calls[0]["headers"]["X-Flywheel-Tenant"] == harness.tenant
+        assert "texts" not in calls[0]["body"] and len(calls[0]["body"]["references"]) == 4, "references, not bytes"
         assert {t["prelabel_version"] for t in tasks} == {3}
         alice = harness.annotator("alice", dataset)
         order = []
@@ -104,12 +106,33 @@ def test_prelabels_order_the_queue_by_uncertainty_and_auto_accept_is_recorded(ha
         stop()
 
 
+def test_prelabel_calls_carry_the_trace_id_of_what_caused_them(harness_factory, store) -> None:
+    """A promotion's trace id, and a push's, reach inference as X-Request-ID, so its log lines carry them."""
+    app, calls = fake_inference(store)
+    url, stop = serve(app)
+    try:
+        harness = harness_factory(inference_url=url)
+        dataset = harness.dataset()
+        harness.push(dataset, ["great film"])
+        harness.wait_tasks(dataset, 1)
+        harness.promote(dataset, trace_id="trace-of-the-promotion")
+        eventually(lambda: calls, what="the pre-label call of the promotion")
+        assert calls[0]["trace_id"] == "trace-of-the-promotion"
+
+        harness.push(dataset, ["awful film"], trace_id="trace-of-the-push")
+        eventually(lambda: len(calls) == 2, what="the pre-label call of the push")
+        assert calls[1]["trace_id"] == "trace-of-the-push"
+        assert [r["sha256"] for r in calls[1]["body"]["references"]] == [hashlib.sha256(b"awful film").hexdigest()]
+    finally:
+        stop()
+
+
 def test_inference_being_down_never_blocks_labeling(harness_factory) -> None:
     harness = harness_factory(inference_url="http://127.0.0.1:9")  # nothing listens there
     dataset = harness.dataset()
     harness.push(dataset, ["a film"])
     harness.wait_tasks(dataset, 1)
-    promote(harness, dataset)
+    harness.promote(dataset)
     eventually(
         lambda: (
             harness.labeling.client.get(f"/v1/datasets/{dataset}", headers=harness.partner).get_json()[
