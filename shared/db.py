@@ -11,10 +11,14 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import MetaData, create_engine, event, text
+from sqlalchemy import MetaData, create_engine, event, inspect, text
 from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import DeclarativeBase, Session, sessionmaker
+
+from shared.logging import get_logger
+
+log = get_logger(__name__)
 
 
 class DatabaseUnavailable(Exception):
@@ -55,7 +59,31 @@ class Database:
         return self.engine.dialect.name == "sqlite"
 
     def create_all(self) -> None:
+        """Create missing tables, then add the nullable columns that a newer release declares to tables an
+        older one created. Additive changes need no migration step; anything else (a type change, a new
+        NOT NULL column) is a deliberate migration and does not belong here."""
         self.metadata.create_all(self.engine)
+        self._add_missing_columns()
+
+    def _add_missing_columns(self) -> None:
+        with self.engine.begin() as conn:
+            present = inspect(conn)
+            for table in self.metadata.sorted_tables:
+                existing = {column["name"] for column in present.get_columns(table.name)}
+                for column in table.columns:
+                    if column.name in existing:
+                        continue
+                    if not column.nullable or column.server_default is not None or column.primary_key:
+                        raise RuntimeError(
+                            f"table {table.name} lacks column {column.name}, which is not a nullable column "
+                            "this release can add by itself: migrate the database first"
+                        )
+                    kind = column.type.compile(dialect=self.engine.dialect)
+                    # Processes start together: on PostgreSQL IF NOT EXISTS lets the second one pass; SQLite's
+                    # BEGIN IMMEDIATE already made this transaction the only writer before it looked.
+                    guard = "IF NOT EXISTS " if self.engine.dialect.name == "postgresql" else ""
+                    conn.execute(text(f'ALTER TABLE "{table.name}" ADD COLUMN {guard}"{column.name}" {kind}'))
+                    log.info("schema_column_added", table=table.name, column=column.name, type=kind)
 
     @contextmanager
     def session(self) -> Iterator[Session]:
