@@ -1,0 +1,78 @@
+"""Choosing and building a store from settings or from a URL."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from shared.storage.filesystem import FileStore
+from shared.storage.interface import ObjectStore
+from shared.storage.s3 import S3Store
+
+
+def _parse_endpoint(endpoint: str, secure: bool) -> tuple[str, bool]:
+    """Accept ``host:port`` or ``http(s)://host:port``; a scheme, when given, decides TLS."""
+    endpoint = endpoint.strip()
+    if "://" not in endpoint:
+        return endpoint.rstrip("/"), secure
+    parts = urlsplit(endpoint)
+    if parts.scheme not in ("http", "https"):
+        raise ValueError(f"S3 endpoint {endpoint!r} must be host:port or an http(s):// URL")
+    if parts.path not in ("", "/") or parts.query or not parts.netloc:
+        raise ValueError(f"S3 endpoint {endpoint!r} must not carry a path or query")
+    return parts.netloc, parts.scheme == "https"
+
+
+def create_store(
+    *,
+    s3_endpoint: str | None,
+    s3_access_key: str,
+    s3_secret_key: str,
+    s3_secure: bool,
+    s3_region: str,
+    file_root: Path,
+) -> ObjectStore:
+    """The S3 backend when ``s3_endpoint`` is set, else the file backend rooted at ``file_root``."""
+    if s3_endpoint:
+        host, secure = _parse_endpoint(s3_endpoint, s3_secure)
+        return S3Store(host, s3_access_key, s3_secret_key, secure=secure, region=s3_region or "us-east-1")
+    return FileStore(file_root)
+
+
+def open_store(
+    target: str | os.PathLike[str] | Any,
+    *,
+    access_key: str = "",
+    secret_key: str = "",
+    region: str = "us-east-1",
+) -> ObjectStore:
+    """Open a store from a URL or path, or from a settings object.
+
+    Strings: ``file:///dir`` or a plain path -> FileStore; ``s3://host:port`` or ``http://host:port`` ->
+    S3Store over HTTP; ``s3+https://host:port`` or ``https://host:port`` -> S3Store over TLS.
+    Anything else is read like settings: attributes ``s3_endpoint``, ``s3_access_key``, ``s3_secret_key``,
+    ``s3_secure``, ``s3_region`` and ``file_root``, passed to :func:`create_store`.
+    """
+    if isinstance(target, os.PathLike):
+        return FileStore(target)
+    if isinstance(target, str):
+        parts = urlsplit(target)
+        scheme = parts.scheme.lower()
+        if scheme in ("", "file"):
+            return FileStore(parts.path if scheme else target)
+        secure = {"s3": False, "http": False, "s3+https": True, "https": True}.get(scheme)
+        if secure is None:
+            raise ValueError(f"unsupported store URL {target!r}")
+        if not parts.netloc or parts.path not in ("", "/"):
+            raise ValueError(f"store URL {target!r} must be scheme://host:port")
+        return S3Store(parts.netloc, access_key, secret_key, secure=secure, region=region)
+    return create_store(
+        s3_endpoint=getattr(target, "s3_endpoint", None),
+        s3_access_key=getattr(target, "s3_access_key", ""),
+        s3_secret_key=getattr(target, "s3_secret_key", ""),
+        s3_secure=bool(getattr(target, "s3_secure", False)),
+        s3_region=getattr(target, "s3_region", "us-east-1"),
+        file_root=Path(target.file_root),
+    )
