@@ -1,10 +1,8 @@
-"""Choosing and building a store from settings or from a URL."""
+"""Choosing and building a store: from the settings (`create_store`) or from a URL (`open_store`)."""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
-from typing import Any
 from urllib.parse import urlsplit
 
 from shared.storage.filesystem import FileStore
@@ -41,38 +39,19 @@ def create_store(
     return FileStore(file_root)
 
 
-def open_store(
-    target: str | os.PathLike[str] | Any,
-    *,
-    access_key: str = "",
-    secret_key: str = "",
-    region: str = "us-east-1",
-) -> ObjectStore:
-    """Open a store from a URL or path, or from a settings object.
+def open_store(target: str, *, access_key: str = "", secret_key: str = "", region: str = "us-east-1") -> ObjectStore:
+    """Open a store from a URL or a path.
 
-    Strings: ``file:///dir`` or a plain path -> FileStore; ``s3://host:port`` or ``http://host:port`` ->
-    S3Store over HTTP; ``s3+https://host:port`` or ``https://host:port`` -> S3Store over TLS.
-    Anything else is read like settings: attributes ``s3_endpoint``, ``s3_access_key``, ``s3_secret_key``,
-    ``s3_secure``, ``s3_region`` and ``file_root``, passed to :func:`create_store`.
+    ``file:///dir`` or a plain path -> FileStore; ``s3://host:port`` or ``http://host:port`` -> S3Store over
+    HTTP; ``s3+https://host:port`` or ``https://host:port`` -> S3Store over TLS.
     """
-    if isinstance(target, os.PathLike):
-        return FileStore(target)
-    if isinstance(target, str):
-        parts = urlsplit(target)
-        scheme = parts.scheme.lower()
-        if scheme in ("", "file"):
-            return FileStore(parts.path if scheme else target)
-        secure = {"s3": False, "http": False, "s3+https": True, "https": True}.get(scheme)
-        if secure is None:
-            raise ValueError(f"unsupported store URL {target!r}")
-        if not parts.netloc or parts.path not in ("", "/"):
-            raise ValueError(f"store URL {target!r} must be scheme://host:port")
-        return S3Store(parts.netloc, access_key, secret_key, secure=secure, region=region)
-    return create_store(
-        s3_endpoint=getattr(target, "s3_endpoint", None),
-        s3_access_key=getattr(target, "s3_access_key", ""),
-        s3_secret_key=getattr(target, "s3_secret_key", ""),
-        s3_secure=bool(getattr(target, "s3_secure", False)),
-        s3_region=getattr(target, "s3_region", "us-east-1"),
-        file_root=Path(target.file_root),
-    )
+    parts = urlsplit(target)
+    scheme = parts.scheme.lower()
+    if scheme in ("", "file"):
+        return FileStore(parts.path if scheme else target)
+    secure = {"s3": False, "http": False, "s3+https": True, "https": True}.get(scheme)
+    if secure is None:
+        raise ValueError(f"unsupported store URL {target!r}")
+    if not parts.netloc or parts.path not in ("", "/"):
+        raise ValueError(f"store URL {target!r} must be scheme://host:port")
+    return S3Store(parts.netloc, access_key, secret_key, secure=secure, region=region)
