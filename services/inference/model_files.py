@@ -17,7 +17,7 @@ from typing import Any
 from marshmallow import ValidationError
 
 from shared.artifacts import ModelMetadata
-from shared.storage import IntegrityError, ObjectNotFound, ObjectStore
+from shared.storage import ChecksumMismatch, ObjectNotFound, ObjectStore
 
 GRAPH_FILE = "model.onnx"
 METADATA_FILE = "metadata.json"
@@ -76,7 +76,7 @@ def fetch_version(storage: ObjectStore, version_doc: dict[str, Any], folder: Pat
             storage.download(ref["bucket"], ref["key"], path)
         except ObjectNotFound as exc:
             raise ArtifactRefused("missing_artifact", f"{name} is missing from object storage: {exc}") from exc
-        except IntegrityError as exc:
+        except ChecksumMismatch as exc:
             raise ArtifactRefused("integrity", f"{name} failed its storage integrity check: {exc}") from exc
         actual, size = sha256_file(path)
         if actual != ref["sha256"]:

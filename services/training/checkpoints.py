@@ -20,7 +20,7 @@ import torch
 
 from shared.artifacts import CHECKPOINTS_BUCKET, checkpoint_key
 from shared.logging import get_logger
-from shared.storage import IntegrityError, ObjectNotFound, ObjectStore
+from shared.storage import ChecksumMismatch, ObjectNotFound, ObjectStore
 
 log = get_logger(__name__)
 
@@ -73,7 +73,7 @@ class CheckpointStore:
             data = self.store.get_bytes(CHECKPOINTS_BUCKET, key)
         except ObjectNotFound:
             return None
-        except IntegrityError as exc:
+        except ChecksumMismatch as exc:
             log.warning("checkpoint_corrupt", key=key, error=str(exc)[:300], action="ignored")
             return None
         try:

@@ -19,7 +19,7 @@ from marshmallow import ValidationError
 
 from services.training.failures import DataError
 from shared.artifacts import DATASETS_BUCKET, ManifestLine, SnapshotInfo, snapshot_prefix
-from shared.storage import IntegrityError, ObjectNotFound, ObjectStore
+from shared.storage import ChecksumMismatch, ObjectNotFound, ObjectStore
 
 KIND_OF_TASK = {"text_classification": "text", "image_classification": "image"}
 FETCH_THREADS = 8
@@ -98,7 +98,7 @@ def read_manifest(store: ObjectStore, manifest: dict[str, Any], *, snapshot_id: 
             f"the manifest of snapshot {snapshot_id} ({where}) does not exist: the snapshot was never written or "
             "has been deleted. Create a new snapshot and request training again."
         ) from exc
-    except IntegrityError as exc:
+    except ChecksumMismatch as exc:
         raise DataError(f"the manifest of snapshot {snapshot_id} ({where}) is corrupt in storage: {exc}") from exc
     actual = hashlib.sha256(raw).hexdigest()
     if actual != manifest["sha256"]:
@@ -131,7 +131,7 @@ def fetch_contents(store: ObjectStore, refs: list[dict[str, Any]], item_ids: lis
                 f"content object {location[0]}/{location[1]} named by the snapshot is missing: its items were "
                 "erased after the snapshot was taken. Create a new snapshot."
             ) from exc
-        except IntegrityError as exc:
+        except ChecksumMismatch as exc:
             raise DataError(f"content object {location[0]}/{location[1]} is corrupt in storage: {exc}") from exc
 
     with ThreadPoolExecutor(max_workers=min(FETCH_THREADS, len(objects)) or 1) as pool:
@@ -168,7 +168,7 @@ def read_snapshot_info(store: ObjectStore, tenant: str, dataset_id: str, snapsho
             f"snapshot {snapshot_id} of dataset {dataset_id} does not exist for tenant {tenant} "
             f"(no {DATASETS_BUCKET}/{key})"
         ) from exc
-    except (json.JSONDecodeError, ValidationError, IntegrityError) as exc:
+    except (json.JSONDecodeError, ValidationError, ChecksumMismatch) as exc:
         raise DataError(f"{DATASETS_BUCKET}/{key} is not a valid snapshot description: {exc}") from exc
     if info["tenant"] != tenant or info["dataset_id"] != dataset_id:
         raise DataError(f"{DATASETS_BUCKET}/{key} describes another dataset's snapshot")

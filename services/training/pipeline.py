@@ -33,7 +33,7 @@ from shared.artifacts import MODELS_BUCKET, model_run_prefix
 from shared.db import DatabaseUnavailable
 from shared.logging import get_logger, log_context
 from shared.runtime import Runtime
-from shared.storage import IntegrityError, ObjectNotFound, StorageError
+from shared.storage import ChecksumMismatch, ObjectNotFound, StorageError
 
 log = get_logger(__name__)
 
@@ -117,7 +117,7 @@ def _execute(runtime: Runtime, run: RunInfo, owner: str, world: World) -> Outcom
             runs.fail(runtime, run.id, owner, failure.reason)
         return Outcome.FAILED
     except StorageError as exc:
-        if isinstance(exc, ObjectNotFound | IntegrityError) or run.attempts >= MAX_ATTEMPTS:
+        if isinstance(exc, ObjectNotFound | ChecksumMismatch) or run.attempts >= MAX_ATTEMPTS:
             reason = f"object storage failed: {exc}; check that {runtime.storage.describe} is reachable, then retrain"
             if world.is_main:
                 runs.fail(runtime, run.id, owner, reason)

@@ -14,7 +14,7 @@ from shared.storage.factory import create_store, open_store
 from shared.storage.filesystem import FileStore
 from shared.storage.interface import (
     CHUNK_SIZE,
-    IntegrityError,
+    ChecksumMismatch,
     ObjectInfo,
     ObjectNotFound,
     ObjectStore,
@@ -27,8 +27,8 @@ from shared.storage.s3 import SPOOL_MAX_SIZE, S3Store
 __all__ = [
     "CHUNK_SIZE",
     "SPOOL_MAX_SIZE",
+    "ChecksumMismatch",
     "FileStore",
-    "IntegrityError",
     "ObjectInfo",
     "ObjectNotFound",
     "ObjectStore",

@@ -65,8 +65,12 @@ class ObjectNotFound(StorageError):
         super().__init__(f"{what} not found in bucket {bucket!r} at {where}")
 
 
-class IntegrityError(StorageError):
-    """Bytes do not match the sha256 they should have; nothing was stored or delivered."""
+class ChecksumMismatch(StorageError):
+    """Bytes do not match the sha256 they should have, or carry none to check; nothing was stored or delivered.
+
+    Named for what it is, apart from SQLAlchemy's ``IntegrityError`` (a database constraint), which the same
+    modules often catch.
+    """
 
     def __init__(self, message: str, *, bucket: str, key: str, expected: str, actual: str) -> None:
         self.bucket = bucket
@@ -168,7 +172,7 @@ class ObjectStore(abc.ABC):
     ) -> ObjectInfo:
         """Store ``data`` under ``key``, streaming a file-like in 1 MiB chunks and recording its sha256.
 
-        If ``expected_sha256`` is given and the bytes hash differently, raise IntegrityError and store nothing.
+        If ``expected_sha256`` is given and the bytes hash differently, raise ChecksumMismatch and store nothing.
         """
 
     @abc.abstractmethod
@@ -214,9 +218,9 @@ class ObjectStore(abc.ABC):
         return data
 
     def download(self, bucket: str, key: str, path: str | os.PathLike[str], *, verify: bool = True) -> ObjectInfo:
-        """Stream the object to ``path`` atomically; on a sha256 mismatch raise IntegrityError, leave no file.
+        """Stream the object to ``path`` atomically; on a sha256 mismatch raise ChecksumMismatch, leave no file.
 
-        With ``verify`` an object that carries no recorded sha256 is refused too (IntegrityError): an artifact
+        With ``verify`` an object that carries no recorded sha256 is refused too (ChecksumMismatch): an artifact
         that cannot be checked is not trusted.
 
         The bytes land in a temp file beside ``path`` and are renamed into place only once verified, so a
@@ -254,7 +258,7 @@ class ObjectStore(abc.ABC):
     def _verify(self, info: ObjectInfo, actual_sha256: str, actual_size: int) -> None:
         where = f"{self.describe}/{info.bucket}/{info.key}"
         if not info.sha256:
-            raise IntegrityError(
+            raise ChecksumMismatch(
                 f"cannot verify {where}: no sha256 recorded with the object",
                 bucket=info.bucket,
                 key=info.key,
@@ -262,7 +266,7 @@ class ObjectStore(abc.ABC):
                 actual=actual_sha256,
             )
         if actual_sha256 != info.sha256 or actual_size != info.size:
-            raise IntegrityError(
+            raise ChecksumMismatch(
                 f"integrity check failed for {where}: expected sha256 {info.sha256} ({info.size} bytes), "
                 f"got {actual_sha256} ({actual_size} bytes)",
                 bucket=info.bucket,
@@ -271,8 +275,8 @@ class ObjectStore(abc.ABC):
                 actual=actual_sha256,
             )
 
-    def _mismatch(self, bucket: str, key: str, expected: str, actual: str) -> IntegrityError:
-        return IntegrityError(
+    def _mismatch(self, bucket: str, key: str, expected: str, actual: str) -> ChecksumMismatch:
+        return ChecksumMismatch(
             f"refusing to store {self.describe}/{bucket}/{key}: expected sha256 {expected}, data hashes to {actual}",
             bucket=bucket,
             key=key,

@@ -18,8 +18,8 @@ import pytest
 from shared.storage import (
     CHUNK_SIZE,
     SPOOL_MAX_SIZE,
+    ChecksumMismatch,
     FileStore,
-    IntegrityError,
     ObjectNotFound,
     ObjectStore,
     S3Store,
@@ -157,7 +157,7 @@ def test_expected_sha256_accepted_when_it_matches(store: ObjectStore, bucket: st
 @pytest.mark.parametrize("as_stream", [False, True])
 def test_expected_sha256_mismatch_stores_nothing(store: ObjectStore, bucket: str, as_stream: bool) -> None:
     data = b"payload"
-    with pytest.raises(IntegrityError) as caught:
+    with pytest.raises(ChecksumMismatch) as caught:
         store.put(bucket, "bad", io.BytesIO(data) if as_stream else data, expected_sha256=_sha(b"other"))
 
     assert caught.value.actual == _sha(data)
@@ -280,13 +280,13 @@ def test_download_detects_tampering(store: ObjectStore, bucket: str, tmp_path: P
     _tamper(store, bucket, "art/model.bin", b"forged artifact bytes!")  # same length, different bytes
 
     target = tmp_path / "model.bin"
-    with pytest.raises(IntegrityError) as caught:
+    with pytest.raises(ChecksumMismatch) as caught:
         store.download(bucket, "art/model.bin", target)
     assert caught.value.expected == _sha(original)
     assert not target.exists()
     assert list(tmp_path.iterdir()) == []
 
-    with pytest.raises(IntegrityError):
+    with pytest.raises(ChecksumMismatch):
         store.get_bytes(bucket, "art/model.bin")
 
     info = store.download(bucket, "art/model.bin", target, verify=False)
