@@ -1,9 +1,10 @@
 """Fetching one model version's folder from object storage and proving it is exactly what was registered.
 
-Every file is checked twice before anything parses it: the download is verified against the sha256 recorded
-with the object (`ObjectStore.download`), and the bytes on disk against the sha256 the registry's serving
-document names. `metadata.json`'s own `files` map is checked too, and every file the model needs (the graph,
-the tokenizer files) must be among the verified artifacts. Anything else refuses the version.
+Every file is read from storage once before anything parses it: `ObjectStore.download` hashes the bytes while
+they stream to disk and checks them against the sha256 recorded with the object, and the digest it returns is
+compared with the sha256 (and size) the registry's serving document names. `metadata.json`'s own `files` map is
+checked too, and every file the model needs (the graph, the tokenizer files) must be among the verified
+artifacts. Anything else refuses the version.
 """
 
 from __future__ import annotations
@@ -49,16 +50,6 @@ def fingerprint(version_doc: dict[str, Any]) -> str:
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()
 
 
-def sha256_file(path: Path) -> tuple[str, int]:
-    digest = hashlib.sha256()
-    size = 0
-    with path.open("rb") as handle:
-        while chunk := handle.read(1024 * 1024):
-            digest.update(chunk)
-            size += len(chunk)
-    return digest.hexdigest(), size
-
-
 def fetch_version(storage: ObjectStore, version_doc: dict[str, Any], folder: Path) -> ModelFiles:
     """Download and verify every artifact of a version into `folder`; raise ArtifactRefused on any doubt.
 
@@ -71,20 +62,20 @@ def fetch_version(storage: ObjectStore, version_doc: dict[str, Any], folder: Pat
     for name, ref in artifacts.items():
         if "/" in name or name in ("", ".", "..") or name.startswith("."):
             raise ArtifactRefused("invalid_artifact", f"artifact name {name!r} is not a plain file name")
-        path = folder / name
         try:
-            storage.download(ref["bucket"], ref["key"], path)
+            received = storage.download(ref["bucket"], ref["key"], folder / name)
         except ObjectNotFound as exc:
             raise ArtifactRefused("missing_artifact", f"{name} is missing from object storage: {exc}") from exc
         except ChecksumMismatch as exc:
             raise ArtifactRefused("integrity", f"{name} failed its storage integrity check: {exc}") from exc
-        actual, size = sha256_file(path)
-        if actual != ref["sha256"]:
+        if received.sha256 != ref["sha256"]:
             raise ArtifactRefused(
-                "integrity", f"{name} hashes to sha256 {actual}, but the registry recorded {ref['sha256']}"
+                "integrity", f"{name} hashes to sha256 {received.sha256}, but the registry recorded {ref['sha256']}"
             )
-        if ref.get("size") is not None and size != ref["size"]:
-            raise ArtifactRefused("integrity", f"{name} is {size} bytes, but the registry recorded {ref['size']}")
+        if ref.get("size") is not None and received.size != ref["size"]:
+            raise ArtifactRefused(
+                "integrity", f"{name} is {received.size} bytes, but the registry recorded {ref['size']}"
+            )
     metadata = _read_metadata(folder / METADATA_FILE)
     _check_metadata_files(metadata, artifacts)
     return ModelFiles(folder=folder, metadata=metadata)

@@ -19,7 +19,6 @@
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,7 +37,7 @@ from services.registry.models import (
 from services.registry.promotion import gate_new_version
 from shared.artifacts import ModelMetadata
 from shared.logging import get_logger
-from shared.storage import CHUNK_SIZE, ObjectNotFound, ObjectStore
+from shared.storage import ObjectNotFound, ObjectStore, sha256_stream
 
 log = get_logger(__name__)
 
@@ -98,7 +97,8 @@ def verify_artifacts(
         location = f"{ref['bucket']}/{ref['key']}"
         try:
             info = storage.stat(ref["bucket"], ref["key"])
-            digest, size = _stream_sha256(storage, ref["bucket"], ref["key"])
+            with storage.open(ref["bucket"], ref["key"]) as stream:
+                digest, size = sha256_stream(stream)
         except ObjectNotFound:
             problems.append(Problem(name, f"not found in object storage at {location}"))
             continue
@@ -125,16 +125,6 @@ def verify_artifacts(
         else:
             verified[name] = {"bucket": ref["bucket"], "key": ref["key"], "sha256": digest, "size": size}
     return verified, problems
-
-
-def _stream_sha256(storage: ObjectStore, bucket: str, key: str) -> tuple[str, int]:
-    digest = hashlib.sha256()
-    size = 0
-    with storage.open(bucket, key) as stream:
-        while chunk := stream.read(CHUNK_SIZE):
-            digest.update(chunk)
-            size += len(chunk)
-    return digest.hexdigest(), size
 
 
 def _refuse(

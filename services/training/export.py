@@ -143,10 +143,8 @@ def quantize_int8(fp32: Path, int8: Path) -> None:
 
 
 def file_entry(path: Path) -> dict[str, Any]:
-    digest = hashlib.sha256()
     with path.open("rb") as stream:
-        for chunk in iter(lambda: stream.read(1024 * 1024), b""):
-            digest.update(chunk)
+        digest = hashlib.file_digest(stream, "sha256")
     return {"sha256": digest.hexdigest(), "size": path.stat().st_size}
 
 

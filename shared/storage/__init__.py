@@ -19,6 +19,7 @@ from shared.storage.interface import (
     ObjectNotFound,
     ObjectStore,
     StorageError,
+    sha256_stream,
     validate_bucket,
     validate_key,
 )
@@ -36,6 +37,7 @@ __all__ = [
     "StorageError",
     "create_store",
     "open_store",
+    "sha256_stream",
     "validate_bucket",
     "validate_key",
 ]

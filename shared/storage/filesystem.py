@@ -6,6 +6,7 @@ import contextlib
 import errno
 import fcntl
 import hashlib
+import io
 import json
 import os
 import tempfile
@@ -21,8 +22,8 @@ from shared.storage.interface import (
     ObjectNotFound,
     ObjectStore,
     StorageError,
-    _iter_chunks,
     _normalize_sha256,
+    sha256_stream,
     validate_bucket,
     validate_key,
 )
@@ -129,11 +130,8 @@ class FileStore(ObjectStore):
             meta = json.loads(self._meta_path(bucket, key).read_text("utf-8"))
         sha256 = str(meta.get("sha256") or "")
         if not sha256:  # a file dropped in by hand: hash it so verification still works
-            digest = hashlib.sha256()
-            for chunk in _iter_chunks(stream):
-                digest.update(chunk)
+            sha256 = hashlib.file_digest(stream, "sha256").hexdigest()
             stream.seek(0)
-            sha256 = digest.hexdigest()
         return ObjectInfo(
             bucket=bucket,
             key=key,
@@ -168,16 +166,11 @@ class FileStore(ObjectStore):
             try:
                 fd, data_tmp = self._temp_in(target.parent)
                 temps.append(data_tmp)
-                digest = hashlib.sha256()
-                size = 0
+                source = io.BytesIO(data) if isinstance(data, bytes | bytearray | memoryview) else data
                 with os.fdopen(fd, "wb") as out:
-                    for chunk in _iter_chunks(data):
-                        digest.update(chunk)
-                        size += len(chunk)
-                        out.write(chunk)
+                    sha256, size = sha256_stream(source, out)
                     out.flush()
                     os.fsync(out.fileno())
-                sha256 = digest.hexdigest()
                 if expected is not None and expected != sha256:
                     raise self._mismatch(bucket, key, expected, sha256)
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import abc
 import contextlib
 import hashlib
+import io
 import os
 import re
 import tempfile
@@ -16,10 +17,10 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import IO, BinaryIO
+from typing import IO, Any, BinaryIO
 
 CHUNK_SIZE = 1024 * 1024
-"""Streams are read and written in pieces of this size so large artifacts never sit whole in memory."""
+"""Streams are read and written in pieces of at most this size so large artifacts never sit whole in memory."""
 
 DEFAULT_CONTENT_TYPE = "application/octet-stream"
 
@@ -129,20 +130,39 @@ def _normalize_sha256(value: str | None) -> str | None:
     return digest
 
 
-def _iter_chunks(data: bytes | bytearray | memoryview | IO[bytes]) -> Iterator[bytes]:
-    """Yield the input in CHUNK_SIZE pieces, whether it is bytes or a readable binary stream."""
-    if isinstance(data, bytes | bytearray | memoryview):
-        view = memoryview(data)
-        for start in range(0, len(view), CHUNK_SIZE):
-            yield bytes(view[start : start + CHUNK_SIZE])
-        return
-    while True:
-        chunk = data.read(CHUNK_SIZE)
+class _HashingReader(io.RawIOBase):
+    """Reads ``source`` for :func:`hashlib.file_digest`, copying each piece into ``copy_to`` and counting it."""
+
+    def __init__(self, source: IO[bytes], copy_to: IO[bytes] | None) -> None:
+        super().__init__()
+        self._source = source
+        self._copy_to = copy_to
+        self.size = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        chunk = self._source.read(min(len(buffer), CHUNK_SIZE))
         if not chunk:
-            return
+            return 0
         if not isinstance(chunk, bytes | bytearray):
-            raise TypeError("put() needs bytes or a binary stream; read() returned text")
-        yield bytes(chunk)
+            raise TypeError("expected bytes or a binary stream; read() returned text")
+        size = len(chunk)
+        buffer[:size] = chunk
+        if self._copy_to is not None:
+            self._copy_to.write(chunk)
+        self.size += size
+        return size
+
+
+def sha256_stream(source: IO[bytes], copy_to: IO[bytes] | None = None) -> tuple[str, int]:
+    """The hex sha256 and the length of what ``source`` yields, in one pass of reads of at most CHUNK_SIZE.
+
+    With ``copy_to`` every piece is also written there, so a copy is hashed while it streams, never read again.
+    """
+    reader = _HashingReader(source, copy_to)
+    return hashlib.file_digest(reader, "sha256").hexdigest(), reader.size
 
 
 # -------------------------------------------------------------------------------------------- interface
@@ -223,23 +243,20 @@ class ObjectStore(abc.ABC):
         With ``verify`` an object that carries no recorded sha256 is refused too (ChecksumMismatch): an artifact
         that cannot be checked is not trusted.
 
-        The bytes land in a temp file beside ``path`` and are renamed into place only once verified, so a
-        reader never sees a partial or corrupt artifact at ``path``.
+        The bytes are hashed while they stream into a temp file beside ``path``, which is renamed into place only
+        once verified, so a reader never sees a partial or corrupt artifact at ``path``. Returns the object's
+        info; with ``verify`` its ``sha256`` and ``size`` are those of the bytes now at ``path``, for the caller
+        to compare with its own reference without reading the file again.
         """
         target = Path(path)
         target.parent.mkdir(parents=True, exist_ok=True)
         with self._open(bucket, key) as (stream, info):
             fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".part", dir=target.parent)
             try:
-                digest = hashlib.sha256()
-                size = 0
                 with os.fdopen(fd, "wb") as out:
-                    for chunk in _iter_chunks(stream):
-                        digest.update(chunk)
-                        size += len(chunk)
-                        out.write(chunk)
+                    sha256, size = sha256_stream(stream, out)
                 if verify:
-                    self._verify(info, digest.hexdigest(), size)
+                    self._verify(info, sha256, size)
                 os.replace(tmp_name, target)
             except BaseException:
                 with contextlib.suppress(FileNotFoundError):

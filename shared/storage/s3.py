@@ -26,8 +26,8 @@ from shared.storage.interface import (
     ObjectStore,
     StorageError,
     _check,
-    _iter_chunks,
     _normalize_sha256,
+    sha256_stream,
     validate_bucket,
 )
 
@@ -165,13 +165,7 @@ class S3Store(ObjectStore):
                 sha256 = hashlib.sha256(data).hexdigest()
             else:
                 body = stack.enter_context(tempfile.SpooledTemporaryFile(max_size=SPOOL_MAX_SIZE))
-                digest = hashlib.sha256()
-                size = 0
-                for chunk in _iter_chunks(data):
-                    digest.update(chunk)
-                    size += len(chunk)
-                    body.write(chunk)
-                sha256 = digest.hexdigest()
+                sha256, size = sha256_stream(data, body)
                 body.seek(0)
             if expected is not None and expected != sha256:
                 raise self._mismatch(bucket, key, expected, sha256)

@@ -26,6 +26,7 @@ from shared.storage import (
     StorageError,
     create_store,
     open_store,
+    sha256_stream,
 )
 from tests.shared.s3server import S3Server
 
@@ -127,17 +128,31 @@ def test_put_stream_larger_than_spool_round_trip(store: ObjectStore, bucket: str
     assert info.sha256 == _sha(data)
     assert store.stat(bucket, "big/blob.bin").sha256 == _sha(data)
 
-    digest = hashlib.sha256()
     with store.open(bucket, "big/blob.bin") as stream:
-        while chunk := stream.read(CHUNK_SIZE):
-            digest.update(chunk)
-    assert digest.hexdigest() == _sha(data)
+        assert hashlib.file_digest(stream, "sha256").hexdigest() == _sha(data)
 
     target = tmp_path / "out" / "blob.bin"
     downloaded = store.download(bucket, "big/blob.bin", target)
     assert downloaded.sha256 == _sha(data)
     assert target.read_bytes() == data
     assert sorted(p.name for p in target.parent.iterdir()) == ["blob.bin"]  # no temp file left behind
+
+
+def test_sha256_stream_hashes_counts_and_copies_in_one_bounded_pass() -> None:
+    data = os.urandom(3 * CHUNK_SIZE + 12345)
+    reader = ChunkCheckingReader(data)
+    copy = io.BytesIO()
+
+    assert sha256_stream(reader, copy) == (_sha(data), len(data))  # type: ignore[arg-type]
+    assert copy.getvalue() == data
+    assert 0 < reader.largest_read <= CHUNK_SIZE
+    assert sha256_stream(io.BytesIO(b"")) == (_sha(b""), 0)
+
+
+def test_put_refuses_a_text_stream(store: ObjectStore, bucket: str) -> None:
+    with pytest.raises(TypeError):
+        store.put(bucket, "text", io.StringIO("not bytes"))  # type: ignore[arg-type]
+    assert not store.exists(bucket, "text")
 
 
 def test_overwrite_replaces_bytes_and_sha(store: ObjectStore, bucket: str) -> None:
