@@ -22,13 +22,13 @@ from torch.utils.data import DataLoader
 from services.training import runs
 from services.training.checkpoints import CheckpointStore
 from services.training.data import load_snapshot
-from services.training.distributed import World
 from services.training.export import ModelPackage, build_package
 from services.training.failures import LeaseLost, RunCancelled, RunInterrupted, TrainingFailure
 from services.training.models import CANCELLED, SUCCEEDED
 from services.training.runs import Heartbeat, LiveProgress, RunInfo
 from services.training.spec import PreparedTask
 from services.training.trainer import EpochReport, FitResult, Recipe, Trainer, TrainerHooks, seed_everything
+from services.training.world import World
 from shared.artifacts import MODELS_BUCKET, model_run_prefix
 from shared.db import DatabaseUnavailable
 from shared.logging import get_logger, log_context

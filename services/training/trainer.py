@@ -23,9 +23,9 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler, SequentialSampler
 
-from services.training.distributed import World
 from services.training.evaluate import macro_f1
 from services.training.failures import RunInterrupted
+from services.training.world import World
 
 PROGRESS_EVERY_STEPS = 10
 
