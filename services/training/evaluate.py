@@ -1,7 +1,7 @@
 """Classification metrics on a validation split: accuracy, macro-F1, per-class precision/recall, confusion, ECE.
 
-Pure numpy, computed from logits, so the same function scores the torch model during training and the
-exported ONNX graph before it is published.
+Computed from logits (scikit-learn for the counting metrics, numpy for the rest), so the same function scores
+the torch model during training and the exported ONNX graph before it is published.
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ import itertools
 from typing import Any
 
 import numpy as np
+from sklearn import metrics
 
 ECE_BINS = 15
 
@@ -21,29 +22,20 @@ def softmax(logits: np.ndarray) -> np.ndarray:
 
 
 def confusion_matrix(y_true: np.ndarray, y_pred: np.ndarray, num_classes: int) -> np.ndarray:
-    """Rows are true classes, columns predicted classes."""
-    matrix = np.zeros((num_classes, num_classes), dtype=np.int64)
-    np.add.at(matrix, (y_true, y_pred), 1)
-    return matrix
+    """Rows are true classes, columns predicted classes; every class has its row and column, seen or not."""
+    if len(y_true) == 0:  # scikit-learn refuses an empty split; it counts nothing
+        return np.zeros((num_classes, num_classes), dtype=np.int64)
+    return metrics.confusion_matrix(y_true, y_pred, labels=np.arange(num_classes))
 
 
-def _per_class(matrix: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    true_positive = np.diag(matrix).astype(np.float64)
-    predicted = matrix.sum(axis=0).astype(np.float64)
-    actual = matrix.sum(axis=1).astype(np.float64)
-    precision = np.divide(true_positive, predicted, out=np.zeros_like(true_positive), where=predicted > 0)
-    recall = np.divide(true_positive, actual, out=np.zeros_like(true_positive), where=actual > 0)
-    total = precision + recall
-    f1 = np.divide(2 * precision * recall, total, out=np.zeros_like(total), where=total > 0)
-    return precision, recall, f1
+def macro_f1(y_true: np.ndarray, y_pred: np.ndarray) -> float:
+    """Mean F1 over the classes that occur in the labels or the predictions (scikit-learn's convention).
 
-
-def macro_f1(y_true: np.ndarray, y_pred: np.ndarray, num_classes: int) -> float:
-    """Mean F1 over the classes that occur in the labels or the predictions (scikit-learn's convention)."""
-    matrix = confusion_matrix(y_true, y_pred, num_classes)
-    _, _, f1 = _per_class(matrix)
-    present = (matrix.sum(axis=0) + matrix.sum(axis=1)) > 0
-    return float(f1[present].mean()) if present.any() else 0.0
+    No `labels=`: a class neither true nor predicted on this split is left out, not averaged in as 0.
+    """
+    if len(y_true) == 0:
+        return 0.0
+    return float(metrics.f1_score(y_true, y_pred, average="macro", zero_division=0))
 
 
 def expected_calibration_error(probabilities: np.ndarray, y_true: np.ndarray, bins: int = ECE_BINS) -> float:
@@ -66,13 +58,12 @@ def classification_report(logits: np.ndarray, y_true: np.ndarray, labels: list[s
     probabilities = softmax(logits)
     y_pred = probabilities.argmax(axis=1)
     matrix = confusion_matrix(y_true, y_pred, num_classes)
-    precision, recall, f1 = _per_class(matrix)
-    support = matrix.sum(axis=1)
+    precision, recall, f1, support = _per_class(y_true, y_pred, num_classes)
     log_likelihood = np.log(np.clip(probabilities[np.arange(len(y_true)), y_true], 1e-12, None))
     return {
         "items": len(y_true),
-        "accuracy": float((y_pred == y_true).mean()) if len(y_true) else 0.0,
-        "macro_f1": macro_f1(y_true, y_pred, num_classes),
+        "accuracy": float(metrics.accuracy_score(y_true, y_pred)) if len(y_true) else 0.0,
+        "macro_f1": macro_f1(y_true, y_pred),
         "loss": float(-log_likelihood.mean()) if len(y_true) else 0.0,
         "ece": expected_calibration_error(probabilities, y_true),
         "per_class": {
@@ -86,3 +77,15 @@ def classification_report(logits: np.ndarray, y_true: np.ndarray, labels: list[s
         },
         "confusion_matrix": {"labels": list(labels), "matrix": matrix.tolist()},
     }
+
+
+def _per_class(
+    y_true: np.ndarray, y_pred: np.ndarray, num_classes: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Precision, recall, F1 and support of every class; a score with nothing to divide by is 0."""
+    if len(y_true) == 0:
+        zeros = np.zeros(num_classes)
+        return zeros, zeros, zeros, np.zeros(num_classes, dtype=np.int64)
+    return metrics.precision_recall_fscore_support(
+        y_true, y_pred, labels=np.arange(num_classes), average=None, zero_division=0
+    )

@@ -296,7 +296,7 @@ class Trainer:
         progress = self.progress
         logits, labels = predict(self.core, self.val_loader, self.device)
         val_loss = float(nn.functional.cross_entropy(torch.from_numpy(logits), torch.from_numpy(labels)))
-        score = macro_f1(labels, logits.argmax(1), logits.shape[1])
+        score = macro_f1(labels, logits.argmax(1))
         improved = score > progress.best_macro_f1 + 1e-6
         bad_epochs = 0 if improved else progress.bad_epochs + 1
         patience = self.recipe.early_stopping_patience

@@ -41,6 +41,22 @@ def test_metrics_agree_with_scikit_learn() -> None:
     json.dumps(report)  # stored with the run and sent in events: plain JSON
 
 
+def test_macro_f1_leaves_out_a_class_nobody_saw_and_counts_one_only_predicted() -> None:
+    labels = ["a", "b", "c", "d"]
+    y_true = np.array([0, 0, 1, 1])
+    perfect = classification_report(np.eye(4)[[0, 0, 1, 1]], y_true, labels)
+    # "c" and "d" are neither true nor predicted: a perfect model scores 1, not the 0.5 of averaging them in.
+    assert perfect["macro_f1"] == 1.0 and perfect["accuracy"] == 1.0
+    assert perfect["per_class"]["c"] == {"precision": 0.0, "recall": 0.0, "f1": 0.0, "support": 0}
+    # One item of "b" predicted as "c": "c" now counts, with F1 0, in the mean over a, b and c.
+    wrong = classification_report(np.eye(4)[[0, 0, 1, 2]], y_true, labels)
+    assert wrong["macro_f1"] == pytest.approx((1.0 + 2 / 3 + 0.0) / 3)
+    assert wrong["confusion_matrix"]["matrix"] == [[2, 0, 0, 0], [0, 1, 1, 0], [0, 0, 0, 0], [0, 0, 0, 0]]
+    empty = classification_report(np.zeros((0, 4)), np.zeros(0, dtype=np.int64), labels)
+    assert empty["macro_f1"] == 0.0 and empty["accuracy"] == 0.0 and empty["items"] == 0
+    assert empty["confusion_matrix"]["matrix"] == [[0] * 4] * 4
+
+
 def test_expected_calibration_error() -> None:
     # Always 90% confident, right 60% of the time: miscalibrated by 0.3.
     probabilities = np.tile([0.9, 0.1], (10, 1))
