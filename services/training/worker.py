@@ -20,12 +20,27 @@ from shared.runtime import Runtime
 
 log = get_logger(__name__)
 
-RETRY_BACKOFF_SECONDS = 15.0
+RETRY_BACKOFF_SECONDS = 15
+"""First delay before a run whose attempt hit a transient error is tried again; it doubles up to the cap."""
+RETRY_BACKOFF_MAX_SECONDS = 300
+
+
+class RunReleased(Exception):
+    """The attempt gave the run back after a transient error (its lease released): a later attempt resumes."""
 
 
 def register_run_task(runtime: Runtime) -> None:
     @runtime.celery.task(
-        name=runs.RUN_TASK, bind=True, acks_late=True, ignore_result=True, shared=False, max_retries=None
+        name=runs.RUN_TASK,
+        bind=True,
+        acks_late=True,
+        ignore_result=True,
+        shared=False,
+        max_retries=None,
+        autoretry_for=(OperationalError, DatabaseUnavailable, RunReleased),
+        retry_backoff=RETRY_BACKOFF_SECONDS,
+        retry_backoff_max=RETRY_BACKOFF_MAX_SECONDS,
+        retry_jitter=True,
     )
     def run_training(task: Any, run_id: str) -> str:
         from services.training.pipeline import Outcome, execute_run  # torch loads in the worker only
@@ -34,12 +49,12 @@ def register_run_task(runtime: Runtime) -> None:
             outcome = execute_run(runtime, run_id)
         except (OperationalError, DatabaseUnavailable) as exc:  # the run's record is unreachable: later
             log.warning("run_database_unavailable", run_id=run_id, error=str(exc)[:300])
-            raise task.retry(countdown=min(300.0, RETRY_BACKOFF_SECONDS * 2**task.request.retries)) from exc
+            raise
         if outcome is Outcome.HELD:
             # Another execution is alive (this is a redelivery): look again once its lease could have lapsed.
             raise task.retry(countdown=runs.LEASE_SECONDS)
         if outcome is Outcome.RETRY:
-            raise task.retry(countdown=min(300.0, RETRY_BACKOFF_SECONDS * 2**task.request.retries))
+            raise RunReleased(run_id)
         return outcome.value
 
 
