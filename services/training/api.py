@@ -16,22 +16,13 @@ from sqlalchemy.exc import IntegrityError
 from services.training import runs as run_lifecycle
 from services.training.data import manifest_ref, read_snapshot_info
 from services.training.failures import DataError
-from services.training.models import LAUNCH_QUEUE, TrainingRun
-from services.training.runs import RunRequest
-from services.training.schemas import (
-    RunCreateSchema,
-    RunListQuery,
-    RunListSchema,
-    RunSchema,
-    resolve_base_model,
-    resolve_hyperparameters,
-)
+from services.training.models import TrainingRun
+from services.training.requesting import InvalidRunRequest, RunSpec, request_run
+from services.training.schemas import RunCreateSchema, RunListQuery, RunListSchema, RunSchema
 from shared.auth import current_principal, require_internal, require_partner_or_internal
 from shared.errors import NotFound, Unprocessable
-from shared.logging import current_trace_id, get_logger
+from shared.logging import current_trace_id
 from shared.runtime import Runtime
-
-log = get_logger(__name__)
 
 runs = Blueprint("training_runs", __name__, url_prefix="/v1/runs", description="Training runs")
 
@@ -60,42 +51,29 @@ def create_run(body: dict[str, Any]) -> tuple[TrainingRun, int]:
         info = read_snapshot_info(runtime.storage, body["tenant"], body["dataset_id"], body["snapshot_id"])
     except DataError as exc:
         raise Unprocessable(exc.reason, {"fields": {"snapshot_id": [exc.reason]}}) from exc
-    errors: dict[str, Any] = {}
-    base_model = hyperparameters = None
-    try:
-        base_model = resolve_base_model(info["task_type"], body["base_model"])
-    except ValidationError as exc:
-        errors["base_model"] = exc.messages if isinstance(exc.messages, list) else [str(exc.messages)]
-    try:
-        hyperparameters = resolve_hyperparameters(info["task_type"], body["hyperparameters"])
-    except ValidationError as exc:
-        errors["hyperparameters"] = exc.normalized_messages()
-    if errors:
-        raise ValidationError(errors)
-    request = RunRequest(
+    spec = RunSpec(
         tenant=body["tenant"],
         dataset_id=body["dataset_id"],
         snapshot_id=body["snapshot_id"],
         manifest=manifest_ref(body["tenant"], body["dataset_id"], body["snapshot_id"], info["manifest_sha256"]),
         task_type=info["task_type"],
         labels=list(info["labels"]),
-        model_name=body["model_name"] or body["dataset_id"],
-        base_model=base_model,
-        hyperparameters=hyperparameters,
         reason=body["reason"],
         source="api",
+        model_name=body["model_name"],
+        base_model=body["base_model"],
+        hyperparameters=body["hyperparameters"],
         launch=body["launch"],
         trace_id=current_trace_id(),
     )
     try:
         with runtime.db.session() as session:
-            run, created = run_lifecycle.create_run(session, request, force=body["force"])
-            if created and run.launch == LAUNCH_QUEUE:
-                run_lifecycle.dispatch_after_commit(runtime, session, run.id)
+            run, created = request_run(runtime, session, spec, force=body["force"])
+    except InvalidRunRequest as exc:
+        raise ValidationError(exc.fields) from exc
     except IntegrityError:  # an identical request committed first
         with runtime.db.session() as session:
-            run, created = run_lifecycle.create_run(session, request)
-    log.info("run_requested" if created else "training_request_duplicate", run_id=run.id, launch=run.launch)
+            run, created = request_run(runtime, session, spec)
     return run, 202 if created else 200
 
 

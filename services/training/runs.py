@@ -15,7 +15,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
@@ -26,7 +25,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import event, select, update
+from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from services.training.models import (
@@ -178,22 +177,12 @@ def record_rejected(runtime: Runtime, session: Session, request: RunRequest, rea
     return run
 
 
-def dispatch(runtime: Runtime, run_id: str) -> None:
-    """Send the run to the training worker's queue (by task name: the API process never imports torch)."""
-    runtime.celery.send_task(RUN_TASK, args=[run_id], queue=RUN_QUEUE)
+def dispatch(runtime: Runtime, session: Session, run_id: str) -> None:
+    """Queue the run for the training worker through the outbox, in the caller's transaction: it is sent when
+    that transaction commits, or by the outbox relay once Redis answers again (by task name: the API process
+    never imports torch)."""
+    runtime.bus.enqueue(session, RUN_TASK, [run_id], queue=RUN_QUEUE)
     log.info("run_dispatched", run_id=run_id)
-
-
-def dispatch_after_commit(runtime: Runtime, session: Session, run_id: str) -> None:
-    """Dispatch once the caller's transaction commits, so the task never looks for a row not yet visible."""
-
-    def send(_session: Session) -> None:
-        try:
-            dispatch(runtime, run_id)
-        except Exception as exc:  # the run stays queued; the worker's start-up sweep sends it again
-            log.error("run_dispatch_failed", run_id=run_id, error=str(exc)[:300])
-
-    event.listen(session, "after_commit", send, once=True)
 
 
 def request_cancel(runtime: Runtime, session: Session, run: TrainingRun, *, who: str) -> None:
@@ -472,9 +461,9 @@ def _finish(
 
 
 def recover(runtime: Runtime, limit: int = 100) -> int:
-    """Send again every queue-launched run that should be executing but that nobody alive holds: queued runs
-    whose dispatch may have been lost, and runs whose worker died. Called when a training worker starts;
-    duplicates are harmless (the lease admits one execution)."""
+    """Queue again every queue-launched run that should be executing but that nobody alive holds: runs whose
+    worker died, and queued runs whose message a broker restarted without its data has lost. Called when a
+    training worker starts; duplicates are harmless (the lease admits one execution)."""
     now = utcnow()
     with runtime.db.session() as session:
         runs = session.scalars(
@@ -484,11 +473,8 @@ def recover(runtime: Runtime, limit: int = 100) -> int:
             .limit(limit)
         ).all()
         orphans = [run.id for run in runs if not _lease_alive(run, now)]
-    sent = 0
-    for run_id in orphans:
-        with contextlib.suppress(Exception):
-            dispatch(runtime, run_id)
-            sent += 1
+        for run_id in orphans:
+            dispatch(runtime, session, run_id)
     if orphans:
-        log.info("runs_recovered", count=sent, run_ids=orphans[:20])
-    return sent
+        log.info("runs_recovered", count=len(orphans), run_ids=orphans[:20])
+    return len(orphans)

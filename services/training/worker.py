@@ -1,9 +1,11 @@
 """The training worker's own task: `training.run`, which executes one run, and its start-up recovery.
 
-The `training.requested` consumer records a run and sends `training.run` (by name, on the training queue)
-once its transaction commits, so no Celery task ever holds a database transaction for a whole training.
-Delivery is at least once: Redis redelivers a task whose worker died (after VISIBILITY_TIMEOUT), and a worker
-that starts sends every orphaned run again at once. The run's lease lets exactly one execution train.
+Whoever requests a run (the run API, the `training.requested` consumer) queues `training.run` by name through
+the outbox: it is sent when the run's row commits, or by the outbox relay once Redis is back, and no Celery
+task ever holds a database transaction for a whole training. Delivery is at least once: Redis redelivers a
+task whose worker died (after VISIBILITY_TIMEOUT), and a worker that starts queues every orphaned run again
+at once. The run's lease lets exactly one execution train. After a transient error the task retries with
+Celery's exponential backoff and jitter.
 """
 
 from __future__ import annotations
