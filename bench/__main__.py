@@ -18,7 +18,14 @@ from typing import Any
 from bench.common import describe_machine, machine
 
 RESULTS = Path(__file__).parent / "results"
-BENCHMARKS = ("ingestion_bench", "training_bench", "inference_bench", "inference_floor", "flywheel_bench")
+MODULES = {  # benchmark name -> the module `python -m` runs
+    "ingestion_bench": "bench.ingestion",
+    "training_bench": "bench.training_bench",
+    "inference_bench": "bench.inference_bench",
+    "inference_floor": "bench.inference_floor",
+    "flywheel_bench": "bench.flywheel_bench",
+}
+BENCHMARKS = tuple(MODULES)
 RESULT_FILES = {
     "ingestion_bench": "ingestion",
     "training_bench": "training",
@@ -31,9 +38,9 @@ RESULT_FILES = {
 def run_all(names: list[str]) -> dict[str, Any]:
     outcomes: dict[str, Any] = {}
     for number, name in enumerate(names, start=1):
-        print(f"\n=== [{number}/{len(names)}] python -m bench.{name}", flush=True)
+        print(f"\n=== [{number}/{len(names)}] python -m {MODULES[name]}", flush=True)
         started = time.monotonic()
-        status = subprocess.run([sys.executable, "-m", f"bench.{name}"], check=False).returncode
+        status = subprocess.run([sys.executable, "-m", MODULES[name]], check=False).returncode
         outcomes[name] = {"exit_status": status, "seconds": round(time.monotonic() - started, 1)}
         path = RESULTS / f"{RESULT_FILES[name]}.json"
         if path.exists():
