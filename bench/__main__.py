@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import describe_machine, machine
+from cli.tables import render
 
 RESULTS = Path(__file__).parent / "results"
 MODULES = {  # benchmark name -> the module `python -m` runs
@@ -84,12 +85,6 @@ def plot_inference(results: dict[str, Any]) -> Path | None:
     return path
 
 
-def _table(headers: list[str], rows: list[list[Any]]) -> str:
-    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
-    lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
-    return "\n".join(lines)
-
-
 def _median(stat: Any) -> float:
     return stat["median"] if isinstance(stat, dict) else float(stat)
 
@@ -116,11 +111,11 @@ def _ingestion(r: dict[str, Any]) -> str:
         for m in r["measurements"]
     ]
     headers = ["backend", "push", "service items/s", "raw writes items/s (baseline)", "ratio", "target", "result"]
-    return _table(headers, rows)
+    return render(headers, rows, markdown=True)
 
 
 def _training(r: dict[str, Any]) -> str:
-    overhead = _table(
+    overhead = render(
         ["workload", "bare loop samples/s (baseline)", "trainer samples/s", "ratio", "overhead wall / CPU", "noisy"],
         [
             [
@@ -133,13 +128,15 @@ def _training(r: dict[str, Any]) -> str:
             ]
             for w in r["trainer_overhead"]
         ],
+        markdown=True,
     )
-    onnx = _table(
+    onnx = render(
         ["model", "batch", "torch ms (baseline)", "ONNX Runtime ms", "speed-up"],
         [
             [i["model"], i["batch"], i["torch_ms"], i["onnxruntime_ms"], f"{i['onnxruntime_speedup']:.2f}x"]
             for i in r["inference"]
         ],
+        markdown=True,
     )
     threads = r.get("machine", {}).get("torch_threads")
     return f"Trainer against a bare loop (torch on {threads} thread(s); target overhead <= 5%):\n\n{overhead}\n\n{onnx}"
@@ -181,7 +178,7 @@ def _inference(r: dict[str, Any]) -> str:
         verdicts = r["targets"][layout]
         text, image = verdicts["text_on_vs_ceiling"], verdicts["image_on_vs_off"]
         parts.append(
-            f"Deployment {layout} (server worker processes x threads):\n\n{_table(headers, rows)}\n\n"
+            f"Deployment {layout} (server worker processes x threads):\n\n{render(headers, rows, markdown=True)}\n\n"
             f"Targets at concurrency 32: text {text['ratio']:.0%} of its ceiling (>= {text['target']:.0%}: "
             f"{'met' if text['met'] else '**missed**'}); image batching on/off {image['speedup']:.2f}x "
             f"(>= {image['target']:.0f}x: {'met' if image['met'] else '**missed**'}); "
@@ -203,7 +200,8 @@ def _inference_floor(r: dict[str, Any]) -> str:
         for row in r["rows"]
     ]
     headers = ["front end (floor app)", "ORT threads", "on items/s", "off items/s (baseline)", "on/off", "CPU ms/req"]
-    return f"{_table(headers, rows)}\n\nBest floor {r['best_speedup']:.2f}x against the {r['target']:.0f}x target."
+    table = render(headers, rows, markdown=True)
+    return f"{table}\n\nBest floor {r['best_speedup']:.2f}x against the {r['target']:.0f}x target."
 
 
 def _flywheel(r: dict[str, Any]) -> str:
@@ -211,7 +209,7 @@ def _flywheel(r: dict[str, Any]) -> str:
     rows = [[name, _shown(stat, 1)] for name, stat in stages.items()]
     ratio = r.get("ratio_loop_to_training")
     tail = f"threshold → serving / training alone (baseline): {ratio:.2f}" if ratio else ""
-    return f"{_table(['stage', 'seconds'], rows)}\n\n{tail}"
+    return f"{render(['stage', 'seconds'], rows, markdown=True)}\n\n{tail}"
 
 
 SECTIONS = {
@@ -224,16 +222,16 @@ SECTIONS = {
 
 
 def markdown(outcomes: dict[str, Any], info: dict[str, Any]) -> str:
-    lines = [
-        f"# Benchmark results\n\n{describe_machine(info)}\n",
-        "Medians over repeats, `±` the inter-quartile range as a share of the median, `~` a noisy figure.\n",
-        "| benchmark | exit | seconds | finished |",
-        "|---|---|---|---|",
-    ]
+    runs = []
     for name, outcome in outcomes.items():
         results = outcome.get("results") or {}
         finished = results.get("finished_at") or results.get("created_at", "")
-        lines.append(f"| {name} | {outcome['exit_status']} | {outcome['seconds']} | {finished} |")
+        runs.append([name, outcome["exit_status"], outcome["seconds"], finished])
+    lines = [
+        f"# Benchmark results\n\n{describe_machine(info)}\n",
+        "Medians over repeats, `±` the inter-quartile range as a share of the median, `~` a noisy figure.\n",
+        render(["benchmark", "exit", "seconds", "finished"], runs, markdown=True),
+    ]
     for name, outcome in outcomes.items():
         results = outcome.get("results")
         if not results:

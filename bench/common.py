@@ -1,9 +1,9 @@
-"""Helpers every benchmark shares: the machine, robust statistics, tables, results files, child processes.
+"""Helpers every benchmark shares: the machine, robust statistics, results files, child processes.
 
 - ``machine()`` describes where the numbers came from (CPU model, cores, load, GPU if ``nvidia-smi`` answers).
 - ``Stats.of(samples)`` gives median and IQR over repeats, and flags a measurement as noisy when its IQR is
   more than 10% of its median (the machines we bench on are shared: one run is never the whole truth).
-- ``print_table`` aligns columns; ``write_results`` writes ``bench/results/<name>.json`` atomically.
+- ``write_results`` writes ``bench/results/<name>.json`` atomically.
 - ``Processes`` starts helper servers in their own process groups and stops every one of them on exit,
   error, Ctrl-C or SIGTERM (and the kernel sends them SIGTERM should this process die without cleaning up).
 """
@@ -172,28 +172,6 @@ class Progress:
 
     def __call__(self, message: str) -> None:
         print(f"[{self.elapsed:6.1f}s] {message}", file=self.out, flush=True)
-
-
-def print_table(headers: Sequence[str], rows: Sequence[Sequence[Any]], out: Any = None) -> str:
-    """Print an aligned text table (numbers right-aligned) and return it as a string."""
-    cells = [[str(h) for h in headers], *[["" if c is None else str(c) for c in row] for row in rows]]
-    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
-
-    def numeric(text: str) -> bool:
-        head = text.lstrip("+-~").split(" ")[0].replace(",", "").replace(".", "").rstrip("x%")
-        return head.isdigit()
-
-    lines = []
-    for index, row in enumerate(cells):
-        parts = [
-            cell.rjust(widths[i]) if index and numeric(cell) else cell.ljust(widths[i]) for i, cell in enumerate(row)
-        ]
-        lines.append("  ".join(parts).rstrip())
-        if index == 0:
-            lines.append("  ".join("-" * w for w in widths))
-    text = "\n".join(lines)
-    print(text, file=out or sys.stdout, flush=True)
-    return text
 
 
 def _jsonable(value: Any) -> Any:

@@ -18,9 +18,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.common import Progress, Stats, describe_machine, machine, print_table, write_results
+from bench.common import Progress, Stats, describe_machine, machine, write_results
 from cli.demo_data import DIGIT_LABELS, digit_images, shuffled
 from cli.launcher import LaunchError, detached_platform
+from cli.tables import NUMBERS, print_table
 from shared.client import Flywheel, answer_or_none, wait_for
 
 TOKEN = "bench-internal-token"  # noqa: S105 - a throwaway platform's token, local to this run
@@ -107,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     floor = stats["training_wall_s"]
     rows = [[key, stats[key].show(1)] for key in cycles[0]]
     print(describe_machine(machine()))
-    print_table(["stage", "seconds (median ±IQR)"], rows)
+    print_table(["stage", "seconds (median ±IQR)"], rows, align=NUMBERS, rule=True)
     overhead = loop.median / floor.median if floor.median else None
     print(f"threshold → serving {loop.median:.1f}s vs training alone {floor.median:.1f}s: ratio {overhead:.2f}")
     write_results(

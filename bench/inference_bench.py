@@ -69,13 +69,13 @@ from bench.common import (
     free_port,
     machine,
     managed_processes,
-    print_table,
     process_tree_cpu_seconds,
     self_cpu_seconds,
     wait_until,
     write_results,
 )
 from cli.launcher import http_command
+from cli.tables import NUMBERS, print_table
 from services.inference.sessions import PROVIDERS, session_options
 from shared.auth import hash_api_key
 from shared.storage import FileStore
@@ -845,6 +845,8 @@ def report(
             "on/off",
         ],
         rows,
+        align=NUMBERS,
+        rule=True,
     )
     print(
         "(ceiling beside: raw ONNX Runtime at the best batch, sampled right before each pair of measurements; "

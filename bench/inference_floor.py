@@ -43,11 +43,11 @@ from bench.common import (
     free_port,
     machine,
     managed_processes,
-    print_table,
     process_tree_cpu_seconds,
     wait_until,
     write_results,
 )
+from cli.tables import NUMBERS, print_table
 
 REPO = Path(__file__).resolve().parent.parent
 CONCURRENCY = 32
@@ -216,6 +216,8 @@ def main(argv: list[str] | None = None) -> int:
             ]
             for r in rows
         ],
+        align=NUMBERS,
+        rule=True,
     )
     verdict = "reachable" if best["speedup"] >= TARGET else "out of reach for a Python front end on this machine"
     print(

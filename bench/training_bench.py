@@ -30,6 +30,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from bench.common import Stats
+from cli.tables import render
 from services.training.base_models import IMAGE_ARCHITECTURES
 from services.training.export import export_onnx, onnx_session
 from services.training.image_model import ImageClassifier, ImageItems, collate_images, eval_transform
@@ -248,14 +249,6 @@ def inference(
 # ----------------------------------------------------------------------------------------------- report
 
 
-def table(rows: list[dict[str, Any]], columns: list[str]) -> str:
-    widths = [max(len(c), *(len(str(r[c])) for r in rows)) for c in columns]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True))]
-    lines.append("  ".join("-" * w for w in widths))
-    lines += ["  ".join(str(r[c]).ljust(w) for c, w in zip(columns, widths, strict=True)) for r in rows]
-    return "\n".join(lines)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=5, help="timed repetitions per trainer workload")
@@ -366,8 +359,7 @@ def main(argv: list[str] | None = None) -> int:
     threads = torch.get_num_threads()
     print(f"the loops whose repeats spread more than 10% (IQR over median); torch on {threads} thread(s)")
     print(
-        table(
-            training,
+        render(
             [
                 "workload",
                 "bare_loop_samples_per_second",
@@ -378,13 +370,16 @@ def main(argv: list[str] | None = None) -> int:
                 "trainer_vs_minimal",
                 "noisy",
             ],
+            training,
+            rule=True,
         )
     )
     print("\nONNX Runtime (CPU EP) vs torch eager inference")
     print(
-        table(
-            serving,
+        render(
             ["model", "batch", "torch_ms", "onnxruntime_ms", "onnxruntime_speedup", "onnxruntime_samples_per_second"],
+            serving,
+            rule=True,
         )
     )
     print(f"\nload average before {load_before[0]:.2f}, after {os.getloadavg()[0]:.2f}; written to {RESULTS}")

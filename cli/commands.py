@@ -9,7 +9,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from cli.context import CliContext, progress, table
+from cli.context import CliContext, progress
+from cli.tables import render
 from shared.settings import SERVICES
 
 TERMINAL_RUN_STATES = {"succeeded", "failed", "cancelled"}
@@ -50,7 +51,8 @@ def datasets_stats(context: CliContext, dataset_id: str) -> int:
         f"percent agreement: {_pct(stats['percent_agreement'])}   Fleiss' kappa: "
         f"{'n/a' if kappa is None else f'{kappa:.3f}'} over {stats['items_in_agreement_stats']} items"
     )
-    print(table(stats["annotators"], ["annotator_id", "labels", "agreement_with_consensus"]))
+    columns = ["annotator_id", "labels", "agreement_with_consensus"]
+    print(render(columns, stats["annotators"], none="None", empty="(none)"))
     return 0
 
 
@@ -130,7 +132,7 @@ def runs_list(context: CliContext, args: Any) -> int:
         }
         for run in runs
     ]
-    print(table(rows, ["id", "status", "model", "epoch", "macro_f1", "created"]))
+    print(render(["id", "status", "model", "epoch", "macro_f1", "created"], rows, none="None", empty="(none)"))
     return 0
 
 
@@ -239,7 +241,7 @@ def dead_letters_list(context: CliContext, service: str | None, include_replayed
             }
             for row in answer["dead_letters"]
         ]
-    print(table(rows, ["service", "id", "consumer", "attempts", "replayed", "error"]) if rows else "no dead letters")
+    print(render(["service", "id", "consumer", "attempts", "replayed", "error"], rows, empty="no dead letters"))
     return 0
 
 

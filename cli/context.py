@@ -58,12 +58,3 @@ def progress(done: int, total: int | None, label: str, width: int = 30) -> None:
     else:
         sys.stderr.write(f"\r{label} {done}")
     sys.stderr.flush()
-
-
-def table(rows: list[dict[str, Any]], columns: list[str]) -> str:
-    if not rows:
-        return "(none)"
-    widths = {c: max(len(c), *(len(str(r.get(c, ""))) for r in rows)) for c in columns}
-    lines = ["  ".join(c.ljust(widths[c]) for c in columns)]
-    lines += ["  ".join(str(r.get(c, "")).ljust(widths[c]) for c in columns) for r in rows]
-    return "\n".join(lines)

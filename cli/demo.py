@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from cli.demo_data import DIGIT_LABELS, TEXT_LABELS, digit_images, shuffled, stdlib_docstrings
+from cli.tables import render
 from shared.client import Flywheel, answer_or_none, wait_for
 from shared.settings import Settings
 
@@ -311,20 +312,25 @@ class Demo:
 
 
 def summary_table(results: list[CycleResult]) -> str:
-    header = (
-        f"{'cycle':>5} {'dataset':<12} {'labels':>6} {'val F1':>7} {'version':>7} {'decision':<10} "
-        f"{'serving':>7} {'preds':>5} {'acc':>6} {'push s':>6} {'label s':>7} {'train→serve s':>13}"
-    )
-    lines = [header, "-" * len(header)]
-    for r in results:
-        f1 = "-" if r.validation_macro_f1 is None else f"{r.validation_macro_f1:.3f}"
-        accuracy = "-" if r.holdout_accuracy is None else f"{r.holdout_accuracy:.3f}"
-        lines.append(
-            f"{r.cycle:>5} {r.dataset:<12} {r.consensus_labels:>6} {f1:>7} {r.version or '-':>7} "
-            f"{(r.decision or '-'):<10} {r.serving_version or '-':>7} {r.predictions:>5} {accuracy:>6} "
-            f"{r.seconds['push']:>6} {r.seconds['label']:>7} {r.seconds['train_register_serve']:>13}"
-        )
-    return "\n".join(lines)
+    headers = ["cycle", "dataset", "labels", "val F1", "version", "decision", "serving", "preds", "acc", "push s"]
+    rows = [
+        [
+            r.cycle,
+            r.dataset,
+            r.consensus_labels,
+            None if r.validation_macro_f1 is None else f"{r.validation_macro_f1:.3f}",
+            r.version,
+            r.decision,
+            r.serving_version,
+            r.predictions,
+            None if r.holdout_accuracy is None else f"{r.holdout_accuracy:.3f}",
+            r.seconds["push"],
+            r.seconds["label"],
+            r.seconds["train_register_serve"],
+        ]
+        for r in results
+    ]
+    return render([*headers, "label s", "train→serve s"], rows, align="><>>><>>>>>>", rule=True)
 
 
 def run_demo(*, cycles: int = 2, keep_running: bool = True, scale: float = 1.0) -> int:

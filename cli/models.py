@@ -12,9 +12,10 @@ import argparse
 import getpass
 import json
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any, TextIO
 
+from cli.tables import print_table
 from shared.client import ApiError, RegistryClient
 
 TIMEOUT_SECONDS = 10
@@ -26,13 +27,6 @@ def _client(base_url: str, token: str) -> RegistryClient:
 
 def _query(**values: Any) -> dict[str, Any]:
     return {key: value for key, value in values.items() if value is not None}
-
-
-def _table(rows: Sequence[Sequence[Any]], headers: Sequence[str], out: TextIO) -> None:
-    cells = [[str(h) for h in headers], *[["-" if v is None else str(v) for v in row] for row in rows]]
-    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
-    for row in cells:
-        print("  ".join(value.ljust(width) for value, width in zip(row, widths, strict=True)).rstrip(), file=out)
 
 
 def _metric(metrics: dict[str, Any], name: str) -> str:
@@ -92,7 +86,7 @@ def models_list(
             )
             for m in body["models"]
         ]
-        _table(rows, ("model", "dataset", "task", "latest", "aliases", "tags"), out)
+        print_table(("model", "dataset", "task", "latest", "aliases", "tags"), rows, out=out)
         if body["next_offset"] is not None:
             print(f"({body['total']} models; showing {len(rows)})", file=out)
         return 0
@@ -143,7 +137,8 @@ def models_show(
             )
             for v in versions
         ]
-        _table(rows, ("version", "status", metric, "accuracy", "snapshot", "run", "aliases", "gate", "created"), out)
+        headers = ("version", "status", metric, "accuracy", "snapshot", "run", "aliases", "gate", "created")
+        print_table(headers, rows, out=out)
         return 0
 
     return _guarded(run)
@@ -246,7 +241,7 @@ def models_audit(
             )
             for c in changes
         ]
-        _table(rows, ("when", "alias", "action", "from", "to", "who", "why"), out)
+        print_table(("when", "alias", "action", "from", "to", "who", "why"), rows, out=out)
         return 0
 
     return _guarded(run)

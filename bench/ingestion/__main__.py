@@ -43,13 +43,14 @@ from typing import Any
 
 import redis
 
-from bench.common import Progress, describe_machine, machine, managed_processes, print_table, write_results
+from bench.common import Progress, describe_machine, machine, managed_processes, write_results
 from bench.ingestion import REDIS_URL, REPO_ROOT
 from bench.ingestion.ceiling import RawCeiling
 from bench.ingestion.profiler import print_profile, profile_text_push
 from bench.ingestion.service import service_storage_growth, set_up_tenant, start_moto, start_service
 from bench.ingestion.throughput import IMAGE_TARGET_FRACTION, TEXT_TARGET_ITEMS_PER_S, Measurement, measure_kind
 from bench.ingestion.workload import Workload
+from cli.tables import NUMBERS, print_table
 
 
 def flush_bench_redis() -> None:
@@ -173,7 +174,9 @@ def main(argv: list[str] | None = None) -> int:
         for m in measurements
     ]
     headers = ["backend", "kind", "service items/s", "raw items/s", "ratio", "target", "result"]
-    table = print_table([*headers, "svc items/CPU-s", "cores svc/moto/bench: service run", "raw run"], rows)
+    table = print_table(
+        [*headers, "svc items/CPU-s", "cores svc/moto/bench: service run", "raw run"], rows, align=NUMBERS, rule=True
+    )
     print(
         "svc items/CPU-s = items accepted per CPU-second the service used (its rate if it had one whole core);\n"
         "cores = average CPU cores kept busy during the repeats by the ingestion service (gunicorn), moto and this "

@@ -16,9 +16,10 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from bench.common import Progress, Stats, print_table, self_cpu_seconds
+from bench.common import Progress, Stats, self_cpu_seconds
 from bench.ingestion import LABELS, REDIS_URL, REPO_ROOT, TOKEN
 from bench.ingestion.workload import TextSource, text_push_body
+from cli.tables import NUMBERS, print_table
 
 
 class PhaseTimer:
@@ -350,7 +351,7 @@ def print_profile(profile: dict[str, Any]) -> str:
         )
     threads = profile["threads"]
     headers = ["phase (nested)", "CPU ms", "CPU self", "% req CPU", "wall ms", f"wall ms, {threads} thr", "calls"]
-    lines.append(print_table(headers, rows))
+    lines.append(print_table(headers, rows, align=NUMBERS, rule=True))
     in_process = profile["in_process"]
     one, many = in_process["1"], in_process[str(threads)]
     print(
@@ -368,5 +369,5 @@ def print_profile(profile: dict[str, Any]) -> str:
         [e["function"][:110], f"{e['self_ms_per_push']:.2f}", f"{e['cum_ms_per_push']:.2f}", f"{e['calls_per_push']:g}"]
         for e in profile["cprofile_top_self"][:15]
     ]
-    lines.append(print_table(["function", "self ms", "cum ms", "calls"], rows))
+    lines.append(print_table(["function", "self ms", "cum ms", "calls"], rows, align=NUMBERS, rule=True))
     return "\n".join(lines)
