@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import hashlib
 import importlib.resources
 import json
 import os
@@ -47,9 +46,7 @@ import re
 import shutil
 import sys
 import tempfile
-import threading
 import time
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -58,27 +55,23 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 import requests
-from flask import Flask, jsonify, request
-from werkzeug.serving import make_server
 
 from bench.common import (
     Progress,
     Stats,
-    answers_ok,
     describe_machine,
-    free_port,
     machine,
-    managed_processes,
     process_tree_cpu_seconds,
     self_cpu_seconds,
-    wait_until,
     write_results,
 )
 from cli.launcher import http_command
 from cli.tables import NUMBERS, print_table
 from services.inference.sessions import PROVIDERS, session_options
-from shared.auth import hash_api_key
 from shared.storage import FileStore
+from testkit.models import export_graph, write_metadata
+from testkit.processes import answers_ok, free_port, managed_processes, wait_until
+from testkit.serving import RegistryStandIn, metric_samples, serving_document, upload_version
 
 REPO = Path(__file__).resolve().parent.parent
 TOKEN = "bench-internal-token"  # noqa: S105 - a throwaway token for a local, loopback-only run
@@ -96,27 +89,6 @@ TARGET_IMAGE_SPEEDUP = 2.0
 
 
 # -- models ------------------------------------------------------------------------------------------------------
-
-
-def _metadata(folder: Path, name: str, task: str, labels: list[str], inputs: list[dict], preprocessing: dict) -> None:
-    files = {}
-    for path in sorted(folder.iterdir()):
-        data = path.read_bytes()
-        files[path.name] = {"sha256": hashlib.sha256(data).hexdigest(), "size": len(data)}
-    metadata = {
-        "model_name": name,
-        "task_type": task,
-        "labels": labels,
-        "inputs": inputs,
-        "outputs": [{"name": "logits", "datatype": "FP32", "shape": [-1, len(labels)]}],
-        "opset": 17,
-        "preprocessing": preprocessing,
-        "metrics": {},
-        "lineage": {"source": "bench"},
-        "hyperparameters": {},
-        "files": files,
-    }
-    (folder / "metadata.json").write_text(json.dumps(metadata))
 
 
 def export_models(root: Path) -> dict[str, Path]:
@@ -142,47 +114,39 @@ def export_models(root: Path) -> dict[str, Path]:
 
     image = root / "mobilenet"
     image.mkdir(parents=True)
-    with warnings.catch_warnings(), torch.no_grad():
-        warnings.simplefilter("ignore")
-        ids = torch.ones(2, SEQUENCE, dtype=torch.int64)
-        torch.onnx.export(
-            Classifier().eval(),
-            (ids, torch.ones_like(ids)),
-            str(text / "model.onnx"),
-            input_names=["input_ids", "attention_mask"],
-            output_names=["logits"],
-            dynamic_axes={"input_ids": {0: "batch", 1: "sequence"}, "attention_mask": {0: "batch", 1: "sequence"}},
-            opset_version=17,
-            dynamo=False,
-        )
-        torch.onnx.export(
-            torchvision.models.mobilenet_v3_small(num_classes=len(IMAGE_LABELS)).eval(),
-            (torch.zeros(1, 3, IMAGE, IMAGE),),
-            str(image / "model.onnx"),
-            input_names=["pixels"],
-            output_names=["logits"],
-            dynamic_axes={"pixels": {0: "batch"}, "logits": {0: "batch"}},
-            opset_version=17,
-            dynamo=False,
-        )
+    ids = torch.ones(2, SEQUENCE, dtype=torch.int64)
+    export_graph(Classifier(), (ids, torch.ones_like(ids)), ["input_ids", "attention_mask"], text / "model.onnx")
+    export_graph(
+        torchvision.models.mobilenet_v3_small(num_classes=len(IMAGE_LABELS)),
+        (torch.zeros(1, 3, IMAGE, IMAGE),),
+        ["pixels"],
+        image / "model.onnx",
+    )
     tokenizer_files = ["tokenizer.json", "vocab.txt", "tokenizer_config.json", "special_tokens_map.json"]
     for name in tokenizer_files:
         shutil.copy(minilm / name, text / name)
-    _metadata(
+    write_metadata(
         text,
-        "minilm",
-        "text_classification",
-        ["neg", "pos"],
-        [{"name": n, "datatype": "INT64", "shape": [-1, -1]} for n in ("input_ids", "attention_mask")],
-        {"kind": "text", "tokenizer_files": tokenizer_files, "max_length": SEQUENCE},
+        model_name="minilm",
+        task_type="text_classification",
+        labels=["neg", "pos"],
+        inputs=[{"name": n, "datatype": "INT64", "shape": [-1, -1]} for n in ("input_ids", "attention_mask")],
+        preprocessing={"kind": "text", "tokenizer_files": tokenizer_files, "max_length": SEQUENCE},
+        lineage={"source": "bench"},
     )
-    _metadata(
+    write_metadata(
         image,
-        "mobilenet",
-        "image_classification",
-        IMAGE_LABELS,
-        [{"name": "pixels", "datatype": "FP32", "shape": [-1, 3, IMAGE, IMAGE]}],
-        {"kind": "image", "size": [IMAGE, IMAGE], "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]},
+        model_name="mobilenet",
+        task_type="image_classification",
+        labels=IMAGE_LABELS,
+        inputs=[{"name": "pixels", "datatype": "FP32", "shape": [-1, 3, IMAGE, IMAGE]}],
+        preprocessing={
+            "kind": "image",
+            "size": [IMAGE, IMAGE],
+            "mean": [0.485, 0.456, 0.406],
+            "std": [0.229, 0.224, 0.225],
+        },
+        lineage={"source": "bench"},
     )
     return {"text": text, "image": image}
 
@@ -343,57 +307,16 @@ class CeilingProbe:
 # -- the stand-ins: the registry's serving contract and ingestion's key check ---------------------------------------
 
 
-def stand_in(store: FileStore, models: dict[str, Path], serving: dict[str, dict]) -> tuple[str, Callable[[], None]]:
-    """Serve the registry's serving contract (each version's `serving` block read from `serving`, by model name,
-    when a document is asked for) and ingestion's key check."""
-    documents = []
+def stand_in(store: FileStore, models: dict[str, Path], serving: dict[str, dict]) -> RegistryStandIn:
+    """The registry's serving contract (version 1 of each model in production, with its `serving` block read from
+    `serving` by model name) and ingestion's key check, served on a loopback socket."""
+    registry = RegistryStandIn(token=TOKEN)
+    registry.accept_key(API_KEY, tenant=TENANT, key_id="key_bench")
     for folder in models.values():
-        metadata = json.loads((folder / "metadata.json").read_text())
-        artifacts = {}
-        for path in sorted(folder.iterdir()):
-            key = f"{TENANT}/{metadata['model_name']}/runs/bench/{path.name}"
-            info = store.put("models", key, path.read_bytes())
-            artifacts[path.name] = {"bucket": "models", "key": key, "sha256": info.sha256, "size": info.size}
-        documents.append(
-            {
-                "tenant": TENANT,
-                "model_name": metadata["model_name"],
-                "dataset_id": f"ds_{metadata['model_name']}",
-                "task_type": metadata["task_type"],
-                "aliases": {"production": {"version": 1, "weights": {}}},
-                "versions": {"1": {"version": 1, "artifacts": artifacts, "metadata": {}, "status": "ready"}},
-            }
-        )
-    app = Flask("bench-stand-in")
-
-    def current(document: dict[str, Any]) -> dict[str, Any]:
-        version = {**document["versions"]["1"], "metadata": {"serving": serving.get(document["model_name"], {})}}
-        return {**document, "versions": {"1": version}}
-
-    @app.get("/v1/internal/serving")
-    def serving_list() -> Any:
-        return jsonify(models=[current(d) for d in documents])
-
-    @app.get("/v1/internal/serving/<tenant>/<name>")
-    def serving_one(tenant: str, name: str) -> Any:
-        found = [current(d) for d in documents if d["tenant"] == tenant and d["model_name"] == name]
-        return jsonify(found[0]) if found else (jsonify(error="not found"), 404)
-
-    @app.post("/v1/internal/keys/verify")
-    def verify() -> Any:
-        if request.get_json()["key_hash"] == hash_api_key(API_KEY):
-            return jsonify(tenant=TENANT, key_id="key_bench")
-        return jsonify(error="unknown key"), 404
-
-    server = make_server("127.0.0.1", 0, app, threaded=True)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-
-    def stop() -> None:
-        server.shutdown()
-        thread.join(5)
-
-    return f"http://127.0.0.1:{server.server_port}", stop
+        name = json.loads((folder / "metadata.json").read_text())["model_name"]
+        version = upload_version(store, TENANT, folder, 1, serving=serving.get(name, {}))
+        registry.serve(serving_document(TENANT, folder, {1: version}, production=1))
+    return registry.start()
 
 
 # -- the load generator ------------------------------------------------------------------------------------------
@@ -465,16 +388,13 @@ def drive(port: int, requests_: list[bytes], concurrency: int, warmup: float, se
 
 
 def batch_histogram(url: str, model: str) -> tuple[float, float]:
+    """How many batches the server ran for `model`, and how many rows they held, from its /metrics."""
     text = requests.get(f"{url}/metrics", timeout=10).text
-    count = total = 0.0
-    for line in text.splitlines():
-        if f'model="{model}"' not in line:
-            continue
-        if line.startswith("flywheel_inference_batch_size_count"):
-            count += float(line.rsplit(" ", 1)[1])
-        elif line.startswith("flywheel_inference_batch_size_sum"):
-            total += float(line.rsplit(" ", 1)[1])
-    return count, total
+
+    def total(name: str) -> float:
+        return sum(value for labels, value in metric_samples(text, name) if labels.get("model") == model)
+
+    return total("flywheel_inference_batch_size_count"), total("flywheel_inference_batch_size_sum")
 
 
 @dataclass
@@ -717,8 +637,9 @@ def main(argv: list[str] | None = None) -> int:
         for mode in ("on", "off"):
             store = FileStore(root / "homes" / mode / "objects")  # each server's FLYWHEEL_HOME is homes/<mode>
             store.ensure_buckets("models", "raw")
-            stand_ins[mode], stop = stand_in(store, models, batching[mode])
-            stoppers.append(stop)
+            registry = stand_in(store, models, batching[mode])
+            stand_ins[mode] = registry.url
+            stoppers.append(registry.stop)
         probes = {
             key: CeilingProbe(
                 models[key] / "model.onnx", loads[key].feeds, ceilings[key]["before"]["best_batch"], probe_seconds

@@ -35,19 +35,9 @@ from typing import Any
 
 import numpy as np
 
-from bench.common import (
-    Progress,
-    Stats,
-    answers_ok,
-    describe_machine,
-    free_port,
-    machine,
-    managed_processes,
-    process_tree_cpu_seconds,
-    wait_until,
-    write_results,
-)
+from bench.common import Progress, Stats, describe_machine, machine, process_tree_cpu_seconds, write_results
 from cli.tables import NUMBERS, print_table
+from testkit.processes import answers_ok, free_port, managed_processes, wait_until
 
 REPO = Path(__file__).resolve().parent.parent
 CONCURRENCY = 32

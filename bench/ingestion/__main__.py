@@ -43,14 +43,16 @@ from typing import Any
 
 import redis
 
-from bench.common import Progress, describe_machine, machine, managed_processes, write_results
+from bench.common import Progress, describe_machine, machine, write_results
 from bench.ingestion import REDIS_URL, REPO_ROOT
 from bench.ingestion.ceiling import RawCeiling
 from bench.ingestion.profiler import print_profile, profile_text_push
-from bench.ingestion.service import service_storage_growth, set_up_tenant, start_moto, start_service
+from bench.ingestion.service import service_storage_growth, set_up_tenant, start_service
 from bench.ingestion.throughput import IMAGE_TARGET_FRACTION, TEXT_TARGET_ITEMS_PER_S, Measurement, measure_kind
 from bench.ingestion.workload import Workload
 from cli.tables import NUMBERS, print_table
+from testkit.processes import managed_processes
+from testkit.s3 import start_s3_process
 
 
 def flush_bench_redis() -> None:
@@ -103,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
             s3_endpoint, moto = None, None
             if "s3" in args.backends:
                 progress("starting moto (S3) in a subprocess")
-                s3_endpoint, moto = start_moto(processes, workdir)
+                s3_endpoint, moto = start_s3_process(processes, workdir / "moto.log")
                 progress(f"moto answers at {s3_endpoint}")
             for backend in args.backends:
                 progress(f"[{backend}] starting ingestion under gunicorn (gthread, 1 worker, 8 threads)")

@@ -14,8 +14,9 @@ from typing import Any
 
 from sqlalchemy import insert
 
-from bench.ingestion import LABELS, S3_KEYS
+from bench.ingestion import LABELS
 from bench.ingestion.workload import ImageSource, TextSource
+from testkit.s3 import S3Server
 
 
 @dataclass
@@ -41,7 +42,7 @@ class RawCeiling:
         workdir.mkdir(parents=True, exist_ok=True)
         if backend == "s3":
             assert s3_endpoint
-            self.store: Any = S3Store(s3_endpoint, *S3_KEYS)
+            self.store: Any = S3Store(s3_endpoint, S3Server.access_key, S3Server.secret_key)
         else:
             self.store = FileStore(workdir / "objects")
         self.store.ensure_buckets("raw")

@@ -1,11 +1,10 @@
-"""The real ingestion service under gunicorn (and moto for S3) in subprocesses, and the load generator."""
+"""The real ingestion service under gunicorn in a subprocess, and the load generator that pushes to it."""
 
 from __future__ import annotations
 
 import contextlib
 import os
 import sqlite3
-import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -14,25 +13,9 @@ from typing import Any
 
 import requests
 
-from bench.common import Child, Processes, answers_ok, free_port, wait_until
-from bench.ingestion import LABELS, REDIS_URL, REPO_ROOT, S3_KEYS, TOKEN
-
-MOTO_SCRIPT = """
-import os, sys, time
-for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
-    os.environ.setdefault(name, "testing")
-os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
-from moto.server import ThreadedMotoServer
-server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-server.start()
-print("PORT", server.get_host_and_port()[1], flush=True)
-parent = os.getppid()
-try:
-    while os.getppid() == parent:  # the bench is gone: do not outlive it
-        time.sleep(0.5)
-finally:
-    server.stop()
-"""
+from bench.ingestion import LABELS, REDIS_URL, REPO_ROOT, TOKEN
+from testkit.processes import Child, Processes, answers_ok, free_port, wait_until
+from testkit.s3 import S3Server
 
 
 @dataclass
@@ -43,32 +26,6 @@ class Service:
     home: Path
     api_key: str = ""
     datasets: dict[str, str] = field(default_factory=dict)  # kind -> dataset id
-
-
-def start_moto(processes: Processes, workdir: Path) -> tuple[str, Child]:
-    log_path = workdir / "moto.log"
-    child = processes.spawn("moto", [sys.executable, "-c", MOTO_SCRIPT], env=os.environ.copy(), log_path=log_path)
-    port: list[int] = []
-
-    def announced() -> bool:
-        for line in log_path.read_text(errors="replace").splitlines():
-            if line.startswith("PORT "):
-                port.append(int(line.split()[1]))
-                return True
-        return False
-
-    wait_until(announced, timeout=30, what="moto to listen", child=child)
-    endpoint = f"127.0.0.1:{port[0]}"
-    wait_until(lambda: _http_answers(f"http://{endpoint}/moto-api/"), timeout=30, what="moto to answer", child=child)
-    return endpoint, child
-
-
-def _http_answers(url: str) -> bool:
-    try:
-        requests.get(url, timeout=2)
-        return True
-    except requests.RequestException:
-        return False
 
 
 def start_service(processes: Processes, backend: str, home: Path, s3_endpoint: str | None) -> Service:
@@ -88,7 +45,7 @@ def start_service(processes: Processes, backend: str, home: Path, s3_endpoint: s
     )
     if backend == "s3":
         assert s3_endpoint
-        env.update(S3_ENDPOINT=s3_endpoint, S3_ACCESS_KEY=S3_KEYS[0], S3_SECRET_KEY=S3_KEYS[1])
+        env.update(S3_ENDPOINT=s3_endpoint, S3_ACCESS_KEY=S3Server.access_key, S3_SECRET_KEY=S3Server.secret_key)
     home.mkdir(parents=True, exist_ok=True)
     command = http_command("ingestion", port)
     child = processes.spawn(f"ingestion ({backend})", command, env=env, log_path=home / "ingestion.log", cwd=REPO_ROOT)

@@ -7,10 +7,11 @@ from collections import defaultdict
 from dataclasses import dataclass
 from typing import Any
 
-from bench.common import Child, Progress, Stats, process_tree_cpu_seconds, ratio, self_cpu_seconds
+from bench.common import Progress, Stats, process_tree_cpu_seconds, ratio, self_cpu_seconds
 from bench.ingestion.ceiling import RawBatch, RawCeiling
 from bench.ingestion.service import LoadGenerator, Service
 from bench.ingestion.workload import ImageSource, TextSource, Workload, image_push_body, text_push_body
+from testkit.processes import Child
 
 TEXT_TARGET_ITEMS_PER_S = 2000.0
 IMAGE_TARGET_FRACTION = 0.5

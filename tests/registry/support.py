@@ -18,6 +18,7 @@ from shared.events.envelope import Envelope, make_envelope
 from shared.events.tables import event_tables
 from shared.runtime import Runtime
 from shared.storage import ObjectStore
+from testkit.models import file_digest, model_metadata
 from tests.helpers import INTERNAL
 
 CONSUMER = "registry.training.completed"
@@ -29,8 +30,8 @@ def sha256(data: bytes) -> str:
 
 @dataclass
 class RunFactory:
-    """Writes a model version folder (model.onnx, tokenizer.json, metadata.json) to object storage, the way
-    training does, and returns the `training.completed` payload that references it."""
+    """Writes a model version folder (model.onnx, tokenizer.json, metadata.json as testkit.models builds it) to
+    object storage, the way training does, and returns the `training.completed` payload that references it."""
 
     storage: ObjectStore
     dataset_id: str = field(default_factory=lambda: f"ds_{uuid.uuid4().hex[:12]}")
@@ -60,19 +61,18 @@ class RunFactory:
             "per_class": {"neg": {"f1": macro_f1 - 0.01}, "pos": {"f1": macro_f1 + 0.01}},
             **(extra_metrics or {}),
         }
-        metadata = {
-            "model_name": model_name,
-            "task_type": "text_classification",
-            "labels": ["neg", "pos"],
-            "inputs": [
+        metadata = model_metadata(
+            model_name=model_name,
+            task_type="text_classification",
+            labels=["neg", "pos"],
+            inputs=[
                 {"name": "input_ids", "datatype": "INT64", "shape": [-1, 128]},
                 {"name": "attention_mask", "datatype": "INT64", "shape": [-1, 128]},
             ],
-            "outputs": [{"name": "logits", "datatype": "FP32", "shape": [-1, 2]}],
-            "opset": 17,
-            "preprocessing": {"kind": "text", "tokenizer_files": ["tokenizer.json"], "max_length": 128},
-            "metrics": metrics,
-            "lineage": {
+            preprocessing={"kind": "text", "tokenizer_files": ["tokenizer.json"], "max_length": 128},
+            files={name: file_digest(data) for name, data in files.items()},
+            metrics=metrics,
+            lineage={
                 "run_id": run_id,
                 "snapshot_id": snapshot_id,
                 "manifest_sha256": sha256(snapshot_id.encode()),
@@ -80,9 +80,8 @@ class RunFactory:
                 "base_model_sha256": sha256(b"base"),
                 "code_version": "abc1234",
             },
-            "hyperparameters": {"lr": 5e-5, "epochs": 3, "seed": 7},
-            "files": {name: {"sha256": sha256(data), "size": len(data)} for name, data in files.items()},
-        }
+            hyperparameters={"lr": 5e-5, "epochs": 3, "seed": 7},
+        )
         files["metadata.json"] = json.dumps(metadata, sort_keys=True).encode()
         artifacts = {}
         for name, data in files.items():

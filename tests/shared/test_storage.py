@@ -28,7 +28,7 @@ from shared.storage import (
     open_store,
     sha256_stream,
 )
-from tests.shared.s3server import S3Server
+from testkit.s3 import S3Server
 
 
 @pytest.fixture(scope="module")
