@@ -4,7 +4,7 @@
 - ``service``: the real ingestion service under gunicorn, and the load generator;
 - ``ceiling``: the raw storage-write + DB-insert ceiling, in-process;
 - ``throughput``: service against ceiling, repeat by repeat, with the CPU each process burnt;
-- ``profiler``: the text push in-process, broken down by phase;
+- ``profiler``: the text push in-process under cProfile, broken down by product module and function;
 - ``__main__``: runs them and reports.
 """
 

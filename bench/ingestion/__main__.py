@@ -21,8 +21,9 @@ Beside each rate it records the CPU each process burnt (from /proc): "svc items/
 would do with one whole core, the number a shared machine distorts least; and how much the service's
 database grew per item (event_outbox envelopes included).
 
-Then it profiles the text push in-process (Flask test client, file backend): a phase breakdown from
-wrappers timed with thread CPU time and wall time (no profiler overhead), and a cProfile top list.
+Then it profiles the text push in-process (Flask test client, file backend) with cProfile: CPU (thread CPU
+time) and wall time per product module and function, the library code each calls charged to it, with one
+thread and with ``--threads`` pushes in flight, and a top list by own time (see ``bench.ingestion.profiler``).
 
 Targets (from the issue): text >= 2,000 items/s; images >= half of the raw ceiling. Medians over repeats are
 compared; a measurement whose IQR exceeds 10% of its median is flagged noisy ("~").
