@@ -27,6 +27,7 @@ from urllib.parse import urlparse
 import redis
 import requests
 
+from cli.tables import print_table
 from shared.auth import generate_internal_token
 from shared.client.api import service_urls
 from shared.server_logging import GRANIAN_LOG_CONFIG
@@ -283,7 +284,8 @@ def worker_command(service: str) -> list[str]:
     return [sys.executable, "-m", "cli.main", "worker", service]
 
 
-def up(*, detach: bool, out: Any = sys.stdout) -> int:
+def up(*, detach: bool, out: Any = None) -> int:
+    out = out or sys.stdout
     settings = Settings.from_env()
     home = settings.home
     existing = Platform.load(home)
@@ -369,13 +371,13 @@ def _tail(path: Path, lines: int = 15) -> str:
 
 
 def _print_table(platform: Platform, settings: Settings, token_path: str | None, out: Any) -> None:
-    print("", file=out)
-    print(f"{'service':<11} {'url':<24} {'http pid':>8} {'worker pid':>10}  logs", file=out)
+    rows = []
     for service in SERVICES:
-        url = loopback_url(platform.ports[service])
         worker = platform.processes.get(f"{service}-worker")
         logs = f"{settings.log_dir / service}{{,-worker}}.log" if worker else f"{settings.log_dir / service}.log"
-        print(f"{service:<11} {url:<24} {platform.processes[service]:>8} {worker or '-':>10}  {logs}", file=out)
+        rows.append([service, loopback_url(platform.ports[service]), platform.processes[service], worker, logs])
+    print("", file=out)
+    print_table(["service", "url", "http pid", "worker pid", "logs"], rows, align="<<>><", out=out)
     storage = f"s3://{settings.s3_endpoint}" if settings.s3_endpoint else f"file://{settings.file_store_root}"
     print(f"\nredis    {platform.redis_url}\nstorage  {storage}\ndata     {settings.home}", file=out)
     if token_path:
@@ -405,8 +407,9 @@ def _supervise(platform: Platform, out: Any) -> int:
     return 0
 
 
-def stop(platform: Platform, *, out: Any = sys.stdout) -> None:
+def stop(platform: Platform, *, out: Any = None) -> None:
     """SIGTERM every process group (workers first so they finish their task), then SIGKILL stragglers."""
+    out = out or sys.stdout
     order = sorted(platform.processes, key=lambda name: (name == "redis", not name.endswith("-worker")))
     for name in order:
         _signal_group(platform.processes[name], signal.SIGTERM)
@@ -430,7 +433,8 @@ def _signal_group(pid: int, sig: int) -> None:
         os.killpg(pid, sig)
 
 
-def down(*, out: Any = sys.stdout) -> int:
+def down(*, out: Any = None) -> int:
+    out = out or sys.stdout
     home = Settings.from_env().home
     platform = Platform.load(home)
     if platform is None:
@@ -440,35 +444,38 @@ def down(*, out: Any = sys.stdout) -> int:
     return 0
 
 
-def status(*, out: Any = sys.stdout) -> int:
-    home = Settings.from_env().home
-    platform = Platform.load(home)
+def status(*, out: Any = None) -> int:
+    out = out or sys.stdout
     settings = Settings.from_env()
+    platform = Platform.load(settings.home)
     # The platform this machine started, else wherever the settings point (<SERVICE>_URL): any deployment.
     urls = {s: loopback_url(p) for s, p in platform.ports.items()} if platform else service_urls(settings)
-    all_ready = True
-    print(f"{'service':<11} {'url':<24} status", file=out)
-    for service in SERVICES:
-        url = urls[service]
-        try:
-            response = requests.get(f"{url}/readyz", timeout=5)
-            if response.status_code == 200:
-                state = "ready"
-            else:
-                all_ready = False
-                state = f"not ready: {response.json().get('error', {}).get('message', response.status_code)}"
-        except requests.RequestException:
-            all_ready = False
-            state = "down"
-        print(f"{service:<11} {url:<24} {state}", file=out)
+    rows = [[service, urls[service], _readiness(urls[service])] for service in SERVICES]
+    print_table(["service", "url", "status"], rows, out=out)
+    all_ready = all(state == "ready" for _, _, state in rows)
     if platform is not None:
         dead_workers = [s for s in platform.workers() if not _pid_alive(platform.processes[f"{s}-worker"])]
         if dead_workers:
             all_ready = False
             print(f"workers not running: {', '.join(dead_workers)}", file=out)
-    redis_host = urlparse(platform.redis_url if platform else Settings.from_env().redis_url)
+    redis_host = urlparse(platform.redis_url if platform else settings.redis_url)
     print(f"redis at {redis_host.hostname}:{redis_host.port}", file=out)
     return 0 if all_ready else 1
+
+
+def _readiness(url: str) -> str:
+    """`ready`, `down`, or `not ready: <what the service says does not answer>`."""
+    try:
+        response = requests.get(f"{url}/readyz", timeout=5)
+    except requests.RequestException:
+        return "down"
+    if response.status_code == 200:
+        return "ready"
+    try:
+        reason = response.json().get("error", {}).get("message", response.status_code)
+    except ValueError:
+        reason = response.status_code
+    return f"not ready: {reason}"
 
 
 @contextlib.contextmanager
