@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import describe_machine, machine
-from cli.tables import render
+from shared.tables import render
 
 RESULTS = Path(__file__).parent / "results"
 MODULES = {  # benchmark name -> the module `python -m` runs

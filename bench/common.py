@@ -7,7 +7,7 @@
 - ``process_tree_cpu_seconds`` and ``self_cpu_seconds``: the CPU a child's process tree, or this process, used.
 
 Child processes, free ports and readiness probes are the fixtures package's (``testkit.processes``), shared
-with the tests; tables are printed by ``cli.tables``.
+with the tests; tables are printed by ``shared.tables``.
 """
 
 from __future__ import annotations

@@ -21,8 +21,8 @@ from typing import Any
 from bench.common import Progress, Stats, describe_machine, machine, write_results
 from cli.demo_data import DIGIT_LABELS, digit_images, shuffled
 from cli.launcher import LaunchError, detached_platform
-from cli.tables import NUMBERS, print_table
 from shared.client import Flywheel, answer_or_none, wait_for
+from shared.tables import NUMBERS, print_table
 
 TOKEN = "bench-internal-token"  # noqa: S105 - a throwaway platform's token, local to this run
 

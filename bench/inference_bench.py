@@ -66,9 +66,9 @@ from bench.common import (
     write_results,
 )
 from cli.launcher import http_command
-from cli.tables import NUMBERS, print_table
 from services.inference.sessions import PROVIDERS, session_options
 from shared.storage import FileStore
+from shared.tables import NUMBERS, print_table
 from testkit.models import export_graph, write_metadata
 from testkit.processes import answers_ok, free_port, managed_processes, wait_until
 from testkit.serving import RegistryStandIn, metric_samples, serving_document, upload_version

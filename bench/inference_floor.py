@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 
 from bench.common import Progress, Stats, describe_machine, machine, process_tree_cpu_seconds, write_results
-from cli.tables import NUMBERS, print_table
+from shared.tables import NUMBERS, print_table
 from testkit.processes import answers_ok, free_port, managed_processes, wait_until
 
 REPO = Path(__file__).resolve().parent.parent

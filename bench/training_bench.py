@@ -30,13 +30,13 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from bench.common import Stats
-from cli.tables import render
 from services.training.base_models import IMAGE_ARCHITECTURES
 from services.training.export import export_onnx, onnx_session
 from services.training.image_model import ImageClassifier, ImageItems, collate_images, eval_transform
 from services.training.spec import ExportSpec
 from services.training.text_model import INPUT_NAMES, TextClassifier, TextCollator, TextItems, load_encoder
 from services.training.trainer import Recipe, Trainer, balanced_class_weights, predict, seed_everything
+from shared.tables import render
 
 RESULTS = Path(__file__).parent / "results" / "training.json"
 

@@ -10,8 +10,8 @@ from pathlib import Path
 from typing import Any
 
 from cli.context import CliContext, progress
-from cli.tables import render
 from shared.settings import SERVICES
+from shared.tables import render
 
 TERMINAL_RUN_STATES = {"succeeded", "failed", "cancelled"}
 

@@ -19,9 +19,9 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from cli.demo_data import DIGIT_LABELS, TEXT_LABELS, digit_images, shuffled, stdlib_docstrings
-from cli.tables import render
 from shared.client import Flywheel, answer_or_none, wait_for
 from shared.settings import Settings
+from shared.tables import render
 
 NOISE = 0.10
 ANNOTATORS = 3

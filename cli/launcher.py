@@ -27,11 +27,11 @@ from urllib.parse import urlparse
 import redis
 import requests
 
-from cli.tables import print_table
 from shared.auth import generate_internal_token
 from shared.client.api import service_urls
 from shared.server_logging import GRANIAN_LOG_CONFIG
 from shared.settings import SERVICES, Settings, loopback_url
+from shared.tables import print_table
 
 READY_TIMEOUT_SECONDS = 90.0
 READY_FILE_ENV = "FLYWHEEL_WORKER_READY_FILE"  # where a worker started by `up` says it consumes

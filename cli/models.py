@@ -15,8 +15,8 @@ import sys
 from collections.abc import Callable
 from typing import Any, TextIO
 
-from cli.tables import print_table
 from shared.client import ApiError, RegistryClient
+from shared.tables import print_table
 
 TIMEOUT_SECONDS = 10
 

@@ -51,7 +51,7 @@ from bench.ingestion.profiler import print_profile, profile_text_push
 from bench.ingestion.service import service_storage_growth, set_up_tenant, start_service
 from bench.ingestion.throughput import IMAGE_TARGET_FRACTION, TEXT_TARGET_ITEMS_PER_S, Measurement, measure_kind
 from bench.ingestion.workload import Workload
-from cli.tables import NUMBERS, print_table
+from shared.tables import NUMBERS, print_table
 from testkit.processes import managed_processes
 from testkit.s3 import start_s3_process
 

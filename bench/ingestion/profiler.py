@@ -33,7 +33,7 @@ from typing import Any
 from bench.common import Progress, Stats, self_cpu_seconds
 from bench.ingestion import LABELS, REDIS_URL, REPO_ROOT, TOKEN
 from bench.ingestion.workload import TextSource, text_push_body
-from cli.tables import NUMBERS, print_table
+from shared.tables import NUMBERS, print_table
 
 Func = tuple[str, int, str]  # pstats' key of a function: (file name, line, name)
 PRODUCT = tuple(str(REPO_ROOT / folder) + os.sep for folder in ("services", "shared"))

@@ -26,6 +26,7 @@ import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
 from services.inference.sessions import CPU, CUDA, graph_io, session_options
+from shared.tables import print_table
 
 BATCHES = (1, 8, 32, 128, 512)
 
@@ -107,10 +108,11 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{CUDA} did not load (CUDA 13 and cuDNN 9 libraries are needed; they come with the pinned torch)")
             return 1
         cpu = ort.InferenceSession(str(graph), options, providers=[CPU])
-        print(f"{'batch':>6}  {'CUDA items/s':>14}  {'CPU items/s':>12}  {'speedup':>8}")
+        rows = []
         for batch in BATCHES:
             on_gpu, on_cpu = throughput(cuda, batch, args.seconds), throughput(cpu, batch, min(args.seconds, 1.0))
-            print(f"{batch:>6}  {on_gpu:>14,.0f}  {on_cpu:>12,.0f}  {on_gpu / on_cpu:>7.1f}x")
+            rows.append([batch, f"{on_gpu:,.0f}", f"{on_cpu:,.0f}", f"{on_gpu / on_cpu:.1f}x"])
+        print_table(["batch", "CUDA items/s", "CPU items/s", "speedup"], rows, align=">>>>")
     return 0
 
 
