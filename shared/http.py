@@ -28,7 +28,7 @@ from werkzeug.routing import IntegerConverter
 
 from shared.db import DatabaseUnavailable
 from shared.errors import DomainError, error_body
-from shared.logging import get_logger, log_context, new_trace_id
+from shared.logging import TRACE_HEADER, get_logger, log_context, new_trace_id
 from shared.storage import StorageError
 
 if TYPE_CHECKING:
@@ -36,7 +36,6 @@ if TYPE_CHECKING:
 
 log = get_logger(__name__)
 
-TRACE_HEADER = "X-Request-ID"
 READINESS_TIMEOUT_SECONDS = 3.0
 # The same codes the domain errors use, for errors raised by Flask/werkzeug themselves.
 HTTP_ERROR_CODES = {

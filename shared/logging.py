@@ -15,6 +15,9 @@ from typing import Any
 
 import structlog
 
+TRACE_HEADER = "X-Request-ID"
+"""The HTTP header a trace id travels in, into the platform and between its services."""
+
 _configured = False
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from shared.client.http import ServiceClient
+from shared.logging import TRACE_HEADER
 from shared.settings import SERVICES, Settings
 
 
@@ -61,7 +62,7 @@ class IngestionClient(ServiceClient):
         if idempotency_key:
             headers["Idempotency-Key"] = idempotency_key
         if trace_id:
-            headers["X-Request-ID"] = trace_id
+            headers[TRACE_HEADER] = trace_id
         return self.post(f"/v1/datasets/{dataset_id}/items", json={"items": body}, headers=headers)
 
     def import_file(self, dataset_id: str, file: IO[bytes] | Path, content_type: str) -> dict[str, Any]:

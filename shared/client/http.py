@@ -15,13 +15,12 @@ import requests
 from requests.adapters import HTTPAdapter
 from urllib3.util.retry import Retry
 
-from shared.logging import current_trace_id
+from shared.logging import TRACE_HEADER, current_trace_id
 
 T = TypeVar("T")
 
 DEFAULT_TIMEOUT = 30.0
 IDEMPOTENT = frozenset({"GET", "HEAD", "PUT", "DELETE", "OPTIONS"})
-TRACE_HEADER = "X-Request-ID"
 
 
 class ApiError(Exception):

@@ -61,7 +61,7 @@ class Envelope:
 
     def to_dict(self) -> dict[str, Any]:
         # Shallow on purpose: the payload is already plain JSON, and a deep copy of a 500-item batch costs
-        # more than the rest of a push (measured in bench/ingestion_bench.py).
+        # more than the rest of a push (measured by the ingestion benchmark, bench/ingestion/).
         return {
             "event_id": self.event_id,
             "type": self.type,
