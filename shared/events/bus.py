@@ -34,6 +34,13 @@ if TYPE_CHECKING:  # shared.db builds its tables from shared.events: the bus nee
 log = get_logger(__name__)
 
 _PENDING_KEY = "flywheel_outbox_pending"
+# One immediate second try on a fresh connection: when Redis comes back, each pooled connection is stale and would
+# fail one send ("Connection closed by server"), costing a relay interval each. A broker that is really down fails
+# both tries at once, and the row waits in the outbox as before.
+SEND_RETRY: dict[str, Any] = {
+    "retry": True,
+    "retry_policy": {"max_retries": 1, "interval_start": 0, "interval_step": 0},
+}
 TASK_PREFIX = "task:"
 # After a failed send, requests stop trying the broker inline for this long (a connection attempt to a dead
 # broker can take seconds); the relay thread keeps retrying in the background and delivers.
@@ -114,7 +121,7 @@ class EventBus:
         """Put one message on the bus for one consumer service (no outbox: used by the relay and replays)."""
         spec = CATALOG[message["type"]]
         name = task_name(consumer, spec.name)
-        options: dict[str, Any] = {"retry": False}
+        options: dict[str, Any] = dict(SEND_RETRY)
         if consumer in spec.broadcast_to:
             # The fan-out exchange must be declared by the publishing connection too: with Redis, an exchange
             # this process never declared is taken for a direct one, and the message lands in a list that no
@@ -159,7 +166,7 @@ class EventBus:
                         args=message["args"],
                         queue=message["queue"],
                         task_id=message["task_id"],
-                        retry=False,
+                        **SEND_RETRY,
                     )
                 else:
                     for consumer in CATALOG[message["type"]].consumers:
