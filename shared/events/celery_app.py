@@ -41,6 +41,9 @@ def make_celery(settings: Settings, service: str) -> Celery:
         worker_send_task_events=False,
         worker_enable_remote_control=False,
         broker_connection_retry_on_startup=True,
+        # A Redis blip must not abort a training run half-way: the run's lease and heartbeat already guard it
+        # against a redelivered copy. (Celery 5 warns until this is said explicitly; 6 changes the default.)
+        worker_cancel_long_running_tasks_on_connection_loss=False,
         broker_connection_timeout=3,
         broker_channel_error_retry=True,
         broker_transport_options={
