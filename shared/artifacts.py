@@ -9,9 +9,15 @@ them, so that the producer and the consumer read one definition.
 - A **model version folder** (training → registry → inference), laid out like Triton's model repository:
   `models/<tenant>/<model_name>/runs/<run_id>/` holding `model.onnx`, `metadata.json` (`ModelMetadata`) and,
   for text models, the tokenizer files. Every file's sha256 travels in `training.completed`.
+- An **evaluation report** (training → registry): `evaluation.json` (`EvaluationReport`) in the same folder: the
+  candidate, the production version it would replace (its registered artifact, exactly as served) and the
+  baselines, each scored item by item on one frozen test split. The registry's gate decides from it.
 """
 
 from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable
 
 from marshmallow import EXCLUDE, Schema, fields, validate
 
@@ -23,7 +29,18 @@ BASE_MODELS_BUCKET = "base-models"
 CHECKPOINTS_BUCKET = "checkpoints"
 RAW_BUCKET = "raw"
 
-SPLITS = ("train", "validation")
+SPLITS = ("train", "validation", "test")
+"""train: fitting; validation: model selection and early stopping; test: the promotion gate's, never seen by
+training or selection. An item's split is a function of its dataset and content hash alone (labeling's
+`split_for`), so it keeps its split across snapshots."""
+
+
+def item_ids_sha256(item_ids: Iterable[str]) -> str:
+    """The digest that names a set of items: sha256 of their ids sorted, each followed by a newline, in UTF-8.
+
+    A snapshot records it per split (`SnapshotInfo.split_sha256`) and an evaluation set carries it
+    (`EvaluationSet.sha256`): equal digests mean the very same items. No items hash the empty string."""
+    return hashlib.sha256("".join(f"{item_id}\n" for item_id in sorted(item_ids)).encode("utf-8")).hexdigest()
 
 
 def snapshot_prefix(tenant: str, dataset_id: str, snapshot_id: str) -> str:
@@ -63,6 +80,8 @@ class SnapshotInfo(Schema):
     labels = fields.List(fields.String(), required=True)
     label_counts = fields.Dict(keys=fields.String(), values=fields.Integer(), required=True)
     split_counts = fields.Dict(keys=fields.String(), values=fields.Integer(), required=True)
+    # split -> item_ids_sha256 of the split's item ids; absent from snapshots written before the test split.
+    split_sha256 = fields.Dict(keys=fields.String(), values=fields.String(), load_default=dict)
     item_count = fields.Integer(required=True)
     manifest_sha256 = fields.String(required=True)
     created_at = fields.String(required=True)
@@ -100,3 +119,44 @@ class ModelMetadata(Schema):
     lineage = fields.Dict(required=True)  # run_id, snapshot_id, manifest sha256, base model + sha256, ...
     hyperparameters = fields.Dict(required=True)
     files = fields.Dict(keys=fields.String(), values=fields.Dict(), required=True)  # name -> {sha256, size}
+
+
+class EvaluationSet(Schema):
+    """The frozen items two versions are compared on: one split of one snapshot."""
+
+    snapshot_id = fields.String(required=True)
+    split = fields.String(required=True, validate=validate.OneOf(SPLITS))
+    items = fields.Integer(required=True, validate=validate.Range(min=0))
+    sha256 = fields.String(required=True, validate=validate.Length(equal=64))  # of the ordered item ids, one per line
+
+
+class ScoredModel(Schema):
+    """One model's answers on the evaluation set, item by item in the set's order, and its metrics there."""
+
+    class Meta:
+        unknown = EXCLUDE
+
+    version = fields.Integer(load_default=None, allow_none=True)  # registry version; None for the candidate
+    run_id = fields.String(load_default=None, allow_none=True)
+    model_sha256 = fields.String(load_default=None, allow_none=True)  # the model.onnx that gave these answers
+    predictions = fields.List(fields.Integer(), required=True)  # index into EvaluationReport.labels
+    confidences = fields.List(fields.Float(), load_default=list)
+    metrics = fields.Dict(required=True)  # accuracy, macro_f1, per_class {label: {precision, recall, f1, support}}, ece
+
+
+class EvaluationReport(Schema):
+    """`evaluation.json`: everything the promotion gate needs, computed on one evaluation set."""
+
+    class Meta:
+        unknown = EXCLUDE
+
+    evaluation_set = fields.Nested(EvaluationSet, required=True)
+    labels = fields.List(fields.String(), required=True)
+    item_ids = fields.List(fields.String(), required=True)
+    y_true = fields.List(fields.Integer(), required=True)
+    candidate = fields.Nested(ScoredModel, required=True)
+    # The version in production when the candidate was scored; None when there was none, or it could not be
+    # scored (`production_error` says why: say, its artifact failed verification).
+    production = fields.Nested(ScoredModel, load_default=None, allow_none=True)
+    production_error = fields.String(load_default=None, allow_none=True)
+    baselines = fields.Dict(keys=fields.String(), values=fields.Nested(ScoredModel), load_default=dict)

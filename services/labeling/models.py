@@ -130,6 +130,8 @@ class Snapshot(Base):
     item_count: Mapped[int | None] = mapped_column(Integer, nullable=True)
     label_counts: Mapped[dict | None] = mapped_column(JSON, nullable=True)
     split_counts: Mapped[dict | None] = mapped_column(JSON, nullable=True)
+    # split -> shared.artifacts.item_ids_sha256 of its item ids (None on snapshots from before the test split)
+    split_sha256: Mapped[dict | None] = mapped_column(JSON, nullable=True)
     failure: Mapped[str | None] = mapped_column(Text, nullable=True)
     trace_id: Mapped[str | None] = mapped_column(String(128), nullable=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)

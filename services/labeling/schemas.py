@@ -138,7 +138,19 @@ class SnapshotSchema(Schema):
     manifest_sha256 = fields.String(allow_none=True)
     item_count = fields.Integer(allow_none=True)
     label_counts = fields.Dict(allow_none=True)
-    split_counts = fields.Dict(allow_none=True)
+    split_counts = fields.Dict(
+        allow_none=True, metadata={"description": "Items per split: train, validation and test (0 when empty)."}
+    )
+    split_sha256 = fields.Dict(
+        keys=fields.String(),
+        values=fields.String(),
+        allow_none=True,
+        metadata={
+            "description": "Per split, the sha256 of its item ids sorted, one per line (each followed by a newline), "
+            "UTF-8: the identity of the frozen items a model is evaluated on. Null on snapshots taken before the "
+            "test split existed."
+        },
+    )
     failure = fields.String(allow_none=True)
     created_at = fields.DateTime()
 

@@ -2,8 +2,13 @@
 
 A snapshot is a `manifest.jsonl` (one `shared.artifacts.ManifestLine` per labeled item, sorted by item id)
 and a `snapshot.json` in the `datasets` bucket, under a prefix named by the snapshot's id; it is never
-written twice. The train/validation split is a function of the dataset and the item's content hash alone,
-so an item keeps its split across snapshots and a new model is compared with the old on the same items.
+written twice.
+
+Each item falls in one of three splits (`shared.artifacts.SPLITS`): train, validation (model selection, early
+stopping) and test (the promotion gate's). The split is a function of the dataset and the item's content hash
+alone, so an item keeps its split across snapshots, and a candidate and the production version are scored on
+the same frozen items. The snapshot records each split's count and the digest of its item ids
+(`shared.artifacts.item_ids_sha256`). docs/evaluation.md says how datasets from before the test split migrate.
 """
 
 from __future__ import annotations
@@ -13,47 +18,73 @@ import hashlib
 import io
 import json
 import uuid
-from collections import Counter
+from collections import Counter, defaultdict
 from collections.abc import Iterator
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import select
 
 from services.labeling.models import LabelingDataset, Snapshot, Task
-from shared.artifacts import DATASETS_BUCKET, SnapshotInfo, snapshot_prefix
+from shared.artifacts import DATASETS_BUCKET, SPLITS, SnapshotInfo, item_ids_sha256, snapshot_prefix
 from shared.errors import Conflict, NotFound, Unprocessable
 from shared.logging import get_logger, log_context
 from shared.runtime import Runtime
 
 log = get_logger(__name__)
 
-VALIDATION_PERCENT = 20
+BUCKETS = 100
+TEST_BUCKETS = range(0, 10)
+VALIDATION_BUCKETS = range(10, 20)
+"""Of an item's 100 hash buckets, 0-9 are test and 10-19 validation; the rest train. Before the test split,
+buckets 0-19 were validation: the test split is carved out of them, never out of train, so no version trained
+before it ever fitted a test item (it may have been selected on one; see docs/evaluation.md)."""
 
 
 def new_snapshot_id() -> str:
     return f"snap_{uuid.uuid4().hex[:20]}"
 
 
+def split_bucket(dataset_id: str, content_sha256: str) -> int:
+    return int(hashlib.sha256(f"{dataset_id}:{content_sha256}".encode()).hexdigest()[:8], 16) % BUCKETS
+
+
 def split_for(dataset_id: str, content_sha256: str) -> str:
-    bucket = int(hashlib.sha256(f"{dataset_id}:{content_sha256}".encode()).hexdigest()[:8], 16) % 100
-    return "validation" if bucket < VALIDATION_PERCENT else "train"
+    bucket = split_bucket(dataset_id, content_sha256)
+    if bucket in TEST_BUCKETS:
+        return "test"
+    return "validation" if bucket in VALIDATION_BUCKETS else "train"
 
 
-def _manifest(dataset: LabelingDataset, tasks: list[Task]) -> tuple[bytes, Counter[str], Counter[str]]:
+@dataclass
+class Manifest:
+    data: bytes
+    label_counts: dict[str, int]
+    split_counts: dict[str, int]
+    split_sha256: dict[str, str]
+    """Every split's `item_ids_sha256`, the empty ones included: a split with no items says so."""
+
+
+def _manifest(dataset: LabelingDataset, tasks: list[Task]) -> Manifest:
     labels: Counter[str] = Counter()
-    splits: Counter[str] = Counter()
+    split_ids: dict[str, list[str]] = defaultdict(list)
     lines = []
     for task in sorted(tasks, key=lambda t: t.item_id):
         split = split_for(dataset.id, task.sha256)
         labels[task.consensus_label] += 1
-        splits[split] += 1
+        split_ids[split].append(task.item_id)
         content = {"bucket": task.bucket, "key": task.object_key, "sha256": task.sha256}
         if task.offset is not None:
             content |= {"offset": task.offset, "length": task.length}
         line = {"item_id": task.item_id, "kind": task.kind, "content": content, "label": task.consensus_label}
         lines.append(json.dumps(line | {"split": split}, sort_keys=True, separators=(",", ":")))
-    return ("\n".join(lines) + "\n").encode(), labels, splits
+    return Manifest(
+        data=("\n".join(lines) + "\n").encode(),
+        label_counts=dict(labels),
+        split_counts={split: len(split_ids[split]) for split in SPLITS},
+        split_sha256={split: item_ids_sha256(split_ids[split]) for split in SPLITS},
+    )
 
 
 def build_snapshot(runtime: Runtime, snapshot_id: str) -> Snapshot:
@@ -83,14 +114,14 @@ def _build(runtime: Runtime, snapshot_id: str) -> Snapshot:
         )
     if not tasks:
         return _fail(runtime, snapshot_id, "the dataset has no consensus labels yet")
-    manifest, label_counts, split_counts = _manifest(dataset, tasks)
+    manifest = _manifest(dataset, tasks)
     prefix = snapshot_prefix(dataset.tenant, dataset.id, snapshot_id)
     if runtime.storage.exists(DATASETS_BUCKET, f"{prefix}/manifest.jsonl"):
         # Written by an earlier attempt that died before marking it ready: reuse it, never overwrite it.
         stored = runtime.storage.stat(DATASETS_BUCKET, f"{prefix}/manifest.jsonl")
     else:
         stored = runtime.storage.put(
-            DATASETS_BUCKET, f"{prefix}/manifest.jsonl", manifest, content_type="application/x-ndjson"
+            DATASETS_BUCKET, f"{prefix}/manifest.jsonl", manifest.data, content_type="application/x-ndjson"
         )
     info = SnapshotInfo().dump(
         {
@@ -99,8 +130,9 @@ def _build(runtime: Runtime, snapshot_id: str) -> Snapshot:
             "tenant": dataset.tenant,
             "task_type": dataset.task_type,
             "labels": dataset.labels,
-            "label_counts": dict(label_counts),
-            "split_counts": dict(split_counts),
+            "label_counts": manifest.label_counts,
+            "split_counts": manifest.split_counts,
+            "split_sha256": manifest.split_sha256,
             "item_count": len(tasks),
             "manifest_sha256": stored.sha256,
             "created_at": datetime.now(UTC).isoformat(),
@@ -115,8 +147,9 @@ def _build(runtime: Runtime, snapshot_id: str) -> Snapshot:
         snapshot.manifest_key = manifest_ref["key"]
         snapshot.manifest_sha256 = stored.sha256
         snapshot.item_count = len(tasks)
-        snapshot.label_counts = dict(label_counts)
-        snapshot.split_counts = dict(split_counts)
+        snapshot.label_counts = manifest.label_counts
+        snapshot.split_counts = manifest.split_counts
+        snapshot.split_sha256 = manifest.split_sha256
         runtime.bus.publish(
             session,
             "dataset.snapshot_created",
@@ -124,7 +157,7 @@ def _build(runtime: Runtime, snapshot_id: str) -> Snapshot:
                 "dataset_id": dataset.id,
                 "snapshot_id": snapshot_id,
                 "manifest": manifest_ref,
-                "label_counts": dict(label_counts),
+                "label_counts": manifest.label_counts,
                 "item_count": len(tasks),
             },
             tenant=dataset.tenant,
@@ -153,6 +186,7 @@ def _build(runtime: Runtime, snapshot_id: str) -> Snapshot:
         snapshot_id=snapshot_id,
         dataset_id=dataset.id,
         items=len(tasks),
+        split_counts=manifest.split_counts,
         manifest_sha256=stored.sha256,
         training_requested=snapshot.trigger_training,
     )

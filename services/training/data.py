@@ -4,6 +4,11 @@ A snapshot is `manifest.jsonl` (one `shared.artifacts.ManifestLine` per labeled 
 Items point at their content by ObjectRef; small text items are byte ranges of one packed object, so the
 objects are fetched once each (in parallel) and sliced. Anything unusable raises `DataError` with a reason
 that says what to fix.
+
+The three splits stay apart from here on: `train` fits the model, `validation` selects its epoch (early
+stopping) and is what export verifies on, and `test` is only ever scored once the model is exported
+(`comparison.py`), never by the trainer. A run needs train and validation items; its test split may be empty
+(snapshots from before it existed) or small, and the evaluation report says how many items it had.
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ from typing import Any
 from marshmallow import ValidationError
 
 from services.training.failures import DataError
-from shared.artifacts import DATASETS_BUCKET, ManifestLine, SnapshotInfo, snapshot_prefix
+from shared.artifacts import DATASETS_BUCKET, SPLITS, ManifestLine, SnapshotInfo, snapshot_prefix
 from shared.storage import ChecksumMismatch, ObjectNotFound, ObjectStore
 
 KIND_OF_TASK = {"text_classification": "text", "image_classification": "image"}
@@ -40,6 +45,8 @@ class SnapshotData:
     train: list[Example]
     validation: list[Example]
     manifest_sha256: str
+    test: list[Example] = field(default_factory=list)
+    """Sorted by item id: the order of the evaluation set (`shared.artifacts.EvaluationSet`)."""
     label_counts: dict[str, dict[str, int]] = field(default_factory=dict)
 
     def train_label_counts(self) -> list[int]:
@@ -70,20 +77,22 @@ def load_snapshot(
                 f"which is not among the run's labels {labels}: request training with the dataset's current labels"
             )
     contents = fetch_contents(store, [line["content"] for line in lines], [line["item_id"] for line in lines])
-    splits: dict[str, list[Example]] = {"train": [], "validation": []}
+    splits: dict[str, list[Example]] = {split: [] for split in SPLITS}
     for line, content in zip(lines, contents, strict=True):
         splits[line["split"]].append(Example(line["item_id"], index[line["label"]], content))
+    splits["test"].sort(key=lambda example: example.item_id)
     counts = {split: dict(Counter(labels[example.label] for example in examples)) for split, examples in splits.items()}
     for split in ("train", "validation"):
         if not splits[split]:
             raise DataError(
                 f"snapshot {snapshot_id} has no items in its {split} split ({len(lines)} items in all): "
-                f"a run needs both a train and a validation split; snapshot again once both have labeled items"
+                "a run needs both a train and a validation split; snapshot again once both have labeled items"
             )
     return SnapshotData(
         labels=list(labels),
         train=splits["train"],
         validation=splits["validation"],
+        test=splits["test"],
         manifest_sha256=manifest["sha256"],
         label_counts=counts,
     )
