@@ -1,7 +1,10 @@
-"""Classification metrics on a validation split: accuracy, macro-F1, per-class precision/recall, confusion, ECE.
+"""Classification metrics on a split: accuracy, macro-F1, per-class precision/recall/F1, confusion, ECE.
 
-Computed from logits (scikit-learn for the counting metrics, numpy for the rest), so the same function scores
-the torch model during training and the exported ONNX graph before it is published.
+`classification_report` scores logits (the torch model during training, the exported ONNX graph before it is
+published); `prediction_report` scores answers (a predicted label index and its confidence per item), which is
+what the evaluation report compares: the candidate, the production version and the baselines. scikit-learn
+counts, numpy does the rest. A prediction of -1 is a label outside the evaluated label set (one the production
+version knows and the candidate does not): it is wrong wherever it occurs and no class of its own.
 """
 
 from __future__ import annotations
@@ -31,17 +34,25 @@ def confusion_matrix(y_true: np.ndarray, y_pred: np.ndarray, num_classes: int) -
 def macro_f1(y_true: np.ndarray, y_pred: np.ndarray) -> float:
     """Mean F1 over the classes that occur in the labels or the predictions (scikit-learn's convention).
 
-    No `labels=`: a class neither true nor predicted on this split is left out, not averaged in as 0.
+    A class neither true nor predicted on this split is left out, not averaged in as 0; an unknown label (-1)
+    is no class.
     """
     if len(y_true) == 0:
         return 0.0
-    return float(metrics.f1_score(y_true, y_pred, average="macro", zero_division=0))
+    y_true, y_pred = np.asarray(y_true), np.asarray(y_pred)
+    present = np.union1d(y_true, y_pred[y_pred >= 0])
+    return float(metrics.f1_score(y_true, y_pred, labels=present, average="macro", zero_division=0))
 
 
 def expected_calibration_error(probabilities: np.ndarray, y_true: np.ndarray, bins: int = ECE_BINS) -> float:
     """Weighted gap between confidence and accuracy over equal-width confidence bins."""
-    confidence = probabilities.max(axis=1)
-    correct = probabilities.argmax(axis=1) == y_true
+    return calibration_error(probabilities.max(axis=1), probabilities.argmax(axis=1) == y_true, bins)
+
+
+def calibration_error(confidence: np.ndarray, correct: np.ndarray, bins: int = ECE_BINS) -> float:
+    """ECE of answers given with `confidence`, `correct` or not."""
+    confidence = np.asarray(confidence, dtype=np.float64)
+    correct = np.asarray(correct, dtype=bool)
     edges = np.linspace(0.0, 1.0, bins + 1)
     ece = 0.0
     for low, high in itertools.pairwise(edges):
@@ -52,20 +63,28 @@ def expected_calibration_error(probabilities: np.ndarray, y_true: np.ndarray, bi
 
 
 def classification_report(logits: np.ndarray, y_true: np.ndarray, labels: list[str]) -> dict[str, Any]:
+    """Metrics of logits: their argmax and its probability as answers, plus the mean cross-entropy (`loss`)."""
+    y_true = np.asarray(y_true, dtype=np.int64)
+    probabilities = softmax(np.asarray(logits, dtype=np.float64))
+    log_likelihood = np.log(np.clip(probabilities[np.arange(len(y_true)), y_true], 1e-12, None))
+    report = prediction_report(y_true, probabilities.argmax(axis=1), probabilities.max(axis=1), labels)
+    return {**report, "loss": float(-log_likelihood.mean()) if len(y_true) else 0.0}
+
+
+def prediction_report(
+    y_true: np.ndarray, y_pred: np.ndarray, confidence: np.ndarray, labels: list[str]
+) -> dict[str, Any]:
+    """Metrics of answers: `y_pred` indexes `labels` (-1: a label outside them), `confidence` is each answer's
+    probability as the model gave it."""
     num_classes = len(labels)
     y_true = np.asarray(y_true, dtype=np.int64)
-    logits = np.asarray(logits, dtype=np.float64)
-    probabilities = softmax(logits)
-    y_pred = probabilities.argmax(axis=1)
-    matrix = confusion_matrix(y_true, y_pred, num_classes)
+    y_pred = np.asarray(y_pred, dtype=np.int64)
     precision, recall, f1, support = _per_class(y_true, y_pred, num_classes)
-    log_likelihood = np.log(np.clip(probabilities[np.arange(len(y_true)), y_true], 1e-12, None))
     return {
         "items": len(y_true),
-        "accuracy": float(metrics.accuracy_score(y_true, y_pred)) if len(y_true) else 0.0,
+        "accuracy": float((y_true == y_pred).mean()) if len(y_true) else 0.0,
         "macro_f1": macro_f1(y_true, y_pred),
-        "loss": float(-log_likelihood.mean()) if len(y_true) else 0.0,
-        "ece": expected_calibration_error(probabilities, y_true),
+        "ece": calibration_error(confidence, y_true == y_pred),
         "per_class": {
             label: {
                 "precision": float(precision[i]),
@@ -75,7 +94,8 @@ def classification_report(logits: np.ndarray, y_true: np.ndarray, labels: list[s
             }
             for i, label in enumerate(labels)
         },
-        "confusion_matrix": {"labels": list(labels), "matrix": matrix.tolist()},
+        "confusion_matrix": {"labels": list(labels), "matrix": confusion_matrix(y_true, y_pred, num_classes).tolist()},
+        "unknown_label_predictions": int((y_pred < 0).sum()),
     }
 
 

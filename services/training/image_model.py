@@ -84,12 +84,17 @@ def collate_images(items: list[tuple[torch.Tensor, int]]) -> dict[str, torch.Ten
     }
 
 
-def eval_transform(size: int) -> Any:
+def eval_transform(
+    size: int | tuple[int, int], mean: list[float] = IMAGENET_MEAN, std: list[float] = IMAGENET_STD
+) -> Any:
+    """Validation's and serving's preprocessing of a decoded image: bilinear resize to `size` ((height, width)
+    or a square's side), pixel values / 255, then (x - mean) / std per channel, channels first."""
+    height, width = (size, size) if isinstance(size, int) else size
     return transforms.Compose(
         [
-            transforms.Resize((size, size), interpolation=transforms.InterpolationMode.BILINEAR, antialias=True),
+            transforms.Resize((height, width), interpolation=transforms.InterpolationMode.BILINEAR, antialias=True),
             transforms.ToTensor(),
-            transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+            transforms.Normalize(mean, std),
         ]
     )
 

@@ -1,4 +1,9 @@
-"""One execution of a run: lease → snapshot → model → train (resuming from a checkpoint) → export → publish.
+"""One execution of a run: lease → snapshot → model → train (resuming from a checkpoint) → export → evaluate
+→ publish.
+
+Training fits the snapshot's train split and selects its epoch on validation; the exported, verified graph is
+then scored on the test split beside the version in production and a majority baseline (`comparison.py`), and
+`evaluation.json` is published with the model folder for the registry's gate.
 
 `execute_run` is the single entry point, called by the worker's `training.run` task and by every rank of a
 torchrun job (`services.training.distributed`). Whatever happens, the run ends in exactly one recorded
@@ -13,6 +18,7 @@ import contextlib
 import enum
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +27,7 @@ from torch.utils.data import DataLoader
 
 from services.training import runs
 from services.training.checkpoints import CheckpointStore
+from services.training.comparison import EVALUATION_FILE, evaluate_on_test_split, report_bytes
 from services.training.data import load_snapshot
 from services.training.export import ModelPackage, build_package
 from services.training.failures import LeaseLost, RunCancelled, RunInterrupted, TrainingFailure
@@ -39,6 +46,18 @@ log = get_logger(__name__)
 
 MAX_ATTEMPTS = 5
 """Executions of one run (worker deaths and transient storage errors included) before it is failed."""
+
+
+@dataclass
+class Published:
+    """What a run publishes: the model folder's files, the evaluation report, and the metrics in both."""
+
+    package: ModelPackage
+    artifacts: dict[str, dict[str, Any]]
+    evaluation: dict[str, Any]
+    """The ObjectRef of evaluation.json."""
+    metrics: dict[str, Any]
+    """Validation metrics (as exported), plus `test` (the candidate on the test split) and `best_epoch`."""
 
 
 class Outcome(enum.Enum):
@@ -77,28 +96,34 @@ def _execute(runtime: Runtime, run: RunInfo, owner: str, world: World) -> Outcom
     checkpoints = CheckpointStore(runtime.storage, run.tenant, run.id)
     try:
         with heartbeat or contextlib.nullcontext():
-            package, artifacts = _train_and_export(runtime, run, owner, world, progress, heartbeat, checkpoints)
-        if package is None:
+            published = _train_and_export(runtime, run, owner, world, progress, heartbeat, checkpoints)
+        if published is None:
             return Outcome.SUCCEEDED
         payload = {
             "run_id": run.id,
             "dataset_id": run.dataset_id,
             "snapshot_id": run.snapshot_id,
             "model_name": run.model_name,
-            "artifacts": artifacts,
-            "metrics": package.metrics,
-            "metadata": package.metadata,
+            "artifacts": published.artifacts,
+            "metrics": published.metrics,
+            "metadata": published.package.metadata,
+            "evaluation": published.evaluation,
         }
-        ended = runs.complete(runtime, run.id, owner, payload=payload, metrics=package.metrics)
+        ended = runs.complete(runtime, run.id, owner, payload=payload, metrics=published.metrics)
         if ended:
             checkpoints.delete()
         if ended == SUCCEEDED:
+            metrics = published.metrics
             log.info(
                 "run_published",
                 model_name=run.model_name,
-                accuracy=round(package.metrics["accuracy"], 4),
-                macro_f1=round(package.metrics["macro_f1"], 4),
-                files=sorted(artifacts),
+                accuracy=round(metrics["accuracy"], 4),
+                macro_f1=round(metrics["macro_f1"], 4),
+                test_accuracy=round(metrics["test"]["accuracy"], 4),
+                test_macro_f1=round(metrics["test"]["macro_f1"], 4),
+                test_items=metrics["test"]["items"],
+                best_epoch=metrics["best_epoch"],
+                files=sorted(published.artifacts),
             )
             return Outcome.SUCCEEDED
         return Outcome.CANCELLED if ended == CANCELLED else Outcome.STOPPED
@@ -161,7 +186,7 @@ def _train_and_export(
     progress: LiveProgress,
     heartbeat: Heartbeat | None,
     checkpoints: CheckpointStore,
-) -> tuple[ModelPackage | None, dict[str, Any]]:
+) -> Published | None:
     hp = run.hyperparameters
     data = load_snapshot(runtime.storage, run.manifest, run.labels, run.task_type, snapshot_id=run.snapshot_id)
     seed_everything(hp["seed"])  # the new head (and a from-scratch backbone) start from seeded weights
@@ -197,6 +222,7 @@ def _train_and_export(
             "run_data_loaded",
             train_items=len(data.train),
             validation_items=len(data.validation),
+            test_items=len(data.test),
             label_counts=data.label_counts,
             base_model=prepared.base_model["name"],
             base_weights=prepared.base_model["weights"],
@@ -211,7 +237,7 @@ def _train_and_export(
     hooks.epoch_started = time.monotonic()
     fit = trainer.fit(*resume) if resume is not None else trainer.fit()
     if not world.is_main:
-        return None, {}
+        return None
     hooks.check()
     with tempfile.TemporaryDirectory(prefix=f"{run.id}-") as tmp:
         batches = list(
@@ -230,8 +256,12 @@ def _train_and_export(
             training=_training_summary(fit, data),
         )
         hooks.check()
+        report = evaluate_on_test_split(runtime, run, data, package)
+        hooks.check()
+        evaluation = _upload_evaluation(runtime, run, report)
         artifacts = _upload(runtime, run, package)
-    return package, artifacts
+    metrics = {**package.metrics, "test": report["candidate"]["metrics"], "best_epoch": fit.best_epoch}
+    return Published(package=package, artifacts=artifacts, evaluation=evaluation, metrics=metrics)
 
 
 def _lineage(
@@ -258,9 +288,17 @@ def _training_summary(fit: FitResult, data: Any) -> dict[str, Any]:
         "resumed_from_epoch": fit.resumed_from_epoch,
         "train_items": len(data.train),
         "validation_items": len(data.validation),
+        "test_items": len(data.test),
         "label_counts": data.label_counts,
         "history": fit.history,
     }
+
+
+def _upload_evaluation(runtime: Runtime, run: RunInfo, report: dict[str, Any]) -> dict[str, Any]:
+    """evaluation.json into the run's model folder, before the folder's files (metadata.json last)."""
+    key = f"{model_run_prefix(run.tenant, run.model_name, run.id)}/{EVALUATION_FILE}"
+    info = runtime.storage.put(MODELS_BUCKET, key, report_bytes(report), content_type="application/json")
+    return {"bucket": MODELS_BUCKET, "key": info.key, "sha256": info.sha256}
 
 
 def _upload(runtime: Runtime, run: RunInfo, package: ModelPackage) -> dict[str, dict[str, Any]]:

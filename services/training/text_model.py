@@ -71,27 +71,35 @@ class TextCollator:
         self.max_length = max_length
 
     def __call__(self, items: list[tuple[str, int]]) -> dict[str, torch.Tensor]:
-        texts = [text for text, _ in items]
-        encoded = self.tokenizer(
-            texts, padding="longest", truncation=True, max_length=self.max_length, return_tensors="pt"
-        )
         return {
-            "input_ids": encoded["input_ids"],
-            "attention_mask": encoded["attention_mask"],
+            **self.encode([text for text, _ in items]),
             "labels": torch.tensor([label for _, label in items], dtype=torch.long),
         }
 
+    def encode(self, texts: list[str]) -> dict[str, torch.Tensor]:
+        encoded = self.tokenizer(
+            texts, padding="longest", truncation=True, max_length=self.max_length, return_tensors="pt"
+        )
+        return {"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"]}
+
 
 def load_encoder(base_model: str) -> tuple[nn.Module, Any]:
-    from transformers import AutoModel, AutoTokenizer
+    from transformers import AutoModel
+
+    folder = TEXT_ENCODERS[base_model]()
+    tokenizer = load_tokenizer(folder)
+    encoder = AutoModel.from_pretrained(str(folder), local_files_only=True)
+    return encoder, tokenizer
+
+
+def load_tokenizer(folder: Path) -> Any:
+    """The tokenizer saved in `folder`: a base model's, or the files a model version ships beside its graph."""
+    from transformers import AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
-    folder = str(TEXT_ENCODERS[base_model]())
-    tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
-    encoder = AutoModel.from_pretrained(folder, local_files_only=True)
-    return encoder, tokenizer
+    return AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
 
 
 def _decode(data: SnapshotData) -> tuple[TextItems, TextItems]:

@@ -89,6 +89,9 @@ class TrainingCompleted(Schema):
     artifacts = fields.Dict(keys=fields.String(), values=fields.Nested(ObjectRef), required=True)
     metrics = fields.Dict(required=True)
     metadata = fields.Dict(required=True)
+    # shared.artifacts.EvaluationReport: candidate and production scored on the snapshot's frozen test split.
+    # None only from runs published before the gate compared on frozen items (the gate stages those).
+    evaluation = fields.Nested(ObjectRef, load_default=None, allow_none=True)
 
 
 class TrainingFailed(Schema):

@@ -1,0 +1,176 @@
+"""The evaluation report (`evaluation.json`, `shared.artifacts.EvaluationReport`): the candidate, the version in
+production and a majority-class baseline, each scored item by item on the snapshot's test split.
+
+The evaluation set is the snapshot's test split, sorted by item id; its digest is `item_ids_sha256` of those ids,
+the one the snapshot records for its test split. Training and selection never saw these items (`data.py`).
+
+- The candidate is scored from the folder export has just verified, as it will be served (`served.py`).
+- The production version is scored from its registered artifact (`production.py`), with its own preprocessing;
+  its label indices are mapped to the candidate's labels by name, and an answer the candidate's labels do not
+  hold is wrong (-1). When it cannot be scored, `production_error` says why and the run goes on: the registry's
+  gate decides what a candidate without a comparison gets.
+- `baselines["majority"]` always answers the train split's most frequent label, with that label's train share as
+  its confidence.
+
+Metrics per model are `evaluate.prediction_report`'s: accuracy, macro_f1, per_class, ece, on the same items.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from services.training.data import Example, SnapshotData
+from services.training.evaluate import prediction_report
+from services.training.export import MODEL_FILE, ModelPackage
+from services.training.failures import ExportError
+from services.training.production import ProductionUnscorable, fetch_production
+from services.training.runs import RunInfo
+from services.training.served import Unscorable, served_probabilities
+from shared.artifacts import EvaluationReport, item_ids_sha256
+from shared.logging import get_logger
+from shared.runtime import Runtime
+
+log = get_logger(__name__)
+
+EVALUATION_FILE = "evaluation.json"
+EVALUATION_SPLIT = "test"
+MAJORITY = "majority"
+
+
+def evaluate_on_test_split(runtime: Runtime, run: RunInfo, data: SnapshotData, package: ModelPackage) -> dict[str, Any]:
+    """The run's EvaluationReport: candidate, production (or why not) and the majority baseline on one set."""
+    examples = sorted(data.test, key=lambda example: example.item_id)
+    item_ids = [example.item_id for example in examples]
+    y_true = np.asarray([example.label for example in examples], dtype=np.int64)
+    labels = list(data.labels)
+    evaluation_set = {
+        "snapshot_id": run.snapshot_id,
+        "split": EVALUATION_SPLIT,
+        "items": len(examples),
+        "sha256": item_ids_sha256(item_ids),
+    }
+    log.info("run_evaluation_started", split=EVALUATION_SPLIT, items=len(examples), sha256=evaluation_set["sha256"])
+    try:
+        probabilities = served_probabilities(package.folder, package.metadata, examples)
+    except Unscorable as exc:
+        raise ExportError(f"the exported model cannot be scored as it will be served: {exc}") from exc
+    model_sha256 = package.files[MODEL_FILE]["sha256"]
+    candidate = _scored(y_true, probabilities, package.metadata["labels"], labels, run_id=run.id, sha256=model_sha256)
+    production, production_error = _production(runtime, run, labels, examples, y_true)
+    report = {
+        "evaluation_set": evaluation_set,
+        "labels": labels,
+        "item_ids": item_ids,
+        "y_true": y_true.tolist(),
+        "candidate": candidate,
+        "production": production,
+        "production_error": production_error,
+        "baselines": {MAJORITY: majority_baseline(data, y_true, run_id=run.id)},
+    }
+    errors = EvaluationReport().validate(report)
+    if errors:
+        raise ExportError(f"the evaluation report does not follow the shared EvaluationReport format: {errors}")
+    log.info(
+        "run_evaluation_finished",
+        split=EVALUATION_SPLIT,
+        items=len(examples),
+        sha256=evaluation_set["sha256"],
+        candidate=_summary(candidate),
+        production=_summary(production) if production else None,
+        production_version=production["version"] if production else None,
+        production_error=production_error,
+        majority=_summary(report["baselines"][MAJORITY]),
+    )
+    return report
+
+
+def report_bytes(report: dict[str, Any]) -> bytes:
+    return json.dumps(EvaluationReport().dump(report), indent=2).encode()
+
+
+def majority_baseline(data: SnapshotData, y_true: np.ndarray, *, run_id: str) -> dict[str, Any]:
+    """Always the train split's most frequent label (the first of the labels on a tie)."""
+    counts = data.train_label_counts()
+    majority = int(np.argmax(counts))
+    share = counts[majority] / max(1, sum(counts))
+    predictions = np.full(len(y_true), majority, dtype=np.int64)
+    confidences = np.full(len(y_true), share, dtype=np.float64)
+    return {
+        "version": None,
+        "run_id": run_id,
+        "model_sha256": None,
+        "predictions": predictions.tolist(),
+        "confidences": confidences.tolist(),
+        "metrics": {**prediction_report(y_true, predictions, confidences, data.labels), "label": data.labels[majority]},
+    }
+
+
+def _production(
+    runtime: Runtime, run: RunInfo, labels: list[str], examples: list[Example], y_true: np.ndarray
+) -> tuple[dict[str, Any] | None, str | None]:
+    with tempfile.TemporaryDirectory(prefix=f"{run.id}-production-") as tmp:
+        try:
+            version = fetch_production(
+                runtime.settings,
+                runtime.storage,
+                tenant=run.tenant,
+                model_name=run.model_name,
+                task_type=run.task_type,
+                folder=Path(tmp),
+            )
+            if version is None:
+                log.info("run_production_absent", model_name=run.model_name)
+                return None, None
+            probabilities = served_probabilities(version.folder, version.metadata, examples)
+        except (ProductionUnscorable, Unscorable) as exc:
+            reason = str(exc)
+            log.warning("run_production_unscorable", model_name=run.model_name, reason=reason)
+            return None, reason
+    scored = _scored(
+        y_true,
+        probabilities,
+        version.metadata["labels"],
+        labels,
+        run_id=version.run_id,
+        sha256=version.model_sha256,
+        version=version.version,
+    )
+    unknown = sorted(set(labels) - set(version.metadata["labels"]))
+    if unknown:
+        log.info("run_production_lacks_labels", version=version.version, labels=unknown, action="counted as wrong")
+    return scored, None
+
+
+def _scored(
+    y_true: np.ndarray,
+    probabilities: np.ndarray,
+    model_labels: list[str],
+    labels: list[str],
+    *,
+    run_id: str | None,
+    sha256: str,
+    version: int | None = None,
+) -> dict[str, Any]:
+    """A model's answers on the set: its argmax mapped to `labels` by name (-1 when they lack it)."""
+    index = {label: i for i, label in enumerate(labels)}
+    best = probabilities.argmax(axis=1)
+    predictions = np.asarray([index.get(model_labels[b], -1) for b in best], dtype=np.int64)
+    confidences = probabilities.max(axis=1) if len(best) else np.zeros(0)
+    return {
+        "version": version,
+        "run_id": run_id,
+        "model_sha256": sha256,
+        "predictions": predictions.tolist(),
+        "confidences": [float(c) for c in confidences],
+        "metrics": prediction_report(y_true, predictions, confidences, labels),
+    }
+
+
+def _summary(scored: dict[str, Any]) -> dict[str, float]:
+    metrics = scored["metrics"]
+    return {name: round(metrics[name], 4) for name in ("accuracy", "macro_f1", "ece")}
