@@ -1,6 +1,7 @@
 """Registry's tables: models, their numbered versions, aliases, the alias audit log and refused registrations.
 
-- `registered_models`: one row per (tenant, model name). It holds the promotion policy and `last_version`,
+- `registered_models`: one row per (tenant, model name). It holds the promotion policy (`policy()`, with the
+  defaults below for what a model never set) and `last_version`,
   the per-model counter that numbers versions. Registration locks this row (`SELECT … FOR UPDATE`) before
   taking the next number, so concurrent registrations of one model queue on the row and get 1, 2, 3…
   without gaps; the unique (model_id, version) constraint is the safety net.
@@ -26,7 +27,12 @@ from shared.db import declarative_base
 Base = declarative_base()
 
 DEFAULT_PRIMARY_METRIC = "macro_f1"
+PRIMARY_METRICS = ("macro_f1", "accuracy")
 DEFAULT_PROMOTION_MARGIN = 0.01
+DEFAULT_CONFIDENCE = 0.95
+DEFAULT_MAX_CLASS_REGRESSION = 0.10
+DEFAULT_MIN_TEST_ITEMS = 30
+DEFAULT_BOOTSTRAP_SAMPLES = 2000
 PRODUCTION = "production"
 STAGING = "staging"
 READY = "ready"
@@ -55,18 +61,36 @@ class RegisteredModel(Base):
     primary_metric: Mapped[str] = mapped_column(String(100), default=DEFAULT_PRIMARY_METRIC)
     promotion_margin: Mapped[float] = mapped_column(Float, default=DEFAULT_PROMOTION_MARGIN)
     auto_promote: Mapped[bool] = mapped_column(Boolean, default=True)
+    # The gate's statistical policy; None means the default (for min_score: the majority baseline's score).
+    # Nullable so that tables created by earlier releases gain them without a migration.
+    confidence: Mapped[float | None] = mapped_column(Float, nullable=True)
+    max_class_regression: Mapped[float | None] = mapped_column(Float, nullable=True)
+    min_score: Mapped[float | None] = mapped_column(Float, nullable=True)
+    min_test_items: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    bootstrap_samples: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    # Retired: the gate now always scores both versions on the same items. Nothing reads it; it stays mapped
+    # because tables created by earlier releases have it NOT NULL without a server default.
     require_same_split: Mapped[bool] = mapped_column(Boolean, default=False)
     last_version: Mapped[int] = mapped_column(Integer, default=0)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, onupdate=utcnow)
 
     def policy(self) -> dict[str, Any]:
+        """The promotion policy as the gate applies it (services.registry.promotion documents each field)."""
         return {
             "primary_metric": self.primary_metric,
             "margin": self.promotion_margin,
             "auto_promote": self.auto_promote,
-            "require_same_split": self.require_same_split,
+            "confidence": _default(self.confidence, DEFAULT_CONFIDENCE),
+            "max_class_regression": _default(self.max_class_regression, DEFAULT_MAX_CLASS_REGRESSION),
+            "min_score": self.min_score,
+            "min_test_items": _default(self.min_test_items, DEFAULT_MIN_TEST_ITEMS),
+            "bootstrap_samples": _default(self.bootstrap_samples, DEFAULT_BOOTSTRAP_SAMPLES),
         }
+
+
+def _default(value: Any, default: Any) -> Any:
+    return default if value is None else value
 
 
 class ModelVersion(Base):

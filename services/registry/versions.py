@@ -8,13 +8,16 @@
    (hashed while it streams, never held whole in memory) must match the event's reference and what
    metadata.json declares. Any mismatch, a missing object or a malformed reference refuses the run: a
    `refused_registrations` row with the reason and a `model_version_refused` log line, no version, no crash.
-   Storage being unreachable is not a refusal: it raises, and the consumer retries.
+   Storage being unreachable is not a refusal: it raises, and the consumer retries. The run's evaluation
+   report (`evaluation.json`) is read and verified here too (services.registry.evaluation); one the gate
+   cannot use does not refuse the run, it stages the version.
 3. Create the model if this is its first run (INSERT … ON CONFLICT DO NOTHING, so concurrent first runs do not
    collide), then lock its row (`SELECT … FOR UPDATE`) and take the next number from its counter. Runs of one
    model therefore number 1, 2, 3… with no gap or collision however many register at once; the unique
    (model_id, version) and (model_id, run_id) constraints back this up.
-4. Emit `model.version_created`, then pass the version through the promotion gate (which moves `production`
-   or `staging` and emits `model.promoted`), all in the same transaction.
+4. Emit `model.version_created`, then pass the version and its evaluation report through the promotion gate
+   (services.registry.promotion, which moves `production` or `staging` and emits `model.promoted`), all in
+   the same transaction.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
 from services.registry.aliases import Publish, lock_model
+from services.registry.evaluation import read_evaluation
 from services.registry.models import (
     ModelVersion,
     RefusedRegistration,
@@ -237,6 +241,7 @@ def register_training_run(
     if problems:
         summary = "; ".join(f"{p.file}: {p.message}" for p in problems)
         return refuse(f"artifact verification failed: {summary}", {"problems": [p.as_dict() for p in problems]})
+    evaluation = read_evaluation(storage, payload.get("evaluation"), metadata["labels"])
 
     _create_model_if_absent(session, tenant, payload, metadata["task_type"])
     model = lock_model(session, tenant, model_name)
@@ -289,5 +294,5 @@ def register_training_run(
         snapshot_id=payload["snapshot_id"],
         files=len(verified),
     )
-    gate_new_version(session, model, version, publish=publish, trace_id=trace_id)
+    gate_new_version(session, model, version, evaluation, publish=publish, trace_id=trace_id)
     return Registration("registered", version=version.version)

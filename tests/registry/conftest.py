@@ -1,10 +1,12 @@
-"""Fixtures of the registry's tests: the service itself (SQLite by default) and a training-run factory."""
+"""Fixtures of the registry's tests: the service itself (SQLite by default), a training-run factory, and the same
+runs with the evaluation report training writes beside them."""
 
 from __future__ import annotations
 
 import pytest
 
 from tests.conftest import RunningService
+from tests.registry.evaluations import EvaluatedRuns
 from tests.registry.support import RunFactory
 
 
@@ -16,3 +18,8 @@ def registry(platform) -> RunningService:
 @pytest.fixture
 def runs(registry: RunningService) -> RunFactory:
     return RunFactory(registry.runtime.storage)
+
+
+@pytest.fixture
+def evaluated(registry: RunningService, runs: RunFactory) -> EvaluatedRuns:
+    return EvaluatedRuns(registry, runs)

@@ -30,8 +30,8 @@ def versions_of(runtime, model_name: str) -> list[int]:
         )
 
 
-def test_a_training_run_becomes_version_1_with_verified_files_lineage_and_signature(registry, runs, logs) -> None:
-    payload = runs(TENANT, macro_f1=0.81)
+def test_a_training_run_becomes_version_1_with_verified_files_lineage_and_signature(registry, evaluated, logs) -> None:
+    payload = evaluated(TENANT, macro_f1=0.81)
     assert deliver(registry.runtime, TENANT, payload) == "handled"
 
     response = registry.client.get(
@@ -56,6 +56,7 @@ def test_a_training_run_becomes_version_1_with_verified_files_lineage_and_signat
     assert version["preprocessing"]["tokenizer_files"] == ["tokenizer.json"]
     assert version["aliases"] == ["production"]
     assert version["decision"]["outcome"] == "production"
+    assert version["decision"]["report"] == payload["evaluation"]
 
     created = outbox(registry.runtime, "model.version_created")
     assert [(e["payload"]["version"], e["payload"]["run_id"], e["tenant"]) for e in created] == [
