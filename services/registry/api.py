@@ -29,6 +29,7 @@ from services.registry.aliases import (
 )
 from services.registry.models import ARCHIVED, AliasChange, RefusedRegistration, RegisteredModel, utcnow
 from services.registry.schemas import (
+    POLICY_FIELDS,
     AliasChangeResultSchema,
     AliasDeleteQuery,
     AliasUpdateSchema,
@@ -68,6 +69,9 @@ refusals = Blueprint(
     "registry_refusals", __name__, url_prefix="/v1/refused-registrations", description="Runs not registered, and why"
 )
 internal = Blueprint("registry_internal", __name__, url_prefix="/v1/internal", description="What inference serves")
+
+POLICY_COLUMNS = {"margin": "promotion_margin"}
+"""Policy fields stored under another column name; the others are columns of the same name."""
 
 
 def _runtime() -> Runtime:
@@ -181,18 +185,18 @@ def update_model(body: dict[str, Any], model_name: str) -> dict[str, Any]:
 @models.arguments(PolicyUpdateSchema)
 @models.response(200, ModelSchema)
 def update_policy(body: dict[str, Any], model_name: str) -> dict[str, Any]:
-    """The promotion policy: primary metric, margin, automatic promotion on/off, same-split requirement."""
+    """The promotion gate's policy: the fields given change, the others keep their value.
+
+    `primary_metric`, `margin`, `confidence`, `max_class_regression`, `min_score` (null: the majority baseline),
+    `min_test_items`, `bootstrap_samples`, `auto_promote`; each is described in the schema. The retired
+    `require_same_split`, and any unknown field, is refused with 422.
+    """
     with _runtime().db.session() as session:
         model = lock_model(session, body["tenant"], model_name)
         before = model.policy()
-        if "primary_metric" in body:
-            model.primary_metric = body["primary_metric"]
-        if "margin" in body:
-            model.promotion_margin = body["margin"]
-        if "auto_promote" in body:
-            model.auto_promote = body["auto_promote"]
-        if "require_same_split" in body:
-            model.require_same_split = body["require_same_split"]
+        for name in POLICY_FIELDS:
+            if name in body:
+                setattr(model, POLICY_COLUMNS.get(name, name), body[name])
         session.flush()
         log.info(
             "promotion_policy_updated",
@@ -263,7 +267,12 @@ def update_version(body: dict[str, Any], model_name: str, version: int) -> dict[
 @models.arguments(CompareQuery, location="query")
 @models.response(200, CompareSchema)
 def compare(query: dict[str, Any], model_name: str) -> dict[str, Any]:
-    """Two versions' metrics side by side (`b - a`), and whether they share a validation split."""
+    """Two versions side by side: per class on the same evaluation set when one's gate decision scored the other.
+
+    `evaluation` holds both versions' scores on that set (`b - a` per metric and per class) and names it; it is
+    null when no decision scored the two on the same items, and each side then shows its own evaluation set and
+    scores. `metrics` lists each version's own training record, flattened.
+    """
     with _runtime().db.session() as session:
         model = browse.find_model(session, _tenant(query["tenant"]), model_name)
         a = browse.find_version(session, model, query["a"])

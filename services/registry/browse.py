@@ -43,11 +43,15 @@ def matches_tag(tags: dict[str, Any], wanted: str | None) -> bool:
     return key in tags and (not sep or str(tags[key]) == value)
 
 
-def numeric(metrics: dict[str, Any], name: str) -> float | None:
-    raw = metrics.get(name)
+def finite(raw: Any) -> float | None:
+    """`raw` as a float when it is a finite number (not a bool), else None."""
     if isinstance(raw, bool) or not isinstance(raw, int | float) or not math.isfinite(raw):
         return None
     return float(raw)
+
+
+def numeric(metrics: dict[str, Any], name: str) -> float | None:
+    return finite(metrics.get(name))
 
 
 def alias_map(aliases: list[ModelAlias]) -> dict[str, dict[str, Any]]:
@@ -193,35 +197,111 @@ def flatten_metrics(metrics: dict[str, Any], prefix: str = "") -> dict[str, Any]
     return flat
 
 
+def _own_evaluation(row: ModelVersion) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
+    """The evaluation set this version's own gate decision scored it on, and its scores there."""
+    decision = row.decision or {}
+    scores = (decision.get("candidate") or {}).get("metrics")
+    if not decision.get("evaluation_set") or not scores:
+        return None, None
+    return decision["evaluation_set"], scores
+
+
 def _compared_side(row: ModelVersion) -> dict[str, Any]:
+    evaluation_set, scores = _own_evaluation(row)
     return {
         "version": row.version,
         "run_id": row.run_id,
         "snapshot_id": row.snapshot_id,
         "status": row.status,
         "created_at": row.created_at,
+        "evaluation_set": evaluation_set,
+        "scores": scores,
+    }
+
+
+def _scored_together(
+    a: ModelVersion, b: ModelVersion
+) -> tuple[dict[str, Any], int | None, dict[str, Any], dict[str, Any]] | None:
+    """(the set, the version whose decision scored both, a's scores, b's scores) when both were scored on the
+    same items, else None.
+
+    A decision scores its candidate and the production version it would replace, so the newer of the two is the
+    one whose decision may have scored the other. Failing that, two versions whose own decisions scored them on
+    sets with the same sha256 were scored on the very same items (no one decision scored both: `None`).
+    """
+    for judge, other in sorted(((a, b), (b, a)), key=lambda pair: -pair[0].version):
+        decision = judge.decision or {}
+        production = decision.get("production") or {}
+        candidate_scores = (decision.get("candidate") or {}).get("metrics")
+        if not (decision.get("evaluation_set") and candidate_scores and production.get("metrics")):
+            continue
+        if production.get("version") == other.version:
+            pair = (
+                (candidate_scores, production["metrics"]) if judge is a else (production["metrics"], candidate_scores)
+            )
+            return decision["evaluation_set"], judge.version, *pair
+    (set_a, scores_a), (set_b, scores_b) = _own_evaluation(a), _own_evaluation(b)
+    if set_a and set_b and set_a["sha256"] == set_b["sha256"]:
+        return set_a, None, scores_a, scores_b  # type: ignore[return-value]
+    return None
+
+
+def _delta(a: Any, b: Any) -> float | None:
+    value_a, value_b = finite(a), finite(b)
+    return None if value_a is None or value_b is None else round(value_b - value_a, 9)
+
+
+def _shared_evaluation(a: ModelVersion, b: ModelVersion) -> dict[str, Any] | None:
+    together = _scored_together(a, b)
+    if together is None:
+        return None
+    evaluation_set, scored_by, scores_a, scores_b = together
+    return {
+        "evaluation_set": evaluation_set,
+        "scored_by": scored_by,
+        "metrics": [
+            {
+                "name": name,
+                "a": scores_a.get(name),
+                "b": scores_b.get(name),
+                "delta": _delta(scores_a.get(name), scores_b.get(name)),
+            }
+            for name in ("accuracy", "macro_f1", "ece")
+        ],
+        "per_class": [
+            {
+                "label": label,
+                "support": row["support"],
+                "a": row["f1"],
+                "b": scores_b["per_class"][label]["f1"],
+                "delta": _delta(row["f1"], scores_b["per_class"][label]["f1"]),
+            }
+            for label, row in scores_a["per_class"].items()
+            if label in scores_b["per_class"]
+        ],
     }
 
 
 def compare_versions(model: RegisteredModel, a: ModelVersion, b: ModelVersion) -> dict[str, Any]:
-    """Two versions' metrics side by side, with `b - a` wherever both are numbers."""
+    """Two versions side by side: on one evaluation set when a gate decision scored both, and their own records."""
     flat_a, flat_b = flatten_metrics(a.metrics), flatten_metrics(b.metrics)
-    rows = []
-    for name in sorted(set(flat_a) | set(flat_b)):
-        value_a, value_b = numeric(flat_a, name), numeric(flat_b, name)
-        rows.append(
-            {
-                "name": name,
-                "a": flat_a.get(name),
-                "b": flat_b.get(name),
-                "delta": None if value_a is None or value_b is None else round(value_b - value_a, 9),
-            }
-        )
+    rows = [
+        {
+            "name": name,
+            "a": flat_a.get(name),
+            "b": flat_b.get(name),
+            "delta": _delta(flat_a.get(name), flat_b.get(name)),
+        }
+        for name in sorted(set(flat_a) | set(flat_b))
+    ]
+    evaluation = _shared_evaluation(a, b)
     return {
         "model_name": model.name,
         "primary_metric": model.primary_metric,
         "a": _compared_side(a),
         "b": _compared_side(b),
+        "same_evaluation_set": evaluation is not None,
+        "evaluation": evaluation,
         "same_validation_split": a.snapshot_id == b.snapshot_id,
         "metrics": rows,
     }

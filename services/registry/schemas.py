@@ -4,8 +4,18 @@ from __future__ import annotations
 
 from typing import Any
 
-from marshmallow import Schema, ValidationError, fields, validate, validates_schema
+from marshmallow import Schema, ValidationError, fields, pre_load, validate, validates_schema
 
+from services.registry.models import (
+    DEFAULT_BOOTSTRAP_SAMPLES,
+    DEFAULT_CONFIDENCE,
+    DEFAULT_MAX_CLASS_REGRESSION,
+    DEFAULT_MIN_TEST_ITEMS,
+    DEFAULT_PRIMARY_METRIC,
+    DEFAULT_PROMOTION_MARGIN,
+    PRIMARY_METRICS,
+)
+from shared.artifacts import SPLITS
 from shared.auth import TENANT_ID
 
 TENANT_DOC = "Required with the internal token (which tenant's model); a partner key implies its own tenant."
@@ -52,11 +62,43 @@ class AliasStateSchema(Schema):
     weights = fields.Dict(keys=fields.String(), values=fields.Integer())
 
 
+POLICY_DOCS = {
+    "primary_metric": f"The metric compared: {' or '.join(PRIMARY_METRICS)} (default {DEFAULT_PRIMARY_METRIC}).",
+    "margin": f"Condition (a): candidate - production must be at least this (default {DEFAULT_PROMOTION_MARGIN}).",
+    "auto_promote": "False sends every new version to staging; a person promotes by hand (default true).",
+    "confidence": "Condition (b): the level of the paired-bootstrap interval of the difference, whose lower bound "
+    f"must be above 0 (default {DEFAULT_CONFIDENCE}).",
+    "max_class_regression": "Condition (c): the largest drop of any one class's F1 allowed "
+    f"(default {DEFAULT_MAX_CLASS_REGRESSION}).",
+    "min_score": "Condition (d): the floor the candidate's primary metric must reach; null (the default) means the "
+    "majority baseline's score on the same test items.",
+    "min_test_items": "Condition (0): fewer test items than this and the gate does not decide "
+    f"(default {DEFAULT_MIN_TEST_ITEMS}).",
+    "bootstrap_samples": "Resamples of the paired bootstrap, seeded from the evaluation set's sha256 "
+    f"(default {DEFAULT_BOOTSTRAP_SAMPLES}).",
+}
+POLICY_FIELDS = tuple(POLICY_DOCS)
+RETIRED_POLICY_FIELDS = {
+    "require_same_split": "retired: the gate now always scores the candidate and production on the same frozen "
+    "test items, so there is no other split to require",
+}
+
+
+def _doc(name: str) -> dict[str, Any]:
+    return {"metadata": {"description": POLICY_DOCS[name]}}
+
+
 class PolicySchema(Schema):
-    primary_metric = fields.String()
-    margin = fields.Float()
-    auto_promote = fields.Boolean()
-    require_same_split = fields.Boolean()
+    """The promotion policy the gate applies (services.registry.promotion), defaults filled in."""
+
+    primary_metric = fields.String(**_doc("primary_metric"))
+    margin = fields.Float(**_doc("margin"))
+    auto_promote = fields.Boolean(**_doc("auto_promote"))
+    confidence = fields.Float(**_doc("confidence"))
+    max_class_regression = fields.Float(**_doc("max_class_regression"))
+    min_score = fields.Float(allow_none=True, **_doc("min_score"))
+    min_test_items = fields.Integer(**_doc("min_test_items"))
+    bootstrap_samples = fields.Integer(**_doc("bootstrap_samples"))
 
 
 class ModelSchema(Schema):
@@ -98,17 +140,35 @@ class ModelUpdateSchema(Schema):
 
 
 class PolicyUpdateSchema(Schema):
+    """Change some fields of the promotion policy; the others keep their value. Unknown fields are refused."""
+
     tenant = _tenant(required=True)
-    primary_metric = fields.String(validate=validate.Length(min=1, max=100))
-    margin = fields.Float(validate=validate.Range(min=0.0, max=1.0))
-    auto_promote = fields.Boolean()
-    require_same_split = fields.Boolean()
+    primary_metric = fields.String(validate=validate.OneOf(PRIMARY_METRICS), **_doc("primary_metric"))
+    margin = fields.Float(validate=validate.Range(min=0.0, max=1.0), **_doc("margin"))
+    auto_promote = fields.Boolean(**_doc("auto_promote"))
+    confidence = fields.Float(validate=validate.Range(min=0.5, max=0.999), **_doc("confidence"))
+    max_class_regression = fields.Float(validate=validate.Range(min=0.0, max=1.0), **_doc("max_class_regression"))
+    min_score = fields.Float(allow_none=True, validate=validate.Range(min=0.0, max=1.0), **_doc("min_score"))
+    min_test_items = fields.Integer(
+        strict=True, validate=validate.Range(min=1, max=1_000_000), **_doc("min_test_items")
+    )
+    bootstrap_samples = fields.Integer(
+        strict=True, validate=validate.Range(min=100, max=20_000), **_doc("bootstrap_samples")
+    )
     actor = _actor()
+
+    @pre_load
+    def _retired(self, data: Any, **_: Any) -> Any:
+        if isinstance(data, dict):
+            retired = {name: [why] for name, why in RETIRED_POLICY_FIELDS.items() if name in data}
+            if retired:
+                raise ValidationError(retired)
+        return data
 
     @validates_schema
     def _something(self, data: dict[str, Any], **_: Any) -> None:
-        if not set(data) & {"primary_metric", "margin", "auto_promote", "require_same_split"}:
-            raise ValidationError("give at least one policy field to change")
+        if not set(data) & set(POLICY_FIELDS):
+            raise ValidationError(f"give at least one policy field to change: {', '.join(POLICY_FIELDS)}")
 
 
 class VersionListQuery(PageQuery):
@@ -133,6 +193,120 @@ class ArtifactSchema(Schema):
     size = fields.Integer()
 
 
+class EvaluationSetSchema(Schema):
+    """The frozen items a decision scored both versions on: one split of one snapshot."""
+
+    snapshot_id = fields.String()
+    split = fields.String(validate=validate.OneOf(SPLITS))
+    items = fields.Integer()
+    sha256 = fields.String(metadata={"description": "Of the ordered item ids; also seeds the bootstrap."})
+
+
+class ReportRefSchema(Schema):
+    bucket = fields.String()
+    key = fields.String()
+    sha256 = fields.String()
+
+
+class ClassScoreSchema(Schema):
+    precision = fields.Float()
+    recall = fields.Float()
+    f1 = fields.Float()
+    support = fields.Integer(metadata={"description": "Items of this class in the evaluation set."})
+
+
+class ScoresSchema(Schema):
+    """One model's scores on the evaluation set, recomputed by the registry from its per-item answers."""
+
+    accuracy = fields.Float()
+    macro_f1 = fields.Float()
+    ece = fields.Float(allow_none=True, metadata={"description": "Expected calibration error, as the report gives it."})
+    per_class = fields.Dict(keys=fields.String(), values=fields.Nested(ClassScoreSchema))
+
+
+class ScoredVersionSchema(Schema):
+    version = fields.Integer(allow_none=True)
+    run_id = fields.String(allow_none=True)
+    metrics = fields.Nested(ScoresSchema, allow_none=True, metadata={"description": "On the evaluation set."})
+    error = fields.String(allow_none=True, metadata={"description": "Why production could not be scored."})
+
+
+class DifferenceSchema(Schema):
+    """candidate - production on the primary metric, with its paired-bootstrap confidence interval."""
+
+    metric = fields.String()
+    value = fields.Float()
+    ci_low = fields.Float(allow_none=True)
+    ci_high = fields.Float(allow_none=True)
+    confidence = fields.Float()
+    method = fields.String(metadata={"description": "paired_bootstrap: both scored on the same resampled items."})
+    samples = fields.Integer()
+    seed = fields.Integer(metadata={"description": "From the evaluation set's sha256: the same report, the same CI."})
+
+
+class ClassChangeSchema(Schema):
+    label = fields.String()
+    candidate = fields.Float(metadata={"description": "The candidate's F1 for this class."})
+    production = fields.Float(metadata={"description": "Production's F1 for this class, on the same items."})
+    drop = fields.Float(metadata={"description": "production - candidate; negative when the class improved."})
+    support = fields.Integer()
+
+
+class ConditionSchema(Schema):
+    """One condition of the gate, its numbers and whether it passed; which numbers depends on the condition."""
+
+    id = fields.String(metadata={"description": "0, a, b, c or d, as the registry's documentation names them."})
+    name = fields.String(
+        validate=validate.OneOf(("min_test_items", "margin", "credible_improvement", "class_regression", "min_score")),
+        metadata={"description": "The policy field the condition applies."},
+    )
+    passed = fields.Boolean()
+    observed = fields.Float(
+        allow_none=True,
+        metadata={
+            "description": "What was measured: items (0), the difference (a), the interval's lower bound (b), the "
+            "largest per-class F1 drop (c), the candidate's score (d)."
+        },
+    )
+    threshold = fields.Float(allow_none=True, metadata={"description": "What it was held against."})
+    detail = fields.String(metadata={"description": "The condition in words, with its numbers."})
+    candidate = fields.Float(metadata={"description": "(a) the candidate's primary metric."})
+    production = fields.Float(metadata={"description": "(a) production's primary metric on the same items."})
+    ci_low = fields.Float(metadata={"description": "(b)"})
+    ci_high = fields.Float(metadata={"description": "(b)"})
+    confidence = fields.Float(metadata={"description": "(b)"})
+    method = fields.String(metadata={"description": "(b)"})
+    samples = fields.Integer(metadata={"description": "(b)"})
+    seed = fields.Integer(metadata={"description": "(b)"})
+    p_value = fields.Float(metadata={"description": "(b) accuracy only: McNemar's exact test, for reference."})
+    only_candidate_right = fields.Integer(metadata={"description": "(b) accuracy only: discordant items."})
+    only_production_right = fields.Integer(metadata={"description": "(b) accuracy only: discordant items."})
+    worst_class = fields.String(metadata={"description": "(c) the class whose F1 dropped most."})
+    per_class = fields.List(fields.Nested(ClassChangeSchema), metadata={"description": "(c)"})
+    floor_source = fields.String(metadata={"description": "(d) where the floor comes from."})
+    lift = fields.Float(allow_none=True, metadata={"description": "(d) candidate - majority baseline."})
+
+
+class DecisionSchema(Schema):
+    """The promotion gate's decision: on which items, both versions' scores there, the difference, the conditions."""
+
+    evaluation_set = fields.Nested(EvaluationSetSchema, allow_none=True)
+    report = fields.Nested(ReportRefSchema, allow_none=True, metadata={"description": "The evaluation.json used."})
+    candidate = fields.Nested(ScoredVersionSchema)
+    production = fields.Nested(
+        ScoredVersionSchema, allow_none=True, metadata={"description": "Recomputed on the same evaluation set."}
+    )
+    baselines = fields.Dict(
+        keys=fields.String(), values=fields.Nested(ScoresSchema), metadata={"description": "majority, …"}
+    )
+    difference = fields.Nested(DifferenceSchema, allow_none=True)
+    conditions = fields.List(fields.Nested(ConditionSchema))
+    policy = fields.Nested(PolicySchema, metadata={"description": "The policy the decision applied."})
+    outcome = fields.String(validate=validate.OneOf(("production", "staging")))
+    reason = fields.String()
+    decided_at = fields.String(metadata={"format": "date-time"})
+
+
 class VersionSchema(Schema):
     model_name = fields.String()
     version = fields.Integer()
@@ -150,7 +324,9 @@ class VersionSchema(Schema):
     opset = fields.Integer(allow_none=True)
     tags = fields.Dict(keys=fields.String(), values=fields.String())
     aliases = fields.List(fields.String())
-    decision = fields.Dict(allow_none=True, metadata={"description": "The promotion gate's decision and numbers."})
+    decision = fields.Nested(
+        DecisionSchema, allow_none=True, metadata={"description": "The promotion gate's decision and numbers."}
+    )
     created_at = fields.DateTime()
     archived_at = fields.DateTime(allow_none=True)
     archive_reason = fields.String(allow_none=True)
@@ -179,6 +355,20 @@ class ComparedSideSchema(Schema):
     snapshot_id = fields.String()
     status = fields.String()
     created_at = fields.DateTime()
+    evaluation_set = fields.Nested(
+        EvaluationSetSchema,
+        allow_none=True,
+        metadata={"description": "The set this version's own gate decision scored it on (null: none)."},
+    )
+    scores = fields.Nested(ScoresSchema, allow_none=True, metadata={"description": "Its scores on that set."})
+
+
+class ClassRowSchema(Schema):
+    label = fields.String()
+    support = fields.Integer()
+    a = fields.Float(metadata={"description": "Version a's F1 for this class."})
+    b = fields.Float(metadata={"description": "Version b's F1 for this class."})
+    delta = fields.Float(metadata={"description": "b - a."})
 
 
 class MetricRowSchema(Schema):
@@ -188,13 +378,47 @@ class MetricRowSchema(Schema):
     delta = fields.Float(allow_none=True, metadata={"description": "b - a, where both are numbers."})
 
 
+class SharedEvaluationSchema(Schema):
+    """Both versions on one evaluation set: the one a gate decision scored them on side by side."""
+
+    evaluation_set = fields.Nested(EvaluationSetSchema)
+    scored_by = fields.Integer(
+        allow_none=True,
+        metadata={
+            "description": "The version whose gate decision scored both; null when each version's own decision "
+            "scored it on the very same items (equal sha256)."
+        },
+    )
+    metrics = fields.List(fields.Nested(MetricRowSchema), metadata={"description": "accuracy, macro_f1, ece."})
+    per_class = fields.List(fields.Nested(ClassRowSchema))
+
+
 class CompareSchema(Schema):
     model_name = fields.String()
     primary_metric = fields.String()
     a = fields.Nested(ComparedSideSchema)
     b = fields.Nested(ComparedSideSchema)
-    same_validation_split = fields.Boolean()
-    metrics = fields.List(fields.Nested(MetricRowSchema))
+    same_evaluation_set = fields.Boolean(
+        metadata={
+            "description": "True when both were scored on the same items: one's gate decision scored the other, "
+            "or their own decisions scored them on sets with equal sha256."
+        }
+    )
+    evaluation = fields.Nested(
+        SharedEvaluationSchema,
+        allow_none=True,
+        metadata={"description": "Both versions on that set; null when no decision scored them on the same items."},
+    )
+    same_validation_split = fields.Boolean(
+        metadata={"description": "Whether both training records (`metrics`) come from the same snapshot."}
+    )
+    metrics = fields.List(
+        fields.Nested(MetricRowSchema),
+        metadata={
+            "description": "Each version's own training record (its validation split), flattened; comparable only "
+            "when same_validation_split is true."
+        },
+    )
 
 
 class DownloadQuery(Schema):

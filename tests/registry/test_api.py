@@ -8,6 +8,7 @@ import pytest
 import requests
 
 from tests.helpers import INTERNAL, bearer, create_partner
+from tests.registry.evaluations import balanced
 from tests.registry.support import RunFactory, deliver, outbox, put_alias
 
 pytestmark = pytest.mark.timeout(60)
@@ -88,9 +89,10 @@ def _get(registry, path: str, **query):
     return response.get_json()
 
 
-def test_versions_are_paged_filtered_by_tag_alias_and_metric_and_compared(registry, runs) -> None:
-    for f1 in (0.70, 0.90, 0.80, 0.85):
-        deliver(registry.runtime, TENANT, runs(TENANT, macro_f1=f1))
+def test_versions_are_paged_filtered_by_tag_alias_and_metric_and_compared(registry, evaluated) -> None:
+    for f1 in (0.70, 0.90, 0.80):
+        deliver(registry.runtime, TENANT, evaluated(TENANT, macro_f1=f1))
+    deliver(registry.runtime, TENANT, evaluated(TENANT, macro_f1=0.85, snapshot_id="snap-2", y_true=balanced(300)))
     # v1 production; v2 production (beats by 0.2); v3, v4 staging (0.85 < 0.90 + margin)
     tagged = registry.client.patch(
         "/v1/models/reviews-clf/versions/3", json={"tenant": TENANT, "tags": {"candidate": "yes"}}, headers=INTERNAL
@@ -130,6 +132,31 @@ def test_versions_are_paged_filtered_by_tag_alias_and_metric_and_compared(regist
     assert rows["per_class.pos.f1"]["delta"] == pytest.approx(0.2)
     assert compared["same_validation_split"] is True
     assert (compared["a"]["version"], compared["b"]["version"]) == (1, 2)
+    # v2's gate decision scored v1 on v2's test items: the two side by side there, per class.
+    assert compared["same_evaluation_set"] is True
+    shared = compared["evaluation"]
+    assert shared["scored_by"] == 2
+    assert shared["evaluation_set"] == _get(registry, "/v1/models/reviews-clf/versions/2")["decision"]["evaluation_set"]
+    per_class = {row["label"]: row for row in shared["per_class"]}
+    assert set(per_class) == {"neg", "pos"} and per_class["neg"]["support"] == 100
+    assert per_class["neg"]["a"] == pytest.approx(0.70) and per_class["neg"]["b"] == pytest.approx(0.90)
+    assert per_class["neg"]["delta"] == pytest.approx(0.20)
+    flipped = _get(registry, "/v1/models/reviews-clf/compare", a=2, b=1)["evaluation"]
+    assert {row["label"]: row["a"] for row in flipped["per_class"]} == {
+        row["label"]: row["b"] for row in shared["per_class"]
+    }
+    # v3 was scored against v2, not v1, but on the very items v1's own decision scored it on (equal sha256).
+    alike = _get(registry, "/v1/models/reviews-clf/compare", a=1, b=3)
+    assert alike["same_evaluation_set"] is True and alike["evaluation"]["scored_by"] is None
+    assert {row["label"]: (row["a"], row["b"]) for row in alike["evaluation"]["per_class"]} == {
+        "neg": (pytest.approx(0.70), pytest.approx(0.80)),
+        "pos": (pytest.approx(0.70), pytest.approx(0.80)),
+    }
+    # v1 and v4 never met: v4 was scored against v2 on another snapshot's items. Each shows its own set.
+    apart = _get(registry, "/v1/models/reviews-clf/compare", a=1, b=4)
+    assert apart["same_evaluation_set"] is False and apart["evaluation"] is None
+    assert apart["a"]["scores"]["macro_f1"] == pytest.approx(0.70)
+    assert (apart["a"]["evaluation_set"]["items"], apart["b"]["evaluation_set"]["items"]) == (200, 300)
     missing = registry.client.get(
         "/v1/models/reviews-clf/compare", query_string={"tenant": TENANT, "a": 1, "b": 9}, headers=INTERNAL
     )
@@ -155,11 +182,11 @@ def test_a_download_url_serves_the_verified_bytes(registry, runs) -> None:
     assert too_long.status_code == 422
 
 
-def test_the_serving_endpoint_follows_aliases_and_a_removed_alias_is_announced(registry, runs) -> None:
-    first = runs(TENANT, macro_f1=0.8)
+def test_the_serving_endpoint_follows_aliases_and_a_removed_alias_is_announced(registry, evaluated) -> None:
+    first = evaluated(TENANT, macro_f1=0.8)
     deliver(registry.runtime, TENANT, first)
-    deliver(registry.runtime, TENANT, runs(TENANT, macro_f1=0.7))
-    deliver(registry.runtime, TENANT, runs(TENANT, "no-alias-yet", macro_f1=0.7))
+    deliver(registry.runtime, TENANT, evaluated(TENANT, macro_f1=0.7))
+    deliver(registry.runtime, TENANT, evaluated(TENANT, "no-alias-yet", macro_f1=0.7))
     put_alias(registry.client, TENANT, "no-alias-yet", "production", version=1)
     registry.client.delete(
         "/v1/models/no-alias-yet/aliases/production",
