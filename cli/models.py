@@ -1,4 +1,4 @@
-"""`flywheel models list|show|promote|rollback|audit`: the registry's API from a terminal.
+"""`flywheel models list|show|compare|promote|rollback|audit`: the registry's API from a terminal.
 
 Each command is a function of (base_url, token, …) that calls the API through `shared.client.RegistryClient`,
 prints a table to `out` and returns an exit status (0, or 1 with the API's error message on stderr).
@@ -101,9 +101,11 @@ def models_show(
     *,
     tenant: str | None = None,
     limit: int = 20,
+    version: int | None = None,
     out: TextIO | None = None,
 ) -> int:
-    """The model (dataset, policy, aliases) and its latest versions with their metrics and gate decisions."""
+    """The model (dataset, policy, aliases), its latest versions, and one version's gate decision with its
+    conditions (`version`, by default the newest)."""
     out = out or sys.stdout
 
     def run() -> int:
@@ -113,12 +115,7 @@ def models_show(
         policy = model["policy"]
         print(f"model      {model['name']}  ({model['task_type']}, dataset {model['dataset_id']})", file=out)
         print(f"aliases    {_aliases(model['aliases'])}", file=out)
-        print(
-            f"policy     {policy['primary_metric']} must beat production by {policy['margin']}"
-            f"{'' if policy['auto_promote'] else ' (automatic promotion off)'}"
-            f"{', same validation split only' if policy['require_same_split'] else ''}",
-            file=out,
-        )
+        print(f"policy     {_policy(policy)}", file=out)
         if model["description"]:
             print(f"about      {model['description']}", file=out)
         print(file=out)
@@ -139,6 +136,158 @@ def models_show(
         ]
         headers = ("version", "status", metric, "accuracy", "snapshot", "run", "aliases", "gate", "created")
         print_table(headers, rows, out=out)
+        chosen = version if version is not None else (versions[0]["version"] if versions else None)
+        if chosen is not None:
+            print(file=out)
+            _print_decision(client.version(model_name, chosen, **_query(tenant=tenant)), out)
+        return 0
+
+    return _guarded(run)
+
+
+def _policy(policy: dict[str, Any]) -> str:
+    floor = "the majority baseline" if policy["min_score"] is None else f"{policy['min_score']}"
+    return (
+        f"{policy['primary_metric']} must beat production by {policy['margin']}, "
+        f"its {policy['confidence'] * 100:g}% interval above 0; no class's F1 may drop by more than "
+        f"{policy['max_class_regression']}; floor {floor}; at least {policy['min_test_items']} test items"
+        f"{'' if policy['auto_promote'] else ' (automatic promotion off)'}"
+    )
+
+
+def _number(value: Any, *, signed: bool = False) -> str | None:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    if isinstance(value, int):
+        return str(value)
+    return f"{value:+.4f}" if signed else f"{value:.4f}"
+
+
+def _describe_set(evaluation_set: dict[str, Any]) -> str:
+    return (
+        f"the {evaluation_set['split']} split of snapshot {evaluation_set['snapshot_id']} "
+        f"({evaluation_set['items']} items, sha256 {evaluation_set['sha256'][:12]})"
+    )
+
+
+def _condition_numbers(condition: dict[str, Any]) -> tuple[str | None, str | None]:
+    """A condition's observed value and threshold as printed: item counts whole, differences signed."""
+    observed, threshold = condition.get("observed"), condition.get("threshold")
+    if condition["name"] == "min_test_items":
+        return _number(int(observed)), _number(int(threshold))
+    return _number(observed, signed=condition["name"] in {"margin", "credible_improvement"}), _number(threshold)
+
+
+def _print_decision(version: dict[str, Any], out: TextIO) -> None:
+    """One version's gate decision: where it went and why, on which items, the difference, each condition."""
+    decision = version["decision"]
+    number = version["version"]
+    if not decision:
+        print(f"gate       v{number}: no decision recorded", file=out)
+        return
+    print(f"gate       v{number} -> {decision['outcome']}: {decision['reason']}", file=out)
+    evaluation_set = decision.get("evaluation_set")
+    if not evaluation_set:
+        return
+    metric = decision["policy"]["primary_metric"]
+    print(f"scored on  {_describe_set(evaluation_set)}", file=out)
+    scores = [f"v{number} {_number(decision['candidate']['metrics'][metric])}"]
+    production = decision.get("production") or {}
+    if production.get("metrics"):
+        scores.append(f"production v{production['version']} {_number(production['metrics'][metric])}")
+    elif production.get("error"):
+        scores.append(f"production not scored ({production['error']})")
+    for name, baseline in sorted((decision.get("baselines") or {}).items()):
+        scores.append(f"{name} baseline {_number(baseline[metric])}")
+    print(f"{metric:<10} {', '.join(scores)}", file=out)
+    difference = decision.get("difference")
+    if difference and difference.get("ci_low") is not None:
+        print(
+            f"difference {_number(difference['value'], signed=True)}, {difference['confidence'] * 100:g}% interval "
+            f"[{_number(difference['ci_low'], signed=True)}, {_number(difference['ci_high'], signed=True)}] "
+            f"({difference['method']}, {difference['samples']} resamples)",
+            file=out,
+        )
+    rows = [
+        (
+            f"({c['id']}) {c['name']}",
+            "pass" if c["passed"] else "FAIL",
+            *_condition_numbers(c),
+            c["detail"],
+        )
+        for c in decision["conditions"]
+    ]
+    print(file=out)
+    print_table(("condition", "result", "observed", "threshold", "detail"), rows, out=out)
+
+
+def models_compare(
+    base_url: str,
+    token: str,
+    model_name: str,
+    a: int,
+    b: int,
+    *,
+    tenant: str | None = None,
+    out: TextIO | None = None,
+) -> int:
+    """Two versions side by side per class on the same evaluation set, when one's gate decision scored the other;
+    otherwise says so and shows each on its own set."""
+    out = out or sys.stdout
+
+    def run() -> int:
+        body = _client(base_url, token).get(f"/v1/models/{model_name}/compare", params=_query(tenant=tenant, a=a, b=b))
+        shared = body["evaluation"]
+        if shared is not None:
+            print(
+                f"v{a} and v{b} on the same items: {_describe_set(shared['evaluation_set'])}, "
+                + (
+                    f"scored by v{shared['scored_by']}'s gate decision"
+                    if shared["scored_by"] is not None
+                    else "each scored there by its own gate decision"
+                ),
+                file=out,
+            )
+            print(file=out)
+            metrics = [
+                (m["name"], _number(m["a"]), _number(m["b"]), _number(m["delta"], signed=True))
+                for m in shared["metrics"]
+            ]
+            print_table(("metric", f"v{a}", f"v{b}", "delta"), metrics, out=out)
+            print(file=out)
+            classes = [
+                (c["label"], c["support"], _number(c["a"]), _number(c["b"]), _number(c["delta"], signed=True))
+                for c in shared["per_class"]
+            ]
+            print_table(("class", "support", f"v{a} f1", f"v{b} f1", "delta"), classes, out=out)
+            return 0
+        print(
+            f"v{a} and v{b} were not scored on the same evaluation set: each is shown on its own, "
+            "and their numbers are not comparable",
+            file=out,
+        )
+        for side, key in ((body["a"], "a"), (body["b"], "b")):
+            print(file=out)
+            if side["evaluation_set"] and side["scores"]:
+                scores = side["scores"]
+                print(
+                    f"v{side['version']} on {_describe_set(side['evaluation_set'])}: accuracy "
+                    f"{_number(scores['accuracy'])}, macro_f1 {_number(scores['macro_f1'])}",
+                    file=out,
+                )
+                classes = [
+                    (label, row["support"], _number(row["precision"]), _number(row["recall"]), _number(row["f1"]))
+                    for label, row in scores["per_class"].items()
+                ]
+                print_table(("class", "support", "precision", "recall", "f1"), classes, out=out)
+            else:
+                print(
+                    f"v{side['version']} has no evaluation set (its gate never scored it on frozen test items); "
+                    f"its training record, on the validation split of snapshot {side['snapshot_id']}:",
+                    file=out,
+                )
+                record = [(row["name"], row[key]) for row in body["metrics"] if row[key] is not None]
+                print_table(("metric", "value"), record, out=out)
         return 0
 
     return _guarded(run)
@@ -267,7 +416,7 @@ def _weights(text: str) -> dict[str, int]:
 
 
 def add_models_parser(subparsers: Any) -> argparse.ArgumentParser:
-    """Add `models list|show|promote|rollback|audit` to the `flywheel` command's subparsers."""
+    """Add `models list|show|compare|promote|rollback|audit` to the `flywheel` command's subparsers."""
     models = subparsers.add_parser("models", help="the model registry: models, versions, aliases")
     actions = models.add_subparsers(dest="models_action", required=True)
 
@@ -279,9 +428,14 @@ def add_models_parser(subparsers: Any) -> argparse.ArgumentParser:
     listing.add_argument("--tag", help="key or key:value")
     listing.add_argument("--alias", help="only models with this alias")
     listing.add_argument("--dataset", dest="dataset_id")
-    show = with_tenant(actions.add_parser("show", help="a model and its latest versions"))
+    show = with_tenant(actions.add_parser("show", help="a model, its latest versions and a gate decision"))
     show.add_argument("model")
     show.add_argument("--limit", type=int, default=20)
+    show.add_argument("--version", type=int, help="whose gate decision to show (default: the newest version)")
+    compare = with_tenant(actions.add_parser("compare", help="two versions side by side on the same test items"))
+    compare.add_argument("model")
+    compare.add_argument("a", type=int, metavar="V1")
+    compare.add_argument("b", type=int, metavar="V2")
     promote = with_tenant(
         actions.add_parser("promote", help="point an alias at a version (or a canary)"), required=True
     )
@@ -314,7 +468,9 @@ def run_models_command(args: argparse.Namespace, base_url: str, token: str) -> i
             base_url, token, tenant=args.tenant, tag=args.tag, alias=args.alias, dataset_id=args.dataset_id
         )
     if action == "show":
-        return models_show(base_url, token, args.model, tenant=args.tenant, limit=args.limit)
+        return models_show(base_url, token, args.model, tenant=args.tenant, limit=args.limit, version=args.version)
+    if action == "compare":
+        return models_compare(base_url, token, args.model, args.a, args.b, tenant=args.tenant)
     if action == "promote":
         return models_promote(
             base_url,
