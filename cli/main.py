@@ -177,7 +177,9 @@ def dispatch(args: argparse.Namespace) -> int:
     if command == "models":
         from cli.models import run_models_command
 
-        token = context.api_key if context.api_key and args.models_action in {"list", "show", "compare", "audit"} else None
+        token = (
+            context.api_key if context.api_key and args.models_action in {"list", "show", "compare", "audit"} else None
+        )
         return run_models_command(args, context.settings.service_url("registry"), token or context.internal_token)
     return handlers[(command, getattr(args, "action", None))]()
 
