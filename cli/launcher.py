@@ -1,15 +1,26 @@
-"""`flywheel up|down|status`: the whole platform on one machine, without Docker.
+"""`flywheel up|down|status`: the whole platform on one machine, without Docker, kept running.
 
-Starts Redis if none answers at REDIS_URL, then each service's HTTP server (gunicorn; granian for inference)
-and, where its `ServiceSpec` says it runs one, its Celery worker, as separate process groups; waits until every
-`/readyz` is green and every worker consumes, and prints where each listens. Logs go to one file per process
-under FLYWHEEL_HOME/logs. State (process groups, ports) lives in FLYWHEEL_HOME/run so that `down` and `status`
-find a detached platform, and a second `up` refuses instead of starting twice.
+`flywheel up` starts a supervisor (`python -m cli.launcher supervise`, in its own session), which starts Redis if
+none answers at REDIS_URL, then each service's HTTP server (gunicorn; granian for inference) and, where its
+`ServiceSpec` says it runs one, its Celery worker, as separate process groups; once every `/readyz` is green and
+every worker consumes it tells `up`, which prints where each listens. From then on the supervisor starts again
+any process that exits, after a backoff (1 s, 2 s, 4 s … 30 s; afresh once it has stayed up a minute), logs each
+restart (`process_restarted`) to FLYWHEEL_HOME/logs/supervisor.log and counts it in the state file. `up --detach`
+returns there; a foreground `up` prints what the supervisor says until Ctrl-C, which stops everything as
+`flywheel down` does: the supervisor is asked to stop (it stops its processes first, so nothing is restarted
+while it stops), and whatever it leaves, or everything if it has died, is stopped from the process groups
+recorded in the state file.
+
+Logs go to one file per process under FLYWHEEL_HOME/logs. State (supervisor, process groups, ports, restarts)
+lives in FLYWHEEL_HOME/run so that `down` and `status` find the platform, and a second `up` refuses instead of
+starting twice.
 """
 
 from __future__ import annotations
 
+import argparse
 import contextlib
+import functools
 import importlib
 import json
 import os
@@ -18,29 +29,65 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 from urllib.parse import urlparse
 
 import redis
 import requests
 
 from shared.auth import generate_internal_token
+from shared.backoff import backoff_delay
 from shared.client.api import service_urls
+from shared.logging import configure_logging, get_logger
 from shared.server_logging import GRANIAN_LOG_CONFIG
 from shared.settings import SERVICES, Settings, loopback_url
 from shared.tables import print_table
 
 READY_TIMEOUT_SECONDS = 90.0
+PRIVATE_REDIS_READY_SECONDS = 10.0
 READY_FILE_ENV = "FLYWHEEL_WORKER_READY_FILE"  # where a worker started by `up` says it consumes
 STOP_GRACE_SECONDS = 10.0
+SUPERVISOR_STOP_SECONDS = STOP_GRACE_SECONDS + 10.0  # its processes' grace, then time to reap and clean up
 PRIVATE_REDIS_PORT = 6390
+POLL_SECONDS = 0.25
+SUPERVISOR_LOG = "supervisor.log"
+
+log = get_logger("cli.launcher")  # by name: the supervisor runs this module as __main__
+
+Say = Callable[[str], None]
+
+
+def _silent(_line: str) -> None:
+    pass
+
+
+def _say_to(out: Any) -> Say:
+    return lambda line: print(line, file=out, flush=True)
 
 
 class LaunchError(Exception):
     """A reason `flywheel up` cannot proceed, worded for the operator."""
+
+
+@dataclass(frozen=True)
+class RestartPolicy:
+    """When the supervisor starts an exited process again: `base`, 2·base, 4·base … seconds after it exited,
+    never later than `cap`; a process that had been ready for `stable_after` seconds starts the schedule afresh,
+    one that keeps exiting is retried every `cap` seconds for as long as it takes. A restarted process not ready
+    within `ready_timeout` is killed, and that counts as one more exit."""
+
+    base: float = 1.0
+    cap: float = 30.0
+    stable_after: float = 60.0
+    ready_timeout: float = READY_TIMEOUT_SECONDS
+
+    def delay(self, attempt: int) -> float:
+        # No jitter: a handful of local processes have no thundering herd to spread, and the operator reads
+        # the schedule in the log.
+        return backoff_delay(attempt, self.base, self.cap, jitter=False)
 
 
 @dataclass
@@ -51,6 +98,9 @@ class Platform:
     ports: dict[str, int]
     processes: dict[str, int] = field(default_factory=dict)  # name -> pid (each its own process group)
     started_at: float = field(default_factory=time.time)
+    supervisor: int | None = None  # the pid of the process that restarts the others
+    restarts: dict[str, int] = field(default_factory=dict)
+    last_exits: dict[str, str] = field(default_factory=dict)  # name -> how it last ended, e.g. "killed by SIGKILL"
 
     @property
     def state_file(self) -> Path:
@@ -63,8 +113,13 @@ class Platform:
             "ports": self.ports,
             "processes": self.processes,
             "started_at": self.started_at,
+            "supervisor": self.supervisor,
+            "restarts": self.restarts,
+            "last_exits": self.last_exits,
         }
-        self.state_file.write_text(json.dumps(data, indent=2))
+        partial = self.state_file.with_suffix(".json.partial")
+        partial.write_text(json.dumps(data, indent=2))
+        partial.replace(self.state_file)  # the supervisor rewrites it while `status` reads it: never half a file
 
     @classmethod
     def load(cls, home: Path) -> Platform | None:
@@ -79,6 +134,9 @@ class Platform:
             ports={k: int(v) for k, v in data["ports"].items()},
             processes={k: int(v) for k, v in data["processes"].items()},
             started_at=data["started_at"],
+            supervisor=data.get("supervisor"),
+            restarts={k: int(v) for k, v in data.get("restarts", {}).items()},
+            last_exits=dict(data.get("last_exits", {})),
         )
 
     def worker_ready_file(self, service: str) -> Path:
@@ -91,6 +149,9 @@ class Platform:
 
     def alive(self) -> dict[str, int]:
         return {name: pid for name, pid in self.processes.items() if _pid_alive(pid)}
+
+    def supervisor_alive(self) -> bool:
+        return self.supervisor is not None and _pid_alive(self.supervisor)
 
 
 def _pid_alive(pid: int) -> bool:
@@ -155,39 +216,12 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _start_private_redis(home: Path, log_dir: Path) -> tuple[str, int]:
-    port = PRIVATE_REDIS_PORT if _port_free(PRIVATE_REDIS_PORT) else _free_port()
-    data_dir = home / "redis"
-    data_dir.mkdir(parents=True, exist_ok=True)
-    command = [
-        _redis_server_binary(),
-        "--bind",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--dir",
-        str(data_dir),
-        "--appendonly",
-        "yes",
-        "--maxmemory-policy",
-        "noeviction",
-        "--save",
-        "",
-    ]
-    pid = _spawn(command, log_dir / "redis.log", os.environ.copy())
-    url = f"redis://127.0.0.1:{port}/0"
-    deadline = time.monotonic() + 10
-    while not _redis_answers(url):
-        if time.monotonic() > deadline or not _pid_alive(pid):
-            raise LaunchError(f"the private Redis did not start; see {log_dir / 'redis.log'}")
-        time.sleep(0.1)
-    return url, pid
-
-
-def _spawn(command: list[str], log_path: Path, env: dict[str, str]) -> int:
+def _spawn(
+    command: list[str], log_path: Path, env: dict[str, str], *, pass_fds: tuple[int, ...] = ()
+) -> subprocess.Popen[bytes]:
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "ab") as log_file:
-        process = subprocess.Popen(
+        return subprocess.Popen(
             command,
             stdout=log_file,
             stderr=subprocess.STDOUT,
@@ -195,8 +229,8 @@ def _spawn(command: list[str], log_path: Path, env: dict[str, str]) -> int:
             env=env,
             start_new_session=True,  # its own process group: stopped as a whole, survives our Ctrl-C handling
             close_fds=True,
+            pass_fds=pass_fds,
         )
-    return process.pid
 
 
 def _internal_token(settings: Settings) -> tuple[str, str | None]:
@@ -284,78 +318,6 @@ def worker_command(service: str) -> list[str]:
     return [sys.executable, "-m", "cli.main", "worker", service]
 
 
-def up(*, detach: bool, out: Any = None) -> int:
-    out = out or sys.stdout
-    settings = Settings.from_env()
-    home = settings.home
-    existing = Platform.load(home)
-    if existing is not None and existing.alive():
-        running = ", ".join(f"{name} (pid {pid})" for name, pid in sorted(existing.alive().items()))
-        raise LaunchError(f"Flywheel is already running from {home}: {running}. Stop it with `flywheel down`.")
-    ports = service_ports()
-    taken = [f"{port} ({name})" for name, port in ports.items() if not _port_free(port)]
-    if taken:
-        raise LaunchError(
-            f"port {', '.join(taken)} already in use; free it or set <SERVICE>_PORT, e.g. INGESTION_PORT=9001"
-        )
-    log_dir = settings.log_dir
-    log_dir.mkdir(parents=True, exist_ok=True)
-    token, token_path = _internal_token(settings)
-
-    platform = Platform(home=home, redis_url=settings.redis_url, internal_token=token, ports=ports)
-    if not _redis_answers(settings.redis_url):
-        url, pid = _start_private_redis(home, log_dir)
-        print(f"No Redis answered at {settings.redis_url}; started a private one at {url}", file=out)
-        platform.redis_url = url
-        platform.processes["redis"] = pid
-    platform.save()
-    env = service_env(settings, platform.redis_url, token, ports)
-    workers = services_with_workers()
-    try:
-        for service in SERVICES:
-            platform.processes[service] = _spawn(http_command(service, ports[service]), log_dir / f"{service}.log", env)
-            if service in workers:
-                ready_file = platform.worker_ready_file(service)
-                ready_file.unlink(missing_ok=True)
-                platform.processes[f"{service}-worker"] = _spawn(
-                    worker_command(service), log_dir / f"{service}-worker.log", {**env, READY_FILE_ENV: str(ready_file)}
-                )
-            platform.save()
-        _wait_ready(platform, log_dir, out)
-    except BaseException:
-        stop(platform, out=out)
-        raise
-    _print_table(platform, settings, token_path, out)
-    if detach:
-        print("Running in the background. `flywheel status` checks it, `flywheel down` stops it.", file=out)
-        return 0
-    return _supervise(platform, out)
-
-
-def _wait_ready(platform: Platform, log_dir: Path, out: Any) -> None:
-    deadline = time.monotonic() + READY_TIMEOUT_SECONDS
-    probes: dict[str, Callable[[], bool]] = {}
-    for service in SERVICES:
-        probes[service] = lambda port=platform.ports[service]: _ready(port)
-    for service in platform.workers():
-        probes[f"{service}-worker"] = platform.worker_ready_file(service).exists
-    pending = set(probes)
-    while pending:
-        for name, pid in platform.processes.items():
-            if not _pid_alive(pid):
-                tail = _tail(log_dir / f"{name}.log")
-                raise LaunchError(f"{name} exited during start-up; last lines of its log:\n{tail}")
-        for name in sorted(pending):
-            if probes[name]():
-                pending.discard(name)
-                print(f"  {name} ready", file=out, flush=True)
-        if pending and time.monotonic() > deadline:
-            raise LaunchError(
-                f"not ready after {READY_TIMEOUT_SECONDS:.0f}s: {', '.join(sorted(pending))}; logs in {log_dir}"
-            )
-        time.sleep(0.25)
-
-
 def _ready(port: int) -> bool:
     try:
         return requests.get(f"{loopback_url(port)}/readyz", timeout=5).status_code == 200
@@ -370,6 +332,506 @@ def _tail(path: Path, lines: int = 15) -> str:
         return "(no log)"
 
 
+def describe_exit(returncode: int) -> str:
+    """How a process ended, for people: `exit 1`, `killed by SIGKILL`."""
+    return f"killed by {_signal_name(-returncode)}" if returncode < 0 else f"exit {returncode}"
+
+
+def _exit_fields(returncode: int) -> dict[str, Any]:
+    """How a process ended, for the log: its exit code, or the signal that ended it."""
+    if returncode < 0:
+        return {"exit_code": None, "signal": _signal_name(-returncode)}
+    return {"exit_code": returncode, "signal": None}
+
+
+def _signal_name(number: int) -> str:
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return f"signal {number}"
+
+
+def _has_exited(process: subprocess.Popen[bytes]) -> bool:
+    """Whether our child has exited, without reaping it: until it is reaped its pid, which is its process
+    group's id, cannot be given to another process, so the rest of its group can still be signalled safely."""
+    try:
+        return os.waitid(os.P_PID, process.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
+    except ChildProcessError:  # reaped already
+        return True
+
+
+def _signal_group(pid: int, sig: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pid, sig)
+
+
+# --- Supervision: start processes, and start again whichever exits --------------------------------------------
+
+
+@dataclass
+class ProcessSpec:
+    """One process the supervisor keeps running: how to start it, where it logs, how to tell that it is ready."""
+
+    name: str
+    command: list[str]
+    env: dict[str, str]
+    log_path: Path
+    ready: Callable[[], bool]
+    ready_file: Path | None = None  # removed before each start: the process writes it once ready
+
+    def spawn(self) -> subprocess.Popen[bytes]:
+        if self.ready_file is not None:
+            self.ready_file.unlink(missing_ok=True)
+        return _spawn(self.command, self.log_path, self.env)
+
+
+@dataclass
+class _Child:
+    spec: ProcessSpec
+    process: subprocess.Popen[bytes]
+    started_at: float  # time.monotonic()
+    ready_at: float | None = None
+    attempt: int = 0  # exits in a row without staying up: the backoff's exponent
+    restarts: int = 0
+    restart_at: float | None = None  # set while it is down: when it starts again
+    delay: float = 0.0  # the backoff it waits (or waited) before its latest start
+    gave_up_waiting: bool = False  # killed for not being ready in time
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+
+class Supervisor:
+    """Starts processes and keeps them running: one that exits is started again after its backoff (see
+    `RestartPolicy`), and the platform's state file says under which pid each runs, how often it was restarted
+    and how it last ended. Every exit and restart is a log line; `say` tells a person watching."""
+
+    def __init__(self, platform: Platform, *, policy: RestartPolicy | None = None, say: Say = _silent) -> None:
+        self.platform = platform
+        self.policy = policy or RestartPolicy()
+        self.say = say
+        self.children: dict[str, _Child] = {}
+
+    def launch(self, spec: ProcessSpec) -> None:
+        """Start `spec` for the first time; `wait_ready` or `run` watch it from then on."""
+        child = _Child(spec, spec.spawn(), time.monotonic())
+        self.children[spec.name] = child
+        self._record(child)
+
+    def wait_ready(self, names: Iterable[str], timeout: float, stopping: Callable[[], bool]) -> None:
+        """Start-up: block until each of `names` is ready. Nothing is restarted yet: a process that exits now
+        (a port taken, a bad setting) would only exit again, so `LaunchError` says why, with its log's end."""
+        pending = set(names)
+        deadline = time.monotonic() + timeout
+        while True:
+            for child in self.children.values():
+                if child.process.poll() is not None:
+                    ended = describe_exit(child.process.returncode)
+                    raise LaunchError(
+                        f"{child.name} exited during start-up ({ended}); last lines of its log:\n"
+                        f"{_tail(child.spec.log_path)}"
+                    )
+            for name in sorted(pending):
+                if self.children[name].spec.ready():
+                    pending.discard(name)
+                    self._mark_ready(self.children[name], time.monotonic())
+            if not pending:
+                return
+            if stopping():
+                raise LaunchError("stopped before the platform was ready")
+            if time.monotonic() > deadline:
+                log_dir = self.children[min(pending)].spec.log_path.parent
+                raise LaunchError(f"not ready after {timeout:.0f}s: {', '.join(sorted(pending))}; logs in {log_dir}")
+            time.sleep(POLL_SECONDS)
+
+    def run(self, stopping: Callable[[], bool]) -> None:
+        """Keep every process running until `stopping()` says otherwise."""
+        while not stopping():
+            self.check()
+            time.sleep(POLL_SECONDS)
+
+    def check(self) -> None:
+        """One round: note who exited, start again whoever's backoff is over, probe whoever is not ready yet."""
+        for child in self.children.values():
+            now = time.monotonic()
+            if child.restart_at is not None:
+                if now >= child.restart_at:
+                    self._restart(child)
+            elif _has_exited(child.process):
+                self._exited(child, now)
+            elif child.ready_at is None:
+                self._probe(child, now)
+
+    def stop(self) -> None:
+        stop_processes(self.platform, say=self.say)
+
+    def _exited(self, child: _Child, now: float) -> None:
+        # What is left of its group (an HTTP server's own workers, still holding its port) goes with it, while
+        # the unreaped leader keeps the group's id from being reused.
+        _signal_group(child.process.pid, signal.SIGKILL)
+        returncode = child.process.wait()
+        stayed_up = child.ready_at is not None and now - child.ready_at >= self.policy.stable_after
+        child.attempt = 1 if stayed_up else child.attempt + 1
+        child.delay = self.policy.delay(child.attempt)
+        child.restart_at = now + child.delay
+        ended = f"not ready in {self.policy.ready_timeout:g}s" if child.gave_up_waiting else describe_exit(returncode)
+        self.platform.last_exits[child.name] = ended
+        self.platform.save()
+        log.warning(
+            "process_exited",
+            process=child.name,
+            pid=child.process.pid,
+            **_exit_fields(returncode),
+            ended=ended,
+            up_s=round(now - child.started_at, 1),
+            attempt=child.attempt,
+            restart_in_s=child.delay,
+        )
+        if child.delay >= self.policy.cap:
+            log.warning(
+                "process_keeps_exiting",
+                process=child.name,
+                attempt=child.attempt,
+                retry_every_s=self.policy.cap,
+                message=(
+                    f"{child.name} keeps exiting: retried every {self.policy.cap:g}s until it stays up "
+                    f"{self.policy.stable_after:g}s; see {child.spec.log_path}"
+                ),
+            )
+        self.say(f"{child.name} exited ({ended}); restarting in {child.delay:g}s (attempt {child.attempt})")
+
+    def _restart(self, child: _Child) -> None:
+        previous = child.process
+        child.process = child.spec.spawn()
+        child.started_at = time.monotonic()
+        child.ready_at = None
+        child.restart_at = None
+        child.gave_up_waiting = False
+        child.restarts += 1
+        self._record(child)
+        log.warning(
+            "process_restarted",
+            process=child.name,
+            pid=child.process.pid,
+            previous_pid=previous.pid,
+            **_exit_fields(previous.returncode),
+            attempt=child.attempt,
+            delay_s=child.delay,
+            restarts=child.restarts,
+        )
+        self.say(f"{child.name} restarted (pid {child.process.pid})")
+
+    def _probe(self, child: _Child, now: float) -> None:
+        if child.spec.ready():
+            self._mark_ready(child, now)
+        elif now - child.started_at > self.policy.ready_timeout:
+            log.warning(
+                "process_not_ready", process=child.name, pid=child.process.pid, waited_s=self.policy.ready_timeout
+            )
+            child.gave_up_waiting = True
+            _signal_group(child.process.pid, signal.SIGKILL)  # the next round sees it exit, and restarts it
+
+    def _mark_ready(self, child: _Child, now: float) -> None:
+        child.ready_at = now
+        log.info("process_ready", process=child.name, pid=child.process.pid, after_s=round(now - child.started_at, 1))
+        self.say(f"  {child.name} ready")
+
+    def _record(self, child: _Child) -> None:
+        self.platform.processes[child.name] = child.process.pid
+        self.platform.restarts[child.name] = child.restarts
+        self.platform.save()
+
+
+def stop_processes(platform: Platform, *, say: Say = _silent) -> None:
+    """SIGTERM every process group (workers first so they finish their task), then SIGKILL stragglers; remove
+    the state file."""
+    order = sorted(platform.processes, key=lambda name: (name == "redis", not name.endswith("-worker")))
+    for name in order:
+        _signal_group(platform.processes[name], signal.SIGTERM)
+    deadline = time.monotonic() + STOP_GRACE_SECONDS
+    while time.monotonic() < deadline and platform.alive():
+        time.sleep(0.1)
+    for name, pid in platform.alive().items():
+        say(f"  {name} did not stop in {STOP_GRACE_SECONDS:.0f}s; killing it")
+        _signal_group(pid, signal.SIGKILL)
+    # Reap whatever is left in each group (the HTTP servers' and celery's children).
+    for pid in platform.processes.values():
+        _signal_group(pid, signal.SIGKILL)
+    platform.state_file.unlink(missing_ok=True)
+    for service in platform.workers():
+        platform.worker_ready_file(service).unlink(missing_ok=True)
+
+
+# --- The supervisor process -------------------------------------------------------------------------------------
+
+
+def private_redis_spec(home: Path, log_dir: Path) -> tuple[str, ProcessSpec]:
+    """A redis-server of the platform's own, keeping its data under `home`; its URL and how to run it."""
+    port = PRIVATE_REDIS_PORT if _port_free(PRIVATE_REDIS_PORT) else _free_port()
+    data_dir = home / "redis"
+    data_dir.mkdir(parents=True, exist_ok=True)
+    command = [
+        _redis_server_binary(),
+        "--bind",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--dir",
+        str(data_dir),
+        "--appendonly",
+        "yes",
+        "--maxmemory-policy",
+        "noeviction",
+        "--save",
+        "",
+    ]
+    url = f"redis://127.0.0.1:{port}/0"
+    spec = ProcessSpec(
+        "redis", command, os.environ.copy(), log_dir / "redis.log", functools.partial(_redis_answers, url)
+    )
+    return url, spec
+
+
+def platform_specs(platform: Platform, settings: Settings, workers: Iterable[str]) -> list[ProcessSpec]:
+    """Each service's HTTP server, and the worker of each service in `workers`."""
+    env = service_env(settings, platform.redis_url, platform.internal_token, platform.ports)
+    specs = []
+    for service in SERVICES:
+        port = platform.ports[service]
+        log_path = settings.log_dir / f"{service}.log"
+        specs.append(ProcessSpec(service, http_command(service, port), env, log_path, functools.partial(_ready, port)))
+        if service in workers:
+            ready_file = platform.worker_ready_file(service)
+            specs.append(
+                ProcessSpec(
+                    f"{service}-worker",
+                    worker_command(service),
+                    {**env, READY_FILE_ENV: str(ready_file)},
+                    settings.log_dir / f"{service}-worker.log",
+                    ready_file.exists,
+                    ready_file=ready_file,
+                )
+            )
+    return specs
+
+
+def start_platform(
+    supervisor: Supervisor, settings: Settings, workers: Iterable[str], stopping: Callable[[], bool]
+) -> None:
+    """Redis (a private one if none answers), then every HTTP server and worker; returns once all are ready."""
+    platform = supervisor.platform
+    if not _redis_answers(settings.redis_url):
+        url, spec = private_redis_spec(settings.home, settings.log_dir)
+        supervisor.launch(spec)
+        supervisor.wait_ready(["redis"], PRIVATE_REDIS_READY_SECONDS, stopping)
+        supervisor.say(f"No Redis answered at {settings.redis_url}; started a private one at {url}")
+        platform.redis_url = url
+        platform.save()
+    for spec in platform_specs(platform, settings, workers):
+        supervisor.launch(spec)
+    supervisor.wait_ready(list(supervisor.children), READY_TIMEOUT_SECONDS, stopping)
+
+
+class _Reports:
+    """The supervisor's half of its pipe to `flywheel up`: one JSON object a line, `say` as often as needed,
+    then `ready` or `error`. A detached `up` stops reading once the platform is ready: from then on only the
+    log hears the supervisor."""
+
+    def __init__(self, fd: int) -> None:
+        self._pipe: TextIO | None = os.fdopen(fd, "w", encoding="utf-8")
+
+    def send(self, **message: Any) -> None:
+        if self._pipe is None:
+            return
+        try:
+            self._pipe.write(json.dumps(message) + "\n")
+            self._pipe.flush()
+        except OSError:  # BrokenPipeError: `up` has returned
+            with contextlib.suppress(OSError):
+                self._pipe.close()
+            self._pipe = None
+
+    def say(self, line: str) -> None:
+        self.send(say=line)
+
+
+def supervise(report_fd: int, workers: Iterable[str]) -> int:
+    """The supervisor process: start the platform, tell `up` through `report_fd` that it is ready (or why it is
+    not), keep it running until SIGTERM (`flywheel down`, or Ctrl-C on a foreground `up`), then stop it."""
+    configure_logging("supervisor")  # stdout is FLYWHEEL_HOME/logs/supervisor.log
+    reports = _Reports(report_fd)
+    stop_requested = False
+
+    def _on_signal(signum: int, _frame: Any) -> None:
+        nonlocal stop_requested
+        stop_requested = True
+
+    signal.signal(signal.SIGTERM, _on_signal)
+    signal.signal(signal.SIGINT, _on_signal)
+    settings = Settings.from_env()
+    token, _ = _internal_token(settings)
+    platform = Platform(
+        home=settings.home,
+        redis_url=settings.redis_url,
+        internal_token=token,
+        ports=service_ports(),
+        supervisor=os.getpid(),
+    )
+    supervisor = Supervisor(platform, say=reports.say)
+    policy = supervisor.policy
+    log.info("supervisor_started", pid=os.getpid(), backoff_s=[policy.delay(n) for n in range(1, 7)])
+    try:
+        try:
+            start_platform(supervisor, settings, workers, lambda: stop_requested)
+        except LaunchError as exc:
+            log.error("platform_not_started", reason=str(exc))
+            reports.send(error=str(exc))
+            return 1
+        log.info("platform_ready", processes=platform.processes)
+        reports.send(ready=True)
+        supervisor.run(lambda: stop_requested)
+        log.info("supervisor_stopping")
+        reports.say("\nStopping…")
+        return 0
+    except Exception:
+        log.exception("supervisor_failed")
+        return 1
+    finally:
+        supervisor.stop()
+        log.info("supervisor_stopped")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m cli.launcher supervise …`: the supervisor that `flywheel up` starts, not a command for people."""
+    parser = argparse.ArgumentParser(prog="python -m cli.launcher", description="The supervisor `flywheel up` starts.")
+    parser.add_argument("command", choices=["supervise"])
+    parser.add_argument("--report-fd", type=int, required=True, help="the pipe to `flywheel up`")
+    parser.add_argument("--workers", default="", help="the services whose Celery worker to run, comma-separated")
+    args = parser.parse_args(argv)
+    return supervise(args.report_fd, [name for name in args.workers.split(",") if name])
+
+
+# --- flywheel up | down | status ------------------------------------------------------------------------------
+
+
+def up(*, detach: bool, out: Any = None) -> int:
+    out = out or sys.stdout
+    settings = Settings.from_env()
+    home = settings.home
+    _refuse_if_running(home)
+    ports = service_ports()
+    taken = [f"{port} ({name})" for name, port in ports.items() if not _port_free(port)]
+    if taken:
+        raise LaunchError(
+            f"port {', '.join(taken)} already in use; free it or set <SERVICE>_PORT, e.g. INGESTION_PORT=9001"
+        )
+    settings.log_dir.mkdir(parents=True, exist_ok=True)
+    _, token_path = _internal_token(settings)  # created here, so that the supervisor reads the same one
+    supervisor, reports = _start_supervisor(settings.log_dir, services_with_workers())
+    try:
+        _relay_until_ready(reports, settings.log_dir / SUPERVISOR_LOG, out)
+        platform = Platform.load(home)
+        if platform is None:
+            raise LaunchError(f"the supervisor said ready but left no state in {home / 'run'}")
+    except BaseException:
+        reports.close()
+        _shut_down(home, supervisor.pid, say=_say_to(out))
+        print("Flywheel stopped.", file=out, flush=True)
+        raise
+    _print_table(platform, settings, token_path, out)
+    if detach:
+        reports.close()
+        print("Running in the background. `flywheel status` checks it, `flywheel down` stops it.", file=out)
+        return 0
+    return _follow(supervisor, reports, settings, out)
+
+
+def _refuse_if_running(home: Path) -> None:
+    existing = Platform.load(home)
+    if existing is None:
+        return
+    running = existing.alive()
+    if existing.supervisor_alive():
+        running["supervisor"] = existing.supervisor
+    if running:
+        listed = ", ".join(f"{name} (pid {pid})" for name, pid in sorted(running.items()))
+        raise LaunchError(f"Flywheel is already running from {home}: {listed}. Stop it with `flywheel down`.")
+
+
+def _start_supervisor(log_dir: Path, workers: Iterable[str]) -> tuple[subprocess.Popen[bytes], TextIO]:
+    """The supervisor, in its own session (it outlives a detached `up`; Ctrl-C is `up`'s to handle), logging to
+    FLYWHEEL_HOME/logs/supervisor.log, and the pipe it reports on."""
+    read_fd, write_fd = os.pipe()
+    try:
+        command = [sys.executable, "-m", "cli.launcher", "supervise", "--report-fd", str(write_fd)]
+        process = _spawn(
+            [*command, "--workers", ",".join(workers)],
+            log_dir / SUPERVISOR_LOG,
+            os.environ.copy(),
+            pass_fds=(write_fd,),
+        )
+    finally:
+        os.close(write_fd)
+    return process, os.fdopen(read_fd, encoding="utf-8")
+
+
+def _relay_until_ready(reports: TextIO, supervisor_log: Path, out: Any) -> None:
+    for line in reports:
+        message = json.loads(line)
+        if "say" in message:
+            print(message["say"], file=out, flush=True)
+        elif "error" in message:
+            raise LaunchError(message["error"])
+        elif message.get("ready"):
+            return
+    raise LaunchError(
+        f"the supervisor exited during start-up; last lines of {supervisor_log}:\n{_tail(supervisor_log)}"
+    )
+
+
+def _follow(supervisor: subprocess.Popen[bytes], reports: TextIO, settings: Settings, out: Any) -> int:
+    """Foreground `up`: print what the supervisor says (restarts) until it exits; Ctrl-C asks it to stop."""
+
+    def _on_signal(signum: int, _frame: Any) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(supervisor.pid, signal.SIGTERM)
+
+    signal.signal(signal.SIGINT, _on_signal)
+    signal.signal(signal.SIGTERM, _on_signal)
+    print("Press Ctrl-C to stop.", file=out, flush=True)  # only once Ctrl-C is ours to handle
+    with reports:
+        for line in reports:
+            message = json.loads(line)
+            if "say" in message:
+                print(message["say"], file=out, flush=True)
+    returncode = supervisor.wait()
+    _shut_down(settings.home, None, say=_say_to(out))  # whatever a supervisor that died left behind
+    print("Flywheel stopped.", file=out, flush=True)
+    if returncode != 0:
+        ended = describe_exit(returncode)
+        print(f"The supervisor exited unexpectedly ({ended}); see {settings.log_dir / SUPERVISOR_LOG}", file=out)
+        return 1
+    return 0
+
+
+def _shut_down(home: Path, supervisor: int | None, *, say: Say) -> None:
+    """Ask the supervisor to stop the platform (so that it restarts nothing) and wait for it; then stop whatever
+    the state file still records: everything, when the supervisor had died."""
+    if supervisor is not None and _pid_alive(supervisor):
+        os.kill(supervisor, signal.SIGTERM)
+        deadline = time.monotonic() + SUPERVISOR_STOP_SECONDS
+        while _pid_alive(supervisor):
+            if time.monotonic() > deadline:
+                say(f"  the supervisor (pid {supervisor}) did not stop in {SUPERVISOR_STOP_SECONDS:.0f}s; killing it")
+                _signal_group(supervisor, signal.SIGKILL)
+                break
+            time.sleep(0.1)
+    left = Platform.load(home)
+    if left is not None:
+        stop_processes(left, say=say)
+
+
 def _print_table(platform: Platform, settings: Settings, token_path: str | None, out: Any) -> None:
     rows = []
     for service in SERVICES:
@@ -380,57 +842,12 @@ def _print_table(platform: Platform, settings: Settings, token_path: str | None,
     print_table(["service", "url", "http pid", "worker pid", "logs"], rows, align="<<>><", out=out)
     storage = f"s3://{settings.s3_endpoint}" if settings.s3_endpoint else f"file://{settings.file_store_root}"
     print(f"\nredis    {platform.redis_url}\nstorage  {storage}\ndata     {settings.home}", file=out)
+    print(
+        f"\nA process that exits is restarted (supervisor pid {platform.supervisor}, log {SUPERVISOR_LOG}).", file=out
+    )
     if token_path:
         print(f"internal token in {token_path} (export FLYWHEEL_INTERNAL_TOKEN to use it)", file=out)
     print("", file=out, flush=True)
-
-
-def _supervise(platform: Platform, out: Any) -> int:
-    stopping = False
-
-    def _on_signal(signum: int, _frame: Any) -> None:
-        nonlocal stopping
-        stopping = True
-
-    signal.signal(signal.SIGINT, _on_signal)
-    signal.signal(signal.SIGTERM, _on_signal)
-    print("Press Ctrl-C to stop.", file=out, flush=True)  # only once Ctrl-C is ours to handle
-    while not stopping:
-        dead = [name for name, pid in platform.processes.items() if not _pid_alive(pid)]
-        if dead:
-            print(f"{', '.join(dead)} exited unexpectedly; stopping everything", file=out, flush=True)
-            stop(platform, out=out)
-            return 1
-        time.sleep(0.5)
-    print("\nStopping…", file=out, flush=True)
-    stop(platform, out=out)
-    return 0
-
-
-def stop(platform: Platform, *, out: Any = None) -> None:
-    """SIGTERM every process group (workers first so they finish their task), then SIGKILL stragglers."""
-    out = out or sys.stdout
-    order = sorted(platform.processes, key=lambda name: (name == "redis", not name.endswith("-worker")))
-    for name in order:
-        _signal_group(platform.processes[name], signal.SIGTERM)
-    deadline = time.monotonic() + STOP_GRACE_SECONDS
-    while time.monotonic() < deadline and platform.alive():
-        time.sleep(0.1)
-    for name, pid in platform.alive().items():
-        print(f"  {name} did not stop in {STOP_GRACE_SECONDS:.0f}s; killing it", file=out)
-        _signal_group(pid, signal.SIGKILL)
-    # Reap whatever is left in each group (the HTTP servers' and celery's children).
-    for pid in platform.processes.values():
-        _signal_group(pid, signal.SIGKILL)
-    platform.state_file.unlink(missing_ok=True)
-    for service in platform.workers():
-        platform.worker_ready_file(service).unlink(missing_ok=True)
-    print("Flywheel stopped.", file=out, flush=True)
-
-
-def _signal_group(pid: int, sig: int) -> None:
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(pid, sig)
 
 
 def down(*, out: Any = None) -> int:
@@ -440,7 +857,8 @@ def down(*, out: Any = None) -> int:
     if platform is None:
         print(f"Flywheel is not running from {home}.", file=out)
         return 0
-    stop(platform, out=out)
+    _shut_down(home, platform.supervisor, say=_say_to(out))
+    print("Flywheel stopped.", file=out, flush=True)
     return 0
 
 
@@ -454,6 +872,7 @@ def status(*, out: Any = None) -> int:
     print_table(["service", "url", "status"], rows, out=out)
     all_ready = all(state == "ready" for _, _, state in rows)
     if platform is not None:
+        _print_processes(platform, settings, out)
         dead_workers = [s for s in platform.workers() if not _pid_alive(platform.processes[f"{s}-worker"])]
         if dead_workers:
             all_ready = False
@@ -461,6 +880,30 @@ def status(*, out: Any = None) -> int:
     redis_host = urlparse(platform.redis_url if platform else settings.redis_url)
     print(f"redis at {redis_host.hostname}:{redis_host.port}", file=out)
     return 0 if all_ready else 1
+
+
+def _print_processes(platform: Platform, settings: Settings, out: Any) -> None:
+    rows = [
+        [
+            name,
+            pid,
+            "running" if _pid_alive(pid) else "exited",
+            platform.restarts.get(name, 0),
+            platform.last_exits.get(name),
+        ]
+        for name, pid in platform.processes.items()
+    ]
+    print("", file=out)
+    print_table(["process", "pid", "state", "restarts", "last exit"], rows, align="<><><", out=out)
+    supervisor_log = settings.log_dir / SUPERVISOR_LOG
+    if platform.supervisor_alive():
+        print(f"supervisor pid {platform.supervisor} restarts what exits; its log: {supervisor_log}", file=out)
+    else:
+        print(
+            f"supervisor not running (pid {platform.supervisor}): nothing is restarted; see {supervisor_log}",
+            file=out,
+        )
+    print("", file=out)
 
 
 def _readiness(url: str) -> str:
@@ -502,3 +945,7 @@ def detached_platform(home: Path, env: dict[str, str], *, timeout: float = 300) 
         yield {service: loopback_url(port) for service, port in ports.items()}
     finally:
         subprocess.run([*command, "down"], env=child_env, capture_output=True, text=True, timeout=120)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

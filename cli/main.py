@@ -65,7 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     up = sub.add_parser("up", help="start the whole platform on this machine")
     up.add_argument("--detach", action="store_true", help="return once every service is ready")
-    sub.add_parser("down", help="stop a platform started with `up --detach`")
+    sub.add_parser("down", help="stop the platform `up` started (detached or not)")
     sub.add_parser("status", help="show each service's readiness; exit 0 only when all are ready")
     worker = sub.add_parser("worker", help="run one service's Celery worker")
     worker.add_argument("service", choices=SERVICES)

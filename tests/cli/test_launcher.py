@@ -90,8 +90,11 @@ def test_up_detach_status_refuse_twice_and_down(launcher_env: dict[str, str], tm
         assert "already running" in again.stderr and "flywheel down" in again.stderr
         assert "Traceback" not in again.stderr
 
-        pids = json.loads(state_file.read_text())["processes"]
+        recorded = json.loads(state_file.read_text())
+        pids = recorded["processes"]
         assert set(pids) == set(SERVICES) | {f"{s}-worker" for s in workers}
+        assert group_alive(recorded["supervisor"]), "a supervisor watches the detached platform"
+        pids["supervisor"] = recorded["supervisor"]
     finally:
         down = flywheel(launcher_env, "down", timeout=60)
     assert down.returncode == 0, down.stdout + down.stderr
@@ -137,7 +140,8 @@ def test_foreground_with_a_private_redis_stops_everything_on_ctrl_c(
         text = "".join(output)
         assert "Press Ctrl-C" in text, text
         assert re.search(r"started a private one at redis://127\.0\.0\.1:\d+/0", text), text
-        pids = json.loads((tmp_path / "home" / "run" / "state.json").read_text())["processes"]
+        recorded = json.loads((tmp_path / "home" / "run" / "state.json").read_text())
+        pids = {**recorded["processes"], "supervisor": recorded["supervisor"]}
         assert "redis" in pids
         process.send_signal(subprocess.signal.SIGINT)
         rest, _ = process.communicate(timeout=60)
