@@ -76,6 +76,15 @@ class Settings:
     """EVENT_RETRY_BACKOFF: first retry delay in seconds; doubles each retry, capped at 5 minutes."""
     visibility_timeout: int = 6 * 3600
     """VISIBILITY_TIMEOUT: seconds before an unacknowledged message is redelivered (above the longest task)."""
+    training_lease_seconds: float = 60.0
+    """TRAINING_LEASE_SECONDS: a training run whose lease is not renewed for this long is taken for orphaned (its
+    worker died) and queued again by any live training worker; it resumes from its last checkpoint."""
+    training_max_queued_runs_per_tenant: int = 10
+    """TRAINING_MAX_QUEUED_RUNS_PER_TENANT: a tenant's runs waiting to start; `POST /v1/runs` beyond it answers
+    429 too_many_runs (a training.requested event is still recorded and waits). 0: no limit."""
+    training_max_running_runs_per_tenant: int = 2
+    """TRAINING_MAX_RUNNING_RUNS_PER_TENANT: a tenant's runs sent to the training queue or training at once; the
+    others wait, queued, and are sent oldest first as slots free. 0: no limit."""
     outbox_relay_interval: float = 2.0
     """OUTBOX_RELAY_INTERVAL: seconds between sweeps that deliver events a failed publish left behind."""
     inference_max_batch_size: int = 32

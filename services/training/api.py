@@ -16,9 +16,10 @@ from sqlalchemy.exc import IntegrityError
 from services.training import runs as run_lifecycle
 from services.training.data import manifest_ref, read_snapshot_info
 from services.training.failures import DataError
+from services.training.limits import RETRY_AFTER_SECONDS
 from services.training.models import TrainingRun
 from services.training.requesting import InvalidRunRequest, RunSpec, request_run
-from services.training.schemas import RunCreateSchema, RunListQuery, RunListSchema, RunSchema
+from services.training.schemas import RunCreateSchema, RunLimitErrorSchema, RunListQuery, RunListSchema, RunSchema
 from shared.auth import current_principal, require_internal, require_partner_or_internal
 from shared.errors import NotFound, Unprocessable
 from shared.logging import current_trace_id
@@ -44,8 +45,23 @@ def _visible_run(session: Any, run_id: str) -> TrainingRun:
 @runs.arguments(RunCreateSchema)
 @runs.response(202, RunSchema, description="The run was created and queued (or recorded for an external launcher).")
 @runs.alt_response(200, schema=RunSchema, description="An identical run is already active or succeeded.")
+@runs.alt_response(
+    429,
+    schema=RunLimitErrorSchema,
+    description="The tenant already has `max_queued_runs_per_tenant` runs queued "
+    "(TRAINING_MAX_QUEUED_RUNS_PER_TENANT); nothing was recorded or queued. Retry once one of them has started.",
+    headers={
+        "Retry-After": {
+            "description": f"seconds to wait before retrying ({RETRY_AFTER_SECONDS})",
+            "schema": {"type": "integer"},
+        }
+    },
+)
 def create_run(body: dict[str, Any]) -> tuple[TrainingRun, int]:
-    """Train a model on a dataset snapshot. Hyper-parameters default per task; every one is validated."""
+    """Train a model on a dataset snapshot. Hyper-parameters default per task; every one is validated.
+
+    A run beyond its tenant's running slots (`max_running_runs_per_tenant`) is accepted and waits, queued,
+    with `dispatched_at` null, until one of the tenant's runs ends."""
     runtime = _runtime()
     try:
         info = read_snapshot_info(runtime.storage, body["tenant"], body["dataset_id"], body["snapshot_id"])

@@ -11,7 +11,9 @@ handlers = EventHandlers("training")
 @handlers.on("training.requested")
 def on_training_requested(ctx: EventContext) -> None:
     """Idempotent twice over: the inbox drops a redelivered event, and an identical request (same snapshot,
-    model, base model and hyper-parameters) that is queued, running or succeeded is not trained again."""
+    model, base model and hyper-parameters) that is queued, running or succeeded is not trained again.
+    A request beyond its tenant's queue limit is still recorded: it waits for a running slot like any other
+    run (an event has no caller to tell to retry; see `limits.py`)."""
     payload = ctx.payload
     spec = RunSpec(
         tenant=ctx.envelope.tenant,
@@ -28,6 +30,6 @@ def on_training_requested(ctx: EventContext) -> None:
         trace_id=ctx.envelope.trace_id,
     )
     try:
-        request_run(ctx.runtime, ctx.session, spec)
+        request_run(ctx.runtime, ctx.session, spec, refuse_when_full=False)
     except InvalidRunRequest as problem:
         reject(ctx.runtime, ctx.session, problem)

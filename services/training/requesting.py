@@ -2,9 +2,11 @@
 
 Each door turns what it received into a `RunSpec` and calls `request_run`, which validates the request and
 fills its defaults, returns the identical run if one is queued, running or succeeded, or records a new run
-and queues it for the training worker through the outbox, all in the caller's transaction. A request that
-cannot become a run raises `InvalidRunRequest` before anything is written: the API answers 422 with its
-fields, the consumer records a failed run with its reason (`reject`), whose `training.failed` tells the producer.
+and queues it for the training worker through the outbox (once its tenant has a running slot free), all in
+the caller's transaction. A request that cannot become a run raises `InvalidRunRequest` before anything is
+written: the API answers 422 with its fields, the consumer records a failed run with its reason (`reject`),
+whose `training.failed` tells the producer. A request through the API beyond its tenant's queue limit raises
+`TooManyRuns` (429), also before anything is written; an event is never refused (see `limits.py`).
 """
 
 from __future__ import annotations
@@ -15,7 +17,8 @@ from typing import Any
 from marshmallow import ValidationError
 from sqlalchemy.orm import Session
 
-from services.training import runs
+from services.training import limits, runs
+from services.training.config import TrainingConfig
 from services.training.models import LAUNCH_QUEUE, TrainingRun
 from services.training.runs import RunRequest
 from services.training.schemas import NAME, resolve_base_model, resolve_hyperparameters
@@ -108,16 +111,25 @@ def _messages(exc: ValidationError) -> list[str]:
     return exc.messages if isinstance(exc.messages, list) else [str(exc.messages)]
 
 
-def request_run(runtime: Runtime, session: Session, spec: RunSpec, *, force: bool = False) -> tuple[TrainingRun, bool]:
+def request_run(
+    runtime: Runtime, session: Session, spec: RunSpec, *, force: bool = False, refuse_when_full: bool = True
+) -> tuple[TrainingRun, bool]:
     """Record the run and queue it, or find the identical run already active or succeeded (and False); with
-    `force`, train again regardless. Raises InvalidRunRequest, having written nothing, if it cannot run."""
+    `force`, train again regardless. Raises InvalidRunRequest, having written nothing, if it cannot run, and
+    TooManyRuns if its tenant's queue is full and `refuse_when_full` (else the run is recorded and waits)."""
     request = resolve(spec)
-    run, created = runs.create_run(session, request, force=force)
-    if not created:
-        log.info("training_request_duplicate", run_id=run.id, status=run.status, snapshot_id=run.snapshot_id)
-        return run, False
-    if run.launch == LAUNCH_QUEUE:
-        runs.dispatch(runtime, session, run.id)
+    limits.lock_tenant(session, request.tenant)
+    existing = None if force else runs.find_identical(session, request)
+    if existing is not None:
+        log.info(
+            "training_request_duplicate", run_id=existing.id, status=existing.status, snapshot_id=existing.snapshot_id
+        )
+        return existing, False
+    if refuse_when_full:
+        limits.admit(session, request.tenant, TrainingConfig.of(runtime.settings))
+    run = runs.create_run(session, request, force=force)
+    if run.launch == LAUNCH_QUEUE and run.id not in runs.dispatch_waiting(runtime, session, run.tenant):
+        runs.waiting_for_slot(runtime, run)
     log.info(
         "run_requested",
         run_id=run.id,

@@ -3,11 +3,18 @@
 - **Requests are idempotent.** An identical request (tenant, dataset, snapshot, model name, base model,
   hyper-parameters) while one is queued, running or succeeded returns that run (`active_key` is unique);
   a failed or cancelled run clears its key, so the same request can be tried again.
+- **Sending waits for a slot.** A queue-launched run is sent to the training queue (`dispatch`) only while
+  its tenant has a running slot free (`limits.py`); otherwise it waits, recorded as queued, and is sent,
+  oldest first, in the transaction that ends another of the tenant's runs.
 - **Executing needs the lease.** Whoever executes a run (the worker's `training.run` task, or rank 0 of a
   torchrun job) first takes its lease: `lease_owner` = host:pid:token, renewed by a heartbeat every few
-  seconds until `lease_expires_at`. A redelivered task that finds the lease alive does not train; it tries
-  again later (`Outcome.HELD`), and takes over only once the holder is gone: its lease expired, or it was a
-  process on this host that no longer exists (a SIGKILLed worker), which is detected at once.
+  seconds until `lease_expires_at` (TRAINING_LEASE_SECONDS ahead). A redelivered task that finds the lease
+  alive does not train; it tries again later (`Outcome.HELD`), and takes over only once the holder is gone:
+  its lease expired, or it was a process on this host that no longer exists (a SIGKILLed worker).
+- **A dead holder's run is queued again** by whichever live worker sweeps first (`requeue_orphans`, every few
+  seconds in every training worker, and when one starts), without waiting for the broker to redeliver the
+  dead worker's message. The requeue is a compare-and-set on the row as the sweep saw it, so two sweeps
+  queue it once; the next execution takes the lease and resumes from the last checkpoint.
 - **A run ends once.** Success, failure and cancellation are conditional updates that only the lease holder
   (or nobody, for a run that never started) can make, and each publishes its event in the same transaction:
   one `training.completed`, or one `training.failed` with a reason.
@@ -28,6 +35,8 @@ from typing import Any
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
+from services.training import limits
+from services.training.config import MAX_RUNNING, TrainingConfig
 from services.training.models import (
     ACTIVE_STATUSES,
     CANCELLED,
@@ -49,8 +58,6 @@ log = get_logger(__name__)
 
 RUN_TASK = "training.run"
 RUN_QUEUE = "training"
-LEASE_SECONDS = 30.0
-HEARTBEAT_SECONDS = 2.0
 
 _HOST = socket.gethostname()
 _LIVE_OWNERS: set[str] = set()
@@ -135,13 +142,14 @@ def _aware(moment: datetime | None) -> datetime | None:
 # ------------------------------------------------------------------------------------------- requesting
 
 
-def create_run(session: Session, request: RunRequest, *, force: bool = False) -> tuple[TrainingRun, bool]:
-    """Record a queued run, or return the identical one already active or succeeded (and False)."""
-    key = None if force else request.key()
-    if key is not None:
-        existing = session.scalar(select(TrainingRun).where(TrainingRun.active_key == key))
-        if existing is not None:
-            return existing, False
+def find_identical(session: Session, request: RunRequest) -> TrainingRun | None:
+    """The identical run that is queued, running or succeeded, if there is one."""
+    return session.scalar(select(TrainingRun).where(TrainingRun.active_key == request.key()))
+
+
+def create_run(session: Session, request: RunRequest, *, force: bool = False) -> TrainingRun:
+    """Record a queued run (not yet sent to the queue). Unless `force`d, it takes the request's dedupe key:
+    look for an identical run first (`find_identical`)."""
     run = TrainingRun(
         id=new_run_id(),
         tenant=request.tenant,
@@ -157,7 +165,7 @@ def create_run(session: Session, request: RunRequest, *, force: bool = False) ->
         source=request.source,
         launch=request.launch,
         trace_id=request.trace_id,
-        active_key=key,
+        active_key=None if force else request.key(),
         status=QUEUED,
         cancel_requested=False,
         attempts=0,
@@ -167,22 +175,56 @@ def create_run(session: Session, request: RunRequest, *, force: bool = False) ->
     )
     session.add(run)
     session.flush()
-    return run, True
+    return run
 
 
 def record_rejected(runtime: Runtime, session: Session, request: RunRequest, reason: str) -> TrainingRun:
     """A request that cannot run (bad hyper-parameters, unknown base model): a failed run, and its event."""
-    run, _ = create_run(session, request, force=True)
+    run = create_run(session, request, force=True)
     _finish(runtime, session, run, FAILED, reason)
     return run
 
 
-def dispatch(runtime: Runtime, session: Session, run_id: str) -> None:
+def dispatch(runtime: Runtime, session: Session, run: TrainingRun) -> None:
     """Queue the run for the training worker through the outbox, in the caller's transaction: it is sent when
     that transaction commits, or by the outbox relay once Redis answers again (by task name: the API process
     never imports torch)."""
-    runtime.bus.enqueue(session, RUN_TASK, [run_id], queue=RUN_QUEUE)
-    log.info("run_dispatched", run_id=run_id)
+    runtime.bus.enqueue(session, RUN_TASK, [run.id], queue=RUN_QUEUE)
+    run.dispatched_at = utcnow()
+    log.info("run_dispatched", run_id=run.id)
+
+
+def dispatch_waiting(runtime: Runtime, session: Session, tenant: str) -> list[str]:
+    """Send the tenant's waiting runs to the queue, oldest first, while it has running slots free; in the
+    caller's transaction, under the tenant's lock. Returns the ids sent."""
+    limits.lock_tenant(session, tenant)
+    free = limits.free_slots(session, tenant, TrainingConfig.of(runtime.settings))
+    if free == 0:
+        return []
+    statement = (
+        select(TrainingRun)
+        .where(
+            TrainingRun.tenant == tenant,
+            TrainingRun.status == QUEUED,
+            TrainingRun.launch == LAUNCH_QUEUE,
+            TrainingRun.dispatched_at.is_(None),
+            TrainingRun.cancel_requested.is_(False),
+        )
+        .order_by(TrainingRun.seq)
+        # A waiting run being cancelled right now is skipped, not waited for: its canceller may be queued on
+        # this tenant's lock (PostgreSQL; SQLite has one writer and ignores it).
+        .with_for_update(skip_locked=True)
+    )
+    waiting = session.scalars(statement if free is None else statement.limit(free)).all()
+    for run in waiting:
+        dispatch(runtime, session, run)
+    return [run.id for run in waiting]
+
+
+def waiting_for_slot(runtime: Runtime, run: TrainingRun) -> None:
+    """Say why a queued run was not sent to the queue."""
+    config = TrainingConfig.of(runtime.settings)
+    log.info("run_waiting_for_slot", run_id=run.id, limit=MAX_RUNNING, value=config.max_running_runs_per_tenant)
 
 
 def request_cancel(runtime: Runtime, session: Session, run: TrainingRun, *, who: str) -> None:
@@ -239,6 +281,20 @@ class Claim:
 
 def claim(runtime: Runtime, run_id: str, owner: str, *, world_size: int = 1) -> Claim:
     """Take the run's lease if nobody alive holds it."""
+    # Live before the lease is even written: this process's own sweep must never take the run for orphaned.
+    with _LIVE_LOCK:
+        _LIVE_OWNERS.add(owner)
+    try:
+        claimed = _claim(runtime, run_id, owner, world_size)
+    except BaseException:
+        forget_owner(owner)
+        raise
+    if claimed.outcome != "acquired":
+        forget_owner(owner)
+    return claimed
+
+
+def _claim(runtime: Runtime, run_id: str, owner: str, world_size: int) -> Claim:
     now = utcnow()
     with runtime.db.session() as session:
         run = session.scalar(select(TrainingRun).where(TrainingRun.id == run_id).with_for_update())
@@ -253,14 +309,12 @@ def claim(runtime: Runtime, run_id: str, owner: str, *, world_size: int = 1) -> 
             return Claim("cancelled")
         previous = run.lease_owner
         run.lease_owner = owner
-        run.lease_expires_at = now + timedelta(seconds=LEASE_SECONDS)
+        run.lease_expires_at = now + timedelta(seconds=TrainingConfig.of(runtime.settings).lease_seconds)
         run.status = RUNNING
         run.attempts += 1
         run.world_size = world_size
         run.started_at = run.started_at or now
         info = RunInfo.of(run)
-    with _LIVE_LOCK:
-        _LIVE_OWNERS.add(owner)
     return Claim("acquired", info, resumed_after=previous)
 
 
@@ -309,6 +363,7 @@ class Heartbeat:
         self.run_id = run_id
         self.owner = owner
         self.progress = progress
+        self.config = TrainingConfig.of(runtime.settings)
         self.cancelled = threading.Event()
         self.lost = threading.Event()
         self._stop = threading.Event()
@@ -323,7 +378,7 @@ class Heartbeat:
         self._thread.join(timeout=10)
 
     def _loop(self) -> None:
-        while not self._stop.wait(HEARTBEAT_SECONDS):
+        while not self._stop.wait(self.config.heartbeat_seconds):
             try:
                 self.beat()
             except Exception as exc:  # a missed beat is survivable until the lease expires
@@ -334,7 +389,9 @@ class Heartbeat:
             renewed = session.execute(
                 update(TrainingRun)
                 .where(TrainingRun.id == self.run_id, TrainingRun.lease_owner == self.owner)
-                .values(lease_expires_at=utcnow() + timedelta(seconds=LEASE_SECONDS), **self.progress.values())
+                .values(
+                    lease_expires_at=utcnow() + timedelta(seconds=self.config.lease_seconds), **self.progress.values()
+                )
             ).rowcount
             cancel = session.scalar(select(TrainingRun.cancel_requested).where(TrainingRun.id == self.run_id))
         if not renewed:
@@ -380,7 +437,7 @@ def record_epoch(
         run.eta_seconds = report["eta_seconds"]
         run.history = list(history)
         run.metrics = metrics
-        run.lease_expires_at = utcnow() + timedelta(seconds=LEASE_SECONDS)
+        run.lease_expires_at = utcnow() + timedelta(seconds=TrainingConfig.of(runtime.settings).lease_seconds)
     return True
 
 
@@ -455,26 +512,121 @@ def _finish(
         }
         runtime.bus.publish(session, "training.failed", failure, tenant=run.tenant, trace_id=run.trace_id)
     log.info(f"run_{status}", run_id=run.id, reason=reason)
+    dispatch_waiting(runtime, session, run.tenant)  # the slot this run held (if any) goes to the next in line
 
 
 # ----------------------------------------------------------------------------------------------- recovery
 
+WORKER_GONE = "worker_gone"
+"""The lease holder was a process on this host that no longer runs (detected at once)."""
+LEASE_EXPIRED = "lease_expired"
+"""The lease was not renewed in time: its holder died, hung, or lost the database for a whole lease."""
+RELEASED = "released"
+"""Nobody holds the run: an attempt gave it back (a transient error), or it was queued again, and no
+execution has taken it since."""
 
-def recover(runtime: Runtime, limit: int = 100) -> int:
-    """Queue again every queue-launched run that should be executing but that nobody alive holds: runs whose
-    worker died, and queued runs whose message a broker restarted without its data has lost. Called when a
-    training worker starts; duplicates are harmless (the lease admits one execution)."""
+
+def _orphaned(run: TrainingRun, now: datetime, released_for: float) -> str | None:
+    """Why a running run needs sending again, or None while an execution may still hold (or take) it."""
+    if run.lease_owner is not None:
+        if _owner_gone(run.lease_owner):
+            return WORKER_GONE
+        expires = _aware(run.lease_expires_at)
+        return LEASE_EXPIRED if expires is None or expires <= now else None
+    untouched = now - (_aware(run.updated_at) or now)
+    return RELEASED if untouched >= timedelta(seconds=released_for) else None
+
+
+def requeue_orphans(runtime: Runtime, *, released_for: float, limit: int = 100) -> list[str]:
+    """Queue again every queue-launched running run whose execution is gone (see `_orphaned`); a run nobody
+    holds counts once it has stayed untouched for `released_for` seconds (longer than any retry of a released
+    attempt waits, in the periodic sweep; 0 when a worker starts). Returns the ids it queued."""
     now = utcnow()
-    with runtime.db.session() as session:
-        runs = session.scalars(
+    with runtime.db.read_session() as session:
+        running = session.scalars(
             select(TrainingRun)
-            .where(TrainingRun.status.in_(ACTIVE_STATUSES), TrainingRun.launch == LAUNCH_QUEUE)
+            .where(TrainingRun.status.in_((RUNNING, CANCELLING)), TrainingRun.launch == LAUNCH_QUEUE)
             .order_by(TrainingRun.seq)
             .limit(limit)
         ).all()
-        orphans = [run.id for run in runs if not _lease_alive(run, now)]
-        for run_id in orphans:
-            dispatch(runtime, session, run_id)
-    if orphans:
-        log.info("runs_recovered", count=len(orphans), run_ids=orphans[:20])
-    return len(orphans)
+    requeued = []
+    for run in running:
+        reason = _orphaned(run, now, released_for)
+        if reason is not None and _requeue(runtime, run, reason):
+            requeued.append(run.id)
+    return requeued
+
+
+def _requeue(runtime: Runtime, seen: TrainingRun, reason: str) -> bool:
+    """Send the run again if its row is still as `seen`: not renewed by its holder, not taken by a new
+    execution, not queued again by another sweep since (each of those changes `updated_at`)."""
+    owner = TrainingRun.lease_owner
+    with runtime.db.session() as session:
+        taken = session.execute(
+            update(TrainingRun)
+            .where(
+                TrainingRun.id == seen.id,
+                TrainingRun.updated_at == seen.updated_at,
+                owner.is_(None) if seen.lease_owner is None else owner == seen.lease_owner,
+            )
+            .values(lease_owner=None, lease_expires_at=None, dispatched_at=utcnow())
+            .execution_options(synchronize_session=False)
+        ).rowcount
+        if taken:
+            runtime.bus.enqueue(session, RUN_TASK, [seen.id], queue=RUN_QUEUE)
+    if taken:
+        expires = _aware(seen.lease_expires_at)
+        log.info(
+            "run_requeued",
+            run_id=seen.id,
+            tenant=seen.tenant,
+            trace_id=seen.trace_id,
+            reason=reason,
+            previous_owner=seen.lease_owner,
+            lease_expires_at=expires.isoformat() if expires else None,
+            attempts=seen.attempts,
+        )
+    return bool(taken)
+
+
+def dispatch_all_waiting(runtime: Runtime) -> list[str]:
+    """Fill every tenant's free running slots with its waiting runs (each tenant in its own transaction)."""
+    with runtime.db.read_session() as session:
+        tenants = session.scalars(
+            select(TrainingRun.tenant)
+            .where(
+                TrainingRun.status == QUEUED,
+                TrainingRun.launch == LAUNCH_QUEUE,
+                TrainingRun.dispatched_at.is_(None),
+            )
+            .distinct()
+        ).all()
+    sent = []
+    for tenant in tenants:
+        with runtime.db.session() as session:
+            sent += dispatch_waiting(runtime, session, tenant)
+    return sent
+
+
+def recover(runtime: Runtime, limit: int = 100) -> int:
+    """When a training worker starts: queue again every run that should be executing but that nobody alive
+    holds, and every run sent to the queue but not started (a broker restarted without its data may have lost
+    its message; a duplicate is harmless, the lease admits one execution); then fill free running slots."""
+    requeued = requeue_orphans(runtime, released_for=0, limit=limit)
+    with runtime.db.session() as session:
+        sent = session.scalars(
+            select(TrainingRun)
+            .where(
+                TrainingRun.status == QUEUED,
+                TrainingRun.launch == LAUNCH_QUEUE,
+                TrainingRun.dispatched_at.is_not(None),
+            )
+            .order_by(TrainingRun.seq)
+            .limit(limit)
+        ).all()
+        for run in sent:
+            dispatch(runtime, session, run)
+    recovered = requeued + [run.id for run in sent] + dispatch_all_waiting(runtime)
+    if recovered:
+        log.info("runs_recovered", count=len(recovered), run_ids=recovered[:20])
+    return len(recovered)

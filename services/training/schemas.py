@@ -12,6 +12,7 @@ from typing import Any
 from marshmallow import RAISE, Schema, ValidationError, fields, validate
 
 from services.training.base_models import DEFAULT_BASE_MODELS, known_base_models
+from services.training.config import RUN_LIMITS
 from services.training.models import LAUNCH_EXTERNAL, LAUNCH_QUEUE, STATUSES
 from shared.auth import TENANT_ID
 from shared.events.catalog import TASK_TYPES, ObjectRef
@@ -206,7 +207,19 @@ class RunSchema(Schema):
     status = fields.String()
     cancel_requested = fields.Boolean()
     failure_reason = fields.String(allow_none=True)
-    attempts = fields.Integer()
+    attempts = fields.Integer(
+        metadata={
+            "description": "executions started so far: a takeover from a dead worker and a retry after a transient "
+            "error each add one; the run fails once it would exceed 5"
+        }
+    )
+    dispatched_at = fields.DateTime(
+        allow_none=True,
+        metadata={
+            "description": "when the run was last sent to the training queue; null while it waits for one of "
+            "its tenant's running slots (max_running_runs_per_tenant), and for an externally launched run"
+        },
+    )
     resumed_from_epoch = fields.Integer(allow_none=True)
     world_size = fields.Integer()
     device = fields.String(allow_none=True)
@@ -223,3 +236,21 @@ class RunSchema(Schema):
 class RunListSchema(Schema):
     runs = fields.List(fields.Nested(RunSchema))
     next_after = fields.Integer(allow_none=True)
+
+
+class RunLimitDetailsSchema(Schema):
+    limit = fields.String(validate=validate.OneOf(RUN_LIMITS), metadata={"description": "the limit reached"})
+    value = fields.Integer(metadata={"description": "the limit's value"})
+    tenant = fields.String()
+
+
+class RunLimitErrorBodySchema(Schema):
+    code = fields.String(validate=validate.Equal("too_many_runs"))
+    message = fields.String()
+    details = fields.Nested(RunLimitDetailsSchema)
+
+
+class RunLimitErrorSchema(Schema):
+    """The error envelope of a request refused by one of its tenant's run limits."""
+
+    error = fields.Nested(RunLimitErrorBodySchema, required=True)

@@ -8,64 +8,17 @@ from __future__ import annotations
 
 import base64
 import json
-import os
 import signal
-import subprocess
-import sys
-from collections.abc import Iterator
-from contextlib import contextmanager
-from pathlib import Path
 
 import pytest
 import redis
 
 from shared.artifacts import checkpoint_key
-from tests.conftest import INTERNAL_TOKEN
 from tests.helpers import INTERNAL, eventually, figures
 from tests.training.support import all_runs, digit_items, published, write_snapshot
+from tests.training.workers import worker_process
 
 pytestmark = [pytest.mark.timeout(200), pytest.mark.slow]
-
-REPO = Path(__file__).resolve().parents[2]
-
-
-@contextmanager
-def worker_process(settings, log_path: Path) -> Iterator[subprocess.Popen]:
-    env = {
-        "PATH": os.environ.get("PATH", ""),
-        "HOME": os.environ.get("HOME", str(settings.home)),
-        "PYTHONPATH": str(REPO),
-        "FLYWHEEL_HOME": str(settings.home),
-        "REDIS_URL": settings.redis_url,
-        "S3_ENDPOINT": settings.s3_endpoint,
-        "S3_ACCESS_KEY": settings.s3_access_key,
-        "S3_SECRET_KEY": settings.s3_secret_key,
-        "FLYWHEEL_INTERNAL_TOKEN": INTERNAL_TOKEN,
-        "TRAINING_DATABASE_URL": f"sqlite:///{settings.home / 'db' / 'training.sqlite3'}",
-        "VISIBILITY_TIMEOUT": "5",
-        "OUTBOX_RELAY_INTERVAL": "0.5",
-        "LOG_LEVEL": "INFO",
-        "OMP_NUM_THREADS": "1",  # see tests/training/conftest.py
-        "PYTHONUNBUFFERED": "1",
-    }
-    with log_path.open("ab") as log:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "cli.main", "worker", "training"],
-            cwd=REPO,
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-    try:
-        yield process
-    finally:
-        if process.poll() is None:
-            process.terminate()
-            try:
-                process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
 
 
 def registry_event_ids(redis_url: str) -> list[str]:
@@ -99,7 +52,7 @@ def test_a_killed_worker_resumes_from_its_last_checkpoint(platform, settings, tm
     run_id = api.client.post("/v1/runs", json=body, headers=INTERNAL).get_json()["id"]
     first_log, second_log = tmp_path / "worker-1.log", tmp_path / "worker-2.log"
 
-    with worker_process(settings, first_log) as first:
+    with worker_process(settings, first_log, VISIBILITY_TIMEOUT="5") as first:
         eventually(lambda: all_runs(api.runtime)[0].epoch >= 1, timeout=120, interval=0.05, what="a finished epoch")
         first.send_signal(signal.SIGKILL)
         first.wait()  # reaped: its pid is gone, as after a crash
@@ -109,7 +62,7 @@ def test_a_killed_worker_resumes_from_its_last_checkpoint(platform, settings, tm
     epochs_at_kill = killed.epoch
     assert [epoch["epoch"] for epoch in killed.history] == list(range(1, epochs_at_kill + 1))
 
-    with worker_process(settings, second_log):
+    with worker_process(settings, second_log, VISIBILITY_TIMEOUT="5"):
         run = eventually(
             lambda: next((r for r in all_runs(api.runtime) if r.status in ("succeeded", "failed")), None),
             timeout=150,
