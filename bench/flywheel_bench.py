@@ -84,7 +84,7 @@ def _training_seconds(run: dict[str, Any]) -> float:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--threshold", type=int, default=200)
+    parser.add_argument("--threshold", type=int, default=500)
     parser.add_argument("--epochs", type=int, default=3)
     args = parser.parse_args(argv)
     say = Progress()
