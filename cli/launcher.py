@@ -3,9 +3,10 @@
 `flywheel up` starts a supervisor (`python -m cli.launcher supervise`, in its own session), which starts Redis if
 none answers at REDIS_URL, then each service's HTTP server (gunicorn; granian for inference) and, where its
 `ServiceSpec` says it runs one, its Celery worker, as separate process groups; once every `/readyz` is green and
-every worker consumes it tells `up`, which prints where each listens. From then on the supervisor starts again
-any process that exits, after a backoff (1 s, 2 s, 4 s … 30 s; afresh once it has stayed up a minute), logs each
-restart (`process_restarted`) to FLYWHEEL_HOME/logs/supervisor.log and counts it in the state file. `up --detach`
+every worker consumes it tells `up`, which prints where each listens. From then on the supervisor (supervisor.py)
+starts again any process that exits, after a backoff (1 s, 2 s, 4 s … 30 s; afresh once it has stayed up a
+minute), logs each restart (`process_restarted`) to FLYWHEEL_HOME/logs/supervisor.log and counts it in the state
+file. `up --detach`
 returns there; a foreground `up` prints what the supervisor says until Ctrl-C, which stops everything as
 `flywheel down` does: the supervisor is asked to stop (it stops its processes first, so nothing is restarted
 while it stops), and whatever it leaves, or everything if it has died, is stopped from the process groups
@@ -30,7 +31,6 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 from urllib.parse import urlparse
@@ -38,135 +38,39 @@ from urllib.parse import urlparse
 import redis
 import requests
 
+from cli.supervisor import (
+    READY_TIMEOUT_SECONDS,
+    STOP_GRACE_SECONDS,
+    LaunchError,
+    Platform,
+    ProcessSpec,
+    Say,
+    Supervisor,
+    describe_exit,
+    pid_alive,
+    signal_group,
+    spawn,
+    stop_processes,
+    tail,
+)
 from shared.auth import generate_internal_token
-from shared.backoff import backoff_delay
 from shared.client.api import service_urls
 from shared.logging import configure_logging, get_logger
 from shared.server_logging import GRANIAN_LOG_CONFIG
 from shared.settings import SERVICES, Settings, loopback_url
 from shared.tables import print_table
 
-READY_TIMEOUT_SECONDS = 90.0
 PRIVATE_REDIS_READY_SECONDS = 10.0
 READY_FILE_ENV = "FLYWHEEL_WORKER_READY_FILE"  # where a worker started by `up` says it consumes
-STOP_GRACE_SECONDS = 10.0
 SUPERVISOR_STOP_SECONDS = STOP_GRACE_SECONDS + 10.0  # its processes' grace, then time to reap and clean up
 PRIVATE_REDIS_PORT = 6390
-POLL_SECONDS = 0.25
 SUPERVISOR_LOG = "supervisor.log"
 
 log = get_logger("cli.launcher")  # by name: the supervisor runs this module as __main__
 
-Say = Callable[[str], None]
-
-
-def _silent(_line: str) -> None:
-    pass
-
 
 def _say_to(out: Any) -> Say:
     return lambda line: print(line, file=out, flush=True)
-
-
-class LaunchError(Exception):
-    """A reason `flywheel up` cannot proceed, worded for the operator."""
-
-
-@dataclass(frozen=True)
-class RestartPolicy:
-    """When the supervisor starts an exited process again: `base`, 2·base, 4·base … seconds after it exited,
-    never later than `cap`; a process that had been ready for `stable_after` seconds starts the schedule afresh,
-    one that keeps exiting is retried every `cap` seconds for as long as it takes. A restarted process not ready
-    within `ready_timeout` is killed, and that counts as one more exit."""
-
-    base: float = 1.0
-    cap: float = 30.0
-    stable_after: float = 60.0
-    ready_timeout: float = READY_TIMEOUT_SECONDS
-
-    def delay(self, attempt: int) -> float:
-        # No jitter: a handful of local processes have no thundering herd to spread, and the operator reads
-        # the schedule in the log.
-        return backoff_delay(attempt, self.base, self.cap, jitter=False)
-
-
-@dataclass
-class Platform:
-    home: Path
-    redis_url: str
-    internal_token: str
-    ports: dict[str, int]
-    processes: dict[str, int] = field(default_factory=dict)  # name -> pid (each its own process group)
-    started_at: float = field(default_factory=time.time)
-    supervisor: int | None = None  # the pid of the process that restarts the others
-    restarts: dict[str, int] = field(default_factory=dict)
-    last_exits: dict[str, str] = field(default_factory=dict)  # name -> how it last ended, e.g. "killed by SIGKILL"
-
-    @property
-    def state_file(self) -> Path:
-        return self.home / "run" / "state.json"
-
-    def save(self) -> None:
-        self.state_file.parent.mkdir(parents=True, exist_ok=True)
-        data = {
-            "redis_url": self.redis_url,
-            "ports": self.ports,
-            "processes": self.processes,
-            "started_at": self.started_at,
-            "supervisor": self.supervisor,
-            "restarts": self.restarts,
-            "last_exits": self.last_exits,
-        }
-        partial = self.state_file.with_suffix(".json.partial")
-        partial.write_text(json.dumps(data, indent=2))
-        partial.replace(self.state_file)  # the supervisor rewrites it while `status` reads it: never half a file
-
-    @classmethod
-    def load(cls, home: Path) -> Platform | None:
-        path = home / "run" / "state.json"
-        if not path.exists():
-            return None
-        data = json.loads(path.read_text())
-        return cls(
-            home=home,
-            redis_url=data["redis_url"],
-            internal_token="",
-            ports={k: int(v) for k, v in data["ports"].items()},
-            processes={k: int(v) for k, v in data["processes"].items()},
-            started_at=data["started_at"],
-            supervisor=data.get("supervisor"),
-            restarts={k: int(v) for k, v in data.get("restarts", {}).items()},
-            last_exits=dict(data.get("last_exits", {})),
-        )
-
-    def worker_ready_file(self, service: str) -> Path:
-        """Written by the service's worker once it consumes (`READY_FILE_ENV`); `up` waits for it."""
-        return self.home / "run" / f"{service}-worker.ready"
-
-    def workers(self) -> list[str]:
-        """The services whose worker this platform started."""
-        return [name.removesuffix("-worker") for name in self.processes if name.endswith("-worker")]
-
-    def alive(self) -> dict[str, int]:
-        return {name: pid for name, pid in self.processes.items() if _pid_alive(pid)}
-
-    def supervisor_alive(self) -> bool:
-        return self.supervisor is not None and _pid_alive(self.supervisor)
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    # A zombie child of ours counts as gone.
-    try:
-        waited, _ = os.waitpid(pid, os.WNOHANG)
-        return waited == 0
-    except ChildProcessError:
-        return True
 
 
 def services_with_workers() -> tuple[str, ...]:
@@ -214,23 +118,6 @@ def _free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
-
-
-def _spawn(
-    command: list[str], log_path: Path, env: dict[str, str], *, pass_fds: tuple[int, ...] = ()
-) -> subprocess.Popen[bytes]:
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(log_path, "ab") as log_file:
-        return subprocess.Popen(
-            command,
-            stdout=log_file,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            env=env,
-            start_new_session=True,  # its own process group: stopped as a whole, survives our Ctrl-C handling
-            close_fds=True,
-            pass_fds=pass_fds,
-        )
 
 
 def _internal_token(settings: Settings) -> tuple[str, str | None]:
@@ -323,244 +210,6 @@ def _ready(port: int) -> bool:
         return requests.get(f"{loopback_url(port)}/readyz", timeout=5).status_code == 200
     except requests.RequestException:
         return False
-
-
-def _tail(path: Path, lines: int = 15) -> str:
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-    except OSError:
-        return "(no log)"
-
-
-def describe_exit(returncode: int) -> str:
-    """How a process ended, for people: `exit 1`, `killed by SIGKILL`."""
-    return f"killed by {_signal_name(-returncode)}" if returncode < 0 else f"exit {returncode}"
-
-
-def _exit_fields(returncode: int) -> dict[str, Any]:
-    """How a process ended, for the log: its exit code, or the signal that ended it."""
-    if returncode < 0:
-        return {"exit_code": None, "signal": _signal_name(-returncode)}
-    return {"exit_code": returncode, "signal": None}
-
-
-def _signal_name(number: int) -> str:
-    try:
-        return signal.Signals(number).name
-    except ValueError:
-        return f"signal {number}"
-
-
-def _has_exited(process: subprocess.Popen[bytes]) -> bool:
-    """Whether our child has exited, without reaping it: until it is reaped its pid, which is its process
-    group's id, cannot be given to another process, so the rest of its group can still be signalled safely."""
-    try:
-        return os.waitid(os.P_PID, process.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
-    except ChildProcessError:  # reaped already
-        return True
-
-
-def _signal_group(pid: int, sig: int) -> None:
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(pid, sig)
-
-
-# --- Supervision: start processes, and start again whichever exits --------------------------------------------
-
-
-@dataclass
-class ProcessSpec:
-    """One process the supervisor keeps running: how to start it, where it logs, how to tell that it is ready."""
-
-    name: str
-    command: list[str]
-    env: dict[str, str]
-    log_path: Path
-    ready: Callable[[], bool]
-    ready_file: Path | None = None  # removed before each start: the process writes it once ready
-
-    def spawn(self) -> subprocess.Popen[bytes]:
-        if self.ready_file is not None:
-            self.ready_file.unlink(missing_ok=True)
-        return _spawn(self.command, self.log_path, self.env)
-
-
-@dataclass
-class _Child:
-    spec: ProcessSpec
-    process: subprocess.Popen[bytes]
-    started_at: float  # time.monotonic()
-    ready_at: float | None = None
-    attempt: int = 0  # exits in a row without staying up: the backoff's exponent
-    restarts: int = 0
-    restart_at: float | None = None  # set while it is down: when it starts again
-    delay: float = 0.0  # the backoff it waits (or waited) before its latest start
-    gave_up_waiting: bool = False  # killed for not being ready in time
-
-    @property
-    def name(self) -> str:
-        return self.spec.name
-
-
-class Supervisor:
-    """Starts processes and keeps them running: one that exits is started again after its backoff (see
-    `RestartPolicy`), and the platform's state file says under which pid each runs, how often it was restarted
-    and how it last ended. Every exit and restart is a log line; `say` tells a person watching."""
-
-    def __init__(self, platform: Platform, *, policy: RestartPolicy | None = None, say: Say = _silent) -> None:
-        self.platform = platform
-        self.policy = policy or RestartPolicy()
-        self.say = say
-        self.children: dict[str, _Child] = {}
-
-    def launch(self, spec: ProcessSpec) -> None:
-        """Start `spec` for the first time; `wait_ready` or `run` watch it from then on."""
-        child = _Child(spec, spec.spawn(), time.monotonic())
-        self.children[spec.name] = child
-        self._record(child)
-
-    def wait_ready(self, names: Iterable[str], timeout: float, stopping: Callable[[], bool]) -> None:
-        """Start-up: block until each of `names` is ready. Nothing is restarted yet: a process that exits now
-        (a port taken, a bad setting) would only exit again, so `LaunchError` says why, with its log's end."""
-        pending = set(names)
-        deadline = time.monotonic() + timeout
-        while True:
-            for child in self.children.values():
-                if child.process.poll() is not None:
-                    ended = describe_exit(child.process.returncode)
-                    raise LaunchError(
-                        f"{child.name} exited during start-up ({ended}); last lines of its log:\n"
-                        f"{_tail(child.spec.log_path)}"
-                    )
-            for name in sorted(pending):
-                if self.children[name].spec.ready():
-                    pending.discard(name)
-                    self._mark_ready(self.children[name], time.monotonic())
-            if not pending:
-                return
-            if stopping():
-                raise LaunchError("stopped before the platform was ready")
-            if time.monotonic() > deadline:
-                log_dir = self.children[min(pending)].spec.log_path.parent
-                raise LaunchError(f"not ready after {timeout:.0f}s: {', '.join(sorted(pending))}; logs in {log_dir}")
-            time.sleep(POLL_SECONDS)
-
-    def run(self, stopping: Callable[[], bool]) -> None:
-        """Keep every process running until `stopping()` says otherwise."""
-        while not stopping():
-            self.check()
-            time.sleep(POLL_SECONDS)
-
-    def check(self) -> None:
-        """One round: note who exited, start again whoever's backoff is over, probe whoever is not ready yet."""
-        for child in self.children.values():
-            now = time.monotonic()
-            if child.restart_at is not None:
-                if now >= child.restart_at:
-                    self._restart(child)
-            elif _has_exited(child.process):
-                self._exited(child, now)
-            elif child.ready_at is None:
-                self._probe(child, now)
-
-    def stop(self) -> None:
-        stop_processes(self.platform, say=self.say)
-
-    def _exited(self, child: _Child, now: float) -> None:
-        # What is left of its group (an HTTP server's own workers, still holding its port) goes with it, while
-        # the unreaped leader keeps the group's id from being reused.
-        _signal_group(child.process.pid, signal.SIGKILL)
-        returncode = child.process.wait()
-        stayed_up = child.ready_at is not None and now - child.ready_at >= self.policy.stable_after
-        child.attempt = 1 if stayed_up else child.attempt + 1
-        child.delay = self.policy.delay(child.attempt)
-        child.restart_at = now + child.delay
-        ended = f"not ready in {self.policy.ready_timeout:g}s" if child.gave_up_waiting else describe_exit(returncode)
-        self.platform.last_exits[child.name] = ended
-        self.platform.save()
-        log.warning(
-            "process_exited",
-            process=child.name,
-            pid=child.process.pid,
-            **_exit_fields(returncode),
-            ended=ended,
-            up_s=round(now - child.started_at, 1),
-            attempt=child.attempt,
-            restart_in_s=child.delay,
-        )
-        if child.delay >= self.policy.cap:
-            log.warning(
-                "process_keeps_exiting",
-                process=child.name,
-                attempt=child.attempt,
-                retry_every_s=self.policy.cap,
-                message=(
-                    f"{child.name} keeps exiting: retried every {self.policy.cap:g}s until it stays up "
-                    f"{self.policy.stable_after:g}s; see {child.spec.log_path}"
-                ),
-            )
-        self.say(f"{child.name} exited ({ended}); restarting in {child.delay:g}s (attempt {child.attempt})")
-
-    def _restart(self, child: _Child) -> None:
-        previous = child.process
-        child.process = child.spec.spawn()
-        child.started_at = time.monotonic()
-        child.ready_at = None
-        child.restart_at = None
-        child.gave_up_waiting = False
-        child.restarts += 1
-        self._record(child)
-        log.warning(
-            "process_restarted",
-            process=child.name,
-            pid=child.process.pid,
-            previous_pid=previous.pid,
-            **_exit_fields(previous.returncode),
-            attempt=child.attempt,
-            delay_s=child.delay,
-            restarts=child.restarts,
-        )
-        self.say(f"{child.name} restarted (pid {child.process.pid})")
-
-    def _probe(self, child: _Child, now: float) -> None:
-        if child.spec.ready():
-            self._mark_ready(child, now)
-        elif now - child.started_at > self.policy.ready_timeout:
-            log.warning(
-                "process_not_ready", process=child.name, pid=child.process.pid, waited_s=self.policy.ready_timeout
-            )
-            child.gave_up_waiting = True
-            _signal_group(child.process.pid, signal.SIGKILL)  # the next round sees it exit, and restarts it
-
-    def _mark_ready(self, child: _Child, now: float) -> None:
-        child.ready_at = now
-        log.info("process_ready", process=child.name, pid=child.process.pid, after_s=round(now - child.started_at, 1))
-        self.say(f"  {child.name} ready")
-
-    def _record(self, child: _Child) -> None:
-        self.platform.processes[child.name] = child.process.pid
-        self.platform.restarts[child.name] = child.restarts
-        self.platform.save()
-
-
-def stop_processes(platform: Platform, *, say: Say = _silent) -> None:
-    """SIGTERM every process group (workers first so they finish their task), then SIGKILL stragglers; remove
-    the state file."""
-    order = sorted(platform.processes, key=lambda name: (name == "redis", not name.endswith("-worker")))
-    for name in order:
-        _signal_group(platform.processes[name], signal.SIGTERM)
-    deadline = time.monotonic() + STOP_GRACE_SECONDS
-    while time.monotonic() < deadline and platform.alive():
-        time.sleep(0.1)
-    for name, pid in platform.alive().items():
-        say(f"  {name} did not stop in {STOP_GRACE_SECONDS:.0f}s; killing it")
-        _signal_group(pid, signal.SIGKILL)
-    # Reap whatever is left in each group (the HTTP servers' and celery's children).
-    for pid in platform.processes.values():
-        _signal_group(pid, signal.SIGKILL)
-    platform.state_file.unlink(missing_ok=True)
-    for service in platform.workers():
-        platform.worker_ready_file(service).unlink(missing_ok=True)
 
 
 # --- The supervisor process -------------------------------------------------------------------------------------
@@ -765,7 +414,7 @@ def _start_supervisor(log_dir: Path, workers: Iterable[str]) -> tuple[subprocess
     read_fd, write_fd = os.pipe()
     try:
         command = [sys.executable, "-m", "cli.launcher", "supervise", "--report-fd", str(write_fd)]
-        process = _spawn(
+        process = spawn(
             [*command, "--workers", ",".join(workers)],
             log_dir / SUPERVISOR_LOG,
             os.environ.copy(),
@@ -785,9 +434,7 @@ def _relay_until_ready(reports: TextIO, supervisor_log: Path, out: Any) -> None:
             raise LaunchError(message["error"])
         elif message.get("ready"):
             return
-    raise LaunchError(
-        f"the supervisor exited during start-up; last lines of {supervisor_log}:\n{_tail(supervisor_log)}"
-    )
+    raise LaunchError(f"the supervisor exited during start-up; last lines of {supervisor_log}:\n{tail(supervisor_log)}")
 
 
 def _follow(supervisor: subprocess.Popen[bytes], reports: TextIO, settings: Settings, out: Any) -> int:
@@ -818,13 +465,13 @@ def _follow(supervisor: subprocess.Popen[bytes], reports: TextIO, settings: Sett
 def _shut_down(home: Path, supervisor: int | None, *, say: Say) -> None:
     """Ask the supervisor to stop the platform (so that it restarts nothing) and wait for it; then stop whatever
     the state file still records: everything, when the supervisor had died."""
-    if supervisor is not None and _pid_alive(supervisor):
+    if supervisor is not None and pid_alive(supervisor):
         os.kill(supervisor, signal.SIGTERM)
         deadline = time.monotonic() + SUPERVISOR_STOP_SECONDS
-        while _pid_alive(supervisor):
+        while pid_alive(supervisor):
             if time.monotonic() > deadline:
                 say(f"  the supervisor (pid {supervisor}) did not stop in {SUPERVISOR_STOP_SECONDS:.0f}s; killing it")
-                _signal_group(supervisor, signal.SIGKILL)
+                signal_group(supervisor, signal.SIGKILL)
                 break
             time.sleep(0.1)
     left = Platform.load(home)
@@ -873,7 +520,7 @@ def status(*, out: Any = None) -> int:
     all_ready = all(state == "ready" for _, _, state in rows)
     if platform is not None:
         _print_processes(platform, settings, out)
-        dead_workers = [s for s in platform.workers() if not _pid_alive(platform.processes[f"{s}-worker"])]
+        dead_workers = [s for s in platform.workers() if not pid_alive(platform.processes[f"{s}-worker"])]
         if dead_workers:
             all_ready = False
             print(f"workers not running: {', '.join(dead_workers)}", file=out)
@@ -887,7 +534,7 @@ def _print_processes(platform: Platform, settings: Settings, out: Any) -> None:
         [
             name,
             pid,
-            "running" if _pid_alive(pid) else "exited",
+            "running" if pid_alive(pid) else "exited",
             platform.restarts.get(name, 0),
             platform.last_exits.get(name),
         ]

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from cli.launcher import LaunchError, Platform, ProcessSpec, RestartPolicy, Supervisor
+from cli.supervisor import LaunchError, Platform, ProcessSpec, RestartPolicy, Supervisor
 from tests.cli.test_launcher import flywheel, group_alive, launcher_env
 
 __all__ = ["launcher_env"]
