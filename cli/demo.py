@@ -1,11 +1,21 @@
 """`flywheel demo` (and `make demo`): the whole loop on real data, with nobody touching a queue.
 
-For each dataset — handwritten digits (images) and standard-library docstrings (text), see demo_data.py —
-and each cycle: a partner pushes a new share of the data; three simulated annotators label every task from
-the ground truth with 10% noise; consensus forms; the retrain policy fires a snapshot and a training run;
-training exports a verified ONNX model; the registry's gate promotes it (or keeps production); inference
-hot-swaps to it; a held-out set is predicted and every wrong prediction is sent back as feedback, which
-becomes a high-priority labeling task in the next cycle. A summary table is printed and written as JSON.
+Each dataset — handwritten digits (images) and standard-library docstrings (text), see demo_data.py — is
+split three ways before anything is sent, and no item moves between the parts:
+
+- the pool: pushed by the partner, a new share each cycle, and labeled;
+- production traffic: a separate stream of requests, a new share each cycle, predicted by the version in
+  production; every wrong answer is sent back as feedback (the loop's feedback), which becomes a
+  high-priority labeling task in the next cycle, and so training data;
+- held out: predicted every cycle and never pushed, labeled, fed back or trained on. Its accuracy is the
+  summary's figure: how the served version does on items the platform has never seen in any form.
+
+Each cycle: the partner pushes; three simulated annotators label every task from the ground truth with 10%
+noise; consensus forms; the retrain policy fires a snapshot and a training run; training exports a verified
+ONNX model and scores it and production on the snapshot's test split; the registry's gate promotes it or
+keeps production; inference hot-swaps to a promoted version; the held-out set and the cycle's traffic are
+predicted. Two tables are printed and written as JSON: the cycles, and the gate's decisions (both versions'
+scores on the same test items, the interval of the difference, each condition passed or failed).
 """
 
 from __future__ import annotations
@@ -23,6 +33,8 @@ from shared.client import Flywheel, answer_or_none, wait_for
 from shared.settings import Settings
 from shared.tables import render
 
+PRODUCTION = "production"
+
 NOISE = 0.10
 ANNOTATORS = 3
 POLL_S = 0.5
@@ -36,13 +48,55 @@ class DatasetPlan:
     labels: tuple[str, ...]
     items: list[tuple[Any, str]]  # (text or png bytes, true label)
     per_cycle: int
+    """Pool items the partner pushes each cycle."""
+    traffic: int
+    """Production requests each cycle; their wrong answers are the feedback."""
     holdout: int
+    """Items only ever predicted: the held-out accuracy's denominator."""
     retrain_threshold: int
     hyperparameters: dict[str, Any] = field(default_factory=dict)
 
     def item(self, content: Any, label: str | None = None) -> dict[str, Any]:
         key = "text" if self.task_type == "text_classification" else "image"
         return {key: content, "label": label}
+
+
+@dataclass
+class GateResult:
+    """What the registry's gate decided for one version, read from the version's recorded decision."""
+
+    outcome: str | None
+    reason: str | None
+    test_set: dict[str, Any] | None  # {snapshot_id, split, items, sha256}: the items both versions were scored on
+    metric: str | None
+    candidate: float | None
+    production_version: int | None
+    production: float | None  # production's score on the same test items (None when there was no production)
+    production_error: str | None
+    difference: dict[str, Any] | None  # {value, ci_low, ci_high, confidence, method}
+    conditions: list[dict[str, Any]]  # [{name, passed}] in the gate's order
+
+    @classmethod
+    def from_decision(cls, decision: dict[str, Any] | None) -> GateResult:
+        decision = decision or {}
+        metric = (decision.get("policy") or {}).get("primary_metric")
+        candidate = (decision.get("candidate") or {}).get("metrics") or {}
+        production = decision.get("production") or {}
+        difference = decision.get("difference")
+        return cls(
+            outcome=decision.get("outcome"),
+            reason=decision.get("reason"),
+            test_set=decision.get("evaluation_set"),
+            metric=metric,
+            candidate=candidate.get(metric),
+            production_version=production.get("version"),
+            production=(production.get("metrics") or {}).get(metric),
+            production_error=production.get("error"),
+            difference=None
+            if difference is None
+            else {key: difference.get(key) for key in ("value", "ci_low", "ci_high", "confidence", "method")},
+            conditions=[{"name": c["name"], "passed": c["passed"]} for c in decision.get("conditions") or []],
+        )
 
 
 @dataclass
@@ -56,14 +110,21 @@ class CycleResult:
     validation_macro_f1: float | None
     version: int | None
     decision: str | None
+    gate: GateResult | None
     serving_version: int | None
-    predictions: int
+    holdout_predictions: int
     holdout_accuracy: float | None
+    traffic_predictions: int
+    traffic_accuracy: float | None
     feedback_sent: int
     seconds: dict[str, float]
 
 
 def default_plans(scale: float = 1.0) -> list[DatasetPlan]:
+    """Sized so that the first snapshot (the retrain threshold's worth of labels) already has a test split the
+    gate decides on: 10% of 500 items is 50, and fewer than the registry's default 30 happens about once in 2,000
+    datasets. Pool, traffic and held-out items for two cycles: digits 1,200 + 300 + 200 of 1,797, text
+    1,160 + 200 + 150 of about 1,550."""
     digits = shuffled(digit_images())
     texts = shuffled(stdlib_docstrings())
     return [
@@ -73,6 +134,7 @@ def default_plans(scale: float = 1.0) -> list[DatasetPlan]:
             DIGIT_LABELS,
             digits,
             per_cycle=int(600 * scale),
+            traffic=int(150 * scale),
             holdout=int(200 * scale),
             retrain_threshold=int(500 * scale),
             hyperparameters={"epochs": 8, "image_size": 32},
@@ -82,10 +144,11 @@ def default_plans(scale: float = 1.0) -> list[DatasetPlan]:
             "text_classification",
             TEXT_LABELS,
             texts,
-            per_cycle=int(300 * scale),
-            holdout=int(100 * scale),
-            retrain_threshold=int(250 * scale),
-            hyperparameters={"epochs": 4, "max_length": 64},
+            per_cycle=int(580 * scale),
+            traffic=int(100 * scale),
+            holdout=int(150 * scale),
+            retrain_threshold=int(500 * scale),
+            hyperparameters={"epochs": 3, "max_length": 64},
         ),
     ]
 
@@ -107,13 +170,13 @@ class Demo:
         self.partner = self.operator.with_token(issued["api_key"])
         self.say(f"partner {self.tenant_name} ({self.tenant})")
         results: list[CycleResult] = []
-        states = {plan.name: self._prepare(plan) for plan in plans}
+        states = {plan.name: self._prepare(plan, cycles) for plan in plans}
         for cycle in range(1, cycles + 1):
             for plan in plans:
                 results.append(self._cycle(plan, states[plan.name], cycle))
         return results
 
-    def _prepare(self, plan: DatasetPlan) -> dict[str, Any]:
+    def _prepare(self, plan: DatasetPlan, cycles: int) -> dict[str, Any]:
         dataset = self.partner.ingestion.create_dataset(
             plan.name, plan.task_type, list(plan.labels), overlap=ANNOTATORS, retrain_threshold=plan.retrain_threshold
         )
@@ -129,14 +192,17 @@ class Demo:
             self.operator.labeling.create_annotator(self.tenant, f"annotator-{i + 1}", [dataset["id"]])["token"]
             for i in range(ANNOTATORS)
         ]
-        holdout, pool = plan.items[: plan.holdout], plan.items[plan.holdout :]
+        # Three disjoint parts, fixed before anything is sent: held out, production traffic, the pool.
+        traffic_end = plan.holdout + plan.traffic * cycles
         return {
             "dataset": dataset["id"],
             "annotators": [self.operator.with_token(t).labeling for t in tokens],
             "truth": {},
-            "pool": pool,
-            "holdout": holdout,
+            "holdout": plan.items[: plan.holdout],
+            "traffic": plan.items[plan.holdout : traffic_end],
+            "pool": plan.items[traffic_end:],
             "offset": 0,
+            "traffic_offset": 0,
             "feedback_truth": {},
             "version": None,
         }
@@ -184,15 +250,19 @@ class Demo:
         )
         self.say(f"retrain policy fired: run {run['id']} on snapshot {run['snapshot_id']}")
         run = self._follow_run(run["id"])
-        version = decision = serving = None
+        version = gate = None
         f1 = (run.get("metrics") or {}).get("macro_f1")
         if run["status"] == "succeeded":
-            version, decision = self._registered(plan, run["id"])
-            serving = self._serving_version(plan, state, version, decision)
+            version, gate = self._registered(plan, run["id"])
+        serving = self._serving_version(plan, state, version, gate)
         seconds["train_register_serve"] = time.monotonic() - started
 
         started = time.monotonic()
-        predictions, accuracy, feedback = self._predict_and_feedback(plan, state) if serving else (0, None, 0)
+        held_out: tuple[int, float | None] = (0, None)
+        traffic: tuple[int, float | None, int] = (0, None, 0)
+        if serving is not None:
+            held_out = self._score_held_out(plan, state)
+            traffic = self._serve_traffic(plan, state)
         seconds["predict_feedback"] = time.monotonic() - started
         stats = self.partner.labeling.stats(dataset_id)
         return CycleResult(
@@ -204,11 +274,14 @@ class Demo:
             run_id=run["id"],
             validation_macro_f1=f1,
             version=version,
-            decision=decision,
+            decision=None if gate is None else gate.outcome,
+            gate=gate,
             serving_version=serving,
-            predictions=predictions,
-            holdout_accuracy=accuracy,
-            feedback_sent=feedback,
+            holdout_predictions=held_out[0],
+            holdout_accuracy=held_out[1],
+            traffic_predictions=traffic[0],
+            traffic_accuracy=traffic[1],
+            feedback_sent=traffic[2],
             seconds={k: round(v, 1) for k, v in seconds.items()},
         )
 
@@ -262,75 +335,186 @@ class Demo:
                 return run
             time.sleep(1)
 
-    def _registered(self, plan: DatasetPlan, run_id: str) -> tuple[int | None, str | None]:
+    def _registered(self, plan: DatasetPlan, run_id: str) -> tuple[int, GateResult]:
         def find() -> dict[str, Any] | None:
             versions = answer_or_none(lambda: self.partner.registry.versions(plan.name)) or []
             return next((v for v in versions if v.get("run_id") == run_id), None)
 
         version = wait_for(find, timeout=60, what="the registry to register the model", interval=POLL_S)
-        outcome = (version.get("decision") or {}).get("outcome")
-        self.say(f"  registered v{version['version']}: {outcome or 'recorded'}")
-        return version["version"], outcome
+        gate = GateResult.from_decision(version.get("decision"))
+        self.say(f"  registered v{version['version']}: {gate.outcome or 'recorded'} ({gate.reason or 'no decision'})")
+        if gate.test_set is not None:
+            scores = f"candidate {_score(gate.candidate)}"
+            if gate.production_version is not None:
+                scores += f", production v{gate.production_version} " + (
+                    _score(gate.production) if gate.production_error is None else f"not scored: {gate.production_error}"
+                )
+            self.say(f"  gate: {gate.metric} on {_test_set(gate.test_set)}: {scores}, {_interval(gate.difference)}")
+            self.say(f"  gate conditions: {_conditions(gate.conditions)}")
+        return version["version"], gate
 
-    def _serving_version(self, plan: DatasetPlan, state: dict[str, Any], version: int | None, decision: Any) -> int:
+    def _serving_version(
+        self, plan: DatasetPlan, state: dict[str, Any], version: int | None, gate: GateResult | None
+    ) -> int | None:
+        """The version inference answers with once the gate's decision has taken effect (None: nothing serves)."""
+        promoted = gate is not None and gate.outcome == PRODUCTION
+        expected = version if promoted else state["version"]
+        if expected is None:
+            self.say("  nothing is in production yet: no predictions this cycle")
+            return None
         content = plan.item(state["holdout"][0][0])
         probe = {"texts": [content["text"]]} if "text" in content else {"images": [content["image"]]}
 
         def served() -> int | None:
             answer = answer_or_none(lambda: self.partner.inference.predict(plan.name, **probe))
-            if answer is None:
-                return None
-            expected = version if decision == "production" or state["version"] is None else state["version"]
-            return answer["model_version"] if answer["model_version"] in {expected, version} else None
+            return expected if answer is not None and answer["model_version"] == expected else None
 
-        serving = wait_for(served, timeout=120, what="inference to serve the model", interval=POLL_S)
+        serving = wait_for(served, timeout=120, what=f"inference to serve v{expected}", interval=POLL_S)
         state["version"] = serving
-        self.say(f"  inference serves v{serving}")
+        self.say(f"  inference serves v{serving}" + ("" if promoted else " (production keeps serving)"))
         return serving
 
-    def _predict_and_feedback(self, plan: DatasetPlan, state: dict[str, Any]) -> tuple[int, float, int]:
-        correct = sent = served = 0
-        holdout = state["holdout"]
-        for start in range(0, len(holdout), 32):
-            batch = holdout[start : start + 32]
+    def _predict(self, plan: DatasetPlan, items: list[tuple[Any, str]]) -> list[tuple[dict[str, Any], str]]:
+        """Each item's served prediction beside its true label."""
+        answers = []
+        for start in range(0, len(items), 32):
+            batch = items[start : start + 32]
             contents = [plan.item(content) for content, _ in batch]
             if "text" in contents[0]:
                 answer = self.partner.inference.predict(plan.name, texts=[c["text"] for c in contents])
             else:
                 answer = self.partner.inference.predict(plan.name, images=[c["image"] for c in contents])
-            for prediction, (_, truth) in zip(answer["predictions"], batch, strict=True):
-                served += 1
-                if prediction["label"] == truth:
-                    correct += 1
-                elif sent < 20:
-                    self.partner.inference.feedback(prediction["prediction_id"], truth)
-                    state["feedback_truth"][f"fb_{prediction['prediction_id']}"[:60]] = truth
-                    sent += 1
-        accuracy = correct / served if served else None
-        self.say(f"  {served} predictions, held-out accuracy {accuracy:.3f}; {sent} corrections sent as feedback")
-        return served, accuracy, sent
+            answers += zip(answer["predictions"], [truth for _, truth in batch], strict=True)
+        return answers
+
+    def _score_held_out(self, plan: DatasetPlan, state: dict[str, Any]) -> tuple[int, float | None]:
+        """Predict the held-out items; nothing about them goes back to the platform."""
+        answers = self._predict(plan, state["holdout"])
+        accuracy = _accuracy(answers)
+        self.say(f"  held out: {len(answers)} predictions, accuracy {_score(accuracy)} (never pushed or fed back)")
+        return len(answers), accuracy
+
+    def _serve_traffic(self, plan: DatasetPlan, state: dict[str, Any]) -> tuple[int, float | None, int]:
+        """This cycle's production traffic; every wrong answer goes back as feedback, labeled in the next cycle."""
+        start = state["traffic_offset"]
+        requests = state["traffic"][start : start + plan.traffic]
+        state["traffic_offset"] += len(requests)
+        answers = self._predict(plan, requests)
+        sent = 0
+        for prediction, truth in answers:
+            if prediction["label"] != truth:
+                self.partner.inference.feedback(prediction["prediction_id"], truth)
+                state["feedback_truth"][f"fb_{prediction['prediction_id']}"[:60]] = truth
+                sent += 1
+        accuracy = _accuracy(answers)
+        self.say(
+            f"  traffic: {len(answers)} predictions, accuracy {_score(accuracy)}; {sent} corrections sent as feedback"
+        )
+        return len(answers), accuracy, sent
+
+
+def _accuracy(answers: list[tuple[dict[str, Any], str]]) -> float | None:
+    return sum(prediction["label"] == truth for prediction, truth in answers) / len(answers) if answers else None
+
+
+def _score(value: float | None) -> str | None:
+    return None if value is None else f"{value:.3f}"
+
+
+def _test_set(test_set: dict[str, Any]) -> str:
+    return f"{test_set['snapshot_id']} ({test_set['items']} {test_set['split']} items)"
+
+
+def _interval(difference: dict[str, Any] | None) -> str:
+    if difference is None or difference.get("value") is None:
+        return "nothing in production to compare with"
+    if difference.get("ci_low") is None:
+        return f"difference {difference['value']:+.3f}"
+    return (
+        f"difference {difference['value']:+.3f} [{difference['ci_low']:+.3f}, {difference['ci_high']:+.3f}] "
+        f"({difference['confidence'] * 100:g}% interval)"
+    )
+
+
+def _conditions(conditions: list[dict[str, Any]]) -> str:
+    return ", ".join(f"{c['name']}: {'pass' if c['passed'] else 'FAIL'}" for c in conditions) or "-"
 
 
 def summary_table(results: list[CycleResult]) -> str:
-    headers = ["cycle", "dataset", "labels", "val F1", "version", "decision", "serving", "preds", "acc", "push s"]
+    """One row per cycle and dataset: labels, the version trained, the gate's outcome, what serves, and the
+    served version's accuracy on the held-out items (never seen by the platform) and on the cycle's traffic."""
+    headers = [
+        "cycle",
+        "dataset",
+        "labels",
+        "val F1",
+        "version",
+        "decision",
+        "serving",
+        "held-out",
+        "held-out acc",
+        "traffic acc",
+        "feedback",
+        "push s",
+        "label s",
+        "train→serve s",
+    ]
     rows = [
         [
             r.cycle,
             r.dataset,
             r.consensus_labels,
-            None if r.validation_macro_f1 is None else f"{r.validation_macro_f1:.3f}",
+            _score(r.validation_macro_f1),
             r.version,
             r.decision,
             r.serving_version,
-            r.predictions,
-            None if r.holdout_accuracy is None else f"{r.holdout_accuracy:.3f}",
+            r.holdout_predictions,
+            _score(r.holdout_accuracy),
+            _score(r.traffic_accuracy),
+            r.feedback_sent,
             r.seconds["push"],
             r.seconds["label"],
             r.seconds["train_register_serve"],
         ]
         for r in results
     ]
-    return render([*headers, "label s", "train→serve s"], rows, align="><>>><>>>>>>", rule=True)
+    return render(headers, rows, align="><>>><>>>>>>>>", rule=True)
+
+
+def gate_table(results: list[CycleResult]) -> str:
+    """One row per registered version: the test items the gate scored both versions on, both scores there, the
+    interval of the difference, and each condition."""
+    headers = ["cycle", "dataset", "version", "test set", "items", "metric", "candidate", "production", "difference"]
+    rows = []
+    for r in results:
+        gate = r.gate
+        if gate is None or gate.test_set is None:
+            continue
+        if gate.production_version is None:
+            production = None
+        elif gate.production_error is not None:
+            production = f"v{gate.production_version} not scored"
+        else:
+            production = f"v{gate.production_version} {_score(gate.production)}"
+        difference = gate.difference or {}
+        interval = None
+        if difference.get("ci_low") is not None:
+            interval = f"{difference['value']:+.3f} [{difference['ci_low']:+.3f}, {difference['ci_high']:+.3f}]"
+        rows.append(
+            [
+                r.cycle,
+                r.dataset,
+                r.version,
+                gate.test_set["snapshot_id"],
+                gate.test_set["items"],
+                gate.metric,
+                _score(gate.candidate),
+                production,
+                interval,
+                _conditions(gate.conditions),
+            ]
+        )
+    return render([*headers, "conditions"], rows, align="><><><>>><", rule=True, empty="(no gate decisions)")
 
 
 def run_demo(*, cycles: int = 2, keep_running: bool = True, scale: float = 1.0) -> int:
@@ -352,6 +536,8 @@ def run_demo(*, cycles: int = 2, keep_running: bool = True, scale: float = 1.0) 
             launcher.down()
     total = time.monotonic() - began
     print("\n" + summary_table(results))
+    print("\nThe gate: both versions scored on the same test items; the difference with its confidence interval")
+    print(gate_table(results))
     out = settings.home / "demo" / "summary.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(
@@ -361,7 +547,8 @@ def run_demo(*, cycles: int = 2, keep_running: bool = True, scale: float = 1.0) 
     )
     print(
         f"\nTotal {total:.0f}s. Summary: {out}. Logs: {settings.log_dir} "
-        f"(follow one datum: flywheel trace <trace id printed above>)."
+        f"(follow one datum: flywheel trace <trace id printed above>). "
+        f"A decision in full: flywheel models show <dataset> --tenant {demo.tenant} --version <n>."
     )
     if keep_running or not started_here:
         print("The platform is still running: `flywheel status`, `flywheel down` to stop it.")
