@@ -11,10 +11,14 @@ STAMP := $(VENV)/.installed-$(LOCK_HASH)
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml deploy/checkov-requirements.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip setuptools wheel
 	$(PY) -m pip install -e '.[dev]'
+	@# checkov (tests/deploy) pins packaging<24 and cachetools<6, which the project's pytest 9 and cachetools 8
+	@# cannot share: it gets a virtualenv of its own inside this one.
+	@test -x $(VENV)/checkov/bin/python || $(PYTHON) -m venv $(VENV)/checkov
+	$(VENV)/checkov/bin/python -m pip install -q -r deploy/checkov-requirements.txt
 	@# The CPU build of onnxruntime hides the CUDA provider of onnxruntime-gpu: never let it in.
 	@if $(PY) -m pip show -q onnxruntime >/dev/null 2>&1; then \
 		echo "removing onnxruntime (CPU): it shadows onnxruntime-gpu"; \

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import sys
 import time
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -169,42 +168,23 @@ def predict(context: CliContext, args: Any) -> int:
     return 0
 
 
-def trace(context: CliContext, trace_id: str, log_dir: Path | None = None) -> int:
-    """Every log line of every service that carries this trace id, as one timeline."""
-    log_dir = log_dir or context.settings.log_dir
-    lines = collect_trace(log_dir, trace_id)
-    if not lines:
-        print(f"no log line carries trace_id {trace_id} under {log_dir}")
-        return 1
-    start = _when(lines[0])
-    services = sorted({line.get("service", "?") for line in lines})
-    print(f"trace {trace_id}: {len(lines)} lines across {', '.join(services)}\n")
-    skip = {"timestamp", "trace_id", "service", "event", "level", "logger"}
-    for line in lines:
-        offset = (_when(line) - start).total_seconds()
-        details = " ".join(f"{k}={v}" for k, v in line.items() if k not in skip and not isinstance(v, dict | list))
-        print(f"+{offset:8.3f}s  {line.get('service', '?'):<10} {line.get('event', ''):<28} {details[:140]}")
-    return 0
+def trace(context: CliContext, trace_id: str, args: Any) -> int:
+    """Every log line of every service that carries this trace id, as one timeline (see cli/trace.py)."""
+    from cli.trace import Cluster, run_trace
+
+    if args.kubernetes and args.source:
+        print("flywheel: name a log source or --kubernetes, not both", file=sys.stderr)
+        return 2
+    cluster = Cluster(args.namespace, args.context, args.since) if args.kubernetes else None
+    return run_trace(trace_id, source=args.source, log_dir=args.logs or context.settings.log_dir, cluster=cluster)
 
 
 def collect_trace(log_dir: Path, trace_id: str) -> list[dict[str, Any]]:
-    found: list[dict[str, Any]] = []
-    for path in sorted(log_dir.glob("*.log")):
-        with path.open(errors="replace") as handle:
-            for raw in handle:
-                if trace_id not in raw:
-                    continue
-                try:
-                    line = json.loads(raw)
-                except json.JSONDecodeError:
-                    continue
-                if line.get("trace_id") == trace_id:
-                    found.append(line)
-    return sorted(found, key=_when)
+    """The lines of the local log files (`flywheel up`'s) that carry `trace_id`, oldest first."""
+    from cli.trace import collect_trace as collect
+    from cli.trace import file_lines
 
-
-def _when(line: dict[str, Any]) -> datetime:
-    return datetime.fromisoformat(line.get("timestamp", "1970-01-01T00:00:00+00:00").replace("Z", "+00:00"))
+    return collect(file_lines(log_dir), trace_id) if log_dir.exists() else []
 
 
 def base_models_import(context: CliContext, name: str, path: Path, sha256: str | None) -> int:

@@ -57,6 +57,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from cli.models import add_models_parser
+    from cli.trace import add_trace_parser
 
     parser = argparse.ArgumentParser(prog="flywheel", description="Flywheel: data in, better models out.")
     parser.add_argument("--api-key", help="a partner API key (default: $FLYWHEEL_API_KEY)")
@@ -133,9 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
     replay.add_argument("service", choices=SERVICES)
     replay.add_argument("id", type=int)
 
-    trace = sub.add_parser("trace", help="a trace id's journey through every service's logs")
-    trace.add_argument("trace_id")
-    trace.add_argument("--logs", type=Path, help="log folder (default: FLYWHEEL_HOME/logs)")
+    add_trace_parser(sub)
     return parser
 
 
@@ -172,7 +171,7 @@ def dispatch(args: argparse.Namespace) -> int:
         ("base-models", "import"): lambda: commands.base_models_import(context, args.name, args.file, args.sha256),
         ("dead-letters", "list"): lambda: commands.dead_letters_list(context, args.service, args.all),
         ("dead-letters", "replay"): lambda: commands.dead_letters_replay(context, args.service, args.id),
-        ("trace", None): lambda: commands.trace(context, args.trace_id, args.logs),
+        ("trace", None): lambda: commands.trace(context, args.trace_id, args),
     }
     if command == "models":
         from cli.models import run_models_command
@@ -185,7 +184,7 @@ def dispatch(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from cli.launcher import LaunchError
+    from cli.supervisor import LaunchError
 
     args = build_parser().parse_args(argv)
     try:

@@ -7,7 +7,10 @@ The image's HEALTHCHECK and docker-compose call it without arguments; it finds o
   (`--ready`: /readyz);
 - a worker (`flywheel worker <service>`): the worker process is alive and the broker at REDIS_URL answers
   (the Celery config turns remote control off, so there is no ping to send to the worker itself);
-- `--url URL`: that URL answers 200.
+- `--url URL`: that URL answers 200;
+- `--heartbeat FILE [--max-age SECONDS]`: a worker's heartbeat file (shared/events/heartbeat.py) was touched
+  less than SECONDS ago. Kubernetes probes workers this way: it reads one file's age, and asks nothing of the
+  broker, so a Redis outage does not restart every worker.
 
 Exit status 0 means healthy, 1 not; one line on stdout says why. Kubernetes probes the HTTP paths directly.
 """
@@ -17,6 +20,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterable
@@ -24,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 TIMEOUT_SECONDS = 4.0
+HEARTBEAT_MAX_AGE_SECONDS = 60.0
 LIVENESS_PATH = "/healthz"
 READINESS_PATH = "/readyz"
 
@@ -99,12 +104,26 @@ def check_broker(redis_url: str) -> tuple[bool, str]:
     return True, "worker running, broker answers"
 
 
+def check_heartbeat(path: Path, max_age: float) -> tuple[bool, str]:
+    try:
+        age = time.time() - path.stat().st_mtime
+    except OSError:
+        return False, f"no heartbeat: {path} does not exist"
+    if age > max_age:
+        return False, f"stale heartbeat: {path} was last touched {age:.0f}s ago (more than {max_age:.0f}s)"
+    return True, f"heartbeat {age:.0f}s old"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--ready", action="store_true", help="HTTP services: check /readyz instead of /healthz")
     parser.add_argument("--url", help="check this URL instead of finding the process")
+    parser.add_argument("--heartbeat", type=Path, help="check that this heartbeat file is fresh")
+    parser.add_argument("--max-age", type=float, default=HEARTBEAT_MAX_AGE_SECONDS, help="with --heartbeat")
     args = parser.parse_args(argv)
-    if args.url:
+    if args.heartbeat:
+        healthy, why = check_heartbeat(args.heartbeat, args.max_age)
+    elif args.url:
         healthy, why = check_url(args.url)
     else:
         processes = list(running_processes())

@@ -19,6 +19,8 @@ from typing import TYPE_CHECKING, Any
 
 from flask import Blueprint, Flask, Response, g, jsonify, request
 from flask_smorest import Api
+from flask_smorest import Blueprint as DocumentedBlueprint
+from flask_smorest.utils import prepare_response
 from marshmallow import ValidationError
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, Histogram, generate_latest
 from sqlalchemy.exc import OperationalError
@@ -29,6 +31,7 @@ from werkzeug.routing import IntegerConverter
 from shared.db import DatabaseUnavailable
 from shared.errors import DomainError, error_body
 from shared.logging import TRACE_HEADER, get_logger, log_context, new_trace_id
+from shared.schemas import ErrorSchema
 from shared.storage import StorageError
 
 if TYPE_CHECKING:
@@ -48,7 +51,10 @@ HTTP_ERROR_CODES = {
 
 
 class FlywheelApi(Api):
-    """flask-smorest's Api, answering its own errors (422 from argument parsing included) in our shape."""
+    """flask-smorest's Api, answering its own errors (422 from argument parsing included) in our shape, and
+    documenting that shape (`ErrorSchema`) as every operation's default and error responses."""
+
+    ERROR_SCHEMA = ErrorSchema
 
     def handle_http_exception(self, error: HTTPException) -> tuple[Response, int]:
         data = getattr(error, "data", None) or {}
@@ -64,6 +70,25 @@ class FlywheelApi(Api):
         response = jsonify(error_body(code, message, details))
         response.headers.update(headers)
         return response, error.code or 500
+
+
+class ProtocolBlueprint(DocumentedBlueprint):
+    """A documented blueprint whose routes answer errors in another protocol's shape (KServe v2's
+    `{"error": "..."}`): its operations document `error_schema` as their default response, not the envelope."""
+
+    def __init__(self, *args: Any, error_schema: type, error_description: str, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._error_schema = error_schema
+        self._error_description = error_description
+        after = self._prepare_doc_cbks.index(self._prepare_response_doc) + 1
+        self._prepare_doc_cbks.insert(after, self._document_protocol_errors)
+
+    def _document_protocol_errors(self, doc: dict[str, Any], _info: dict[str, Any], **kwargs: Any) -> dict[str, Any]:
+        api, spec = kwargs["api"], kwargs["spec"]
+        response = {"description": self._error_description, "schema": self._error_schema}
+        prepare_response(response, spec, api.DEFAULT_RESPONSE_CONTENT_TYPE)
+        doc.setdefault("responses", {})["default"] = response
+        return doc
 
 
 class BoundedIntConverter(IntegerConverter):

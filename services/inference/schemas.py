@@ -144,3 +144,106 @@ class FeedbackResultSchema(Schema):
     event_id = fields.String(
         allow_none=True, metadata={"description": "The prediction.feedback event, if emitted now."}
     )
+
+
+# -- the KServe v2 protocol (services/inference/v2.py), as answered: documentation only, the routes build it ------
+
+
+class V2ErrorSchema(Schema):
+    """The protocol's error shape, which the standard clients read (not the platform's envelope)."""
+
+    error = fields.String(required=True)
+
+
+class V2ServerMetadataSchema(Schema):
+    name = fields.String(required=True)
+    version = fields.String(required=True, metadata={"description": "onnxruntime's version"})
+    extensions = fields.List(fields.String(), required=True)
+
+
+class V2LiveSchema(Schema):
+    live = fields.Boolean(required=True)
+
+
+class V2ReadySchema(Schema):
+    ready = fields.Boolean(required=True)
+    error = fields.String(metadata={"description": "why not, when not ready"})
+
+
+class V2ModelReadySchema(V2ReadySchema):
+    name = fields.String(required=True)
+    version = fields.String(metadata={"description": "for a version's readiness"})
+
+
+class V2TensorMetadataSchema(Schema):
+    name = fields.String(required=True)
+    datatype = fields.String(required=True, metadata={"description": "FP32, INT64, BYTES, ..."})
+    shape = fields.List(fields.Integer(), required=True, metadata={"description": "-1 = any size"})
+
+
+class V2ModelMetadataSchema(Schema):
+    name = fields.String(required=True)
+    versions = fields.List(fields.String(), required=True)
+    platform = fields.String(required=True)
+    inputs = fields.List(fields.Nested(V2TensorMetadataSchema), required=True)
+    outputs = fields.List(fields.Nested(V2TensorMetadataSchema), required=True)
+    flywheel = fields.Dict(
+        required=True,
+        metadata={"description": "which routing serves, which the registry wants, each version's state, the labels"},
+    )
+
+
+class V2ConfigTensorSchema(Schema):
+    name = fields.String(required=True)
+    data_type = fields.String(required=True)
+    dims = fields.List(fields.Integer(), required=True)
+
+
+class V2ModelConfigSchema(Schema):
+    """Triton's model configuration extension."""
+
+    name = fields.String(required=True)
+    platform = fields.String(required=True)
+    backend = fields.String(required=True)
+    version_policy = fields.Dict(required=True)
+    max_batch_size = fields.Integer(required=True)
+    input = fields.List(fields.Nested(V2ConfigTensorSchema), required=True)
+    output = fields.List(fields.Nested(V2ConfigTensorSchema), required=True)
+    dynamic_batching = fields.Dict(required=True)
+    instance_group = fields.List(fields.Dict(), required=True)
+
+
+class V2RequestInputSchema(Schema):
+    name = fields.String(required=True)
+    shape = fields.List(fields.Integer(), required=True)
+    datatype = fields.String(required=True)
+    data = fields.List(fields.Raw(), metadata={"description": "row-major, flat or nested; absent with binary data"})
+    parameters = fields.Dict(metadata={"description": "`binary_data_size` for the binary tensor data extension"})
+
+
+class V2RequestOutputSchema(Schema):
+    name = fields.String(required=True)
+    parameters = fields.Dict(metadata={"description": "`binary_data`, `classification`"})
+
+
+class V2InferRequestSchema(Schema):
+    id = fields.String()
+    parameters = fields.Dict(metadata={"description": "`request_key` (sticky canary routing), `binary_data_output`"})
+    inputs = fields.List(fields.Nested(V2RequestInputSchema), required=True)
+    outputs = fields.List(fields.Nested(V2RequestOutputSchema))
+
+
+class V2ResponseOutputSchema(Schema):
+    name = fields.String(required=True)
+    shape = fields.List(fields.Integer(), required=True)
+    datatype = fields.String(required=True)
+    data = fields.List(fields.Raw(), metadata={"description": "flat, row-major; absent when sent as binary data"})
+    parameters = fields.Dict(metadata={"description": "`binary_data_size` of this output's bytes after the JSON"})
+
+
+class V2InferResponseSchema(Schema):
+    model_name = fields.String(required=True)
+    model_version = fields.String(required=True)
+    id = fields.String()
+    parameters = fields.Dict()
+    outputs = fields.List(fields.Nested(V2ResponseOutputSchema), required=True)

@@ -27,7 +27,6 @@ from typing import Any
 import numpy as np
 from flask import Blueprint as FlaskBlueprint
 from flask import Response, g, jsonify, request
-from flask_smorest import Blueprint
 from marshmallow import ValidationError
 from werkzeug.exceptions import HTTPException
 
@@ -36,6 +35,17 @@ from services.inference.prediction_log import LoggedPrediction, new_prediction_i
 from services.inference.preprocess import classify
 from services.inference.repository import LoadedVersion, ServedModel
 from services.inference.request_log import annotate, install_request_annotations
+from services.inference.schemas import (
+    V2ErrorSchema,
+    V2InferRequestSchema,
+    V2InferResponseSchema,
+    V2LiveSchema,
+    V2ModelConfigSchema,
+    V2ModelMetadataSchema,
+    V2ModelReadySchema,
+    V2ReadySchema,
+    V2ServerMetadataSchema,
+)
 from services.inference.server import current_server
 from services.inference.tensors import (
     HEADER_LENGTH,
@@ -46,11 +56,19 @@ from services.inference.tensors import (
 )
 from shared.auth import current_principal, require_partner
 from shared.errors import BadRequest, DomainError, NotFound, PayloadTooLarge
+from shared.http import ProtocolBlueprint
 from shared.logging import get_logger
 
 log = get_logger(__name__)
 
-blp = Blueprint("v2", __name__, url_prefix="/v2", description="KServe / Triton v2 inference protocol")
+blp = ProtocolBlueprint(
+    "v2",
+    __name__,
+    url_prefix="/v2",
+    description="KServe / Triton v2 inference protocol",
+    error_schema=V2ErrorSchema,
+    error_description='An error, in the protocol\'s shape `{"error": "<message>"}`',
+)
 fallback = FlaskBlueprint("v2_fallback", __name__, url_prefix="/v2")
 """Answers unknown /v2 paths in the protocol's error shape (registered beside `blp`, outside the OpenAPI doc)."""
 
@@ -88,6 +106,7 @@ def unknown(rest: str) -> Response:
 
 
 @blp.get("")
+@blp.alt_response(200, success=True, schema=V2ServerMetadataSchema, description="The server's metadata.")
 def server_metadata() -> Response:
     from importlib.metadata import version
 
@@ -95,11 +114,14 @@ def server_metadata() -> Response:
 
 
 @blp.get("/health/live")
+@blp.alt_response(200, success=True, schema=V2LiveSchema, description="The process answers.")
 def live() -> Response:
     return jsonify(live=True)
 
 
 @blp.get("/health/ready")
+@blp.alt_response(200, success=True, schema=V2ReadySchema, description="Every served model had its first load.")
+@blp.alt_response(400, schema=V2ReadySchema, description="Not ready yet; `error` says why.")
 def ready() -> tuple[Response, int]:
     repository = current_server().repository
     if repository.ready:
@@ -153,12 +175,14 @@ def _metadata(model: ServedModel, loaded: LoadedVersion | None) -> dict[str, Any
 
 
 @blp.get("/models/<name>")
+@blp.alt_response(200, success=True, schema=V2ModelMetadataSchema, description="The model's metadata.")
 @require_partner
 def model_metadata(name: str) -> Response:
     return jsonify(_metadata(_model(name), None))
 
 
 @blp.get("/models/<name>/versions/<version>")
+@blp.alt_response(200, success=True, schema=V2ModelMetadataSchema, description="The version's metadata.")
 @require_partner
 def version_metadata(name: str, version: str) -> Response:
     model = _model(name)
@@ -169,6 +193,8 @@ def version_metadata(name: str, version: str) -> Response:
 
 
 @blp.get("/models/<name>/ready")
+@blp.alt_response(200, success=True, schema=V2ModelReadySchema, description="A version serves the model.")
+@blp.alt_response(400, schema=V2ModelReadySchema, description="No version is ready; `error` says why.")
 @require_partner
 def model_ready(name: str) -> tuple[Response, int]:
     model = _model(name)
@@ -178,6 +204,8 @@ def model_ready(name: str) -> tuple[Response, int]:
 
 
 @blp.get("/models/<name>/versions/<version>/ready")
+@blp.alt_response(200, success=True, schema=V2ModelReadySchema, description="The version is loaded.")
+@blp.alt_response(400, schema=V2ModelReadySchema, description="The version is not loaded; `error` says why.")
 @require_partner
 def version_ready(name: str, version: str) -> tuple[Response, int]:
     model = _model(name)
@@ -189,6 +217,7 @@ def version_ready(name: str, version: str) -> tuple[Response, int]:
 
 
 @blp.get("/models/<name>/config")
+@blp.alt_response(200, success=True, schema=V2ModelConfigSchema, description="Triton's model configuration.")
 @require_partner
 def model_config(name: str) -> Response:
     model = _model(name)
@@ -349,13 +378,41 @@ def _log_sample(
     )
 
 
+BINARY_BODY = {"type": "string", "format": "binary"}
+INFER_DOC = {
+    "requestBody": {
+        "required": True,
+        "description": "JSON tensors; with the binary tensor data extension, the JSON header is followed by the "
+        "tensors' bytes and `Inference-Header-Content-Length` gives the header's length. gzip or deflate bodies "
+        "are accepted (`Content-Encoding`).",
+        "content": {
+            "application/json": {"schema": V2InferRequestSchema},
+            "application/octet-stream": {"schema": BINARY_BODY},
+        },
+    }
+}
+INFERRED = "The outputs: JSON, or (binary outputs asked for) the JSON header followed by the outputs' bytes."
+BINARY_HEADER = {
+    "Inference-Header-Content-Length": {
+        "description": "the length of the JSON header before the binary outputs (binary answers only)",
+        "schema": {"type": "integer"},
+    }
+}
+
+
 @blp.post("/models/<name>/infer")
+@blp.doc(**INFER_DOC)
+@blp.alt_response(200, success=True, schema=V2InferResponseSchema, description=INFERRED, headers=BINARY_HEADER)
+@blp.alt_response(200, success=True, schema=BINARY_BODY, content_type="application/octet-stream", description=INFERRED)
 @require_partner
 def infer(name: str) -> Response:
     return _infer(name, None)
 
 
 @blp.post("/models/<name>/versions/<version>/infer")
+@blp.doc(**INFER_DOC)
+@blp.alt_response(200, success=True, schema=V2InferResponseSchema, description=INFERRED, headers=BINARY_HEADER)
+@blp.alt_response(200, success=True, schema=BINARY_BODY, content_type="application/octet-stream", description=INFERRED)
 @require_partner
 def infer_version(name: str, version: str) -> Response:
     return _infer(name, version)

@@ -9,6 +9,7 @@ from typing import Any
 from marshmallow import Schema, ValidationError, fields, validate, validates_schema
 
 from shared.events.catalog import TASK_TYPES
+from shared.schemas import Timestamp
 
 NAME = validate.Regexp(r"^[A-Za-z0-9][A-Za-z0-9 ._-]{0,99}$", error="1-100 letters, digits, space, '.', '_' or '-'")
 MAX_TEXT_CHARS = 100_000
@@ -57,14 +58,14 @@ class PartnerSchema(Schema):
     name = fields.String()
     daily_item_quota = fields.Integer(allow_none=True)
     daily_byte_quota = fields.Integer(allow_none=True)
-    created_at = fields.DateTime()
+    created_at = Timestamp()
 
 
 class ApiKeySchema(Schema):
     id = fields.String()
     prefix = fields.String()
-    created_at = fields.DateTime()
-    revoked_at = fields.DateTime(allow_none=True)
+    created_at = Timestamp()
+    revoked_at = Timestamp(allow_none=True)
 
 
 class IssuedKeySchema(Schema):
@@ -122,7 +123,7 @@ class DatasetSchema(Schema):
     pii_policy = fields.String()
     overlap = fields.Integer()
     retrain_threshold = fields.Integer(allow_none=True)
-    created_at = fields.DateTime()
+    created_at = Timestamp()
 
 
 class DatasetListSchema(Schema):
@@ -175,7 +176,7 @@ class ItemSchema(Schema):
     label = fields.String(allow_none=True)
     metadata = fields.Dict(attribute="item_metadata")
     redactions = fields.Dict()
-    created_at = fields.DateTime()
+    created_at = Timestamp()
 
 
 class ItemListQuery(Schema):
@@ -193,7 +194,7 @@ class ItemListSchema(Schema):
 
 class DownloadSchema(Schema):
     url = fields.String()
-    expires_at = fields.DateTime()
+    expires_at = Timestamp()
 
 
 class DownloadQuery(Schema):
@@ -214,8 +215,8 @@ class ImportSchema(Schema):
     rejected = fields.Integer()
     errors = fields.List(fields.Dict(), metadata={"description": "the first 1,000 per-line errors"})
     failure = fields.String(allow_none=True)
-    created_at = fields.DateTime()
-    finished_at = fields.DateTime(allow_none=True)
+    created_at = Timestamp()
+    finished_at = Timestamp(allow_none=True)
 
 
 class UsageQuery(Schema):

@@ -5,6 +5,7 @@ from __future__ import annotations
 from marshmallow import Schema, fields, validate
 
 from shared.auth import TENANT_ID
+from shared.schemas import Timestamp
 
 
 class TaskSchema(Schema):
@@ -25,13 +26,13 @@ class TaskSchema(Schema):
     consensus_label = fields.String(allow_none=True)
     consensus_source = fields.String(allow_none=True, metadata={"description": "vote | model_auto | review"})
     agreement = fields.Float(allow_none=True)
-    created_at = fields.DateTime()
+    created_at = Timestamp()
 
 
 class TaskForAnnotatorSchema(TaskSchema):
     text = fields.String(allow_none=True, metadata={"description": "the item's text (text datasets)"})
     labels = fields.List(fields.String(), metadata={"description": "the dataset's label set to choose from"})
-    lease_expires_at = fields.DateTime()
+    lease_expires_at = Timestamp()
 
 
 class TaskListQuery(Schema):
@@ -80,7 +81,7 @@ class AnnotatorSchema(Schema):
     name = fields.String()
     datasets = fields.List(fields.String())
     active = fields.Boolean()
-    created_at = fields.DateTime()
+    created_at = Timestamp()
 
 
 class IssuedAnnotatorSchema(Schema):
@@ -152,7 +153,7 @@ class SnapshotSchema(Schema):
         },
     )
     failure = fields.String(allow_none=True)
-    created_at = fields.DateTime()
+    created_at = Timestamp()
 
 
 class SnapshotListSchema(Schema):

@@ -17,6 +17,7 @@ from services.registry.models import (
 )
 from shared.artifacts import SPLITS
 from shared.auth import TENANT_ID
+from shared.schemas import Timestamp
 
 TENANT_DOC = "Required with the internal token (which tenant's model); a partner key implies its own tenant."
 ACTOR_DOC = "Who asks (an operator's login, a pipeline's name); recorded in the audit log beside the token used."
@@ -113,8 +114,8 @@ class ModelSchema(Schema):
     aliases = fields.Dict(keys=fields.String(), values=fields.Nested(AliasStateSchema))
     latest_version = fields.Integer(allow_none=True)
     version_count = fields.Integer()
-    created_at = fields.DateTime()
-    updated_at = fields.DateTime()
+    created_at = Timestamp()
+    updated_at = Timestamp()
 
 
 class ModelListSchema(Schema):
@@ -327,8 +328,8 @@ class VersionSchema(Schema):
     decision = fields.Nested(
         DecisionSchema, allow_none=True, metadata={"description": "The promotion gate's decision and numbers."}
     )
-    created_at = fields.DateTime()
-    archived_at = fields.DateTime(allow_none=True)
+    created_at = Timestamp()
+    archived_at = Timestamp(allow_none=True)
     archive_reason = fields.String(allow_none=True)
 
 
@@ -354,7 +355,7 @@ class ComparedSideSchema(Schema):
     run_id = fields.String()
     snapshot_id = fields.String()
     status = fields.String()
-    created_at = fields.DateTime()
+    created_at = Timestamp()
     evaluation_set = fields.Nested(
         EvaluationSetSchema,
         allow_none=True,
@@ -437,7 +438,7 @@ class DownloadFileSchema(Schema):
 class DownloadSchema(Schema):
     model_name = fields.String()
     version = fields.Integer()
-    expires_at = fields.DateTime()
+    expires_at = Timestamp()
     files = fields.Dict(keys=fields.String(), values=fields.Nested(DownloadFileSchema))
 
 
@@ -489,7 +490,7 @@ class AliasChangeSchema(Schema):
     actor = fields.String()
     reason = fields.String()
     trace_id = fields.String(allow_none=True)
-    created_at = fields.DateTime()
+    created_at = Timestamp()
 
 
 class AliasChangeResultSchema(Schema):
@@ -522,7 +523,7 @@ class RefusalSchema(Schema):
     trace_id = fields.String(allow_none=True)
     reason = fields.String()
     details = fields.Dict()
-    created_at = fields.DateTime()
+    created_at = Timestamp()
 
 
 class RefusalListSchema(Schema):

@@ -16,6 +16,7 @@ from services.training.config import RUN_LIMITS
 from services.training.models import LAUNCH_EXTERNAL, LAUNCH_QUEUE, STATUSES
 from shared.auth import TENANT_ID
 from shared.events.catalog import TASK_TYPES, ObjectRef
+from shared.schemas import Timestamp
 
 NAME = validate.Regexp(
     r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}\Z",
@@ -213,7 +214,7 @@ class RunSchema(Schema):
             "error each add one; the run fails once it would exceed 5"
         }
     )
-    dispatched_at = fields.DateTime(
+    dispatched_at = Timestamp(
         allow_none=True,
         metadata={
             "description": "when the run was last sent to the training queue; null while it waits for one of "
@@ -227,10 +228,10 @@ class RunSchema(Schema):
     history = fields.List(fields.Dict())
     metrics = fields.Dict(allow_none=True)
     artifacts = fields.Dict(allow_none=True)
-    created_at = fields.DateTime()
-    started_at = fields.DateTime(allow_none=True)
-    finished_at = fields.DateTime(allow_none=True)
-    updated_at = fields.DateTime()
+    created_at = Timestamp()
+    started_at = Timestamp(allow_none=True)
+    finished_at = Timestamp(allow_none=True)
+    updated_at = Timestamp()
 
 
 class RunListSchema(Schema):

@@ -2,7 +2,7 @@
 
 JSON only (never pickle), late acknowledgement, redelivery when a worker dies, prefetch 1 so a long task
 never holds others hostage, and a visibility timeout above the longest task so Redis does not redeliver a
-task that is still running.
+task that is still running. Every worker keeps a heartbeat its probes read (shared/events/heartbeat.py).
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from kombu import Exchange, Queue
 from kombu.common import Broadcast
 
 from shared.events.catalog import CATALOG, broadcast_queue
+from shared.events.heartbeat import install_heartbeat
 from shared.settings import SERVICES, Settings
 
 
@@ -63,4 +64,6 @@ def make_celery(settings: Settings, service: str) -> Celery:
         timezone="UTC",
         enable_utc=True,
     )
+    # Files the worker's liveness and readiness probes read (FLYWHEEL_HOME/heartbeat/<service>.alive|.ready).
+    install_heartbeat(app, settings.home / "heartbeat", service)
     return app

@@ -17,6 +17,7 @@ from sqlalchemy import select, update
 from shared.auth import require_internal
 from shared.errors import NotFound
 from shared.events.tables import event_tables
+from shared.schemas import Timestamp
 
 if TYPE_CHECKING:
     from shared.runtime import Runtime
@@ -29,8 +30,8 @@ class DeadLetterSchema(Schema):
     event_type = fields.String(allow_none=True)
     error = fields.String()
     attempts = fields.Integer()
-    created_at = fields.DateTime()
-    replayed_at = fields.DateTime(allow_none=True)
+    created_at = Timestamp()
+    replayed_at = Timestamp(allow_none=True)
     replay_count = fields.Integer()
     message = fields.Dict()
 

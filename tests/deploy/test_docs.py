@@ -41,7 +41,8 @@ def test_every_path_the_doc_names_exists(doc: str) -> None:
 
 def test_every_workload_the_doc_names_exists(doc: str) -> None:
     kubernetes = {o["metadata"]["name"] for path in ("overlays/gpu", "distributed-training") for o in render(path)}
-    named = set(re.findall(r"(?:deployment|deploy|svc|job)/([a-z-]+)", doc))
+    # `deployment/labeling-worker`, not a path such as `deploy/healthcheck.py` or `tests/deploy/test_checkov.py`
+    named = set(re.findall(r"(?<![\w/])(?:deployment|deploy|svc|job)/([a-z-]+)(?![\w.-])", doc))
     named |= set(re.findall(r"kubectl -n flywheel (?:delete job|rollout status deployment/) ?([a-z-]+)", doc))
     assert named, "the doc names workloads"
     assert not named - kubernetes - {"name"}, f"not in the manifests: {sorted(named - kubernetes)}"
