@@ -24,6 +24,7 @@ MODULES = {  # benchmark name -> the module `python -m` runs
     "training_bench": "bench.training_bench",
     "inference_bench": "bench.inference_bench",
     "inference_floor": "bench.inference_floor",
+    "monitoring_bench": "bench.monitoring_bench",
     "flywheel_bench": "bench.flywheel_bench",
 }
 BENCHMARKS = tuple(MODULES)
@@ -32,6 +33,7 @@ RESULT_FILES = {
     "training_bench": "training",
     "inference_bench": "inference",
     "inference_floor": "inference_floor",
+    "monitoring_bench": "monitoring",
     "flywheel_bench": "flywheel",
 }
 

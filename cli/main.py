@@ -117,6 +117,12 @@ def build_parser() -> argparse.ArgumentParser:
     inputs.add_argument("--text", action="append")
     inputs.add_argument("--image", action="append")
 
+    watched = sub.add_parser("monitor", help="a served model's live quality, drift and resources (partner)")
+    watched.add_argument("model")
+    watched.add_argument("--windows", type=int, default=12, help="how many windows (default 12)")
+    watched.add_argument("--window-s", type=int, help="window length in seconds (default: the policy's)")
+    watched.add_argument("--watch", type=float, help="redraw every this many seconds")
+
     base = sub.add_parser("base-models", help="pretrained weights for image backbones").add_subparsers(
         dest="action", required=True
     )
@@ -173,6 +179,12 @@ def dispatch(args: argparse.Namespace) -> int:
         ("dead-letters", "replay"): lambda: commands.dead_letters_replay(context, args.service, args.id),
         ("trace", None): lambda: commands.trace(context, args.trace_id, args),
     }
+    if command == "monitor":
+        from cli.monitor import monitor
+
+        return monitor(
+            context.partner().inference, args.model, windows=args.windows, window_s=args.window_s, watch=args.watch
+        )
     if command == "models":
         from cli.models import run_models_command
 

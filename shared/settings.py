@@ -103,6 +103,8 @@ class Settings:
     """INFERENCE_RECONCILE_INTERVAL_S: safety-net poll of the registry's serving list."""
     inference_v2_log_sample_rate: float = 0.01
     """INFERENCE_V2_LOG_SAMPLE_RATE: share of v2 requests kept in the prediction log."""
+    inference_log_predictions: bool = True
+    """INFERENCE_LOG_PREDICTIONS: log the friendly API's predictions (off only to measure what logging costs)."""
     log_level: str = "INFO"
     """LOG_LEVEL."""
     log_format: str = "json"

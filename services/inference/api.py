@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import random
 import time
 from typing import Any
 
@@ -37,6 +38,7 @@ from services.inference.schemas import (
     PredictResponseSchema,
 )
 from services.inference.server import Inference, InferenceServer, current_server
+from services.inference.traffic import ShadowJob, input_stats
 from shared.auth import current_principal, require_partner, require_partner_or_delegated
 from shared.errors import BadRequest, DomainError, Forbidden, Unprocessable
 
@@ -96,8 +98,9 @@ def _decode_base64(data: str, index: int) -> bytes:
         ) from exc
 
 
-def _infer(server: InferenceServer, model: ServedModel) -> tuple[str, list[Any], Inference]:
-    """Read the texts, images or stored inputs, run them through the model's own preprocessing, and infer."""
+def _infer(server: InferenceServer, model: ServedModel, built: dict[str, Feeds]) -> tuple[str, list[Any], Inference]:
+    """Read the texts, images or stored inputs, run them through the model's own preprocessing, and infer
+    (`built` receives the feeds, for the input statistics)."""
     body = _read_request()
     field = next(kind for kind in INPUT_KINDS if kind in body)
     if len(body[field]) > server.config.max_instances_per_request:
@@ -115,7 +118,8 @@ def _infer(server: InferenceServer, model: ServedModel) -> tuple[str, list[Any],
                 f"model {model.name!r} takes {loaded.preprocessor.kind}s, not {kind}s",
                 {"fields": {field: ["wrong kind"]}},
             )
-        return loaded.preprocessor(inputs)
+        built["feeds"] = loaded.preprocessor(inputs)
+        return built["feeds"]
 
     result = server.infer(model, version=body["version"], request_key=body["request_key"], make_feeds=feeds)
     return kind, inputs, result
@@ -150,8 +154,9 @@ def predict(name: str) -> dict[str, Any]:
     tenant = current_principal().tenant
     model = server.model(tenant, name)
     annotate(model=name)
+    built: dict[str, Feeds] = {}
     try:
-        kind, inputs, result = _infer(server, model)
+        kind, inputs, result = _infer(server, model, built)
     except (DomainError, ValidationError) as exc:
         code = exc.code if isinstance(exc, DomainError) else "validation_failed"
         server.metrics.failures.labels(tenant, name, "predict", code).inc()
@@ -163,8 +168,13 @@ def predict(name: str) -> dict[str, Any]:
     # those predictions are not partner traffic, are not logged and take no feedback.
     delegated = current_principal().internal
     ids: list[str | None] = [None] * len(inputs)
-    if not delegated:
+    if not delegated and server.config.log_predictions:
         ids = [new_prediction_id() for _ in inputs]
+        policy = server.monitor.policy(tenant, name)
+        stats = input_stats(loaded, inputs, built["feeds"]) if "feeds" in built else [None] * len(inputs)
+        sampled = server.sampler.pick(
+            (tenant, name), policy["sample_rate"], [c.confidence for c in classifications], len(loaded.labels)
+        )
         server.prediction_log.record(
             [
                 LoggedPrediction(
@@ -181,10 +191,15 @@ def predict(name: str) -> dict[str, Any]:
                     outputs={"probabilities": classification.probabilities},
                     latency_ms=round(elapsed * 1000, 3),
                     trace_id=g.get("trace_id", ""),
+                    input_stats=item_stats,
+                    sampled=pick,
                 )
-                for prediction_id, item, classification in zip(ids, inputs, classifications, strict=True)
+                for prediction_id, item, classification, item_stats, pick in zip(
+                    ids, inputs, classifications, stats, sampled, strict=True
+                )
             ]
         )
+        _mirror(server, model, loaded.version, policy, inputs, ids)
     api = "delegated" if delegated else "predict"
     server.metrics.requests.labels(tenant, name, str(loaded.version), api, "ok").inc()
     server.metrics.latency.labels(tenant, name, api).observe(elapsed)
@@ -202,6 +217,16 @@ def predict(name: str) -> dict[str, Any]:
             for prediction_id, classification in zip(ids, classifications, strict=True)
         ],
     }
+
+
+def _mirror(
+    server: InferenceServer, model: ServedModel, served: int, policy: dict[str, Any], inputs: list[Any], ids: list
+) -> None:
+    """Hand a sampled share of requests to the shadow version, if the policy names one other than the answer's."""
+    version = policy.get("shadow_version")
+    if version is None or version == served or random.random() >= policy["shadow_rate"]:  # noqa: S311
+        return
+    server.shadow.offer(ShadowJob(model=model, version=version, inputs=list(inputs), prediction_ids=list(ids)))
 
 
 @feedback.post("")

@@ -1,7 +1,8 @@
 """The inference service: ONNX Runtime serving (KServe v2 + a friendly predict API), the prediction log and
 feedback. `create_app()` is one HTTP process: it loads what the registry serves and keeps it current (see
-`promotions.py`). Inference runs no Celery worker: the one event it consumes, `model.promoted`, is broadcast to
-every replica and heard by each HTTP process itself."""
+`promotions.py`). Inference runs no Celery worker: `model.promoted` is broadcast to every replica and heard by
+each HTTP process itself, and `prediction.labeled` (ground truth) is consumed from the inference queue by each
+HTTP process too (`ground_truth.py`); monitoring runs on a schedule inside them (`policies.py`)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from typing import Any
 
 from flask import Flask
 
-from services.inference import api, v2
+from services.inference import api, monitoring_api, v2
 from services.inference.config import InferenceConfig
 from services.inference.models import Base
 from services.inference.server import InferenceServer
@@ -22,7 +23,7 @@ SPEC = ServiceSpec(
     name="inference",
     title="Flywheel inference API",
     metadata=Base.metadata,
-    blueprints=[api.models, api.feedback, v2.blp],
+    blueprints=[api.models, api.feedback, monitoring_api.predictions, monitoring_api.monitoring, v2.blp],
     runs_worker=False,
 )
 

@@ -51,6 +51,16 @@ MAX_IMAGE_PIXELS = 40_000_000
 """Decoded image size limit (decompression-bomb guard)."""
 FEEDBACK_LOOKUP_WAIT_S = 2.0
 """Feedback may arrive at another replica before this one wrote the prediction; look again for this long."""
+MONITOR_INTERVAL_S = 15.0
+"""How often a process looks for model policies due for evaluation (each policy's own `schedule_s` decides when
+it is due; one process of all replicas evaluates it, under a Redis lock)."""
+SHADOW_QUEUE_SIZE = 64
+"""Shadow requests waiting for the shadow worker; beyond it a shadow request is shed (counted), never waited for."""
+LOG_PREDICTIONS = True
+"""Log the friendly API's predictions (and with them sampling and shadow traffic); off only in benchmarks,
+to measure what monitoring costs: feedback needs the log."""
+LABEL_LISTENER = True
+"""Consume `prediction.labeled` from the inference queue in this process (ground truth for live accuracy)."""
 
 
 @dataclass(frozen=True)
@@ -90,6 +100,10 @@ class InferenceConfig:
     max_instances_per_request: int = MAX_INSTANCES_PER_REQUEST
     max_image_pixels: int = MAX_IMAGE_PIXELS
     feedback_lookup_wait_s: float = FEEDBACK_LOOKUP_WAIT_S
+    monitor_interval_s: float = MONITOR_INTERVAL_S
+    shadow_queue_size: int = SHADOW_QUEUE_SIZE
+    label_listener: bool = LABEL_LISTENER
+    log_predictions: bool = LOG_PREDICTIONS
 
     @classmethod
     def from_settings(

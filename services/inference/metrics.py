@@ -1,7 +1,10 @@
 """Inference's Prometheus metrics, registered on the service's own registry (served at /metrics).
 
 Beside the shared per-endpoint HTTP metrics: requests and failures per model, end-to-end latency, time spent
-queued for a batch, time in ONNX Runtime, the batch-size histogram, queue depth and the loaded versions.
+queued for a batch, time in ONNX Runtime, the batch-size histogram, queue depth and the loaded versions; the
+prediction log (written, buffered, shed by reason); monitoring (live accuracy, drift, alerts, shadow traffic,
+sampling to labeling) and resource use per version (queue rejections, session memory; rows and compute
+seconds are the sums of the batch-size and compute histograms).
 """
 
 from __future__ import annotations
@@ -80,6 +83,77 @@ class InferenceMetrics:
             "Predictions dropped from the log because its buffer was full",
             registry=registry,
         )
+        self.prediction_log_shed = Counter(
+            "flywheel_inference_prediction_log_shed_total",
+            "Predictions (or shadow answers) the log could not keep, by reason: it never drops silently",
+            ["reason"],
+            registry=registry,
+        )
+        self.prediction_log_written = Counter(
+            "flywheel_inference_prediction_log_written_total",
+            "Predictions written to the log (acknowledged as logged)",
+            registry=registry,
+        )
+        self.prediction_log_buffered = Gauge(
+            "flywheel_inference_prediction_log_buffered",
+            "Predictions waiting in this process's buffer for the next flush",
+            registry=registry,
+        )
+        # Rows and compute seconds per version are the `_sum`s of the batch-size and compute-time histograms.
+        self.queue_rejections = Counter(
+            "flywheel_inference_queue_rejections_total",
+            "Requests refused because the version's queue was full (503)",
+            ["tenant", "model", "version"],
+            registry=registry,
+        )
+        self.session_memory = Gauge(
+            "flywheel_inference_session_memory_bytes",
+            "Memory the version's loaded ONNX Runtime session holds (process RSS growth while it loaded)",
+            ["tenant", "model", "version"],
+            registry=registry,
+        )
+        self.sampled_for_labeling = Counter(
+            "flywheel_inference_sampled_for_labeling_total",
+            "Production predictions sent to labeling by the model's sampling policy",
+            ["tenant", "model"],
+            registry=registry,
+        )
+        self.shadow_requests = Counter(
+            "flywheel_inference_shadow_requests_total",
+            "Requests mirrored to a shadow version, by outcome (answered, failed, shed)",
+            ["tenant", "model", "version", "outcome"],
+            registry=registry,
+        )
+        self.labels_received = Counter(
+            "flywheel_inference_ground_truth_received_total",
+            "prediction.labeled events joined to the prediction log, by outcome",
+            ["outcome"],
+            registry=registry,
+        )
+        self.live_accuracy = Gauge(
+            "flywheel_monitor_live_accuracy",
+            "Accuracy of a version on predictions whose ground truth arrived, over the policy window",
+            ["tenant", "model", "version"],
+            registry=registry,
+        )
+        self.drift = Gauge(
+            "flywheel_monitor_drift",
+            "Drift of a version over the policy window against its evaluation baseline, by signal",
+            ["tenant", "model", "version", "signal"],
+            registry=registry,
+        )
+        self.alert = Gauge(
+            "flywheel_monitor_alert",
+            "1 while a monitoring alert of this kind is active for the version, 0 once it cleared",
+            ["tenant", "model", "version", "kind"],
+            registry=registry,
+        )
+        self.alerts_fired = Counter(
+            "flywheel_monitor_alerts_fired_total",
+            "Monitoring alerts fired (each emits model.degraded)",
+            ["tenant", "model", "kind"],
+            registry=registry,
+        )
         self.promotions = Counter(
             "flywheel_inference_promotions_received_total",
             "model.promoted events received by this process",
@@ -100,15 +174,24 @@ class VersionObserver:
         self._compute = metrics.compute_time.labels(*self._labels)
         self._depth = metrics.queue_depth.labels(*self._labels)
         self._metrics = metrics
+        self.totals = {"batches": 0, "rows": 0, "compute_seconds": 0.0, "queue_rejections": 0}
+        """This process's running totals for the version (the monitoring API's resource block)."""
 
     def batch_ran(self, rows: int, queue_seconds: list[float], compute_seconds: float) -> None:
         self._batch.observe(rows)
         self._compute.observe(compute_seconds)
+        self.totals["batches"] += 1
+        self.totals["rows"] += rows
+        self.totals["compute_seconds"] += compute_seconds
         for seconds in queue_seconds:
             self._queue.observe(seconds)
 
     def queue_depth(self, depth: int) -> None:
         self._depth.set(depth)
+
+    def queue_rejected(self) -> None:
+        self._metrics.queue_rejections.labels(*self._labels).inc()
+        self.totals["queue_rejections"] += 1
 
     def forget(self) -> None:
         """Drop this version's series once it is retired."""
@@ -117,6 +200,8 @@ class VersionObserver:
             self._metrics.queue_time,
             self._metrics.compute_time,
             self._metrics.queue_depth,
+            self._metrics.queue_rejections,
+            self._metrics.session_memory,
         ):
             with contextlib.suppress(KeyError):
                 metric.remove(*self._labels)

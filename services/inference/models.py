@@ -1,10 +1,11 @@
-"""Inference's tables: the prediction log (inputs by reference, outputs, latency, version, feedback)."""
+"""Inference's tables: the prediction log (inputs by reference, outputs, latency, version, feedback, ground
+truth), shadow answers, and monitoring: per-model policies, per-tenant retention, alerts."""
 
 from __future__ import annotations
 
 from datetime import UTC, datetime
 
-from sqlalchemy import JSON, BigInteger, DateTime, Float, Index, Integer, String
+from sqlalchemy import JSON, BigInteger, Boolean, DateTime, Float, Index, Integer, String, Text
 from sqlalchemy.orm import Mapped, mapped_column
 
 from shared.db import declarative_base
@@ -45,6 +46,15 @@ class Prediction(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     feedback_label: Mapped[str | None] = mapped_column(String(200), nullable=True)
     feedback_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    input_stats: Mapped[dict | None] = mapped_column(JSON, nullable=True)
+    """Cheap facts about the input for drift: text `chars`, `tokens`, `unknown_rate`; image `width`, `height`,
+    `brightness` (0..1)."""
+    sampled: Mapped[bool | None] = mapped_column(Boolean, nullable=True)
+    """Sent to labeling by the model's sampling policy (`prediction.sampled`)."""
+    true_label: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    """The consensus label labeling settled for this prediction's input (`prediction.labeled`): ground truth."""
+    true_label_source: Mapped[str | None] = mapped_column(String(20), nullable=True)
+    labeled_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
 
     def input_ref(self) -> dict:
         """The input as the event catalog's ObjectRef."""
@@ -55,3 +65,67 @@ class Prediction(Base):
             "offset": self.input_offset,
             "length": self.input_length,
         }
+
+
+class ShadowPrediction(Base):
+    """What a staged version answered for a production request it shadowed: logged, never returned."""
+
+    __tablename__ = "shadow_predictions"
+    __table_args__ = (Index("ix_shadow_tenant_model_created", "tenant", "model_name", "created_at"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    prediction_id: Mapped[str] = mapped_column(String(40), index=True)
+    """The production prediction it shadowed (the row in `predictions`)."""
+    tenant: Mapped[str] = mapped_column(String(64))
+    model_name: Mapped[str] = mapped_column(String(200))
+    model_version: Mapped[int] = mapped_column(Integer)
+    predicted_label: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    confidence: Mapped[float | None] = mapped_column(Float, nullable=True)
+    latency_ms: Mapped[float | None] = mapped_column(Float, nullable=True)
+    error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class MonitorPolicy(Base):
+    """One model's monitoring policy: sampling to labeling, shadow traffic, and the thresholds that trigger a
+    retrain. Unset, a model is monitored with the defaults (`monitoring.DEFAULT_POLICY`)."""
+
+    __tablename__ = "monitor_policies"
+
+    tenant: Mapped[str] = mapped_column(String(64), primary_key=True)
+    model_name: Mapped[str] = mapped_column(String(200), primary_key=True)
+    policy: Mapped[dict] = mapped_column(JSON)
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, onupdate=utcnow)
+
+
+class TenantRetention(Base):
+    """How many days a tenant's prediction log is kept (default `monitoring.DEFAULT_RETENTION_DAYS`)."""
+
+    __tablename__ = "tenant_retention"
+
+    tenant: Mapped[str] = mapped_column(String(64), primary_key=True)
+    days: Mapped[int] = mapped_column(Integer)
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, onupdate=utcnow)
+
+
+class MonitorAlert(Base):
+    """A policy threshold crossed by one version: while `active`, the same kind does not fire again."""
+
+    __tablename__ = "monitor_alerts"
+    __table_args__ = (Index("ix_alerts_tenant_model", "tenant", "model_name", "created_at"),)
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    tenant: Mapped[str] = mapped_column(String(64))
+    model_name: Mapped[str] = mapped_column(String(200))
+    model_version: Mapped[int] = mapped_column(Integer)
+    kind: Mapped[str] = mapped_column(String(40))
+    """`prediction_drift`, `confidence_drift`, `input_drift`, `accuracy_drop` or `schedule`."""
+    reason: Mapped[str] = mapped_column(Text)
+    value: Mapped[float | None] = mapped_column(Float, nullable=True)
+    threshold: Mapped[float | None] = mapped_column(Float, nullable=True)
+    samples: Mapped[int] = mapped_column(Integer)
+    details: Mapped[dict] = mapped_column(JSON)
+    active: Mapped[bool] = mapped_column(Boolean, default=True)
+    event_id: Mapped[str | None] = mapped_column(String(36), nullable=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    resolved_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)

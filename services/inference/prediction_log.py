@@ -10,28 +10,41 @@ buffer, and a writer thread, every `log_flush_interval_s`, packs the buffered in
 object in the `raw` bucket under `<tenant>/predictions/YYYY/MM/DD/<uuid>.bin` (each input a byte range with its
 own sha256, like ingestion's packed items), then inserts the rows in one transaction. The object is written
 before the rows, so no row names missing bytes. If storage or the database is down the buffer keeps the
-predictions (bounded by `log_buffer_limit` and `log_buffer_bytes`; the oldest are dropped beyond them and
-counted) and the next flush retries. Feedback for a prediction still in this process's buffer flushes it
+predictions (bounded by `log_buffer_limit` and `log_buffer_bytes`) and the next flush retries. Beyond the bounds
+the oldest are shed: never silently, each one counted in `flywheel_inference_prediction_log_shed_total` (by
+reason) and logged as `prediction_log_shed`. Feedback for a prediction still in this process's buffer flushes it
 first; feedback that reaches another replica first waits briefly for the row (`feedback_lookup_wait_s`).
+
+Durability: a prediction is acknowledged as logged once its flush committed (`flywheel_inference_prediction_log_
+written_total` counts them; the query API shows them). When the process stops it flushes what it holds; if that
+last flush fails (storage or database down), the buffer is spooled to local disk under
+`FLYWHEEL_HOME/inference/spool/` and the next process to start writes it, so a restart loses nothing either way.
+
+The same flush writes what rides along with the predictions: their input statistics (for drift), the answers of
+shadow versions (`shadow_predictions`), and, for the predictions the model's sampling policy picked, one
+`prediction.sampled` event per model through the outbox, in the same transaction as the rows.
 """
 
 from __future__ import annotations
 
+import base64
 import hashlib
+import json
 import threading
 import time
 import uuid
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
-from sqlalchemy import insert
+from sqlalchemy import insert, select
 
 from services.inference.config import InferenceConfig
 from services.inference.metrics import InferenceMetrics
-from services.inference.models import Prediction
+from services.inference.models import Prediction, ShadowPrediction
 from shared.artifacts import RAW_BUCKET
 from shared.errors import Conflict, NotFound, Unprocessable
 from shared.logging import get_logger
@@ -62,6 +75,37 @@ class LoggedPrediction:
     latency_ms: float
     trace_id: str
     created_at: datetime = field(default_factory=lambda: datetime.now(UTC))
+    input_stats: dict[str, Any] | None = None
+    sampled: bool = False
+    """Picked by the model's sampling policy: sent to labeling with this flush."""
+
+    def to_spool(self) -> dict[str, Any]:
+        record = asdict(self)
+        record["input_bytes"] = base64.b64encode(self.input_bytes).decode()
+        record["created_at"] = self.created_at.isoformat()
+        return record
+
+    @classmethod
+    def from_spool(cls, record: dict[str, Any]) -> LoggedPrediction:
+        values = dict(record)
+        values["input_bytes"] = base64.b64decode(values["input_bytes"])
+        values["created_at"] = datetime.fromisoformat(values["created_at"])
+        return cls(**values)
+
+
+@dataclass
+class ShadowAnswer:
+    """What a shadow version answered for one logged prediction (or why it could not)."""
+
+    prediction_id: str
+    tenant: str
+    model_name: str
+    model_version: int
+    predicted_label: str | None
+    confidence: float | None
+    latency_ms: float | None
+    error: str | None = None
+    created_at: datetime = field(default_factory=lambda: datetime.now(UTC))
 
 
 class PredictionLog:
@@ -69,6 +113,8 @@ class PredictionLog:
         self.runtime = runtime
         self.config = config
         self.metrics = metrics
+        self.spool_dir = Path(runtime.settings.home) / "inference" / "spool"
+        self._shadow: deque[ShadowAnswer] = deque()
         self._buffer: deque[LoggedPrediction] = deque()
         self._buffered_bytes = 0
         self._pending: set[str] = set()
@@ -93,9 +139,25 @@ class PredictionLog:
                 self._buffered_bytes -= len(oldest.input_bytes)
                 self._pending.discard(oldest.id)
                 dropped += 1
+            depth = len(self._buffer)
+        self.metrics.prediction_log_buffered.set(depth)
         if dropped:
-            self.metrics.prediction_log_dropped.inc(dropped)
-            log.warning("prediction_log_dropped", dropped=dropped)
+            self.shed(dropped, "buffer_full")
+
+    def shed(self, count: int, reason: str) -> None:
+        """Count (and say) what the log could not keep: it never drops silently."""
+        self.metrics.prediction_log_dropped.inc(count)
+        self.metrics.prediction_log_shed.labels(reason).inc(count)
+        log.warning("prediction_log_shed", shed=count, reason=reason)
+
+    def record_shadow(self, answers: list[ShadowAnswer]) -> None:
+        with self._lock:
+            self._shadow.extend(answers)
+            excess = len(self._shadow) - self.config.log_buffer_limit
+            for _ in range(max(0, excess)):
+                self._shadow.popleft()
+        if excess > 0:
+            self.shed(excess, "shadow_buffer_full")
 
     def is_pending(self, prediction_id: str) -> bool:
         with self._lock:
@@ -104,6 +166,7 @@ class PredictionLog:
     # -- writing (the writer thread, or a feedback request that needs its row now) ---------------------
 
     def start(self) -> None:
+        self._replay_spool()
         self._thread = threading.Thread(target=self._loop, name="inference-prediction-log", daemon=True)
         self._thread.start()
 
@@ -120,20 +183,26 @@ class PredictionLog:
                 batch = list(self._buffer)
                 self._buffer.clear()
                 self._buffered_bytes = 0
-            if not batch:
+                shadows = list(self._shadow)
+                self._shadow.clear()
+            if not batch and not shadows:
                 return 0
             try:
-                self._write(batch)
+                self._write(batch, shadows)
             except Exception:
                 with self._lock:
                     self._buffer.extendleft(reversed(batch))
                     self._buffered_bytes += sum(len(prediction.input_bytes) for prediction in batch)
+                    self._shadow.extendleft(reversed(shadows))
                 raise
             with self._lock:
                 self._pending.difference_update(prediction.id for prediction in batch)
+                depth = len(self._buffer)
+            self.metrics.prediction_log_written.inc(len(batch))
+            self.metrics.prediction_log_buffered.set(depth)
             return len(batch)
 
-    def _write(self, batch: list[LoggedPrediction]) -> None:
+    def _write(self, batch: list[LoggedPrediction], shadows: list[ShadowAnswer] | None = None) -> None:
         by_tenant: dict[str, list[LoggedPrediction]] = {}
         for prediction in batch:
             by_tenant.setdefault(prediction.tenant, []).append(prediction)
@@ -168,10 +237,47 @@ class PredictionLog:
                         "latency_ms": prediction.latency_ms,
                         "trace_id": prediction.trace_id,
                         "created_at": prediction.created_at,
+                        "input_stats": prediction.input_stats,
+                        "sampled": prediction.sampled or None,
                     }
                 )
         with self.runtime.db.session() as session:
-            session.execute(insert(Prediction), rows)
+            if rows:
+                session.execute(insert(Prediction), rows)
+            if shadows:
+                session.execute(insert(ShadowPrediction), [asdict(answer) for answer in shadows])
+            self._publish_samples(session, batch, rows)
+
+    def _publish_samples(self, session: Any, batch: list[LoggedPrediction], rows: list[dict[str, Any]]) -> None:
+        """One `prediction.sampled` per (tenant, model) for the predictions its sampling policy picked."""
+        by_model: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
+        for prediction, row in zip(batch, rows, strict=True):
+            if not prediction.sampled:
+                continue
+            by_model.setdefault((prediction.tenant, prediction.model_name, prediction.dataset_id), []).append(
+                {
+                    "prediction_id": prediction.id,
+                    "model_version": prediction.model_version,
+                    "input": {
+                        "bucket": row["input_bucket"],
+                        "key": row["input_key"],
+                        "sha256": row["input_sha256"],
+                        "offset": row["input_offset"],
+                        "length": row["input_length"],
+                    },
+                    "predicted_label": prediction.predicted_label or "",
+                    "confidence": prediction.confidence,
+                }
+            )
+        for (tenant, model_name, dataset_id), items in by_model.items():
+            self.runtime.bus.publish(
+                session,
+                "prediction.sampled",
+                {"model_name": model_name, "dataset_id": dataset_id, "items": items},
+                tenant=tenant,
+            )
+            self.metrics.sampled_for_labeling.labels(tenant, model_name).inc(len(items))
+            log.info("predictions_sampled_for_labeling", tenant=tenant, model_name=model_name, count=len(items))
 
     def close(self) -> None:
         self._stop.set()
@@ -180,7 +286,53 @@ class PredictionLog:
         try:
             self.flush()
         except Exception as exc:
-            log.warning("prediction_log_final_flush_failed", error=str(exc)[:300], lost=len(self._buffer))
+            log.warning("prediction_log_final_flush_failed", error=str(exc)[:300], buffered=len(self._buffer))
+            self._spool()
+
+    # -- the spool: what a failed last flush leaves for the next process -------------------------------
+
+    def _spool(self) -> None:
+        with self._lock:
+            batch = list(self._buffer)
+            self._buffer.clear()
+            self._buffered_bytes = 0
+        if not batch:
+            return
+        try:
+            self.spool_dir.mkdir(parents=True, exist_ok=True)
+            path = self.spool_dir / f"{uuid.uuid4().hex}.jsonl"
+            partial = path.with_suffix(".partial")
+            partial.write_text("".join(json.dumps(prediction.to_spool()) + "\n" for prediction in batch))
+            partial.rename(path)  # a half-written spool file is never replayed
+        except OSError as exc:
+            self.shed(len(batch), "spool_failed")
+            log.error("prediction_log_spool_failed", error=str(exc)[:300])
+            return
+        log.warning("prediction_log_spooled", predictions=len(batch), path=str(path))
+
+    def _replay_spool(self) -> None:
+        for path in sorted(self.spool_dir.glob("*.jsonl")) if self.spool_dir.is_dir() else []:
+            claimed = path.with_suffix(f".claimed-{uuid.uuid4().hex[:8]}")
+            try:
+                path.rename(claimed)  # another process of this replica may be replaying the same folder
+            except OSError:
+                continue
+            try:
+                records = [json.loads(line) for line in claimed.read_text().splitlines()]
+                predictions = [LoggedPrediction.from_spool(record) for record in records]
+                with self.runtime.db.session() as session:
+                    known = set(
+                        session.scalars(select(Prediction.id).where(Prediction.id.in_([p.id for p in predictions])))
+                    )
+                fresh = [prediction for prediction in predictions if prediction.id not in known]
+                if fresh:
+                    self._write(fresh)
+                    self.metrics.prediction_log_written.inc(len(fresh))
+                claimed.unlink()
+                log.info("prediction_log_spool_replayed", predictions=len(fresh), path=str(path))
+            except Exception as exc:  # storage or database still down: the next start tries again
+                claimed.rename(path)
+                log.warning("prediction_log_spool_replay_failed", path=str(path), error=str(exc)[:300])
 
     # -- feedback --------------------------------------------------------------------------------------
 

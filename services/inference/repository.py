@@ -74,6 +74,8 @@ class LoadedVersion:
         preprocessor: TextPreprocessor | ImagePreprocessor,
         batching: BatchingConfig,
         observer: VersionObserver,
+        artifacts: dict[str, Any] | None = None,
+        memory_bytes: int | None = None,
     ) -> None:
         self.tenant = tenant
         self.model_name = model_name
@@ -88,6 +90,10 @@ class LoadedVersion:
         self.preprocessor = preprocessor
         self.batching = batching
         self.observer = observer
+        self.artifacts = dict(artifacts or {})
+        """The registry's artifact references of this version (where its evaluation baseline sits, too)."""
+        self.memory_bytes = memory_bytes
+        """Process RSS growth while its session was created and warmed up (None where it cannot be read)."""
         self.loaded_at = _now()
         output_names = [spec.name for spec in outputs]
         self.batcher = DynamicBatcher(
@@ -398,6 +404,7 @@ class ModelRepository:
         folder = Path(tempfile.mkdtemp(prefix=f"{model.name}-{version}-", dir=self.work_dir))
         try:
             files = fetch_version(self.storage, version_doc, folder)
+            rss_before = resident_bytes()
             session = create_session(
                 files.graph,
                 intra_op_threads=self.config.intra_op_threads,
@@ -414,6 +421,7 @@ class ModelRepository:
                 preprocessor = ImagePreprocessor(preprocessing, inputs, self.config.max_image_pixels)
             batching = self.config.batching.override((version_doc.get("metadata") or {}).get("serving"))
             warm_up(session, inputs, [1, batching.max_batch_size], len(files.metadata["labels"]))
+            rss_after = resident_bytes()
         except (ArtifactRefused, ModelRefused) as exc:
             self._fail(model, version, version_fingerprint, exc.reason, exc.message)
             return None
@@ -438,7 +446,11 @@ class ModelRepository:
             preprocessor=preprocessor,
             batching=batching,
             observer=self.metrics.batch_observer(model.tenant, model.name, version),
+            artifacts=version_doc.get("artifacts"),
+            memory_bytes=max(0, rss_after - rss_before) if rss_before is not None and rss_after is not None else None,
         )
+        if loaded.memory_bytes is not None:
+            self.metrics.session_memory.labels(model.tenant, model.name, str(version)).set(loaded.memory_bytes)
         model.failures = MappingProxyType({v: f for v, f in model.failures.items() if v != version})
         log.info(
             "model_version_loaded",
@@ -521,6 +533,15 @@ class ModelRepository:
             for loaded in model.state.versions.values():
                 loaded.batcher.close(timeout=5)
         shutil.rmtree(self.work_dir, ignore_errors=True)
+
+
+def resident_bytes() -> int | None:
+    """This process's resident set size, from /proc (Linux); None elsewhere."""
+    try:
+        pages = int(Path("/proc/self/statm").read_text().split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+    return pages * os.sysconf("SC_PAGE_SIZE")
 
 
 def process_work_dir(home: Path) -> Path:

@@ -247,3 +247,137 @@ class V2InferResponseSchema(Schema):
     id = fields.String()
     parameters = fields.Dict()
     outputs = fields.List(fields.Nested(V2ResponseOutputSchema), required=True)
+
+
+# -- the prediction log's query API ----------------------------------------------------------------------------
+
+
+class PredictionQuerySchema(Schema):
+    """Filters of `GET /v1/predictions` (all optional; the caller's own predictions only), newest first."""
+
+    model = fields.String(validate=validate.Length(min=1, max=200))
+    version = fields.Integer(validate=validate.Range(min=0))
+    since = fields.AwareDateTime(metadata={"description": "ISO 8601 with a zone; created at or after."})
+    until = fields.AwareDateTime(metadata={"description": "ISO 8601 with a zone; created before."})
+    min_confidence = fields.Float(validate=validate.Range(min=0.0, max=1.0))
+    max_confidence = fields.Float(validate=validate.Range(min=0.0, max=1.0))
+    label = fields.String(validate=validate.Length(min=1, max=200), metadata={"description": "Predicted label."})
+    labeled = fields.Boolean(metadata={"description": "Only predictions whose ground truth arrived (or not)."})
+    api = fields.String(validate=validate.OneOf(("predict", "v2")))
+    limit = fields.Integer(load_default=100, validate=validate.Range(min=1, max=1000))
+    cursor = fields.String(
+        validate=validate.Length(min=1, max=300), metadata={"description": "`next_cursor` of the previous page."}
+    )
+
+    @validates_schema
+    def _ranges(self, data: dict[str, Any], **_: Any) -> None:
+        if "since" in data and "until" in data and data["since"] >= data["until"]:
+            raise ValidationError("since must be before until", field_name="since")
+        if data.get("min_confidence", 0.0) > data.get("max_confidence", 1.0):
+            raise ValidationError("min_confidence must not exceed max_confidence", field_name="min_confidence")
+
+
+class LoggedPredictionSchema(Schema):
+    id = fields.String()
+    model_name = fields.String()
+    model_version = fields.Integer()
+    api = fields.String()
+    input_kind = fields.String()
+    input = fields.Dict(metadata={"description": "The input by reference: {bucket, key, sha256, offset, length}."})
+    predicted_label = fields.String(allow_none=True)
+    confidence = fields.Float(allow_none=True)
+    outputs = fields.Dict()
+    latency_ms = fields.Float()
+    input_stats = fields.Dict(allow_none=True)
+    sampled = fields.Boolean()
+    feedback_label = fields.String(allow_none=True)
+    true_label = fields.String(allow_none=True, metadata={"description": "Ground truth settled by labeling."})
+    true_label_source = fields.String(allow_none=True)
+    trace_id = fields.String()
+    created_at = fields.DateTime()
+
+
+class PredictionPageSchema(Schema):
+    predictions = fields.List(fields.Nested(LoggedPredictionSchema))
+    next_cursor = fields.String(allow_none=True, metadata={"description": "Pass as `cursor` for the next page."})
+
+
+# -- monitoring ------------------------------------------------------------------------------------------------
+
+
+class MonitorPolicySchema(Schema):
+    """A model's monitoring policy; `PUT` changes only the fields it sends."""
+
+    window_s = fields.Integer(validate=validate.Range(min=60, max=30 * 86400))
+    schedule_s = fields.Integer(validate=validate.Range(min=10, max=7 * 86400))
+    min_samples = fields.Integer(validate=validate.Range(min=10, max=1_000_000))
+    min_labeled = fields.Integer(validate=validate.Range(min=1, max=1_000_000))
+    prediction_drift_threshold = fields.Float(validate=validate.Range(min=0.0, max=1.0))
+    confidence_drift_threshold = fields.Float(validate=validate.Range(min=0.0, max=1.0))
+    drift_p_value = fields.Float(validate=validate.Range(min=0.0, max=1.0))
+    accuracy_drop_threshold = fields.Float(validate=validate.Range(min=0.0, max=1.0))
+    retrain_every_s = fields.Integer(allow_none=True, validate=validate.Range(min=3600))
+    sample_rate = fields.Float(validate=validate.Range(min=0.0, max=1.0))
+    shadow_version = fields.Integer(allow_none=True, validate=validate.Range(min=0))
+    shadow_rate = fields.Float(validate=validate.Range(min=0.0, max=1.0))
+
+
+class MonitoringQuerySchema(Schema):
+    windows = fields.Integer(load_default=6, validate=validate.Range(min=1, max=96))
+    window_s = fields.Integer(
+        validate=validate.Range(min=60, max=30 * 86400), metadata={"description": "Default: the policy's window."}
+    )
+
+
+class MonitoringReportSchema(Schema):
+    model_name = fields.String()
+    window_s = fields.Float()
+    policy = fields.Nested(MonitorPolicySchema)
+    versions = fields.List(
+        fields.Dict(), metadata={"description": "Per version: role, evaluation baseline, resources (this process)."}
+    )
+    windows = fields.List(
+        fields.Dict(),
+        metadata={
+            "description": "Oldest first: start, end, and per version predictions, latency, quality (labeled, "
+            "correct, accuracy, ci_low, ci_high, macro_f1), drift (class_distribution, prediction_js, confidence_ks, "
+            "confidence_ks_pvalue), inputs; shadow per shadow version."
+        },
+    )
+    alerts = fields.List(fields.Dict())
+
+
+class AlertSchema(Schema):
+    id = fields.String()
+    model_name = fields.String()
+    model_version = fields.Integer()
+    kind = fields.String()
+    reason = fields.String()
+    value = fields.Float(allow_none=True)
+    threshold = fields.Float(allow_none=True)
+    samples = fields.Integer()
+    details = fields.Dict()
+    active = fields.Boolean()
+    event_id = fields.String(allow_none=True, metadata={"description": "The model.degraded event it emitted."})
+    created_at = fields.String()
+    resolved_at = fields.String(allow_none=True)
+
+
+class AlertQuerySchema(Schema):
+    model = fields.String(validate=validate.Length(min=1, max=200))
+    active = fields.Boolean()
+    limit = fields.Integer(load_default=100, validate=validate.Range(min=1, max=1000))
+
+
+class AlertListSchema(Schema):
+    alerts = fields.List(fields.Nested(AlertSchema))
+
+
+class EvaluationResultSchema(Schema):
+    evaluated_at = fields.String()
+    versions = fields.List(fields.Dict())
+    fired = fields.List(fields.Nested(AlertSchema))
+
+
+class RetentionSchema(Schema):
+    days = fields.Integer(required=True, validate=validate.Range(min=1, max=3650))

@@ -1,5 +1,6 @@
-"""What one HTTP process of inference holds (loaded models, prediction log, promotion listener, metrics), and
-the request path every API shares: find the caller's model, route to a version, submit to its batcher."""
+"""What one HTTP process of inference holds (loaded models, prediction log, promotion listener, metrics, and
+monitoring: the ground-truth listener, policies and their schedule, sampling, shadow traffic), and the request
+path every API shares: find the caller's model, route to a version, submit to its batcher."""
 
 from __future__ import annotations
 
@@ -12,11 +13,14 @@ from flask import current_app
 from services.inference.batcher import BatcherClosed, Feeds, QueueFull
 from services.inference.canary import choose_version
 from services.inference.config import InferenceConfig
+from services.inference.ground_truth import EventListener
 from services.inference.metrics import InferenceMetrics
+from services.inference.policies import Monitor
 from services.inference.prediction_log import PredictionLog
 from services.inference.promotions import PromotionListener, Reconciler
 from services.inference.registry_client import RegistryClient
 from services.inference.repository import LoadedVersion, ModelRepository, ServedModel, process_work_dir
+from services.inference.traffic import Sampler, ShadowRunner
 from shared.errors import NotFound, ServiceUnavailable
 from shared.logging import get_logger
 from shared.runtime import Runtime
@@ -50,12 +54,20 @@ class InferenceServer:
         self.prediction_log = PredictionLog(runtime, config, self.metrics)
         self.promotions = PromotionListener(runtime, self.repository, self.metrics)
         self.reconciler = Reconciler(self.repository, config.reconcile_interval_s)
+        self.monitor = Monitor(runtime, self.repository, self.metrics, config.monitor_interval_s)
+        self.sampler = Sampler()
+        self.shadow = ShadowRunner(self.prediction_log, self.metrics, config.shadow_queue_size)
+        self.events = EventListener(runtime, self.metrics) if config.label_listener else None
         self._closed = False
 
     def start(self) -> InferenceServer:
         self.prediction_log.start()
         self.promotions.start()
         self.reconciler.start()
+        self.shadow.start()
+        self.monitor.start()
+        if self.events is not None:
+            self.events.start()
         log.info(
             "inference_started",
             registry=self.registry.base_url,
@@ -70,8 +82,12 @@ class InferenceServer:
         if self._closed:
             return
         self._closed = True
+        if self.events is not None:
+            self.events.stop()
+        self.monitor.stop()
         self.reconciler.stop()
         self.promotions.stop()
+        self.shadow.stop()
         self.repository.close()
         self.prediction_log.close()
 
@@ -115,6 +131,7 @@ class InferenceServer:
         try:
             future = batcher.submit(feeds, announced=True)
         except QueueFull as exc:
+            loaded.observer.queue_rejected()
             raise ServiceUnavailable(
                 f"model {model.name!r} is at capacity: its queue is full; retry shortly",
                 {"queue_limit": loaded.batching.max_queue_size},

@@ -8,7 +8,7 @@ from sqlalchemy import delete, select
 
 from services.labeling import assist, snapshots
 from services.labeling.models import Annotation, LabelingDataset, Lease, Task
-from services.labeling.queue import BUILD_SNAPSHOT_TASK, apply_consensus
+from services.labeling.queue import BUILD_SNAPSHOT_TASK, apply_consensus, queue_snapshot
 from shared.events.consumer import EventContext, EventHandlers, RejectEvent
 from shared.logging import get_logger, log_context
 from shared.runtime import Runtime
@@ -18,6 +18,9 @@ log = get_logger(__name__)
 handlers = EventHandlers("labeling")
 
 FEEDBACK_PRIORITY = 100
+SAMPLE_PRIORITY = 50
+"""Production traffic sampled for labeling comes after feedback, before the unlabeled pool: it is the loop's
+fresh test data, and live accuracy waits for it."""
 
 
 def _upsert_dataset(ctx: EventContext, config: dict[str, Any]) -> LabelingDataset:
@@ -158,9 +161,76 @@ def on_prediction_feedback(ctx: EventContext) -> None:
             prelabel_version=payload["model_version"],
             uncertainty=None if confidence is None else 1.0 - confidence,
             feedback={"correct_label": payload["correct_label"], "prediction_id": payload["prediction_id"]},
+            prediction_id=payload["prediction_id"],
         )
     )
     log.info("feedback_task_created", dataset_id=dataset.id, prediction_id=payload["prediction_id"])
+
+
+@handlers.on("prediction.sampled")
+def on_prediction_sampled(ctx: EventContext) -> None:
+    """Production predictions the model's sampling policy picked become tasks tagged with the version that made
+    them; their consensus goes back to inference as ground truth (`prediction.labeled`)."""
+    payload = ctx.payload
+    dataset = ctx.session.get(LabelingDataset, payload["dataset_id"])
+    if dataset is None or dataset.tenant != ctx.envelope.tenant:
+        raise RejectEvent(f"sampled predictions name dataset {payload['dataset_id']}, unknown for this tenant")
+    items = payload["items"]
+    item_ids = {f"sp_{item['prediction_id']}"[:60]: item for item in items}
+    known = set(ctx.session.scalars(select(Task.item_id).where(Task.item_id.in_(list(item_ids)))))
+    for item_id, item in item_ids.items():
+        if item_id in known:
+            continue
+        content = item["input"]
+        confidence = item.get("confidence")
+        ctx.session.add(
+            Task(
+                item_id=item_id,
+                tenant=dataset.tenant,
+                dataset_id=dataset.id,
+                kind="text" if dataset.task_type == "text_classification" else "image",
+                bucket=content["bucket"],
+                object_key=content["key"],
+                sha256=content["sha256"],
+                offset=content.get("offset"),
+                length=content.get("length"),
+                source="sample",
+                status="open",
+                priority=SAMPLE_PRIORITY,
+                required=dataset.overlap,
+                prelabel=item["predicted_label"] or None,
+                prelabel_confidence=confidence,
+                prelabel_model=payload["model_name"],
+                prelabel_version=item["model_version"],
+                uncertainty=None if confidence is None else 1.0 - confidence,
+                prediction_id=item["prediction_id"],
+            )
+        )
+    log.info("sampled_tasks_created", dataset_id=dataset.id, created=len(item_ids) - len(known), received=len(items))
+
+
+@handlers.on("model.degraded")
+def on_model_degraded(ctx: EventContext) -> None:
+    """A monitoring alert: freeze the current consensus and request a retrain that records the alert's reason.
+    The new version goes through the promotion gate like any other."""
+    payload = ctx.payload
+    dataset = ctx.session.get(LabelingDataset, payload["dataset_id"])
+    if dataset is None or dataset.tenant != ctx.envelope.tenant:
+        raise RejectEvent(f"the alert names dataset {payload['dataset_id']}, unknown for this tenant")
+    version = f"{payload['model_name']} v{payload['model_version']}"
+    reason = f"monitoring: {payload['reason']} (alert {payload['alert_id']}, {version})"
+    snapshot = queue_snapshot(
+        ctx.runtime, ctx.session, dataset, reason="monitoring", trigger_training=True, training_reason=reason[:500]
+    )
+    log.info(
+        "monitoring_retrain_requested",
+        dataset_id=dataset.id,
+        snapshot_id=snapshot.id,
+        alert_id=payload["alert_id"],
+        kind=payload["kind"],
+        model_name=payload["model_name"],
+        model_version=payload["model_version"],
+    )
 
 
 def register_tasks(runtime: Runtime) -> None:

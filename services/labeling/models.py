@@ -56,7 +56,10 @@ class Task(Base):
     sha256: Mapped[str] = mapped_column(String(64))
     offset: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
     length: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
-    source: Mapped[str] = mapped_column(String(20), default="ingestion")  # ingestion | feedback
+    source: Mapped[str] = mapped_column(String(20), default="ingestion")  # ingestion | feedback | sample
+    prediction_id: Mapped[str | None] = mapped_column(String(40), nullable=True, index=True)
+    """The served prediction this item came from (feedback, or production traffic sampled for labeling): its
+    consensus is sent back to inference as that prediction's ground truth (`prediction.labeled`)."""
     status: Mapped[str] = mapped_column(String(20), default="open", index=True)  # open|done|review|withdrawn
     priority: Mapped[int] = mapped_column(Integer, default=0)
     required: Mapped[int] = mapped_column(Integer, default=1)
@@ -123,7 +126,9 @@ class Snapshot(Base):
     tenant: Mapped[str] = mapped_column(String(40), index=True)
     dataset_id: Mapped[str] = mapped_column(String(40), index=True)
     status: Mapped[str] = mapped_column(String(20), default="pending")  # pending | ready | failed
-    reason: Mapped[str] = mapped_column(String(40))  # manual | retrain_policy
+    reason: Mapped[str] = mapped_column(String(40))  # manual | retrain_policy | monitoring
+    training_reason: Mapped[str | None] = mapped_column(Text, nullable=True)
+    """Why the training it requests runs, when not the label-count policy (a monitoring alert's reason)."""
     trigger_training: Mapped[bool] = mapped_column(Boolean, default=False)
     manifest_key: Mapped[str | None] = mapped_column(String(512), nullable=True)
     manifest_sha256: Mapped[str | None] = mapped_column(String(64), nullable=True)

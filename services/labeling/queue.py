@@ -226,13 +226,33 @@ def settle(
     session.execute(delete(Lease).where(Lease.task_id == task.id))
     dataset.labels_since_snapshot += 1
     log.info("consensus_reached", task_id=task.id, label=label, source=source, agreement=agreement)
+    if task.prediction_id and source != "model_auto":  # the model agreeing with itself is no ground truth
+        runtime.bus.publish(
+            session,
+            "prediction.labeled",
+            {
+                "prediction_id": task.prediction_id,
+                "model_name": task.prelabel_model,
+                "model_version": task.prelabel_version,
+                "dataset_id": dataset.id,
+                "label": label,
+                "source": "feedback" if task.source == "feedback" else "sample",
+            },
+            tenant=task.tenant,
+        )
     threshold = dataset.retrain_threshold
     if threshold is not None and dataset.labels_since_snapshot >= threshold:
         queue_snapshot(runtime, session, dataset, reason="retrain_policy", trigger_training=True)
 
 
 def queue_snapshot(
-    runtime: Runtime, session: Session, dataset: LabelingDataset, *, reason: str, trigger_training: bool
+    runtime: Runtime,
+    session: Session,
+    dataset: LabelingDataset,
+    *,
+    reason: str,
+    trigger_training: bool,
+    training_reason: str | None = None,
 ) -> Snapshot:
     """Reset the policy counter and queue the snapshot's build, in the caller's transaction."""
     from services.labeling.snapshots import new_snapshot_id
@@ -246,6 +266,7 @@ def queue_snapshot(
         dataset_id=dataset.id,
         reason=reason,
         trigger_training=trigger_training,
+        training_reason=training_reason,
         trace_id=current_trace_id(),
     )
     session.add(snapshot)

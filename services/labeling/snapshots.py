@@ -173,7 +173,8 @@ def _build(runtime: Runtime, snapshot_id: str) -> Snapshot:
                     "manifest": manifest_ref,
                     "task_type": dataset.task_type,
                     "labels": list(dataset.labels),
-                    "reason": f"retrain policy: {dataset.retrain_threshold} new consensus labels",
+                    "reason": snapshot.training_reason
+                    or f"retrain policy: {dataset.retrain_threshold} new consensus labels",
                     "model_name": model_name_for(dataset),
                     "base_model": dataset.training_base_model,
                     "hyperparameters": dataset.training_hyperparameters or {},

@@ -87,6 +87,9 @@ class TrainingCompleted(Schema):
     snapshot_id = fields.String(required=True)
     model_name = fields.String(required=True)
     artifacts = fields.Dict(keys=fields.String(), values=fields.Nested(ObjectRef), required=True)
+    # Validation metrics (accuracy, macro_f1, …), plus `test` (the candidate on the test split), `best_epoch`,
+    # `baseline` ({name, method, items, accuracy, macro_f1} of the classical baseline on the test split, or None)
+    # and `baseline_lift` (test macro-F1 minus the baseline's, or None).
     metrics = fields.Dict(required=True)
     metadata = fields.Dict(required=True)
     # shared.artifacts.EvaluationReport: candidate and production scored on the snapshot's frozen test split.
@@ -131,6 +134,50 @@ class PredictionFeedback(Schema):
     confidence = fields.Float(load_default=None, allow_none=True)
 
 
+class SampledPrediction(Schema):
+    prediction_id = fields.String(required=True)
+    model_version = fields.Integer(required=True)
+    input = fields.Nested(ObjectRef, required=True)
+    predicted_label = fields.String(required=True)
+    confidence = fields.Float(load_default=None, allow_none=True)
+
+
+class PredictionSampled(Schema):
+    """Production predictions the model's sampling policy sends to labeling (fresh test data), in one event per
+    prediction-log flush; each names the version that answered."""
+
+    model_name = fields.String(required=True)
+    dataset_id = fields.String(required=True)
+    items = fields.List(fields.Nested(SampledPrediction), required=True, validate=validate.Length(min=1))
+
+
+class PredictionLabeled(Schema):
+    """Labeling settled (by annotators' consensus or an owner's review; never the model's own auto-accept) an
+    item that came from a prediction: its ground truth, for live accuracy."""
+
+    prediction_id = fields.String(required=True)
+    model_name = fields.String(required=True, allow_none=True)
+    model_version = fields.Integer(load_default=None, allow_none=True)
+    dataset_id = fields.String(required=True)
+    label = fields.String(required=True)
+    source = fields.String(required=True, validate=validate.OneOf(("feedback", "sample")))
+
+
+class ModelDegraded(Schema):
+    """A monitoring policy threshold was crossed: labeling freezes a snapshot and requests a retrain whose run
+    records `reason`; the new version then goes through the promotion gate like any other."""
+
+    model_name = fields.String(required=True)
+    model_version = fields.Integer(required=True)
+    dataset_id = fields.String(required=True)
+    alert_id = fields.String(required=True)
+    kind = fields.String(required=True)
+    reason = fields.String(required=True, validate=validate.Length(min=1, max=400))
+    value = fields.Float(load_default=None, allow_none=True)
+    threshold = fields.Float(load_default=None, allow_none=True)
+    samples = fields.Integer(required=True)
+
+
 @dataclass(frozen=True)
 class EventSpec:
     name: str
@@ -162,6 +209,13 @@ _SPECS = (
         doc="an alias moved; every inference replica reloads",
     ),
     EventSpec("prediction.feedback", 1, PredictionFeedback, "inference", ("labeling",), doc="a user's correction"),
+    EventSpec(
+        "prediction.sampled", 1, PredictionSampled, "inference", ("labeling",), doc="production traffic to label"
+    ),
+    EventSpec(
+        "prediction.labeled", 1, PredictionLabeled, "labeling", ("inference",), doc="ground truth for a prediction"
+    ),
+    EventSpec("model.degraded", 1, ModelDegraded, "inference", ("labeling",), doc="a monitoring policy fired"),
 )
 
 CATALOG: dict[str, EventSpec] = {spec.name: spec for spec in _SPECS}

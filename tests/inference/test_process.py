@@ -34,10 +34,11 @@ pytestmark = pytest.mark.timeout(180)
 
 
 def test_inference_runs_no_worker_its_http_processes_hear_promotions() -> None:
-    """Inference's only event is broadcast to every replica, whose HTTP processes subscribe to it themselves
-    (test_hot_swap.py); so the service declares no worker, and none can be built for it."""
+    """Inference's events are heard by its HTTP processes themselves: `model.promoted` is broadcast to every
+    replica (test_hot_swap.py), `prediction.labeled` is taken from the inference queue by one of them
+    (test_monitoring.py); so the service declares no worker, and none can be built for it."""
     consumed = {name: spec.broadcast_to for name, spec in CATALOG.items() if "inference" in spec.consumers}
-    assert consumed == {"model.promoted": ("inference",)}
+    assert consumed == {"model.promoted": ("inference",), "prediction.labeled": ()}
     assert SPEC.runs_worker is False and SPEC.handlers is None and SPEC.register_tasks is None
     with pytest.raises(ValueError, match="runs no Celery worker"):
         create_worker(SPEC)
