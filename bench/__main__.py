@@ -26,6 +26,7 @@ MODULES = {  # benchmark name -> the module `python -m` runs
     "inference_floor": "bench.inference_floor",
     "monitoring_bench": "bench.monitoring_bench",
     "flywheel_bench": "bench.flywheel_bench",
+    "quality_bench": "bench.quality_bench",
 }
 BENCHMARKS = tuple(MODULES)
 RESULT_FILES = {
@@ -35,6 +36,7 @@ RESULT_FILES = {
     "inference_floor": "inference_floor",
     "monitoring_bench": "monitoring",
     "flywheel_bench": "flywheel",
+    "quality_bench": "quality",
 }
 
 
@@ -214,12 +216,36 @@ def _flywheel(r: dict[str, Any]) -> str:
     return f"{render(['stage', 'seconds'], rows, markdown=True)}\n\n{tail}"
 
 
+def _quality(r: dict[str, Any]) -> str:
+    parts = []
+    for task_type in ("text_classification", "image_classification"):
+        if task_type not in r:
+            continue
+        rows = [
+            [
+                name,
+                " ".join(f"{run['macro_f1']:.3f}" for run in c["runs"]),
+                f"{c['mean_macro_f1']:.3f}",
+                f"{c['spread']:.3f}",
+                f"{c['baseline_macro_f1']:.3f}",
+                f"{c['lift']:+.3f}",
+                f"{c['mean_train_seconds']:.0f}",
+            ]
+            for name, c in r[task_type]["configurations"].items()
+        ]
+        headers = ["configuration", "macro-F1 per seed", "mean", "spread", "baseline (same items)", "lift", "s/run"]
+        method = r[task_type]["baseline"]["method"]
+        parts.append(f"{task_type} against {method}:\n\n{render(headers, rows, markdown=True)}")
+    return "\n\n".join(parts) + "\n\nTargets: lift >= 0.05, spread <= 0.03 over the seeds."
+
+
 SECTIONS = {
     "ingestion_bench": ("Ingestion", _ingestion),
     "training_bench": ("Training", _training),
     "inference_bench": ("Inference", _inference),
     "inference_floor": ("Inference: the floor of a Python front end", _inference_floor),
     "flywheel_bench": ("The flywheel: retrain threshold to serving", _flywheel),
+    "quality_bench": ("Quality: fine-tuned model against a classical baseline", _quality),
 }
 
 

@@ -75,6 +75,7 @@ class GateResult:
     production_error: str | None
     difference: dict[str, Any] | None  # {value, ci_low, ci_high, confidence, method}
     conditions: list[dict[str, Any]]  # [{name, passed}] in the gate's order
+    baseline_lift: float | None = None  # candidate macro-F1 minus the classical baseline's, on the same test items
 
     @classmethod
     def from_decision(cls, decision: dict[str, Any] | None) -> GateResult:
@@ -96,6 +97,7 @@ class GateResult:
             if difference is None
             else {key: difference.get(key) for key in ("value", "ci_low", "ci_high", "confidence", "method")},
             conditions=[{"name": c["name"], "passed": c["passed"]} for c in decision.get("conditions") or []],
+            baseline_lift=decision.get("baseline_lift"),
         )
 
 
@@ -484,7 +486,18 @@ def summary_table(results: list[CycleResult]) -> str:
 def gate_table(results: list[CycleResult]) -> str:
     """One row per registered version: the test items the gate scored both versions on, both scores there, the
     interval of the difference, and each condition."""
-    headers = ["cycle", "dataset", "version", "test set", "items", "metric", "candidate", "production", "difference"]
+    headers = [
+        "cycle",
+        "dataset",
+        "version",
+        "test set",
+        "items",
+        "metric",
+        "candidate",
+        "production",
+        "difference",
+        "baseline_lift",
+    ]
     rows = []
     for r in results:
         gate = r.gate
@@ -511,10 +524,11 @@ def gate_table(results: list[CycleResult]) -> str:
                 _score(gate.candidate),
                 production,
                 interval,
+                None if gate.baseline_lift is None else f"{gate.baseline_lift:+.3f}",
                 _conditions(gate.conditions),
             ]
         )
-    return render([*headers, "conditions"], rows, align="><><><>>><", rule=True, empty="(no gate decisions)")
+    return render([*headers, "conditions"], rows, align="><><><>>>><", rule=True, empty="(no gate decisions)")
 
 
 def run_demo(*, cycles: int = 2, keep_running: bool = True, scale: float = 1.0) -> int:

@@ -146,7 +146,8 @@ def models_show(
 
 
 def _policy(policy: dict[str, Any]) -> str:
-    floor = "the majority baseline" if policy["min_score"] is None else f"{policy['min_score']}"
+    baseline = "the classical baseline" if policy.get("floor") == "classical_baseline" else "the majority baseline"
+    floor = baseline if policy["min_score"] is None else f"{policy['min_score']}"
     return (
         f"{policy['primary_metric']} must beat production by {policy['margin']}, "
         f"its {policy['confidence'] * 100:g}% interval above 0; no class's F1 may drop by more than "

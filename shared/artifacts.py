@@ -159,4 +159,8 @@ class EvaluationReport(Schema):
     # scored (`production_error` says why: say, its artifact failed verification).
     production = fields.Nested(ScoredModel, load_default=None, allow_none=True)
     production_error = fields.String(load_default=None, allow_none=True)
+    # "majority" (the train split's most frequent label) and "classical" (TF-IDF or pixels + logistic regression,
+    # trained on the same train split); reports written before the classical baseline hold only "majority".
     baselines = fields.Dict(keys=fields.String(), values=fields.Nested(ScoredModel), load_default=dict)
+    # The candidate's macro-F1 minus the classical baseline's on these items; None without a classical baseline.
+    baseline_lift = fields.Float(load_default=None, allow_none=True)

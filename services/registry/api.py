@@ -187,9 +187,9 @@ def update_model(body: dict[str, Any], model_name: str) -> dict[str, Any]:
 def update_policy(body: dict[str, Any], model_name: str) -> dict[str, Any]:
     """The promotion gate's policy: the fields given change, the others keep their value.
 
-    `primary_metric`, `margin`, `confidence`, `max_class_regression`, `min_score` (null: the majority baseline),
-    `min_test_items`, `bootstrap_samples`, `auto_promote`; each is described in the schema. The retired
-    `require_same_split`, and any unknown field, is refused with 422.
+    `primary_metric`, `margin`, `confidence`, `max_class_regression`, `min_score` (null: the baseline `floor`
+    names, `majority` or `classical_baseline`), `min_test_items`, `bootstrap_samples`, `auto_promote`; each is
+    described in the schema. The retired `require_same_split`, and any unknown field, is refused with 422.
     """
     with _runtime().db.session() as session:
         model = lock_model(session, body["tenant"], model_name)

@@ -96,6 +96,7 @@ def version_view(model: RegisteredModel, row: ModelVersion, aliases: list[ModelA
         "tags": dict(row.tags),
         "aliases": sorted(alias.name for alias in aliases if row.version in alias.versions()),
         "decision": row.decision or None,
+        "baseline_lift": finite((row.decision or {}).get("baseline_lift")),
         "created_at": row.created_at,
         "archived_at": row.archived_at,
         "archive_reason": row.archive_reason,

@@ -33,6 +33,11 @@ DEFAULT_CONFIDENCE = 0.95
 DEFAULT_MAX_CLASS_REGRESSION = 0.10
 DEFAULT_MIN_TEST_ITEMS = 30
 DEFAULT_BOOTSTRAP_SAMPLES = 2000
+MAJORITY_FLOOR = "majority"
+CLASSICAL_FLOOR = "classical_baseline"
+FLOORS = (MAJORITY_FLOOR, CLASSICAL_FLOOR)
+DEFAULT_FLOOR = MAJORITY_FLOOR
+"""Which baseline condition (d) holds a candidate to when `min_score` is null (docs/evaluation.md says why)."""
 PRODUCTION = "production"
 STAGING = "staging"
 READY = "ready"
@@ -68,6 +73,7 @@ class RegisteredModel(Base):
     min_score: Mapped[float | None] = mapped_column(Float, nullable=True)
     min_test_items: Mapped[int | None] = mapped_column(Integer, nullable=True)
     bootstrap_samples: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    floor: Mapped[str | None] = mapped_column(String(40), nullable=True)
     # Retired: the gate now always scores both versions on the same items. Nothing reads it; it stays mapped
     # because tables created by earlier releases have it NOT NULL without a server default.
     require_same_split: Mapped[bool] = mapped_column(Boolean, default=False)
@@ -84,6 +90,7 @@ class RegisteredModel(Base):
             "confidence": _default(self.confidence, DEFAULT_CONFIDENCE),
             "max_class_regression": _default(self.max_class_regression, DEFAULT_MAX_CLASS_REGRESSION),
             "min_score": self.min_score,
+            "floor": _default(self.floor, DEFAULT_FLOOR),
             "min_test_items": _default(self.min_test_items, DEFAULT_MIN_TEST_ITEMS),
             "bootstrap_samples": _default(self.bootstrap_samples, DEFAULT_BOOTSTRAP_SAMPLES),
         }

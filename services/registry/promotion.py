@@ -11,7 +11,10 @@ Policy (per model, `PUT /v1/models/<name>/policy`; defaults in brackets):
 - `margin` [0.01]: how much the candidate must beat production by.
 - `confidence` [0.95]: the level of the confidence interval of the difference.
 - `max_class_regression` [0.10]: the largest drop of any one class's F1 allowed.
-- `min_score` [null: the majority baseline's score on the same items]: the absolute floor.
+- `min_score` [null: the score of the baseline `floor` names, on the same items]: the absolute floor.
+- `floor` [`majority`, or `classical_baseline`]: which baseline sets the floor when `min_score` is null. The
+  classical baseline is TF-IDF (text) or downscaled pixels (images) + logistic regression, trained on the run's
+  train split; a report without one (a run from before it) falls back to the majority baseline, and says so.
 - `min_test_items` [30]: below this many test items the gate does not decide on noise.
 - `bootstrap_samples` [2000]: resamples of the paired bootstrap, seeded from the evaluation set's sha256 so
   that a decision is reproducible.
@@ -33,6 +36,9 @@ from before this gate) or its report fails verification; the report could not sc
 or another artifact, than the one in production now). While `production` runs a canary, automatic promotion
 waits: the version goes to `staging`, so the gate never cuts short an experiment an operator started.
 
+Every decision also records `baseline_lift`: the candidate's macro-F1 minus the classical baseline's on the same
+items, recomputed from both answers (null when the report has no classical baseline), whatever the floor.
+
 The decision is recorded on the version (`decision`), logged as `promotion_decided`, and its summary (`summary`)
 is the reason of the alias change in the audit log and of the `model.promoted` event.
 """
@@ -50,13 +56,15 @@ from sqlalchemy.orm import Session
 from services.registry import comparison
 from services.registry.aliases import Publish, change_alias, get_alias
 from services.registry.evaluation import Evaluation, answers
-from services.registry.models import PRODUCTION, STAGING, ModelVersion, RegisteredModel
+from services.registry.models import CLASSICAL_FLOOR, PRODUCTION, STAGING, ModelVersion, RegisteredModel
 from shared.logging import get_logger
 
 log = get_logger(__name__)
 
 POLICY_ACTOR = "registry:promotion-policy"
 MAJORITY = "majority"
+CLASSICAL = "classical"
+"""The names training gives its baselines in the report (services.training.comparison)."""
 TIE = 1e-9
 """Differences this small are rounding, not a result: a candidate exactly at the margin clears it."""
 
@@ -228,10 +236,18 @@ class _Scoring:
 
     def floor(self, candidate: dict[str, Any], baselines: dict[str, dict[str, Any]]) -> dict[str, Any]:
         majority = baselines.get(MAJORITY)
+        classical = baselines.get(CLASSICAL)
+        wants_classical = self.policy["floor"] == CLASSICAL_FLOOR
+        note, baseline = "", None
+        if wants_classical and classical is None:
+            note = "; the policy's floor is the classical baseline, which the report does not carry"
         if self.policy["min_score"] is not None:
             floor, source = float(self.policy["min_score"]), "the policy's min_score"
+            note = ""
+        elif wants_classical and classical is not None:
+            floor, source, baseline = classical[self.metric], "the classical baseline on the same items", CLASSICAL
         elif majority is not None:
-            floor, source = majority[self.metric], "the majority baseline on the same items"
+            floor, source, baseline = majority[self.metric], "the majority baseline on the same items", MAJORITY
         else:  # the best constant answer on this very set: a floor at least as high as a trained majority baseline
             most_common = np.full(self.items, np.bincount(self.y_true, minlength=len(self.labels)).argmax())
             floor = comparison.metric(self.metric, self.y_true, most_common, len(self.labels))
@@ -239,10 +255,18 @@ class _Scoring:
         score = candidate[self.metric]
         passed = score >= floor - TIE
         relation = ">=" if passed else "is below"
-        detail = f"{self.metric} {score:.4f} {relation} the floor {floor:.4f} ({source})"
+        detail = f"{self.metric} {score:.4f} {relation} the floor {floor:.4f} ({source}{note})"
         lift = None if majority is None else score - majority[self.metric]
         return _condition(
-            "d", "min_score", passed, detail, observed=score, threshold=floor, floor_source=source, lift=lift
+            "d",
+            "min_score",
+            passed,
+            detail,
+            observed=score,
+            threshold=floor,
+            floor_source=source,
+            floor_baseline=baseline,
+            lift=lift,
         )
 
 
@@ -298,6 +322,8 @@ def _score(
     decision["evaluation_set"] = dict(report["evaluation_set"])
     decision["candidate"]["metrics"] = candidate_scores
     decision["baselines"] = baselines
+    classical = baselines.get(CLASSICAL)
+    decision["baseline_lift"] = None if classical is None else candidate_scores["macro_f1"] - classical["macro_f1"]
     conditions = [scoring.enough_items()]
     scored = report["production"]
     if scored is not None:
@@ -338,6 +364,7 @@ def decide(
         "production": None,
         "baselines": {},
         "difference": None,
+        "baseline_lift": None,
         "conditions": [],
         "policy": dict(policy),
         "decided_at": datetime.now(UTC).isoformat(),
@@ -390,6 +417,8 @@ def summary(decision: dict[str, Any]) -> str:
                 f", difference {difference['value']:+.4f}, {_percent(difference['confidence'])} interval "
                 f"[{difference['ci_low']:+.4f}, {difference['ci_high']:+.4f}]"
             )
+        if decision.get("baseline_lift") is not None:
+            scored += f"; macro_f1 lift over the classical baseline {decision['baseline_lift']:+.4f}"
         parts.append(scored + ".")
     if decision["conditions"]:
         each = "; ".join(
@@ -443,6 +472,7 @@ def gate_new_version(
         production_version=production.version if production is not None else None,
         production_value=((decision["production"] or {}).get("metrics") or {}).get(metric),
         difference=difference.get("value"),
+        baseline_lift=decision["baseline_lift"],
         ci_low=difference.get("ci_low"),
         ci_high=difference.get("ci_high"),
         evaluation_items=(decision["evaluation_set"] or {}).get("items"),

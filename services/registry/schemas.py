@@ -9,10 +9,12 @@ from marshmallow import Schema, ValidationError, fields, pre_load, validate, val
 from services.registry.models import (
     DEFAULT_BOOTSTRAP_SAMPLES,
     DEFAULT_CONFIDENCE,
+    DEFAULT_FLOOR,
     DEFAULT_MAX_CLASS_REGRESSION,
     DEFAULT_MIN_TEST_ITEMS,
     DEFAULT_PRIMARY_METRIC,
     DEFAULT_PROMOTION_MARGIN,
+    FLOORS,
     PRIMARY_METRICS,
 )
 from shared.artifacts import SPLITS
@@ -72,7 +74,11 @@ POLICY_DOCS = {
     "max_class_regression": "Condition (c): the largest drop of any one class's F1 allowed "
     f"(default {DEFAULT_MAX_CLASS_REGRESSION}).",
     "min_score": "Condition (d): the floor the candidate's primary metric must reach; null (the default) means the "
-    "majority baseline's score on the same test items.",
+    "score of the baseline `floor` names (the majority baseline by default) on the same test items.",
+    "floor": "Condition (d), when min_score is null: which baseline's score on the same test items is the floor: "
+    "majority (always the train split's most frequent label) or classical_baseline (TF-IDF or pixels + logistic "
+    "regression trained on the same train split; a report without one falls back to the majority baseline) "
+    f"(default {DEFAULT_FLOOR}).",
     "min_test_items": "Condition (0): fewer test items than this and the gate does not decide "
     f"(default {DEFAULT_MIN_TEST_ITEMS}).",
     "bootstrap_samples": "Resamples of the paired bootstrap, seeded from the evaluation set's sha256 "
@@ -98,6 +104,7 @@ class PolicySchema(Schema):
     confidence = fields.Float(**_doc("confidence"))
     max_class_regression = fields.Float(**_doc("max_class_regression"))
     min_score = fields.Float(allow_none=True, **_doc("min_score"))
+    floor = fields.String(validate=validate.OneOf(FLOORS), **_doc("floor"))
     min_test_items = fields.Integer(**_doc("min_test_items"))
     bootstrap_samples = fields.Integer(**_doc("bootstrap_samples"))
 
@@ -150,6 +157,7 @@ class PolicyUpdateSchema(Schema):
     confidence = fields.Float(validate=validate.Range(min=0.5, max=0.999), **_doc("confidence"))
     max_class_regression = fields.Float(validate=validate.Range(min=0.0, max=1.0), **_doc("max_class_regression"))
     min_score = fields.Float(allow_none=True, validate=validate.Range(min=0.0, max=1.0), **_doc("min_score"))
+    floor = fields.String(validate=validate.OneOf(FLOORS), **_doc("floor"))
     min_test_items = fields.Integer(
         strict=True, validate=validate.Range(min=1, max=1_000_000), **_doc("min_test_items")
     )
@@ -286,6 +294,9 @@ class ConditionSchema(Schema):
     per_class = fields.List(fields.Nested(ClassChangeSchema), metadata={"description": "(c)"})
     floor_source = fields.String(metadata={"description": "(d) where the floor comes from."})
     lift = fields.Float(allow_none=True, metadata={"description": "(d) candidate - majority baseline."})
+    floor_baseline = fields.String(
+        allow_none=True, metadata={"description": "(d) the baseline whose score is the floor (null: min_score)."}
+    )
 
 
 class DecisionSchema(Schema):
@@ -301,6 +312,13 @@ class DecisionSchema(Schema):
         keys=fields.String(), values=fields.Nested(ScoresSchema), metadata={"description": "majority, …"}
     )
     difference = fields.Nested(DifferenceSchema, allow_none=True)
+    baseline_lift = fields.Float(
+        allow_none=True,
+        metadata={
+            "description": "The candidate's macro-F1 minus the classical baseline's on the evaluation set, recomputed "
+            "from both answers; null when the report has no classical baseline."
+        },
+    )
     conditions = fields.List(fields.Nested(ConditionSchema))
     policy = fields.Nested(PolicySchema, metadata={"description": "The policy the decision applied."})
     outcome = fields.String(validate=validate.OneOf(("production", "staging")))
@@ -327,6 +345,14 @@ class VersionSchema(Schema):
     aliases = fields.List(fields.String())
     decision = fields.Nested(
         DecisionSchema, allow_none=True, metadata={"description": "The promotion gate's decision and numbers."}
+    )
+    baseline_lift = fields.Float(
+        allow_none=True,
+        metadata={
+            "description": "What fine-tuning earned: the version's test macro-F1 minus the classical baseline's "
+            "(TF-IDF or pixels + logistic regression, trained on the same train split), as the gate recomputed it; "
+            "null when its run carried no classical baseline."
+        },
     )
     created_at = Timestamp()
     archived_at = Timestamp(allow_none=True)

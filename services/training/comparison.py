@@ -11,6 +11,9 @@ the one the snapshot records for its test split. Training and selection never sa
   gate decides what a candidate without a comparison gets.
 - `baselines["majority"]` always answers the train split's most frequent label, with that label's train share as
   its confidence.
+- `baselines["classical"]` is TF-IDF + logistic regression (text) or logistic regression on downscaled pixels
+  (images), trained on the train split (`baselines.py`); `baseline_lift` is the candidate's macro-F1 minus its
+  macro-F1 on the same items (None when the train split cannot fit it: fewer than two classes).
 
 Metrics per model are `evaluate.prediction_report`'s: accuracy, macro_f1, per_class, ece, on the same items.
 """
@@ -24,6 +27,7 @@ from typing import Any
 
 import numpy as np
 
+from services.training.baselines import CLASSICAL, NoBaseline, fit_classical
 from services.training.data import Example, SnapshotData
 from services.training.evaluate import prediction_report
 from services.training.export import MODEL_FILE, ModelPackage
@@ -62,6 +66,10 @@ def evaluate_on_test_split(runtime: Runtime, run: RunInfo, data: SnapshotData, p
     model_sha256 = package.files[MODEL_FILE]["sha256"]
     candidate = _scored(y_true, probabilities, package.metadata["labels"], labels, run_id=run.id, sha256=model_sha256)
     production, production_error = _production(runtime, run, labels, examples, y_true)
+    baselines = {MAJORITY: majority_baseline(data, y_true, run_id=run.id)}
+    classical = classical_baseline(run.task_type, data, examples, y_true, run_id=run.id)
+    if classical is not None:
+        baselines[CLASSICAL] = classical
     report = {
         "evaluation_set": evaluation_set,
         "labels": labels,
@@ -70,7 +78,8 @@ def evaluate_on_test_split(runtime: Runtime, run: RunInfo, data: SnapshotData, p
         "candidate": candidate,
         "production": production,
         "production_error": production_error,
-        "baselines": {MAJORITY: majority_baseline(data, y_true, run_id=run.id)},
+        "baselines": baselines,
+        "baseline_lift": baseline_lift(candidate, classical),
     }
     errors = EvaluationReport().validate(report)
     if errors:
@@ -84,7 +93,9 @@ def evaluate_on_test_split(runtime: Runtime, run: RunInfo, data: SnapshotData, p
         production=_summary(production) if production else None,
         production_version=production["version"] if production else None,
         production_error=production_error,
-        majority=_summary(report["baselines"][MAJORITY]),
+        majority=_summary(baselines[MAJORITY]),
+        classical=_summary(classical) if classical else None,
+        baseline_lift=None if report["baseline_lift"] is None else round(report["baseline_lift"], 4),
     )
     return report
 
@@ -108,6 +119,35 @@ def majority_baseline(data: SnapshotData, y_true: np.ndarray, *, run_id: str) ->
         "confidences": confidences.tolist(),
         "metrics": {**prediction_report(y_true, predictions, confidences, data.labels), "label": data.labels[majority]},
     }
+
+
+def classical_baseline(
+    task_type: str, data: SnapshotData, examples: list[Example], y_true: np.ndarray, *, run_id: str
+) -> dict[str, Any] | None:
+    """The classical baseline trained on the train split and scored on `examples`; None when it cannot fit."""
+    try:
+        answers = fit_classical(task_type, data.train, examples)
+    except NoBaseline as exc:
+        log.info("run_baseline_skipped", baseline=CLASSICAL, reason=str(exc))
+        return None
+    return {
+        "version": None,
+        "run_id": run_id,
+        "model_sha256": None,
+        "predictions": answers.predictions.tolist(),
+        "confidences": [float(c) for c in answers.confidences],
+        "metrics": {
+            **prediction_report(y_true, answers.predictions, answers.confidences, data.labels),
+            "method": answers.method,
+        },
+    }
+
+
+def baseline_lift(candidate: dict[str, Any], classical: dict[str, Any] | None) -> float | None:
+    """The candidate's macro-F1 minus the classical baseline's, on the same items."""
+    if classical is None:
+        return None
+    return float(candidate["metrics"]["macro_f1"] - classical["metrics"]["macro_f1"])
 
 
 def _production(

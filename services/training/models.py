@@ -95,3 +95,13 @@ class TrainingRun(Base):
     def progress(self) -> dict[str, Any]:
         names = ("epoch", "epochs", "step", "steps", "loss", "samples_per_second", "eta_seconds")
         return {name: getattr(self, name) for name in names}
+
+    @property
+    def baseline(self) -> dict[str, Any] | None:
+        """The classical baseline on the test split, once the run has published (`comparison.py`)."""
+        return (self.metrics or {}).get("baseline")
+
+    @property
+    def baseline_lift(self) -> float | None:
+        """The candidate's test macro-F1 minus the classical baseline's, once the run has published."""
+        return (self.metrics or {}).get("baseline_lift")

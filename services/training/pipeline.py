@@ -26,6 +26,7 @@ from sqlalchemy.exc import OperationalError
 from torch.utils.data import DataLoader
 
 from services.training import runs
+from services.training.baselines import CLASSICAL
 from services.training.checkpoints import CheckpointStore
 from services.training.comparison import EVALUATION_FILE, evaluate_on_test_split, report_bytes
 from services.training.data import load_snapshot
@@ -57,7 +58,8 @@ class Published:
     evaluation: dict[str, Any]
     """The ObjectRef of evaluation.json."""
     metrics: dict[str, Any]
-    """Validation metrics (as exported), plus `test` (the candidate on the test split) and `best_epoch`."""
+    """Validation metrics (as exported), plus `test` (the candidate on the test split), `best_epoch`, `baseline`
+    (the classical baseline on the test split) and `baseline_lift` (the candidate's test macro-F1 minus its)."""
 
 
 class Outcome(enum.Enum):
@@ -123,6 +125,7 @@ def _execute(runtime: Runtime, run: RunInfo, owner: str, world: World) -> Outcom
                 test_macro_f1=round(metrics["test"]["macro_f1"], 4),
                 test_items=metrics["test"]["items"],
                 best_epoch=metrics["best_epoch"],
+                baseline_lift=None if metrics["baseline_lift"] is None else round(metrics["baseline_lift"], 4),
                 files=sorted(published.artifacts),
             )
             return Outcome.SUCCEEDED
@@ -203,6 +206,8 @@ def _train_and_export(
         hooks=hooks,
         eval_collate=prepared.eval_collate,
         head_prefixes=prepared.head_prefixes,
+        lr_scale=prepared.lr_scale,
+        embedding_parameter=prepared.embedding_parameter,
     )
     progress.steps = trainer.steps_per_epoch
     if world.is_main:
@@ -227,6 +232,7 @@ def _train_and_export(
             base_model=prepared.base_model["name"],
             base_weights=prepared.base_model["weights"],
             device=str(trainer.device),
+            chosen=prepared.chosen,
         )
     resume = checkpoints.load()
     if resume is not None:
@@ -253,15 +259,36 @@ def _train_and_export(
             identity={"model_name": run.model_name, "task_type": run.task_type},
             lineage=_lineage(run, data.manifest_sha256, prepared.base_model, world, str(trainer.device)),
             hyperparameters=hp,
-            training=_training_summary(fit, data),
+            training={**_training_summary(fit, data), "chosen": prepared.chosen},
         )
         hooks.check()
         report = evaluate_on_test_split(runtime, run, data, package)
         hooks.check()
         evaluation = _upload_evaluation(runtime, run, report)
         artifacts = _upload(runtime, run, package)
-    metrics = {**package.metrics, "test": report["candidate"]["metrics"], "best_epoch": fit.best_epoch}
+    metrics = {
+        **package.metrics,
+        "test": report["candidate"]["metrics"],
+        "best_epoch": fit.best_epoch,
+        "baseline": _baseline_summary(report),
+        "baseline_lift": report["baseline_lift"],
+    }
     return Published(package=package, artifacts=artifacts, evaluation=evaluation, metrics=metrics)
+
+
+def _baseline_summary(report: dict[str, Any]) -> dict[str, Any] | None:
+    """The classical baseline's numbers on the test split, for the run's record (its answers stay in the report)."""
+    classical = report["baselines"].get(CLASSICAL)
+    if classical is None:
+        return None
+    metrics = classical["metrics"]
+    return {
+        "name": CLASSICAL,
+        "method": metrics["method"],
+        "items": metrics["items"],
+        "accuracy": metrics["accuracy"],
+        "macro_f1": metrics["macro_f1"],
+    }
 
 
 def _lineage(

@@ -25,7 +25,18 @@ NAME = validate.Regexp(
 TEXT = "text_classification"
 IMAGE = "image_classification"
 
-TEXT_ONLY = ("max_length", "quantize")
+TEXT_ONLY = (
+    "max_length",
+    "quantize",
+    "token_dropout",
+    "adversarial",
+    "adversarial_epsilon",
+    "layer_decay",
+    "reinit_layers",
+    "pooling",
+)
+ADVERSARIAL_METHODS = ("none", "fgm")
+POOLINGS = ("mean", "cls")
 IMAGE_ONLY = ("image_size", "augment", "horizontal_flip")
 
 
@@ -66,7 +77,48 @@ class HyperparametersSchema(Schema):
         validate=validate.Range(min=0, max=32),
         metadata={"description": "DataLoader workers; null picks 0 on CPU and up to 4 (pinned memory) on a GPU."},
     )
-    max_length = fields.Integer(validate=validate.Range(min=8, max=512), metadata={"description": "text only"})
+    label_smoothing = fields.Float(
+        validate=validate.Range(min=0, max=0.5),
+        metadata={"description": "Share of each label's probability spread evenly over all classes in the loss."},
+    )
+    max_length = fields.Integer(
+        allow_none=True,
+        validate=validate.Range(min=8, max=512),
+        metadata={
+            "description": "text only: word pieces kept per text; null chooses it from the data: the 95th percentile "
+            "of the train split's token lengths, within 16..256 (the run's metadata records the value used)"
+        },
+    )
+    token_dropout = fields.Float(
+        validate=validate.Range(min=0, max=0.5),
+        metadata={"description": "text only: share of word pieces replaced by [MASK] in training batches"},
+    )
+    adversarial = fields.String(
+        validate=validate.OneOf(ADVERSARIAL_METHODS),
+        metadata={
+            "description": "text only: fgm adds, at every step, the loss on word embeddings moved by "
+            "adversarial_epsilon along their gradient (Fast Gradient Method); none turns it off"
+        },
+    )
+    adversarial_epsilon = fields.Float(
+        validate=validate.Range(min=0, max=10, min_inclusive=False),
+        metadata={"description": "text only: the L2 norm of FGM's perturbation of the embedding matrix"},
+    )
+    layer_decay = fields.Float(
+        validate=validate.Range(min=0.1, max=1.0),
+        metadata={
+            "description": "text only: layer-wise learning-rate decay; each encoder layer learns at this times the "
+            "rate of the one above it (1 turns it off)"
+        },
+    )
+    reinit_layers = fields.Integer(
+        validate=validate.Range(min=0, max=6),
+        metadata={"description": "text only: top encoder layers given fresh weights before fine-tuning"},
+    )
+    pooling = fields.String(
+        validate=validate.OneOf(POOLINGS),
+        metadata={"description": "text only: mean of the token states, or the [CLS] token's state"},
+    )
     quantize = fields.Boolean(
         metadata={"description": "text only: ship an int8 dynamic-quantized graph if macro-F1 drops by <= 0.01"}
     )
@@ -84,6 +136,7 @@ _COMMON_DEFAULTS: dict[str, Any] = {
     "freeze_encoder": False,
     "dropout": 0.1,
     "num_workers": None,
+    "label_smoothing": 0.0,
 }
 TASK_DEFAULTS: dict[str, dict[str, Any]] = {
     TEXT: {
@@ -93,8 +146,14 @@ TASK_DEFAULTS: dict[str, dict[str, Any]] = {
         "learning_rate": 5e-5,
         "head_learning_rate": 2e-3,
         "warmup_ratio": 0.1,
-        "max_length": 128,
+        "max_length": None,
         "quantize": False,
+        "token_dropout": 0.0,
+        "adversarial": "none",
+        "adversarial_epsilon": 1.0,
+        "layer_decay": 1.0,
+        "reinit_layers": 0,
+        "pooling": "mean",
     },
     IMAGE: {
         **_COMMON_DEFAULTS,
@@ -126,7 +185,10 @@ def resolve_hyperparameters(task_type: str, raw: dict[str, Any] | None) -> dict[
             errors.setdefault(name, []).append(f"applies to {_other(task_type)} models only")
     if errors:
         raise ValidationError(errors)
-    return {**TASK_DEFAULTS[task_type], **schema.load(raw)}
+    resolved = {**TASK_DEFAULTS[task_type], **schema.load(raw)}
+    if resolved.get("adversarial", "none") != "none" and resolved["freeze_encoder"]:
+        raise ValidationError({"adversarial": ["needs a trainable encoder: freeze_encoder is true"]})
+    return resolved
 
 
 def _other(task_type: str) -> str:
@@ -189,6 +251,18 @@ class ProgressSchema(Schema):
     eta_seconds = fields.Float(allow_none=True)
 
 
+class BaselineSchema(Schema):
+    """The classical baseline a run trained on its train split, scored on the same test items as the model."""
+
+    name = fields.String(metadata={"description": "classical"})
+    method = fields.String(
+        metadata={"description": "tfidf_logistic_regression (text) or pixels_logistic_regression (images)"}
+    )
+    items = fields.Integer(metadata={"description": "test items scored"})
+    accuracy = fields.Float()
+    macro_f1 = fields.Float()
+
+
 class RunSchema(Schema):
     id = fields.String()
     seq = fields.Integer()
@@ -227,6 +301,16 @@ class RunSchema(Schema):
     progress = fields.Nested(ProgressSchema)
     history = fields.List(fields.Dict())
     metrics = fields.Dict(allow_none=True)
+    baseline = fields.Nested(
+        BaselineSchema, allow_none=True, metadata={"description": "null until the run publishes, or without one"}
+    )
+    baseline_lift = fields.Float(
+        allow_none=True,
+        metadata={
+            "description": "The model's test macro-F1 minus the classical baseline's on the same items: what "
+            "fine-tuning earned over ten lines of scikit-learn (null until the run publishes)"
+        },
+    )
     artifacts = fields.Dict(allow_none=True)
     created_at = Timestamp()
     started_at = Timestamp(allow_none=True)

@@ -35,3 +35,9 @@ class PreparedTask:
     base_model: dict[str, Any]
     """Lineage of the starting weights: name, "pretrained" or "scratch", source, sha256."""
     export: ExportSpec
+    lr_scale: Callable[[str], float] | None = None
+    """Multiplier of the body's learning rate per parameter name (layer-wise decay); None: 1 everywhere."""
+    embedding_parameter: str | None = None
+    """Name of the input embedding matrix, which adversarial training (FGM) perturbs; None: the task has none."""
+    chosen: dict[str, Any] = field(default_factory=dict)
+    """Settings the task chose from the data (text: `max_length`), recorded in the run's training summary."""

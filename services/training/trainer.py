@@ -1,4 +1,5 @@
-"""The training recipe: AdamW, linear warm-up then cosine decay, gradient clipping, class-weighted loss,
+"""The training recipe: AdamW, linear warm-up then cosine decay, gradient clipping, class-weighted loss with
+optional label smoothing, optional adversarial training on the embeddings (FGM), layer-wise learning rates,
 early stopping on validation macro-F1, fixed seeds; CUDA with bf16 autocast and pinned-memory loaders on a GPU.
 
 `Trainer` knows nothing of runs, storage or events: it trains a model whose `forward` takes the batch's
@@ -43,6 +44,10 @@ class Recipe:
     seed: int
     class_weights: list[float] | None = None
     num_workers: int | None = None
+    label_smoothing: float = 0.0
+    adversarial: str = "none"
+    """"fgm": after each backward pass, perturb the embeddings along their gradient and add that loss too."""
+    adversarial_epsilon: float = 1.0
 
     @classmethod
     def from_hyperparameters(cls, hp: dict[str, Any], train_label_counts: list[int] | None = None) -> Recipe:
@@ -61,6 +66,9 @@ class Recipe:
             seed=hp["seed"],
             class_weights=weights,
             num_workers=hp["num_workers"],
+            label_smoothing=hp.get("label_smoothing", 0.0),
+            adversarial=hp.get("adversarial", "none"),
+            adversarial_epsilon=hp.get("adversarial_epsilon", 1.0),
         )
 
 
@@ -148,8 +156,11 @@ class Trainer:
         hooks: TrainerHooks | None = None,
         eval_collate: Callable[[list[Any]], dict[str, torch.Tensor]] | None = None,
         head_prefixes: tuple[str, ...] = ("head.",),
+        lr_scale: Callable[[str], float] | None = None,
+        embedding_parameter: str | None = None,
     ) -> None:
         self.head_prefixes = head_prefixes
+        self.lr_scale = lr_scale or (lambda _name: 1.0)
         self.world = world or World()
         self.device = device or self.world.device()
         self.recipe = recipe
@@ -188,7 +199,12 @@ class Trainer:
         self.steps_per_epoch = len(self.train_loader)
         self.total_steps = self.steps_per_epoch * recipe.epochs
         weights = torch.tensor(recipe.class_weights, dtype=torch.float32) if recipe.class_weights else None
-        self.criterion = nn.CrossEntropyLoss(weight=weights.to(self.device) if weights is not None else None)
+        self.criterion = nn.CrossEntropyLoss(
+            weight=weights.to(self.device) if weights is not None else None, label_smoothing=recipe.label_smoothing
+        )
+        self.adversary = (
+            FGM(self.core, embedding_parameter, recipe.adversarial_epsilon) if recipe.adversarial == "fgm" else None
+        )
         self.optimizer = torch.optim.AdamW(self._param_groups(), fused=cuda)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
         self.progress = _Progress()
@@ -197,19 +213,22 @@ class Trainer:
     # -- setup ------------------------------------------------------------------------------------------
 
     def _param_groups(self) -> list[dict[str, Any]]:
-        """Head vs body learning rates; no weight decay on biases and normalisation weights."""
-        groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
+        """Head vs body learning rates, the body's scaled per layer (`lr_scale`, layer-wise decay); no weight decay
+        on biases and normalisation weights."""
+        groups: dict[tuple[bool, bool, float], list[nn.Parameter]] = {}
         for name, param in self.core.named_parameters():
             if param.requires_grad:
-                groups.setdefault((name.startswith(self.head_prefixes), param.ndim > 1), []).append(param)
+                is_head = name.startswith(self.head_prefixes)
+                scale = 1.0 if is_head else float(self.lr_scale(name))
+                groups.setdefault((is_head, param.ndim > 1, scale), []).append(param)
         recipe = self.recipe
         return [
             {
                 "params": params,
-                "lr": recipe.head_learning_rate if is_head else recipe.learning_rate,
+                "lr": recipe.head_learning_rate if is_head else recipe.learning_rate * scale,
                 "weight_decay": recipe.weight_decay if decays else 0.0,
             }
-            for (is_head, decays), params in sorted(groups.items())
+            for (is_head, decays, scale), params in sorted(groups.items())
         ]
 
     def _lr_factor(self, step: int) -> float:
@@ -258,11 +277,13 @@ class Trainer:
             self._check_interruption()
             labels = batch.pop("labels").to(self.device, non_blocking=True)
             inputs = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
-            with _autocast(self.device):
-                logits = self.model(**inputs)
-            loss = self.criterion(logits.float(), labels)
+            loss = self._loss(inputs, labels)
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            if self.adversary is not None:
+                self.adversary.attack()
+                self._loss(inputs, labels).backward()  # the adversarial loss's gradients add to the clean ones
+                self.adversary.restore()
             nn.utils.clip_grad_norm_(self.core.parameters(), self.recipe.max_grad_norm)
             self.optimizer.step()
             self.scheduler.step()
@@ -321,6 +342,11 @@ class Trainer:
             best_epoch=epoch + 1 if improved else progress.best_epoch,
         )
 
+    def _loss(self, inputs: dict[str, torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
+        with _autocast(self.device):
+            logits = self.model(**inputs)
+        return self.criterion(logits.float(), labels)
+
     def _check_interruption(self) -> None:
         interruption = self.hooks.interruption() if self.world.is_main else None
         if self.world.any(interruption is not None, self.device):
@@ -357,6 +383,37 @@ class Trainer:
             history=list(checkpoint["history"]),
         )
         self.best_state = best
+
+
+class FGM:
+    """Fast Gradient Method (Miyato et al., 2017) on the input embeddings: after the clean backward pass, move the
+    embedding matrix by `epsilon` along its gradient, normalised (`attack`), so a second pass sees the inputs
+    perturbed in the direction that hurts most; `restore` puts the weights back before the optimizer steps."""
+
+    def __init__(self, model: nn.Module, parameter: str | None, epsilon: float) -> None:
+        named = dict(model.named_parameters())
+        if parameter is None or parameter not in named:
+            raise ValueError(f"adversarial training needs the model's embedding parameter; {parameter!r} is not one")
+        self.parameter = named[parameter]
+        self.epsilon = epsilon
+        self.backup: torch.Tensor | None = None
+
+    @torch.no_grad()
+    def attack(self) -> None:
+        grad = self.parameter.grad
+        if grad is None:
+            return
+        norm = torch.linalg.vector_norm(grad)
+        if norm == 0 or not torch.isfinite(norm):
+            return
+        self.backup = self.parameter.detach().clone()
+        self.parameter.add_(grad, alpha=float(self.epsilon / norm))
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        if self.backup is not None:
+            self.parameter.copy_(self.backup)
+            self.backup = None
 
 
 def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:

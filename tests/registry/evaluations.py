@@ -2,7 +2,8 @@
 
 `EvaluatedRuns` writes a run folder with `RunFactory` and, beside it, the report training writes: the candidate's
 answers on a frozen test split, those of the version in production now (asked from the registry's API, as the
-training worker does, and re-answered on this set from that run's own quality), and a majority baseline. The
+training worker does, and re-answered on this set from that run's own quality), a majority baseline and, when
+asked for, a classical one with the candidate's `baseline_lift` over it. The
 metrics inside each report are computed with scikit-learn, independently of the registry's own arithmetic.
 
 A model's answers come from a `Quality`: per class, the share of items it gets right, and where its mistakes
@@ -139,6 +140,7 @@ class EvaluatedRuns:
         labels: list[str] | None = None,
         y_true: list[int] | None = None,
         production_error: str | None = None,
+        classical: Quality | None = None,
         edit: Callable[[dict[str, Any]], None] | None = None,
         **run: Any,
     ) -> dict[str, Any]:
@@ -146,8 +148,9 @@ class EvaluatedRuns:
 
         `quality` defaults to the run's macro_f1 (so a run's record and its answers tell one story); `labels`
         replaces the model's labels (metadata.json is rewritten to match); `y_true` defaults to a balanced set
-        of `items`; `production_error` says production could not be scored; `edit` changes the report before
-        it is written (to break it on purpose).
+        of `items`; `production_error` says production could not be scored; `classical` adds a classical baseline
+        answering with that quality (and the report's `baseline_lift`), as training writes today; `edit` changes
+        the report before it is written (to break it on purpose).
         """
         payload = self.runs(tenant, model_name, **run)
         if labels is not None:
@@ -184,6 +187,11 @@ class EvaluatedRuns:
             "production_error": production_error,
             "baselines": {"majority": scored(y_true, [0] * len(y_true), labels)},
         }
+        if classical is not None:
+            baseline = scored(y_true, classical.answers(y_true, len(labels)), labels)
+            baseline["metrics"]["method"] = "tfidf_logistic_regression"
+            report["baselines"]["classical"] = baseline
+            report["baseline_lift"] = report["candidate"]["metrics"]["macro_f1"] - baseline["metrics"]["macro_f1"]
         assert not EvaluationReport().validate(report), EvaluationReport().validate(report)
         if edit is not None:
             edit(report)

@@ -261,6 +261,61 @@ def test_a_first_version_below_the_majority_baseline_is_refused_and_min_score_se
     assert conditions(decided)["min_score"]["threshold"] == 0.25
 
 
+def test_the_classical_baseline_floor_refuses_a_model_that_does_not_beat_ten_lines_of_scikit_learn(
+    registry, evaluated
+) -> None:
+    # Macro-F1 0.70: well above always-'neg' (0.33), below TF-IDF + logistic regression (0.80) on the same items.
+    register(registry, evaluated(TENANT, quality=0.70, classical=Quality(0.80)))
+    first = decision(registry, 1)
+    assert first["outcome"] == "production"  # the default floor is the majority baseline
+    floor = conditions(first)["min_score"]
+    assert (floor["floor_baseline"], floor["threshold"]) == ("majority", pytest.approx(1 / 3))
+    expected_lift = f1_score(balanced(200), Quality(0.70).answers(balanced(200), 2), average="macro") - f1_score(
+        balanced(200), Quality(0.80).answers(balanced(200), 2), average="macro"
+    )
+    # Whatever the floor, the version records what fine-tuning earned over the classical baseline (here: a loss).
+    assert first["baseline_lift"] == pytest.approx(expected_lift) and expected_lift < -0.05
+    assert get(registry, f"/v1/models/{MODEL}/versions/1")["baseline_lift"] == pytest.approx(expected_lift)
+    assert first["baselines"]["classical"]["macro_f1"] == pytest.approx(0.80)
+    assert (
+        "lift over the classical baseline -0.1000"
+        in outbox(registry.runtime, "model.promoted")[-1]["payload"]["reason"]
+    )
+
+    assert set_policy(registry, floor="classical_baseline").status_code == 200
+    register(registry, evaluated(TENANT, "docs-clf", quality=0.70, classical=Quality(0.80)))  # a first version
+    response = registry.client.put(
+        "/v1/models/docs-clf/policy", json={"tenant": TENANT, "floor": "classical_baseline"}, headers=INTERNAL
+    )
+    assert response.status_code == 200 and response.get_json()["policy"]["floor"] == "classical_baseline"
+    register(registry, evaluated(TENANT, "docs-clf", quality=0.75, classical=Quality(0.80)))
+    refused = decision(registry, 2, model="docs-clf")
+    assert refused["outcome"] == "staging" and failed(refused) == ["min_score"]
+    floor = conditions(refused)["min_score"]
+    assert floor["floor_baseline"] == "classical" and floor["threshold"] == pytest.approx(0.80)
+    assert floor["floor_source"] == "the classical baseline on the same items"
+    assert "is below the floor 0.8000 (the classical baseline on the same items)" in refused["reason"]
+    assert aliases(registry, "docs-clf")["production"]["version"] == 1
+
+    # Beating production and the classical baseline both: promoted.
+    register(registry, evaluated(TENANT, "docs-clf", quality=0.92, classical=Quality(0.80)))
+    promoted = decision(registry, 3, model="docs-clf")
+    assert promoted["outcome"] == "production", promoted["reason"]
+    assert conditions(promoted)["min_score"]["threshold"] == pytest.approx(0.80)
+    assert promoted["baseline_lift"] == pytest.approx(
+        f1_score(balanced(200), Quality(0.92).answers(balanced(200), 2), average="macro") - 0.80
+    )
+
+    # A run from before the classical baseline: the floor falls back to the majority baseline, and says so.
+    register(registry, evaluated(TENANT, quality=0.75))
+    fallback = decision(registry, 2)
+    floor = conditions(fallback)["min_score"]
+    assert floor["floor_baseline"] == "majority" and floor["threshold"] == pytest.approx(1 / 3)
+    assert "the classical baseline, which the report does not carry" in floor["detail"]
+    assert fallback["baseline_lift"] is None
+    assert get(registry, f"/v1/models/{MODEL}/versions/2")["baseline_lift"] is None
+
+
 def test_when_production_moves_while_a_candidate_is_evaluated_the_candidate_is_staged(registry, evaluated) -> None:
     register(registry, evaluated(TENANT, macro_f1=0.70))
     slow = evaluated(TENANT, macro_f1=0.90)  # scored against v1 ...
@@ -342,6 +397,7 @@ def test_the_policy_endpoint_documents_defaults_and_refuses_retired_unknown_and_
         "confidence": 0.95,
         "max_class_regression": 0.10,
         "min_score": None,
+        "floor": "majority",
         "min_test_items": 30,
         "bootstrap_samples": 2000,
     }
@@ -357,6 +413,7 @@ def test_the_policy_endpoint_documents_defaults_and_refuses_retired_unknown_and_
         "confidence": 1.5,
         "max_class_regression": 2,
         "min_score": 7,
+        "floor": "tfidf",
         "min_test_items": 0,
         "bootstrap_samples": 10,
         "auto_promote": "sometimes",
@@ -378,6 +435,8 @@ def test_the_policy_endpoint_documents_defaults_and_refuses_retired_unknown_and_
     document = registry.client.get("/openapi.json").get_json()["components"]["schemas"]
     assert "majority baseline" in document["PolicyUpdate"]["properties"]["min_score"]["description"]
     assert "require_same_split" not in document["PolicyUpdate"]["properties"]
+    assert document["PolicyUpdate"]["properties"]["floor"]["enum"] == ["majority", "classical_baseline"]
+    assert "baseline_lift" in document["Version"]["properties"]
 
 
 def test_manual_promotion_and_one_call_rollback_walk_back_through_production_history(registry, evaluated) -> None:

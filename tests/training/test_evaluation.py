@@ -1,5 +1,6 @@
 """The evaluation report a run publishes beside its model (`evaluation.json`): the candidate, the version in
-production and a majority baseline, each scored item by item on the snapshot's frozen test split.
+production, a majority baseline and a classical one (TF-IDF or pixels + logistic regression, trained on the train
+split), each scored item by item on the snapshot's frozen test split, and the candidate's lift over the latter.
 
 Production is whatever a registry stand-in (the real serving contract, on a real socket) says it is: an earlier
 run's published artifacts. The tests recompute every answer themselves, the way inference serves (ONNX Runtime,
@@ -13,9 +14,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import shutil
 from collections import Counter
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -23,11 +22,16 @@ import onnxruntime as ort
 import pytest
 import torch
 from PIL import Image, ImageOps
+from sklearn.feature_extraction.text import TfidfVectorizer
+from sklearn.linear_model import LogisticRegression
+from sklearn.metrics import f1_score
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
 from tokenizers import Tokenizer
 from torch import nn
 
-from services.training import base_models
-from services.training.base_models import IMAGE_ARCHITECTURES, TEXT_ENCODERS, ImageArchitecture
+from services.training.base_models import IMAGE_ARCHITECTURES, ImageArchitecture
+from services.training.schemas import RunSchema
 from shared.artifacts import EvaluationReport, model_run_prefix
 from testkit.processes import free_port
 from testkit.serving import RegistryStandIn
@@ -40,7 +44,6 @@ pytestmark = pytest.mark.timeout(240)
 TENANT = "acme"
 MODEL = "digits"
 TINY_CNN = "tiny-cnn"
-TINY_BERT = "tiny-bert"
 IMAGE_HP = {
     "epochs": 3,
     "batch_size": 16,
@@ -70,31 +73,6 @@ class TinyCNN(nn.Module):
 def tiny_cnn(monkeypatch: pytest.MonkeyPatch) -> str:
     monkeypatch.setitem(IMAGE_ARCHITECTURES, TINY_CNN, ImageArchitecture(TINY_CNN, TinyCNN, ("head.",)))
     return TINY_CNN
-
-
-@pytest.fixture(scope="session")
-def tiny_bert_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A one-layer BERT with random weights beside MiniLM's own tokenizer files: a text encoder that trains in
-    seconds and is tokenized exactly as the bundled one."""
-    from transformers import BertConfig, BertModel
-
-    minilm = TEXT_ENCODERS[base_models.MINILM]()
-    folder = tmp_path_factory.mktemp("tiny-bert")
-    torch.manual_seed(0)
-    config = BertConfig(
-        vocab_size=30522, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64
-    )
-    BertModel(config).save_pretrained(str(folder))
-    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
-        if (minilm / name).exists():
-            shutil.copy(minilm / name, folder / name)
-    return folder
-
-
-@pytest.fixture
-def tiny_bert(monkeypatch: pytest.MonkeyPatch, tiny_bert_folder: Path) -> str:
-    monkeypatch.setitem(TEXT_ENCODERS, TINY_BERT, lambda: tiny_bert_folder)
-    return TINY_BERT
 
 
 @pytest.fixture
@@ -238,6 +216,54 @@ def _answers(logits: np.ndarray, labels: list[str]) -> tuple[list[str], np.ndarr
     return [labels[i] for i in probabilities.argmax(axis=1)], probabilities.max(axis=1)
 
 
+def classical_answers(
+    task_type: str, train: list[dict[str, Any]], test: list[dict[str, Any]], labels: list[str]
+) -> list[str]:
+    """The classical baseline, written out here as docs/training.md defines it: fitted on the train items only."""
+    if task_type == "text_classification":
+        features = [[item["content"].decode() for item in items] for items in (train, test)]
+        pipeline = make_pipeline(
+            TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True),
+            LogisticRegression(C=100.0, max_iter=3000, random_state=0),
+        )
+    else:
+
+        def pixels(item: dict[str, Any]) -> np.ndarray:
+            with Image.open(io.BytesIO(item["content"])) as image:
+                rgb = ImageOps.exif_transpose(image).convert("RGB").resize((16, 16), Image.Resampling.BILINEAR)
+            return np.asarray(rgb, dtype=np.float32).reshape(-1) / 255.0
+
+        features = [np.stack([pixels(item) for item in items]) for items in (train, test)]
+        pipeline = make_pipeline(StandardScaler(), LogisticRegression(C=0.01, max_iter=3000, random_state=0))
+    pipeline.fit(features[0], [item["label"] for item in train])
+    return [str(label) for label in pipeline.predict(features[1])]
+
+
+def assert_classical_baseline(
+    report: dict[str, Any], run: Any, payload: dict[str, Any], expected: list[str], method: str
+) -> None:
+    """The report's classical baseline gives `expected` on the test items; the run and its event carry its lift."""
+    classical = report["baselines"]["classical"]
+    assert named(report, classical) == expected
+    assert classical["metrics"]["method"] == method and classical["run_id"] == run.id
+    truth = [report["labels"][y] for y in report["y_true"]]
+    assert classical["metrics"]["macro_f1"] == pytest.approx(f1_score(truth, expected, average="macro"))
+    lift = report["candidate"]["metrics"]["macro_f1"] - classical["metrics"]["macro_f1"]
+    assert report["baseline_lift"] == pytest.approx(lift)
+    assert payload["metrics"]["baseline_lift"] == pytest.approx(lift)
+    assert payload["metrics"]["baseline"] == {
+        "name": "classical",
+        "method": method,
+        "items": len(truth),
+        "accuracy": classical["metrics"]["accuracy"],
+        "macro_f1": classical["metrics"]["macro_f1"],
+    }
+    # The run's record, as the run API shows it.
+    shown = RunSchema().dump(run)
+    assert shown["baseline_lift"] == pytest.approx(lift)
+    assert shown["baseline"]["method"] == method and shown["baseline"]["macro_f1"] == classical["metrics"]["macro_f1"]
+
+
 def named(report: dict[str, Any], scored: dict[str, Any]) -> list[str | None]:
     return [report["labels"][p] if p >= 0 else None for p in scored["predictions"]]
 
@@ -303,6 +329,20 @@ def test_a_first_run_scores_the_candidate_and_a_majority_baseline_on_exactly_the
     truth = [report["labels"][y] for y in report["y_true"]]
     assert majority["metrics"]["accuracy"] == truth.count(majority_label) / len(truth)
     assert majority["metrics"]["per_class"][majority_label]["recall"] == 1.0
+
+    # The classical baseline: logistic regression on the train items' pixels, nothing else.
+    assert_classical_baseline(
+        report,
+        run,
+        payload,
+        classical_answers(
+            "image_classification",
+            _in_id_order(lines, items, "train"),
+            _in_id_order(lines, items, "test"),
+            labels,
+        ),
+        "pixels_logistic_regression",
+    )
 
     # The payload: validation metrics as before, the candidate's test metrics, and the epoch early stopping chose.
     metrics = payload["metrics"]
@@ -462,7 +502,7 @@ def test_a_text_production_version_is_scored_with_its_own_tokenizer_as_served(wo
             items=items,
         )
         request_training(training, snapshot=second_snapshot, **request)
-        _, second = wait_for_snapshot_run(training, second_snapshot)
+        second_run, second = wait_for_snapshot_run(training, second_snapshot)
         report = read_report(training.storage, second)
         lines = manifest_lines(training.storage, second_snapshot)
         texts = [item["content"].decode() for item in _in_id_order(lines, items, "test")]
@@ -476,6 +516,10 @@ def test_a_text_production_version_is_scored_with_its_own_tokenizer_as_served(wo
     assert named(report, report["candidate"]) == candidate_labels
     np.testing.assert_allclose(report["candidate"]["confidences"], candidate_confidence, atol=1e-4)
     assert report["evaluation_set"]["items"] == len(texts) > 0
+    expected = classical_answers(
+        "text_classification", _in_id_order(lines, items, "train"), _in_id_order(lines, items, "test"), labels
+    )
+    assert_classical_baseline(report, second_run, second, expected, "tfidf_logistic_regression")
 
 
 def _in_id_order(lines: list[dict[str, Any]], items: list[dict[str, Any]], split: str) -> list[dict[str, Any]]:

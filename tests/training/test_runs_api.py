@@ -66,7 +66,7 @@ def test_runs_need_the_internal_token_and_partners_see_only_their_own(services, 
     run = created.get_json()
     assert run["status"] == "queued" and run["tenant"] == acme_tenant and run["source"] == "api"
     assert run["model_name"] == "ds_docs" and run["base_model"] == "all-minilm-l6-v2"
-    assert run["hyperparameters"]["max_length"] == 128 and run["hyperparameters"]["epochs"] == 4
+    assert run["hyperparameters"]["max_length"] is None and run["hyperparameters"]["epochs"] == 4
     assert run["manifest"] == {**acme_snapshot["manifest"], "offset": None, "length": None}
     assert run["progress"] == {
         "epoch": 0,
@@ -167,3 +167,6 @@ def test_invalid_requests_answer_422_with_each_bad_field(services) -> None:
     # Nothing was recorded by any of them.
     assert client.get("/v1/runs", headers=INTERNAL).get_json()["runs"] == []
     assert "/v1/runs/{run_id}/cancel" in client.get("/openapi.json").get_json()["paths"]
+    document = client.get("/openapi.json").get_json()["components"]["schemas"]
+    assert {"baseline", "baseline_lift"} <= set(document["Run"]["properties"])
+    assert set(document["Baseline"]["properties"]) == {"name", "method", "items", "accuracy", "macro_f1"}
