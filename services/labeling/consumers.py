@@ -126,6 +126,36 @@ def on_model_promoted(ctx: EventContext) -> None:
     log.info("production_model_set", dataset_id=dataset.id, model=payload["model_name"], version=payload["version"])
 
 
+def _prediction_task(
+    dataset: LabelingDataset, item_id: str, prediction: dict, model_name: str, *, source: str, priority: int
+) -> Task:
+    """An open task for a logged prediction (fed back, or sampled from production traffic), pre-labeled with what
+    the model answered and tagged with the version that answered, so its consensus can go back as ground truth."""
+    content = prediction["input"]
+    confidence = prediction.get("confidence")
+    return Task(
+        item_id=item_id,
+        tenant=dataset.tenant,
+        dataset_id=dataset.id,
+        kind="text" if dataset.task_type == "text_classification" else "image",
+        bucket=content["bucket"],
+        object_key=content["key"],
+        sha256=content["sha256"],
+        offset=content.get("offset"),
+        length=content.get("length"),
+        source=source,
+        status="open",
+        priority=priority,
+        required=dataset.overlap,
+        prelabel=prediction["predicted_label"] or None,
+        prelabel_confidence=confidence,
+        prelabel_model=model_name,
+        prelabel_version=prediction["model_version"],
+        uncertainty=None if confidence is None else 1.0 - confidence,
+        prediction_id=prediction["prediction_id"],
+    )
+
+
 @handlers.on("prediction.feedback")
 def on_prediction_feedback(ctx: EventContext) -> None:
     """A user's correction becomes a high-priority task, pre-labeled with what was served and the fix."""
@@ -138,32 +168,11 @@ def on_prediction_feedback(ctx: EventContext) -> None:
     item_id = f"fb_{payload['prediction_id']}"[:60]
     if ctx.session.scalar(select(Task.id).where(Task.item_id == item_id)) is not None:
         return
-    content = payload["input"]
-    confidence = payload.get("confidence")
-    ctx.session.add(
-        Task(
-            item_id=item_id,
-            tenant=dataset.tenant,
-            dataset_id=dataset.id,
-            kind="text" if dataset.task_type == "text_classification" else "image",
-            bucket=content["bucket"],
-            object_key=content["key"],
-            sha256=content["sha256"],
-            offset=content.get("offset"),
-            length=content.get("length"),
-            source="feedback",
-            status="open",
-            priority=FEEDBACK_PRIORITY,
-            required=dataset.overlap,
-            prelabel=payload["predicted_label"],
-            prelabel_confidence=confidence,
-            prelabel_model=payload["model_name"],
-            prelabel_version=payload["model_version"],
-            uncertainty=None if confidence is None else 1.0 - confidence,
-            feedback={"correct_label": payload["correct_label"], "prediction_id": payload["prediction_id"]},
-            prediction_id=payload["prediction_id"],
-        )
+    task = _prediction_task(
+        dataset, item_id, payload, payload["model_name"], source="feedback", priority=FEEDBACK_PRIORITY
     )
+    task.feedback = {"correct_label": payload["correct_label"], "prediction_id": payload["prediction_id"]}
+    ctx.session.add(task)
     log.info("feedback_task_created", dataset_id=dataset.id, prediction_id=payload["prediction_id"])
 
 
@@ -181,30 +190,8 @@ def on_prediction_sampled(ctx: EventContext) -> None:
     for item_id, item in item_ids.items():
         if item_id in known:
             continue
-        content = item["input"]
-        confidence = item.get("confidence")
         ctx.session.add(
-            Task(
-                item_id=item_id,
-                tenant=dataset.tenant,
-                dataset_id=dataset.id,
-                kind="text" if dataset.task_type == "text_classification" else "image",
-                bucket=content["bucket"],
-                object_key=content["key"],
-                sha256=content["sha256"],
-                offset=content.get("offset"),
-                length=content.get("length"),
-                source="sample",
-                status="open",
-                priority=SAMPLE_PRIORITY,
-                required=dataset.overlap,
-                prelabel=item["predicted_label"] or None,
-                prelabel_confidence=confidence,
-                prelabel_model=payload["model_name"],
-                prelabel_version=item["model_version"],
-                uncertainty=None if confidence is None else 1.0 - confidence,
-                prediction_id=item["prediction_id"],
-            )
+            _prediction_task(dataset, item_id, item, payload["model_name"], source="sample", priority=SAMPLE_PRIORITY)
         )
     log.info("sampled_tasks_created", dataset_id=dataset.id, created=len(item_ids) - len(known), received=len(items))
 
