@@ -41,6 +41,16 @@ def _num(value: float | None, digits: int = 3) -> str | None:
     return None if value is None else f"{value:.{digits}f}"
 
 
+def _input_ks(inputs: dict[str, Any] | None) -> str | None:
+    """The larger KS statistic of text length or brightness; `n/a` when the version has no input baseline."""
+    if not inputs:
+        return None
+    if not inputs.get("judged"):
+        return "n/a"
+    values = [inputs[key] for key in ("chars_ks", "brightness_ks") if inputs.get(key) is not None]
+    return _num(max(values)) if values else None
+
+
 def version_rows(report: dict[str, Any]) -> list[list[Any]]:
     rows = []
     windows = report["windows"]
@@ -72,6 +82,7 @@ def version_rows(report: dict[str, Any]) -> list[list[Any]]:
                 sparkline([(s.get("drift") or {}).get("prediction_js") for s in series]),
                 _num(drift.get("prediction_js")),
                 _num(drift.get("confidence_ks")),
+                _input_ks(last.get("input_drift")),
                 resources.get("rows"),
                 _num(resources.get("compute_seconds"), 2),
                 resources.get("queue_rejections"),
@@ -96,6 +107,7 @@ HEADERS = [
     "drift",
     "JS",
     "KS",
+    "input KS",
     "rows",
     "compute s",
     "rejected",

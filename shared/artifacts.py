@@ -164,3 +164,9 @@ class EvaluationReport(Schema):
     baselines = fields.Dict(keys=fields.String(), values=fields.Nested(ScoredModel), load_default=dict)
     # The candidate's macro-F1 minus the classical baseline's on these items; None without a classical baseline.
     baseline_lift = fields.Float(load_default=None, allow_none=True)
+    # The evaluation set's inputs as inference's monitoring measures each prediction's, item by item in the set's
+    # order: text `chars`, `tokens`, `unknown_rate`; image `width`, `height`, `brightness`. The baseline of input
+    # drift; None in reports written before it was recorded (inference then judges no input drift).
+    input_stats = fields.Dict(
+        keys=fields.String(), values=fields.List(fields.Float()), load_default=None, allow_none=True
+    )

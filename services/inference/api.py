@@ -26,7 +26,7 @@ from flask_smorest import Blueprint
 from marshmallow import ValidationError
 
 from services.inference.batcher import Feeds
-from services.inference.prediction_log import LoggedPrediction, new_prediction_id
+from services.inference.prediction_log import RequestRecord, new_prediction_ids
 from services.inference.preprocess import as_model_inputs, classify, read_stored_inputs
 from services.inference.repository import LoadedVersion, ServedModel
 from services.inference.request_log import annotate, install_request_annotations
@@ -38,7 +38,7 @@ from services.inference.schemas import (
     PredictResponseSchema,
 )
 from services.inference.server import Inference, InferenceServer, current_server
-from services.inference.traffic import ShadowJob, input_stats
+from services.inference.traffic import ShadowJob
 from shared.auth import current_principal, require_partner, require_partner_or_delegated
 from shared.errors import BadRequest, DomainError, Forbidden, Unprocessable
 
@@ -169,35 +169,28 @@ def predict(name: str) -> dict[str, Any]:
     delegated = current_principal().internal
     ids: list[str | None] = [None] * len(inputs)
     if not delegated and server.config.log_predictions:
-        ids = [new_prediction_id() for _ in inputs]
+        # The request's share of logging and sampling: ids, a cached policy and one append of references
+        # (`RequestRecord`); rows, input statistics and the sampling draw are made on the log's writer thread.
+        ids = new_prediction_ids(len(inputs))
         policy = server.monitor.policy(tenant, name)
-        stats = input_stats(loaded, inputs, built["feeds"]) if "feeds" in built else [None] * len(inputs)
-        sampled = server.sampler.pick(
-            (tenant, name), policy["sample_rate"], [c.confidence for c in classifications], len(loaded.labels)
-        )
-        server.prediction_log.record(
-            [
-                LoggedPrediction(
-                    id=prediction_id,
-                    tenant=tenant,
-                    model_name=name,
-                    model_version=loaded.version,
-                    dataset_id=model.dataset_id,
-                    api="predict",
-                    input_kind=kind,
-                    input_bytes=item.encode("utf-8") if kind == "text" else item,
-                    predicted_label=classification.label,
-                    confidence=classification.confidence,
-                    outputs={"probabilities": classification.probabilities},
-                    latency_ms=round(elapsed * 1000, 3),
-                    trace_id=g.get("trace_id", ""),
-                    input_stats=item_stats,
-                    sampled=pick,
-                )
-                for prediction_id, item, classification, item_stats, pick in zip(
-                    ids, inputs, classifications, stats, sampled, strict=True
-                )
-            ]
+        server.prediction_log.record_request(
+            RequestRecord(
+                ids,
+                tenant,
+                name,
+                loaded.version,
+                model.dataset_id,
+                kind,
+                inputs,
+                classifications,
+                round(elapsed * 1000, 3),
+                g.get("trace_id", ""),
+                time.time(),
+                loaded.preprocessor,
+                built.get("feeds"),
+                policy["sample_rate"],
+                len(loaded.labels),
+            )
         )
         _mirror(server, model, loaded.version, policy, inputs, ids)
     api = "delegated" if delegated else "predict"

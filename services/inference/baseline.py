@@ -7,9 +7,14 @@ drift and live quality are measured against: nothing new is recorded by training
 accepted only if it validates and its candidate's `model_sha256` is the served `model.onnx`'s sha256 (the
 report describes this graph, not another run's).
 
+The report's optional `input_stats` (training records them since input drift was added: per test item, text
+`chars`, `tokens`, `unknown_rate` or image `width`, `height`, `brightness`, measured as inference measures each
+prediction's) is the baseline of input drift. A report written before holds none: no input drift is judged for
+that version, and the monitoring report says so.
+
 A version without a usable report (older runs, or a folder without one) falls back to its `metadata.json`
 validation metrics: the class distribution of the validation confusion matrix's columns and its accuracy,
-without a confidence baseline; `source` says which.
+without a confidence or input baseline; `source` says which.
 """
 
 from __future__ import annotations
@@ -42,9 +47,14 @@ class Baseline:
     macro_f1: float | None
     items: int
     source: str
+    inputs: dict[str, np.ndarray] | None = None
+    """Per input statistic, its values on the evaluation set; None when the report recorded none."""
 
     def describe(self) -> dict[str, Any]:
         return {
+            "input_stats": {name: float(values.mean()) for name, values in self.inputs.items() if values.size}
+            if self.inputs is not None
+            else None,
             "source": self.source,
             "items": self.items,
             "accuracy": self.accuracy,
@@ -69,6 +79,8 @@ def from_report(report: dict[str, Any]) -> Baseline:
     confidences = np.asarray(candidate.get("confidences") or [], dtype=np.float64)
     metrics = candidate["metrics"]
     evaluation_set = report["evaluation_set"]
+    recorded = report.get("input_stats")
+    inputs = {name: np.asarray(values, dtype=np.float64) for name, values in recorded.items()} if recorded else None
     return Baseline(
         labels=labels,
         class_distribution=_distribution(counts, labels),
@@ -77,6 +89,7 @@ def from_report(report: dict[str, Any]) -> Baseline:
         macro_f1=metrics.get("macro_f1"),
         items=len(candidate["predictions"]),
         source=f"{EVALUATION_FILE} ({evaluation_set['split']} split of {evaluation_set['snapshot_id']})",
+        inputs=inputs,
     )
 
 

@@ -119,7 +119,7 @@ class MonitorAlert(Base):
     model_name: Mapped[str] = mapped_column(String(200))
     model_version: Mapped[int] = mapped_column(Integer)
     kind: Mapped[str] = mapped_column(String(40))
-    """`prediction_drift`, `confidence_drift`, `input_drift`, `accuracy_drop` or `schedule`."""
+    """`prediction_drift`, `confidence_drift`, `input_drift`, `unknown_token_drift`, `accuracy_drop` or `schedule`."""
     reason: Mapped[str] = mapped_column(Text)
     value: Mapped[float | None] = mapped_column(Float, nullable=True)
     threshold: Mapped[float | None] = mapped_column(Float, nullable=True)

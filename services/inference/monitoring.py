@@ -8,9 +8,13 @@ For each window (`window_s` long, newest last) and each version that answered in
   accuracy with its 95% Wilson interval (`scipy.stats.binomtest`) and macro-F1 (scikit-learn), beside the
   version's evaluation baseline (`baseline.py`);
 - **drift** against that baseline: the Jensen-Shannon distance (base 2, 0..1; `scipy.spatial.distance`)
-  between the predicted-class distribution and the baseline's, and the two-sample Kolmogorov-Smirnov test of
+  between the predicted-class distribution and the baseline's with the chi-square test of homogeneity of their
+  counts (`scipy.stats.chi2_contingency`), and the two-sample Kolmogorov-Smirnov test of
   the confidences (`scipy.stats.ks_2samp`);
 - **inputs**: mean text length, tokens and unknown-token rate; mean image width, height and brightness;
+- **input drift** against the baseline's inputs (the evaluation set's, when its report recorded them): the
+  two-sample KS test of text length (`chars`) and of image `brightness`, and the difference of the mean
+  unknown-token rate from the baseline's (a report without input statistics: not judged, and said so);
 - **shadow**: for a staged version that shadowed production, how often it agreed with the answer that was
   returned, and its accuracy where labels arrived (beside production's on the same predictions).
 
@@ -38,6 +42,12 @@ CONFIDENCE = 0.95
 MAX_ROWS = 200_000
 """Rows one report reads at most (newest first); a busier model's windows are computed on its newest rows."""
 INPUT_STATS = ("chars", "tokens", "unknown_rate", "width", "height", "brightness")
+INPUT_KS = ("chars", "brightness")
+"""The input statistics whose distribution is compared with the baseline's (two-sample KS)."""
+NO_INPUT_BASELINE = (
+    "no input drift judged: this version's evaluation report holds no input statistics (written before training "
+    "recorded them, or no evaluation report)"
+)
 
 
 @dataclass
@@ -112,6 +122,7 @@ def drift(rows: list[Row], baseline: Baseline | None) -> dict[str, Any]:
         "class_distribution": observed,
         "confidence_mean": float(confidences.mean()) if confidences.size else None,
         "prediction_js": None,
+        "prediction_chi2_pvalue": None,
         "confidence_ks": None,
         "confidence_ks_pvalue": None,
     }
@@ -120,11 +131,24 @@ def drift(rows: list[Row], baseline: Baseline | None) -> dict[str, Any]:
     expected = np.asarray([baseline.class_distribution.get(label, 0.0) for label in labels])
     if counts.sum() and expected.sum():
         result["prediction_js"] = float(distance.jensenshannon(counts / counts.sum(), expected, base=2))
+        result["prediction_chi2_pvalue"] = _homogeneity_pvalue(counts, expected * baseline.items)
     if baseline.confidences is not None and confidences.size:
         test = stats.ks_2samp(confidences, baseline.confidences)
         result["confidence_ks"] = float(test.statistic)
         result["confidence_ks_pvalue"] = float(test.pvalue)
     return result
+
+
+def _homogeneity_pvalue(window: np.ndarray, baseline: np.ndarray) -> float | None:
+    """Whether the window's predicted classes and the baseline's could be one distribution: the p-value of the
+    chi-square test of homogeneity on their counts (`scipy.stats.chi2_contingency`). A distance alone cannot
+    tell: a baseline of 50 test items over 10 classes is itself so noisy that the distance between two samples
+    of the same distribution is often above 0.2. Classes neither side predicted are left out."""
+    table = np.vstack([window, np.round(baseline)])
+    table = table[:, table.sum(axis=0) > 0]
+    if table.shape[1] < 2 or (table.sum(axis=1) == 0).any():
+        return None
+    return float(stats.chi2_contingency(table).pvalue)
 
 
 def inputs(rows: list[Row]) -> dict[str, float | None]:
@@ -134,6 +158,29 @@ def inputs(rows: list[Row]) -> dict[str, float | None]:
             if isinstance(value, int | float):
                 values[name].append(float(value))
     return {name: float(np.mean(values[name])) if values[name] else None for name in INPUT_STATS if name in values}
+
+
+def _values(rows: list[Row], name: str) -> np.ndarray:
+    values = [(row.input_stats or {}).get(name) for row in rows]
+    return np.asarray([value for value in values if isinstance(value, int | float)], dtype=np.float64)
+
+
+def input_drift(rows: list[Row], baseline: Baseline | None) -> dict[str, Any]:
+    """KS of text length and brightness against the baseline's inputs, and the unknown-token rate's change."""
+    if baseline is None or baseline.inputs is None:
+        return {"judged": False, "note": NO_INPUT_BASELINE}
+    result: dict[str, Any] = {"judged": True}
+    for name in INPUT_KS:
+        expected, observed = baseline.inputs.get(name), _values(rows, name)
+        if expected is None or not expected.size or not observed.size:
+            continue
+        test = stats.ks_2samp(observed, expected)
+        result[f"{name}_ks"], result[f"{name}_ks_pvalue"] = float(test.statistic), float(test.pvalue)
+    expected, observed = baseline.inputs.get("unknown_rate"), _values(rows, "unknown_rate")
+    if expected is not None and expected.size and observed.size:
+        result["unknown_rate"], result["baseline_unknown_rate"] = float(observed.mean()), float(expected.mean())
+        result["unknown_rate_diff"] = float(observed.mean() - expected.mean())
+    return result
 
 
 def latency(rows: list[Row]) -> dict[str, float | None]:
@@ -200,6 +247,7 @@ def version_window(rows: list[Row], baseline: Baseline | None) -> dict[str, Any]
         "quality": quality(rows),
         "drift": drift(rows, baseline),
         "inputs": inputs(rows),
+        "input_drift": input_drift(rows, baseline),
     }
 
 

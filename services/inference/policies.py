@@ -5,10 +5,17 @@ A policy (defaults below, overridden per model with `PUT /v1/monitoring/models/{
 every `schedule_s` on the last `window_s` of the log, for each version the model serves:
 
 - `prediction_drift`: Jensen-Shannon distance of the predicted classes from the version's evaluation
-  baseline above `prediction_drift_threshold`;
+  baseline above `prediction_drift_threshold`, with the chi-square test of homogeneity of the two count
+  vectors below `drift_p_value` (a small test split alone is noisy enough to put two samples of one
+  distribution 0.2 apart);
 - `confidence_drift`: KS statistic of the confidences against the baseline's above
   `confidence_drift_threshold`, with p below `drift_p_value`;
-- both judged only once the window holds `min_samples` predictions of the version;
+- `input_drift`: KS statistic of text length (`chars`) or image `brightness` against the evaluation set's
+  inputs above `input_drift_threshold`, with p below `drift_p_value`;
+- `unknown_token_drift`: the mean unknown-token rate differs from the evaluation set's by more than
+  `unknown_rate_threshold`;
+- all four judged only once the window holds `min_samples` predictions of the version, and the input kinds only
+  when the version's evaluation report recorded its inputs (older reports: not judged, the report says so);
 - `accuracy_drop`: live accuracy below the baseline's accuracy by more than `accuracy_drop_threshold`, judged
   once `min_labeled` predictions of the window have ground truth;
 - `schedule`: `retrain_every_s` seconds since the last scheduled retrain (off by default).
@@ -25,13 +32,13 @@ version back within its threshold.
 from __future__ import annotations
 
 import threading
+import time
 import uuid
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import redis
-from cachetools import TTLCache
 from sqlalchemy import delete, select
 
 from services.inference import monitoring
@@ -54,6 +61,8 @@ DEFAULT_POLICY: dict[str, Any] = {
     "confidence_drift_threshold": 0.3,
     "drift_p_value": 0.01,
     "accuracy_drop_threshold": 0.05,
+    "input_drift_threshold": 0.3,
+    "unknown_rate_threshold": 0.05,
     "retrain_every_s": None,
     "sample_rate": 0.0,
     "shadow_version": None,
@@ -63,7 +72,7 @@ DEFAULT_RETENTION_DAYS = 30
 POLICY_CACHE_S = 5.0
 LOCK_PREFIX = "flywheel:inference:monitor"
 RETENTION_EVERY_S = 3600
-DRIFT_KINDS = ("prediction_drift", "confidence_drift")
+DRIFT_KINDS = ("prediction_drift", "confidence_drift", "input_drift", "unknown_token_drift")
 
 
 class Monitor:
@@ -75,26 +84,25 @@ class Monitor:
         self.metrics = metrics
         self.interval_s = interval_s
         self.baselines = Baselines(runtime.storage)
-        self._policies: TTLCache[tuple[str, str], dict[str, Any]] = TTLCache(maxsize=10_000, ttl=POLICY_CACHE_S)
-        self._lock = threading.Lock()
+        self._policies: dict[tuple[str, str], tuple[float, dict[str, Any]]] = {}
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
     # -- policies and retention -------------------------------------------------------------------------
 
     def policy(self, tenant: str, model_name: str) -> dict[str, Any]:
-        """The model's policy (defaults with its overrides), cached a few seconds for the request path."""
+        """The model's policy (defaults with its overrides), cached a few seconds for the request path: a hit is
+        one dict lookup and a clock read, no lock (a dict's get and set are atomic under the GIL)."""
         key = (tenant, model_name)
-        with self._lock:
-            cached = self._policies.get(key)
-        if cached is not None:
-            return cached
+        cached = self._policies.get(key)
+        now = time.monotonic()
+        if cached is not None and cached[0] > now:
+            return cached[1]
         with self.runtime.db.session() as session:
             row = session.get(MonitorPolicy, key)
             stored = dict(row.policy) if row else {}
         policy = {**DEFAULT_POLICY, **stored}
-        with self._lock:
-            self._policies[key] = policy
+        self._policies[key] = (now + POLICY_CACHE_S, policy)
         return policy
 
     def set_policy(self, tenant: str, model_name: str, changes: dict[str, Any]) -> dict[str, Any]:
@@ -105,8 +113,7 @@ class Monitor:
                 session.add(row)
             row.policy = {**row.policy, **changes}
             policy = {**DEFAULT_POLICY, **row.policy}
-        with self._lock:
-            self._policies[(tenant, model_name)] = policy
+        self._policies[(tenant, model_name)] = (time.monotonic() + POLICY_CACHE_S, policy)
         log.info("monitoring_policy_changed", tenant=tenant, model_name=model_name, **changes)
         return policy
 
@@ -441,10 +448,11 @@ def check(policy: dict[str, Any], rows: list[monitoring.Row], baseline: Baseline
     if baseline is not None and len(rows) >= policy["min_samples"]:
         result = monitoring.drift(rows, baseline)
         details = {"class_distribution": result["class_distribution"], "baseline": baseline.class_distribution}
-        js = result["prediction_js"]
-        if js is not None:
+        js, chi2_p = result["prediction_js"], result["prediction_chi2_pvalue"]
+        if js is not None and chi2_p is not None:
             judged.add("prediction_drift")
-            if js > policy["prediction_drift_threshold"]:
+            details["p_value"] = chi2_p
+            if js > policy["prediction_drift_threshold"] and chi2_p < policy["drift_p_value"]:
                 found.append(
                     _finding(
                         "prediction_drift",
@@ -470,6 +478,8 @@ def check(policy: dict[str, Any], rows: list[monitoring.Row], baseline: Baseline
                         "confidences drifted (KS",
                     )
                 )
+    if baseline is not None and len(rows) >= policy["min_samples"]:
+        _check_inputs(policy, rows, baseline, found, judged)
     live = monitoring.quality(rows)
     if baseline is not None and baseline.accuracy is not None and live["labeled"] >= policy["min_labeled"]:
         judged.add("accuracy_drop")
@@ -490,6 +500,51 @@ def check(policy: dict[str, Any], rows: list[monitoring.Row], baseline: Baseline
     return found, judged
 
 
+def _check_inputs(
+    policy: dict[str, Any], rows: list[monitoring.Row], baseline: Baseline, found: list[dict], judged: set[str]
+) -> None:
+    """Input drift against the evaluation set's inputs (nothing judged when the report recorded none)."""
+    result = monitoring.input_drift(rows, baseline)
+    if not result["judged"]:
+        return
+    tested = [name for name in monitoring.INPUT_KS if f"{name}_ks" in result]
+    if tested:
+        judged.add("input_drift")
+        shifted = [
+            name
+            for name in tested
+            if result[f"{name}_ks"] > policy["input_drift_threshold"]
+            and result[f"{name}_ks_pvalue"] < policy["drift_p_value"]
+        ]
+        if shifted:
+            name = max(shifted, key=lambda n: result[f"{n}_ks"])
+            what = {"chars": "text length", "brightness": "image brightness"}[name]
+            found.append(
+                _finding(
+                    "input_drift",
+                    result[f"{name}_ks"],
+                    policy["input_drift_threshold"],
+                    len(rows),
+                    {**result, "statistic": name},
+                    f"inputs drifted: {what} (KS",
+                )
+            )
+    if "unknown_rate_diff" in result:
+        judged.add("unknown_token_drift")
+        if abs(result["unknown_rate_diff"]) > policy["unknown_rate_threshold"]:
+            found.append(
+                _finding(
+                    "unknown_token_drift",
+                    abs(result["unknown_rate_diff"]),
+                    policy["unknown_rate_threshold"],
+                    len(rows),
+                    result,
+                    f"unknown-token rate {result['unknown_rate']:.3f} against {result['baseline_unknown_rate']:.3f}"
+                    " on the evaluation set (difference",
+                )
+            )
+
+
 def _finding(kind: str, value: float, threshold: float, samples: int, details: dict, what: str) -> dict[str, Any]:
     return {
         "kind": kind,
@@ -505,7 +560,14 @@ def _signals(rows: list[monitoring.Row], baseline: Baseline | None) -> dict[str,
     if not rows:
         return {}
     result = monitoring.drift(rows, baseline)
-    return {"prediction_js": result["prediction_js"], "confidence_ks": result["confidence_ks"]}
+    inputs = monitoring.input_drift(rows, baseline)
+    return {
+        "prediction_js": result["prediction_js"],
+        "prediction_chi2_pvalue": result["prediction_chi2_pvalue"],
+        "confidence_ks": result["confidence_ks"],
+        **{f"input_{name}_ks": inputs.get(f"{name}_ks") for name in monitoring.INPUT_KS},
+        "unknown_rate_diff": inputs.get("unknown_rate_diff"),
+    }
 
 
 def _role(version: int, routing: Any) -> str:

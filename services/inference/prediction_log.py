@@ -5,8 +5,11 @@ What is kept: every prediction of the friendly API (`/v1/models/{name}:predict`)
 receive feedback, and feedback must hand labeling the very input; and a random `v2_log_sample_rate` share of
 v2 tensor requests, for monitoring (their input is a tensor, not a text or an image, so they take no feedback).
 
-How it is written: requests never wait for storage or the database. They append to a bounded in-memory
-buffer, and a writer thread, every `log_flush_interval_s`, packs the buffered inputs of each tenant into one
+How it is written: requests never wait for storage or the database. A friendly-API request appends one small
+tuple to a bounded in-memory buffer (`RequestRecord`: references to what the request built anyway: its ids,
+inputs, answers, the feeds and the sampling rate; a few microseconds under a lock held for one append), and a
+writer thread, every `log_flush_interval_s`, turns those into rows (input statistics from the feeds, the
+sampling draw, UTF-8 bytes, timestamps: all off the request path), packs the buffered inputs of each tenant into one
 object in the `raw` bucket under `<tenant>/predictions/YYYY/MM/DD/<uuid>.bin` (each input a byte range with its
 own sha256, like ingestion's packed items), then inserts the rows in one transaction. The object is written
 before the rows, so no row names missing bytes. If storage or the database is down the buffer keeps the
@@ -29,7 +32,10 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import itertools
 import json
+import os
+import secrets
 import threading
 import time
 import uuid
@@ -38,7 +44,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from sqlalchemy import insert, select
 
@@ -55,8 +61,70 @@ log = get_logger(__name__)
 PREDICTION_PREFIX = "prd_"
 
 
+class _PredictionIds:
+    """Prediction ids without a random draw per request: a random 48-bit prefix per process (drawn again in a
+    forked child) and a counter (`next` on `itertools.count` is atomic under the GIL): 24 hex digits, unique."""
+
+    def __init__(self) -> None:
+        self.reseed()
+        os.register_at_fork(after_in_child=self.reseed)
+
+    def reseed(self) -> None:
+        self._prefix = PREDICTION_PREFIX + secrets.token_hex(6)
+        self._counter = itertools.count()
+
+    def take(self, count: int) -> list[str]:
+        prefix, counter = self._prefix, self._counter
+        return [f"{prefix}{next(counter):012x}" for _ in range(count)]
+
+
+_ids = _PredictionIds()
+
+
+def new_prediction_ids(count: int) -> list[str]:
+    return _ids.take(count)
+
+
 def new_prediction_id() -> str:
-    return f"{PREDICTION_PREFIX}{uuid.uuid4().hex[:24]}"
+    return _ids.take(1)[0]
+
+
+class RequestRecord(NamedTuple):
+    """What a friendly-API request hands the log: references only; the writer thread makes the rows."""
+
+    ids: list[str]
+    tenant: str
+    model_name: str
+    model_version: int
+    dataset_id: str
+    input_kind: str
+    inputs: list[Any]  # texts (str) or image bytes
+    answers: list[Any]  # preprocess.Classification per input
+    latency_ms: float
+    trace_id: str
+    created_at: float  # time.time()
+    preprocessor: Any  # the version's preprocessing (for input statistics)
+    feeds: dict[str, Any] | None  # what it built from the inputs, or None
+    sample_rate: float
+    classes: int
+
+    @property
+    def rows(self) -> int:
+        return len(self.ids)
+
+    def size(self) -> int:
+        return sum(map(len, self.inputs))
+
+    def without_first(self, count: int) -> RequestRecord:
+        """This record less its `count` oldest inputs (what shedding keeps)."""
+        feeds = {name: array[count:] for name, array in self.feeds.items()} if self.feeds is not None else None
+        return self._replace(
+            ids=self.ids[count:], inputs=self.inputs[count:], answers=self.answers[count:], feeds=feeds
+        )
+
+
+StatsFunction = Callable[[Any, list[Any], dict[str, Any] | None], list[dict[str, Any] | None]]
+PickFunction = Callable[[tuple[str, str], float, list[float], int], list[bool]]
 
 
 @dataclass
@@ -109,15 +177,27 @@ class ShadowAnswer:
 
 
 class PredictionLog:
-    def __init__(self, runtime: Runtime, config: InferenceConfig, metrics: InferenceMetrics) -> None:
+    def __init__(
+        self,
+        runtime: Runtime,
+        config: InferenceConfig,
+        metrics: InferenceMetrics,
+        *,
+        input_stats: StatsFunction,
+        pick: PickFunction,
+    ) -> None:
         self.runtime = runtime
         self.config = config
         self.metrics = metrics
+        self.input_stats = input_stats
+        self.pick = pick
         self.spool_dir = Path(runtime.settings.home) / "inference" / "spool"
         self._shadow: deque[ShadowAnswer] = deque()
-        self._buffer: deque[LoggedPrediction] = deque()
+        self._buffer: deque[LoggedPrediction | RequestRecord] = deque()
+        self._buffered_rows = 0
         self._buffered_bytes = 0
         self._pending: set[str] = set()
+        metrics.prediction_log_buffered.set_function(lambda: self._buffered_rows)
         self._lock = threading.Lock()
         self._flush_lock = threading.Lock()
         self._stop = threading.Event()
@@ -126,23 +206,49 @@ class PredictionLog:
     # -- recording (request threads) -------------------------------------------------------------------
 
     def record(self, predictions: list[LoggedPrediction]) -> None:
-        dropped = 0
+        """Buffer rows made already (v2's sampled tensor requests)."""
         with self._lock:
             for prediction in predictions:
                 self._buffer.append(prediction)
-                self._pending.add(prediction.id)
+                self._buffered_rows += 1
                 self._buffered_bytes += len(prediction.input_bytes)
-            while self._buffer and (
-                len(self._buffer) > self.config.log_buffer_limit or self._buffered_bytes > self.config.log_buffer_bytes
-            ):
-                oldest = self._buffer.popleft()
-                self._buffered_bytes -= len(oldest.input_bytes)
-                self._pending.discard(oldest.id)
-                dropped += 1
-            depth = len(self._buffer)
-        self.metrics.prediction_log_buffered.set(depth)
+            dropped = self._shed_over_bounds()
         if dropped:
             self.shed(dropped, "buffer_full")
+
+    def record_request(self, record: RequestRecord) -> None:
+        """The request path: one append (and two additions) under the lock; the writer does the rest."""
+        size = record.size()
+        with self._lock:
+            self._buffer.append(record)
+            self._buffered_rows += record.rows
+            self._buffered_bytes += size
+            dropped = self._shed_over_bounds() if self._over_bounds() else 0
+        if dropped:
+            self.shed(dropped, "buffer_full")
+
+    def _over_bounds(self) -> bool:
+        return self._buffered_rows > self.config.log_buffer_limit or self._buffered_bytes > self.config.log_buffer_bytes
+
+    def _shed_over_bounds(self) -> int:
+        """Drop the oldest rows until the buffer is within its bounds (holding the lock); how many went."""
+        dropped = 0
+        while self._buffer and self._over_bounds():
+            oldest = self._buffer.popleft()
+            if isinstance(oldest, LoggedPrediction):
+                self._buffered_rows -= 1
+                self._buffered_bytes -= len(oldest.input_bytes)
+                dropped += 1
+                continue
+            excess = self._buffered_rows - self.config.log_buffer_limit
+            count = oldest.rows if excess <= 0 or excess >= oldest.rows else excess
+            kept = oldest.without_first(count)
+            self._buffered_rows -= count
+            self._buffered_bytes -= oldest.size() - kept.size()
+            dropped += count
+            if kept.rows:
+                self._buffer.appendleft(kept)
+        return dropped
 
     def shed(self, count: int, reason: str) -> None:
         """Count (and say) what the log could not keep: it never drops silently."""
@@ -161,7 +267,54 @@ class PredictionLog:
 
     def is_pending(self, prediction_id: str) -> bool:
         with self._lock:
-            return prediction_id in self._pending
+            if prediction_id in self._pending:
+                return True
+            items = list(self._buffer)
+        return any(  # feedback is rare: scanned outside the lock, never held over the buffer
+            prediction_id in item.ids if isinstance(item, RequestRecord) else prediction_id == item.id for item in items
+        )
+
+    def _rows_of(self, items: list[LoggedPrediction | RequestRecord]) -> list[LoggedPrediction]:
+        """The writer's half of recording: the rows of what requests buffered, with their input statistics and
+        sampling draws (numpy over each request's feeds; the sampler only ever runs on this thread)."""
+        rows: list[LoggedPrediction] = []
+        for item in items:
+            if isinstance(item, LoggedPrediction):
+                rows.append(item)
+                continue
+            try:
+                stats = self.input_stats(item.preprocessor, item.inputs, item.feeds)
+            except Exception as exc:  # statistics are a side dish: the predictions are logged without them
+                stats = [None] * item.rows
+                log.warning("prediction_input_stats_failed", model_name=item.model_name, error=repr(exc)[:300])
+            confidences = [answer.confidence for answer in item.answers]
+            picks = self.pick((item.tenant, item.model_name), item.sample_rate, confidences, item.classes)
+            created = datetime.fromtimestamp(item.created_at, UTC)
+            text = item.input_kind == "text"
+            rows.extend(
+                LoggedPrediction(
+                    id=prediction_id,
+                    tenant=item.tenant,
+                    model_name=item.model_name,
+                    model_version=item.model_version,
+                    dataset_id=item.dataset_id,
+                    api="predict",
+                    input_kind=item.input_kind,
+                    input_bytes=value.encode("utf-8") if text else value,
+                    predicted_label=answer.label,
+                    confidence=answer.confidence,
+                    outputs={"probabilities": answer.probabilities},
+                    latency_ms=item.latency_ms,
+                    trace_id=item.trace_id,
+                    created_at=created,
+                    input_stats=item_stats,
+                    sampled=pick,
+                )
+                for prediction_id, value, answer, item_stats, pick in zip(
+                    item.ids, item.inputs, item.answers, stats, picks, strict=True
+                )
+            )
+        return rows
 
     # -- writing (the writer thread, or a feedback request that needs its row now) ---------------------
 
@@ -180,26 +333,33 @@ class PredictionLog:
     def flush(self) -> int:
         with self._flush_lock:
             with self._lock:
-                batch = list(self._buffer)
+                items = list(self._buffer)
                 self._buffer.clear()
+                self._buffered_rows = 0
                 self._buffered_bytes = 0
                 shadows = list(self._shadow)
                 self._shadow.clear()
-            if not batch and not shadows:
+                # while the rows are made and written, feedback must still find them pending
+                for item in items:
+                    self._pending.update(item.ids if isinstance(item, RequestRecord) else (item.id,))
+            if not items and not shadows:
                 return 0
+            batch = self._rows_of(items)
             try:
                 self._write(batch, shadows)
             except Exception:
-                with self._lock:
+                with self._lock:  # the rows made (statistics and draws included) wait for the next flush
                     self._buffer.extendleft(reversed(batch))
+                    self._buffered_rows += len(batch)
                     self._buffered_bytes += sum(len(prediction.input_bytes) for prediction in batch)
                     self._shadow.extendleft(reversed(shadows))
+                    dropped = self._shed_over_bounds()
+                if dropped:
+                    self.shed(dropped, "buffer_full")
                 raise
             with self._lock:
                 self._pending.difference_update(prediction.id for prediction in batch)
-                depth = len(self._buffer)
             self.metrics.prediction_log_written.inc(len(batch))
-            self.metrics.prediction_log_buffered.set(depth)
             return len(batch)
 
     def _write(self, batch: list[LoggedPrediction], shadows: list[ShadowAnswer] | None = None) -> None:
@@ -293,9 +453,11 @@ class PredictionLog:
 
     def _spool(self) -> None:
         with self._lock:
-            batch = list(self._buffer)
+            items = list(self._buffer)
             self._buffer.clear()
+            self._buffered_rows = 0
             self._buffered_bytes = 0
+        batch = self._rows_of(items)
         if not batch:
             return
         try:

@@ -316,6 +316,14 @@ class MonitorPolicySchema(Schema):
     confidence_drift_threshold = fields.Float(validate=validate.Range(min=0.0, max=1.0))
     drift_p_value = fields.Float(validate=validate.Range(min=0.0, max=1.0))
     accuracy_drop_threshold = fields.Float(validate=validate.Range(min=0.0, max=1.0))
+    input_drift_threshold = fields.Float(
+        validate=validate.Range(min=0.0, max=1.0),
+        metadata={"description": "KS statistic of text length or image brightness above which input_drift fires."},
+    )
+    unknown_rate_threshold = fields.Float(
+        validate=validate.Range(min=0.0, max=1.0),
+        metadata={"description": "Change of the mean unknown-token rate above which unknown_token_drift fires."},
+    )
     retrain_every_s = fields.Integer(allow_none=True, validate=validate.Range(min=3600))
     sample_rate = fields.Float(validate=validate.Range(min=0.0, max=1.0))
     shadow_version = fields.Integer(allow_none=True, validate=validate.Range(min=0))
@@ -334,14 +342,21 @@ class MonitoringReportSchema(Schema):
     window_s = fields.Float()
     policy = fields.Nested(MonitorPolicySchema)
     versions = fields.List(
-        fields.Dict(), metadata={"description": "Per version: role, evaluation baseline, resources (this process)."}
+        fields.Dict(),
+        metadata={
+            "description": "Per version: role, evaluation baseline (with the means of its input_stats, or null "
+            "when its report recorded none), resources (this process)."
+        },
     )
     windows = fields.List(
         fields.Dict(),
         metadata={
             "description": "Oldest first: start, end, and per version predictions, latency, quality (labeled, "
-            "correct, accuracy, ci_low, ci_high, macro_f1), drift (class_distribution, prediction_js, confidence_ks, "
-            "confidence_ks_pvalue), inputs; shadow per shadow version."
+            "correct, accuracy, ci_low, ci_high, macro_f1), drift (class_distribution, prediction_js, "
+            "prediction_chi2_pvalue, confidence_ks, confidence_ks_pvalue), inputs, input_drift (judged; chars_ks, "
+            "brightness_ks and their p-values, "
+            "unknown_rate, baseline_unknown_rate, unknown_rate_diff; or a note why not judged); shadow per shadow "
+            "version."
         },
     )
     alerts = fields.List(fields.Dict())
@@ -351,7 +366,12 @@ class AlertSchema(Schema):
     id = fields.String()
     model_name = fields.String()
     model_version = fields.Integer()
-    kind = fields.String()
+    kind = fields.String(
+        metadata={
+            "description": "prediction_drift, confidence_drift, input_drift, unknown_token_drift, accuracy_drop "
+            "or schedule."
+        }
+    )
     reason = fields.String()
     value = fields.Float(allow_none=True)
     threshold = fields.Float(allow_none=True)

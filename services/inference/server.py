@@ -20,7 +20,7 @@ from services.inference.prediction_log import PredictionLog
 from services.inference.promotions import PromotionListener, Reconciler
 from services.inference.registry_client import RegistryClient
 from services.inference.repository import LoadedVersion, ModelRepository, ServedModel, process_work_dir
-from services.inference.traffic import Sampler, ShadowRunner
+from services.inference.traffic import Sampler, ShadowRunner, input_stats
 from shared.errors import NotFound, ServiceUnavailable
 from shared.logging import get_logger
 from shared.runtime import Runtime
@@ -51,11 +51,13 @@ class InferenceServer:
             metrics=self.metrics,
             work_dir=process_work_dir(runtime.settings.home),
         )
-        self.prediction_log = PredictionLog(runtime, config, self.metrics)
+        self.sampler = Sampler()
+        self.prediction_log = PredictionLog(
+            runtime, config, self.metrics, input_stats=input_stats, pick=self.sampler.pick
+        )
         self.promotions = PromotionListener(runtime, self.repository, self.metrics)
         self.reconciler = Reconciler(self.repository, config.reconcile_interval_s)
         self.monitor = Monitor(runtime, self.repository, self.metrics, config.monitor_interval_s)
-        self.sampler = Sampler()
         self.shadow = ShadowRunner(self.prediction_log, self.metrics, config.shadow_queue_size)
         self.events = EventListener(runtime, self.metrics) if config.label_listener else None
         self._closed = False

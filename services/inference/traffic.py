@@ -1,5 +1,6 @@
 """What a production request feeds besides its answer: a sample to labeling, a mirror to a shadow version, and
-the input statistics drift watches. All of it costs the request a few microseconds and never changes it.
+the input statistics drift watches. None of it changes the request; the sampling draw and the statistics run
+on the prediction log's writer thread (numpy over each request's feeds), so the request pays only its append.
 
 **Sampling to labeling** (`sample_rate` of the model's policy): each logged prediction is picked with
 probability `sample_rate * w / mean(w)`, where `w = 0.5 + (1 - confidence) / (1 - 1/k)` (k classes) lies
@@ -22,7 +23,6 @@ from __future__ import annotations
 import contextlib
 import io
 import queue
-import random
 import threading
 import time
 from dataclasses import dataclass
@@ -35,7 +35,7 @@ from services.inference.batcher import Feeds
 from services.inference.metrics import InferenceMetrics
 from services.inference.prediction_log import PredictionLog, ShadowAnswer
 from services.inference.preprocess import classify
-from services.inference.repository import LoadedVersion, ServedModel
+from services.inference.repository import ServedModel
 from shared.logging import get_logger
 
 log = get_logger(__name__)
@@ -45,10 +45,14 @@ SHADOW_TIMEOUT_S = 30.0
 
 
 class Sampler:
-    """Picks production predictions for labeling, weighted to low confidence (see the module's docstring)."""
+    """Picks production predictions for labeling, weighted to low confidence (see the module's docstring).
 
-    def __init__(self) -> None:
+    Called by the prediction log's writer thread only, once per buffered request: the draws of a request use
+    the running mean as it stood before it, then the mean moves over the request's weights."""
+
+    def __init__(self, rng: np.random.Generator | None = None) -> None:
         self._mean_weight: dict[tuple[str, str], float] = {}
+        self._rng = rng or np.random.default_rng()
 
     def pick(self, key: tuple[str, str], rate: float, confidences: list[float], classes: int) -> list[bool]:
         if rate <= 0:
@@ -56,14 +60,12 @@ class Sampler:
         if rate >= 1:  # every prediction: weighting can only lower a certain one's chance below 1
             return [True] * len(confidences)
         floor = 1.0 / max(2, classes)
-        picks = []
-        for confidence in confidences:
-            weight = 0.5 + (1.0 - confidence) / (1.0 - floor)
-            mean = self._mean_weight.get(key, 1.0)
-            mean += EWMA * (weight - mean)
-            self._mean_weight[key] = mean  # a lost update under a race only nudges the running mean
-            picks.append(random.random() < min(1.0, rate * weight / mean))  # noqa: S311 - sampling, not security
-        return picks
+        weights = 0.5 + (1.0 - np.asarray(confidences, dtype=np.float64)) / (1.0 - floor)
+        mean = self._mean_weight.get(key, 1.0)
+        picks = self._rng.random(weights.size) < np.minimum(1.0, rate * weights / mean)
+        decay = (1.0 - EWMA) ** np.arange(weights.size - 1, -1, -1)  # the EWMA over the weights, in closed form
+        self._mean_weight[key] = float((1.0 - EWMA) ** weights.size * mean + (EWMA * decay * weights).sum())
+        return picks.tolist()
 
 
 @dataclass
@@ -149,26 +151,29 @@ class ShadowRunner:
         self.metrics.shadow_requests.labels(job.model.tenant, job.model.name, str(job.version), outcome).inc()
 
 
-def input_stats(loaded: LoadedVersion, inputs: list[Any], feeds: Feeds) -> list[dict[str, Any]]:
-    """Per input: text `chars`, `tokens`, `unknown_rate`; image `width`, `height`, `brightness` (0..1)."""
-    preprocessor = loaded.preprocessor
+def input_stats(preprocessor: Any, inputs: list[Any], feeds: Feeds | None) -> list[dict[str, Any] | None]:
+    """Per input: text `chars`, `tokens`, `unknown_rate`; image `width`, `height`, `brightness` (0..1). Runs on
+    the prediction log's writer thread, over the feeds the request built anyway (None: no statistics)."""
+    if feeds is None:
+        return [None] * len(inputs)
     if preprocessor.kind == "text":
         ids, mask = feeds["input_ids"], feeds["attention_mask"]
         unknown = preprocessor.tokenizer.token_to_id("[UNK]")
         tokens = mask.sum(axis=1)
         unknowns = ((ids == unknown) & (mask > 0)).sum(axis=1) if unknown is not None else np.zeros(len(inputs))
+        rates = np.round(np.divide(unknowns, tokens, out=np.zeros(len(inputs)), where=tokens > 0), 6)
         return [
-            {"chars": len(text), "tokens": int(n), "unknown_rate": round(float(u / n), 6) if n else 0.0}
-            for text, n, u in zip(inputs, tokens, unknowns, strict=True)
+            {"chars": len(text), "tokens": n, "unknown_rate": rate}
+            for text, n, rate in zip(inputs, tokens.tolist(), rates.tolist(), strict=True)
         ]
     pixels = feeds[preprocessor.input.name].astype(np.float32) * preprocessor.std + preprocessor.mean
-    brightness = pixels.reshape(len(inputs), -1).mean(axis=1)
-    stats = []
+    brightness = np.round(pixels.reshape(len(inputs), -1).mean(axis=1), 6).tolist()
+    stats: list[dict[str, Any] | None] = []
     for data, level in zip(inputs, brightness, strict=True):
         try:
             with Image.open(io.BytesIO(data)) as image:  # reads the header only
                 width, height = image.size
         except Exception:
             width = height = None
-        stats.append({"width": width, "height": height, "brightness": round(float(level), 6)})
+        stats.append({"width": width, "height": height, "brightness": level})
     return stats

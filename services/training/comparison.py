@@ -29,12 +29,13 @@ import numpy as np
 
 from services.training.baselines import CLASSICAL, NoBaseline, fit_classical
 from services.training.data import Example, SnapshotData
-from services.training.evaluate import prediction_report
+from services.training.evaluate import input_statistics, prediction_report
 from services.training.export import MODEL_FILE, ModelPackage
 from services.training.failures import ExportError
 from services.training.production import ProductionUnscorable, fetch_production
 from services.training.runs import RunInfo
-from services.training.served import Unscorable, served_probabilities
+from services.training.served import Unscorable, served_inputs, served_probabilities
+from services.training.text_model import load_tokenizer
 from shared.artifacts import EvaluationReport, item_ids_sha256
 from shared.logging import get_logger
 from shared.runtime import Runtime
@@ -80,6 +81,7 @@ def evaluate_on_test_split(runtime: Runtime, run: RunInfo, data: SnapshotData, p
         "production_error": production_error,
         "baselines": baselines,
         "baseline_lift": baseline_lift(candidate, classical),
+        "input_stats": _input_stats(package, examples),
     }
     errors = EvaluationReport().validate(report)
     if errors:
@@ -214,3 +216,17 @@ def _scored(
 def _summary(scored: dict[str, Any]) -> dict[str, float]:
     metrics = scored["metrics"]
     return {name: round(metrics[name], 4) for name in ("accuracy", "macro_f1", "ece")}
+
+
+def _input_stats(package: ModelPackage, examples: list[Example]) -> dict[str, list[float]] | None:
+    """The test items' input statistics, measured as inference measures each prediction: the baseline its input
+    drift is judged against (services/inference/monitoring.py)."""
+    spec = package.metadata.get("preprocessing") or {}
+    try:
+        build = served_inputs(package.folder, package.metadata)
+        unknown = load_tokenizer(package.folder).unk_token_id if spec.get("kind") == "text" else None
+        contents = [example.content for example in examples]
+        return input_statistics(spec, contents, lambda start, stop: build(examples[start:stop]), unknown)
+    except Exception as exc:  # the monitoring baseline is optional: without it inference judges no input drift
+        log.warning("run_input_statistics_failed", error=f"{type(exc).__name__}: {exc}")
+        return None

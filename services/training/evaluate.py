@@ -5,17 +5,23 @@ published); `prediction_report` scores answers (a predicted label index and its 
 what the evaluation report compares: the candidate, the production version and the baselines. scikit-learn
 counts, numpy does the rest. A prediction of -1 is a label outside the evaluated label set (one the production
 version knows and the candidate does not): it is wrong wherever it occurs and no class of its own.
+`input_statistics` describes a split's inputs as inference's monitoring measures each prediction's (the
+baseline its input drift is judged against).
 """
 
 from __future__ import annotations
 
+import io
 import itertools
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
+from PIL import Image
 from sklearn import metrics
 
 ECE_BINS = 15
+INPUT_STATS_BATCH = 64
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
@@ -109,3 +115,48 @@ def _per_class(
     return metrics.precision_recall_fscore_support(
         y_true, y_pred, labels=np.arange(num_classes), average=None, zero_division=0
     )
+
+
+def input_statistics(
+    preprocessing: dict[str, Any],
+    contents: Sequence[bytes],
+    feeds_of: Callable[[int, int], dict[str, np.ndarray]],
+    unknown_token_id: int | None = None,
+) -> dict[str, list[float]]:
+    """Per input, in order, what inference's monitoring records for a prediction (`services/inference/traffic.py`):
+    text `chars`, `tokens` and `unknown_rate` (the share of the unknown token among its tokens); image `width`,
+    `height` (of the stored image) and `brightness` (mean pixel value 0..1 after the resize).
+
+    `contents` are the inputs' bytes; `feeds_of(start, stop)` builds the graph's feeds for `contents[start:stop]`
+    as they are served (for the evaluation: `served.served_inputs`), in batches of `INPUT_STATS_BATCH`."""
+    kind = preprocessing.get("kind")
+    if kind not in ("text", "image"):
+        return {}
+    columns: dict[str, list[float]] = (
+        {"chars": [], "tokens": [], "unknown_rate": []}
+        if kind == "text"
+        else {"width": [], "height": [], "brightness": []}
+    )
+    for start in range(0, len(contents), INPUT_STATS_BATCH):
+        stop = min(start + INPUT_STATS_BATCH, len(contents))
+        feeds = feeds_of(start, stop)
+        if kind == "text":
+            mask = np.asarray(feeds["attention_mask"]) > 0
+            tokens = mask.sum(axis=1)
+            unknowns = ((np.asarray(feeds["input_ids"]) == unknown_token_id) & mask).sum(axis=1)
+            rates = np.divide(unknowns, tokens, out=np.zeros(len(tokens)), where=tokens > 0)
+            columns["chars"] += [len(data.decode("utf-8", errors="replace")) for data in contents[start:stop]]
+            columns["tokens"] += tokens.astype(float).tolist()
+            columns["unknown_rate"] += np.round(rates, 6).tolist()
+        else:
+            (pixels,) = feeds.values()
+            mean = np.asarray(preprocessing["mean"], dtype=np.float32).reshape(-1, 1, 1)
+            std = np.asarray(preprocessing["std"], dtype=np.float32).reshape(-1, 1, 1)
+            brightness = (np.asarray(pixels, dtype=np.float32) * std + mean).reshape(stop - start, -1).mean(axis=1)
+            columns["brightness"] += np.round(brightness, 6).tolist()
+            for data in contents[start:stop]:
+                with Image.open(io.BytesIO(data)) as image:  # the header only
+                    width, height = image.size
+                columns["width"].append(float(width))
+                columns["height"].append(float(height))
+    return columns

@@ -12,13 +12,15 @@ from datetime import UTC, datetime, timedelta
 import numpy as np
 import pytest
 from sqlalchemy import update
+from tokenizers import Tokenizer
 
 from services.inference.models import Prediction
+from services.inference.traffic import Sampler
 from shared.db import declarative_base
 from shared.runtime import Runtime, ServiceSpec
 from shared.storage import create_store
 from tests.helpers import eventually
-from tests.inference.support import metric_samples, serving_document, upload_version
+from tests.inference.support import TOKENIZER_DIR, metric_samples, serving_document, upload_version
 from tests.inference.test_feedback import queued_events
 
 pytestmark = pytest.mark.timeout(180)
@@ -42,8 +44,24 @@ def reviews_texts(count: int, seed: int) -> list[str]:
     ]
 
 
-def upload_evaluation(store, version_doc: dict, texts: list[str]) -> None:
-    """evaluation.json beside model.onnx, as training writes it: the candidate scored item by item on `texts`."""
+def text_input_stats(texts: list[str]) -> dict[str, list[float]]:
+    """What training records of the evaluation texts (`input_stats`): chars, tokens, unknown-token rate, as the
+    tiny model's tokenizer (truncated at its max_length, lowercased) sees them."""
+    tokenizer = Tokenizer.from_file(str(TOKENIZER_DIR / "tokenizer.json"))
+    tokenizer.enable_truncation(32)
+    tokenizer.no_padding()
+    unknown = tokenizer.token_to_id("[UNK]")
+    encodings = [tokenizer.encode(text.lower()).ids for text in texts]
+    return {
+        "chars": [float(len(text)) for text in texts],
+        "tokens": [float(len(ids)) for ids in encodings],
+        "unknown_rate": [ids.count(unknown) / len(ids) for ids in encodings],
+    }
+
+
+def upload_evaluation(store, version_doc: dict, texts: list[str], *, with_inputs: bool = False) -> None:
+    """evaluation.json beside model.onnx, as training writes it: the candidate scored item by item on `texts`
+    (with the texts' input statistics, as training records them since input drift, when `with_inputs`)."""
     graph = version_doc["artifacts"]["model.onnx"]
     answers = [tiny_text_answer(text) for text in texts]
     labels = ["neg", "pos"]
@@ -63,20 +81,30 @@ def upload_evaluation(store, version_doc: dict, texts: list[str]) -> None:
         },
         "production": None,
         "baselines": {},
+        **({"input_stats": text_input_stats(texts)} if with_inputs else {}),
     }
     key = posixpath.join(posixpath.dirname(graph["key"]), "evaluation.json")
     store.put(graph["bucket"], key, json.dumps(report).encode())
 
 
-@pytest.fixture
-def reviews(store, registry, tenants, model_folders):
-    """`reviews` v4 in production with its evaluation baseline, and v5 loaded under a `staging` alias."""
-    folder = model_folders["text"]
-    tenant = tenants.alice.tenant
+def serve_reviews(store, registry, tenant: str, folder, *, with_inputs: bool) -> dict:
     versions = {4: upload_version(store, tenant, folder, 4), 5: upload_version(store, tenant, folder, 5)}
-    upload_evaluation(store, versions[4], reviews_texts(200, seed=1))
+    upload_evaluation(store, versions[4], reviews_texts(200, seed=1), with_inputs=with_inputs)
     registry.serve(serving_document(tenant, folder, versions, 4, staging=5))
     return versions
+
+
+@pytest.fixture
+def reviews(store, registry, tenants, model_folders):
+    """`reviews` v4 in production with its evaluation baseline written before input statistics were recorded,
+    and v5 loaded under a `staging` alias."""
+    return serve_reviews(store, registry, tenants.alice.tenant, model_folders["text"], with_inputs=False)
+
+
+@pytest.fixture
+def reviews_with_inputs(store, registry, tenants, model_folders):
+    """The same, its evaluation report recording the evaluation texts' input statistics."""
+    return serve_reviews(store, registry, tenants.alice.tenant, model_folders["text"], with_inputs=True)
 
 
 def predict(replica, headers, texts: list[str]) -> list[dict]:
@@ -283,6 +311,78 @@ def test_unshifted_traffic_raises_no_drift(inference, reviews, tenants, settings
     signals = drift["windows"][-1]["versions"]["4"]["drift"]
     assert signals["prediction_js"] < 0.1 and signals["confidence_ks_pvalue"] > 0.01
     assert not [e for e in queued_events(settings.redis_url, "labeling") if e["type"] == "model.degraded"]
+    # its evaluation report predates input statistics: no input drift judged, and the report says why
+    window = drift["windows"][-1]["versions"]["4"]
+    assert window["input_drift"] == {"judged": False, "note": window["input_drift"]["note"]}
+    assert "holds no input statistics" in window["input_drift"]["note"]
+    assert drift["versions"][0]["baseline"]["input_stats"] is None
+
+
+def test_unshifted_inputs_raise_no_input_drift(inference, reviews_with_inputs, tenants, settings) -> None:
+    replica = inference()
+    alice = tenants.alice.headers
+    set_policy(replica, alice, min_samples=100)
+    for start in range(0, 300, 50):
+        predict(replica, alice, reviews_texts(300, seed=2)[start : start + 50])
+    result = evaluate(replica, alice)
+    assert result["fired"] == []
+    assert result["versions"][0]["judged"] == [
+        "confidence_drift",
+        "input_drift",
+        "prediction_drift",
+        "unknown_token_drift",
+    ]
+    report = replica.client.get("/v1/monitoring/models/reviews?windows=1", headers=alice).get_json()
+    inputs = report["windows"][-1]["versions"]["4"]["input_drift"]
+    assert inputs["judged"] and inputs["chars_ks_pvalue"] > 0.01 and inputs["unknown_rate_diff"] == 0.0
+    assert report["versions"][0]["baseline"]["input_stats"]["chars"] == pytest.approx(
+        np.mean([len(t) for t in reviews_texts(200, seed=1)])
+    )
+    assert not [e for e in queued_events(settings.redis_url, "labeling") if e["type"] == "model.degraded"]
+
+
+def test_longer_texts_fire_input_drift_within_min_samples(
+    inference, reviews_with_inputs, tenants, settings, logs
+) -> None:
+    """The same sentiments (so the same predictions and confidences), each text four words longer."""
+    replica = inference()
+    alice = tenants.alice.headers
+    set_policy(replica, alice, min_samples=100)
+    longer = [f"{text} film film film film" for text in reviews_texts(100, seed=3)]
+    predict(replica, alice, longer[:50])
+    predict(replica, alice, longer[50:99])
+    assert evaluate(replica, alice)["fired"] == []  # 99 predictions: not judged yet
+    predict(replica, alice, longer[99:])
+    fired = evaluate(replica, alice)["fired"]
+    assert [alert["kind"] for alert in fired] == ["input_drift"], fired
+    (alert,) = fired
+    assert alert["samples"] == 100 and alert["value"] > 0.3 and alert["details"]["statistic"] == "chars"
+    assert "text length" in alert["reason"] and alert["details"]["chars_ks_pvalue"] < 0.01
+    assert evaluate(replica, alice)["fired"] == []  # active: it does not fire again
+
+    (event,) = [e for e in queued_events(settings.redis_url, "labeling") if e["type"] == "model.degraded"]
+    assert event["payload"]["kind"] == "input_drift" and "text length" in event["payload"]["reason"]
+    gauges = metric_samples(replica.client.get("/metrics").get_data(as_text=True), "flywheel_monitor_alert")
+    assert {labels["kind"] for labels, value in gauges if value == 1.0} == {"input_drift"}
+    drift = metric_samples(replica.client.get("/metrics").get_data(as_text=True), "flywheel_monitor_drift")
+    assert any(labels["signal"] == "input_chars_ks" and value > 0.3 for labels, value in drift)
+    (line,) = logs.find(event="monitoring_alert_fired")
+    assert line["kind"] == "input_drift" and line["level"] == "warning" and line["samples"] == 100
+
+
+def test_unknown_tokens_fire_unknown_token_drift(inference, reviews_with_inputs, tenants) -> None:
+    replica = inference()
+    alice = tenants.alice.headers
+    set_policy(replica, alice, min_samples=100)
+    # symbols the tokenizer does not know: two [UNK] among seven tokens, where the evaluation texts had none
+    for start in (0, 50):
+        texts = reviews_texts(100, seed=4)[start : start + 50]
+        predict(replica, alice, [text.replace(" film", " \u2603 \u265e film") for text in texts])
+    fired = {alert["kind"]: alert for alert in evaluate(replica, alice)["fired"]}
+    assert "unknown_token_drift" in fired, fired
+    alert = fired["unknown_token_drift"]
+    assert alert["threshold"] == 0.05 and alert["details"]["baseline_unknown_rate"] == 0.0
+    assert 0.2 < alert["details"]["unknown_rate"] < 0.34 and alert["value"] == alert["details"]["unknown_rate"]
 
 
 def test_shifted_traffic_fires_the_drift_alert_within_min_samples(inference, reviews, tenants, settings, logs) -> None:
@@ -324,6 +424,14 @@ def test_policy_input_is_validated(inference, reviews, tenants) -> None:
     assert missing.status_code == 422
     assert replica.client.get("/v1/monitoring/models/reviews/policy", headers=tenants.bob.headers).status_code == 404
     assert replica.client.get("/v1/monitoring/models/reviews?windows=0", headers=alice).status_code == 422
+    too_high = replica.client.put(
+        "/v1/monitoring/models/reviews/policy", json={"unknown_rate_threshold": 2}, headers=alice
+    )
+    assert too_high.status_code == 422
+    policy = set_policy(replica, alice, input_drift_threshold=0.4)
+    assert policy["input_drift_threshold"] == 0.4 and policy["unknown_rate_threshold"] == 0.05
+    schemas = replica.client.get("/openapi.json").get_json()["components"]["schemas"]
+    assert {"input_drift_threshold", "unknown_rate_threshold"} <= set(schemas["MonitorPolicy"]["properties"])
 
 
 # -- sampling and shadow traffic ---------------------------------------------------------------------------------
@@ -348,6 +456,19 @@ def test_sampling_sends_predictions_to_labeling_tagged_with_their_version(
     assert {item["prediction_id"] for item in items} == {a["prediction_id"] for a in answers}
     assert all(item["model_version"] == 4 and item["input"]["bucket"] == "raw" for item in items)
     assert all(p["sampled"] for p in query(replica, alice)["predictions"])
+
+
+def test_sampling_weights_low_confidence_three_to_one_at_the_policy_rate() -> None:
+    """k=2: a certain answer (confidence 1) weighs 0.5, a coin flip (0.5) weighs 1.5; half of each averages 1."""
+    sampler = Sampler(np.random.default_rng(7))
+    confidences = [0.5, 1.0] * 10_000
+    one_by_one = [sampler.pick(("t", "m"), 0.2, [c], 2)[0] for c in confidences]  # one prediction per request
+    batched = Sampler(np.random.default_rng(8)).pick(("t", "m"), 0.2, confidences, 2)  # one request of them all
+    for picks in (one_by_one, batched):
+        unsure, certain = np.mean(picks[0::2]), np.mean(picks[1::2])
+        assert np.mean(picks) == pytest.approx(0.2, abs=0.015)
+        assert unsure == pytest.approx(0.3, abs=0.02) and certain == pytest.approx(0.1, abs=0.015)
+    assert sampler.pick(("t", "m"), 0.0, [0.5], 2) == [False] and sampler.pick(("t", "m"), 1.0, [1.0], 2) == [True]
 
 
 def test_shadow_answers_are_logged_never_returned(inference, reviews, tenants) -> None:
@@ -413,5 +534,45 @@ def test_flywheel_monitor_prints_versions_side_by_side_with_sparklines(
     line = next(line for line in out.splitlines() if line.startswith("v4"))
     assert "production" in line and "50.0%" in line and "90.0%" in line  # live 2 of 4, evaluation 0.9
     assert "█" in line or "▄" in line
+    assert "input KS" in out and " n/a " in line  # its evaluation report predates input statistics
     assert next(line for line in out.splitlines() if line.startswith("v5")).split()[1] == "loaded"
     assert "active alerts: 0" in out
+
+
+def test_class_drift_needs_more_than_a_noisy_distance_from_a_small_baseline() -> None:
+    """A 30-item test split (the gate's minimum) over 10 classes is itself a noisy sample: traffic from the very
+    distribution it was drawn from lies more than 0.2 (Jensen-Shannon) from it 70% of the time. The chi-square
+    test of homogeneity keeps that from firing; a real shift fires."""
+    from services.inference import monitoring
+    from services.inference.baseline import Baseline
+    from services.inference.policies import DEFAULT_POLICY, check
+
+    labels = [str(d) for d in range(10)]
+    rng = np.random.default_rng(0)  # one draw of many like it (JS above 0.2 in 70% of seeds)
+    sample = rng.choice(labels, size=30)
+    counts = {label: int((sample == label).sum()) for label in labels}
+    baseline = Baseline(
+        labels=labels,
+        class_distribution={label: counts[label] / 30 for label in labels},
+        confidences=None,
+        accuracy=0.9,
+        macro_f1=0.9,
+        items=30,
+        source="evaluation_report",
+    )
+    now = datetime.now(UTC)
+
+    def rows(predicted: list[str]) -> list[monitoring.Row]:
+        return [monitoring.Row(f"p{i}", 1, label, None, 1.0, None, None, now) for i, label in enumerate(predicted)]
+
+    policy = {**DEFAULT_POLICY, "min_samples": 100}
+    same = rows(list(rng.choice(labels, size=2000)))  # the distribution the baseline sampled
+    result = monitoring.drift(same, baseline)
+    assert result["prediction_js"] > policy["prediction_drift_threshold"]  # the distance alone would fire
+    assert result["prediction_chi2_pvalue"] > policy["drift_p_value"]
+    found, judged = check(policy, same, baseline)
+    assert "prediction_drift" in judged and not [f for f in found if f["kind"] == "prediction_drift"]
+
+    shifted = rows(list(rng.choice(labels[:3], size=2000)))  # only three classes predicted any more
+    found, _ = check(policy, shifted, baseline)
+    assert [f["kind"] for f in found] == ["prediction_drift"]

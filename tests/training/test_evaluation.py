@@ -305,6 +305,12 @@ def test_a_first_run_scores_the_candidate_and_a_majority_baseline_on_exactly_the
     assert [report["labels"][y] for y in report["y_true"]] == [by_id[i]["label"] for i in test_ids]
     assert report["labels"] == labels
 
+    # The test items' inputs, measured as inference measures a prediction's: the baseline of input drift.
+    stats = report["input_stats"]
+    assert set(stats) == {"width", "height", "brightness"}
+    assert all(len(values) == len(test_ids) for values in stats.values())
+    assert all(0.0 <= value <= 1.0 for value in stats["brightness"]) and len(set(stats["brightness"])) > 1
+
     # No production yet: nothing to compare with, and no error either (the registry answered 404).
     assert report["production"] is None and report["production_error"] is None
     assert registry.requests >= 1
