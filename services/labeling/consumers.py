@@ -232,3 +232,21 @@ def register_tasks(runtime: Runtime) -> None:
     def prelabel(task_ids: list[int], trace_id: str | None = None) -> int:
         with log_context(service=runtime.service, trace_id=trace_id):
             return assist.prelabel(runtime, inference, task_ids)
+
+
+@handlers.on("training.recipe_chosen")
+def on_recipe_chosen(ctx: EventContext) -> None:
+    """A training run's recipe search asked to keep its winner (`keep_winner`): lay the winning values over the
+    dataset's training hyper-parameters, so that later retrain cycles train with them."""
+    payload = ctx.payload
+    dataset = ctx.session.get(LabelingDataset, payload["dataset_id"])
+    if dataset is None or dataset.tenant != ctx.envelope.tenant:
+        raise RejectEvent(f"the search's run names dataset {payload['dataset_id']}, unknown for this tenant")
+    dataset.training_hyperparameters = {**(dataset.training_hyperparameters or {}), **payload["hyperparameters"]}
+    log.info(
+        "dataset_recipe_kept",
+        dataset_id=dataset.id,
+        run_id=payload["run_id"],
+        hyperparameters=payload["hyperparameters"],
+        validation_macro_f1=payload["validation_macro_f1"],
+    )

@@ -81,6 +81,7 @@ def create_run(body: dict[str, Any]) -> tuple[TrainingRun, int]:
         hyperparameters=body["hyperparameters"],
         launch=body["launch"],
         trace_id=current_trace_id(),
+        search=body["search"],
     )
     try:
         with runtime.db.session() as session:

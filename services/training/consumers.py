@@ -27,6 +27,7 @@ def on_training_requested(ctx: EventContext) -> None:
         model_name=payload.get("model_name"),
         base_model=payload.get("base_model"),
         hyperparameters=payload.get("hyperparameters"),
+        search=payload.get("search"),
         trace_id=ctx.envelope.trace_id,
     )
     try:

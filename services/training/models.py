@@ -1,4 +1,5 @@
-"""Training's tables: one row per training run, which is also the run's lease and live progress record.
+"""Training's tables: one row per training run, which is also the run's lease and live progress record, and
+one row per trial of a run's recipe search.
 
 A run row is written when a run is requested (by `training.requested` or `POST /v1/runs`) and updated by
 whichever process executes it: the lease columns say which process holds the run right now (and until when,
@@ -10,8 +11,8 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import JSON, Boolean, DateTime, Float, Integer, String, Text
-from sqlalchemy.orm import Mapped, mapped_column
+from sqlalchemy import JSON, Boolean, DateTime, Float, ForeignKey, Integer, String, Text, UniqueConstraint
+from sqlalchemy.orm import Mapped, mapped_column, relationship
 
 from shared.db import declarative_base
 
@@ -85,6 +86,12 @@ class TrainingRun(Base):
     history: Mapped[list[dict[str, Any]]] = mapped_column(JSON, default=list)
     metrics: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
     artifacts: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+    search: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+    """A run with a recipe search: `settings` (as resolved), `state` (searching, chosen, failed), `started_at`,
+    `finished_at`, `seconds` and `chosen` (the winning trial); its trials are rows of `training_trials`."""
+    trials: Mapped[list[TrainingTrial]] = relationship(
+        "TrainingTrial", order_by="TrainingTrial.number", lazy="selectin", viewonly=True
+    )
 
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
@@ -105,3 +112,44 @@ class TrainingRun(Base):
     def baseline_lift(self) -> float | None:
         """The candidate's test macro-F1 minus the classical baseline's, once the run has published."""
         return (self.metrics or {}).get("baseline_lift")
+
+    @property
+    def search_record(self) -> dict[str, Any] | None:
+        """The search as the run API shows it: its settings and state, and every trial."""
+        if self.search is None:
+            return None
+        return {**self.search, "trials": self.trials}
+
+
+TRIAL_WAITING = "waiting"
+TRIAL_RUNNING = "running"
+TRIAL_COMPLETE = "complete"
+TRIAL_PRUNED = "pruned"
+TRIAL_FAILED = "failed"
+TRIAL_SKIPPED = "skipped"
+TRIAL_STATES = (TRIAL_WAITING, TRIAL_RUNNING, TRIAL_COMPLETE, TRIAL_PRUNED, TRIAL_FAILED, TRIAL_SKIPPED)
+TRIAL_ENDED = (TRIAL_COMPLETE, TRIAL_PRUNED, TRIAL_FAILED, TRIAL_SKIPPED)
+
+
+class TrainingTrial(Base):
+    """One trial of a run's recipe search: a slot created when the search starts, taken by whichever worker
+    (or the run's own execution) gets to it first, and ended once: complete, pruned, failed or skipped."""
+
+    __tablename__ = "training_trials"
+    __table_args__ = (UniqueConstraint("run_id", "number"),)
+
+    seq: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    run_id: Mapped[str] = mapped_column(String(40), ForeignKey("training_runs.id"), index=True)
+    number: Mapped[int] = mapped_column(Integer)
+    state: Mapped[str] = mapped_column(String(20), default=TRIAL_WAITING)
+    owner: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    study_trial: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    """The trial's number in the run's optuna study."""
+    params: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    history: Mapped[list[dict[str, Any]]] = mapped_column(JSON, default=list)
+    """Per epoch: `epoch`, validation `macro_f1` (what optuna was told) and `val_loss`."""
+    validation_macro_f1: Mapped[float | None] = mapped_column(Float, nullable=True)
+    seconds: Mapped[float | None] = mapped_column(Float, nullable=True)
+    reason: Mapped[str | None] = mapped_column(Text, nullable=True)
+    started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)

@@ -1,6 +1,8 @@
-"""One execution of a run: lease → snapshot → model → train (resuming from a checkpoint) → export → evaluate
-→ publish.
+"""One execution of a run: lease → (recipe search) → snapshot → model → train (resuming from a checkpoint) →
+export → evaluate → publish.
 
+A run with a `search` first settles its recipe (`search.py`: optuna trials on the training workers, on the
+train and validation splits only); the winner's hyper-parameters are then trained like any other run's.
 Training fits the snapshot's train split and selects its epoch on validation; the exported, verified graph is
 then scored on the test split beside the version in production and a majority baseline (`comparison.py`), and
 `evaluation.json` is published with the model folder for the registry's gate.
@@ -25,7 +27,7 @@ from typing import Any
 from sqlalchemy.exc import OperationalError
 from torch.utils.data import DataLoader
 
-from services.training import runs
+from services.training import runs, search
 from services.training.baselines import CLASSICAL
 from services.training.checkpoints import CheckpointStore
 from services.training.comparison import EVALUATION_FILE, evaluate_on_test_split, report_bytes
@@ -33,8 +35,8 @@ from services.training.data import load_snapshot
 from services.training.export import ModelPackage, build_package
 from services.training.failures import LeaseLost, RunCancelled, RunInterrupted, TrainingFailure
 from services.training.models import CANCELLED, SUCCEEDED
+from services.training.preparation import prepare_task
 from services.training.runs import Heartbeat, LiveProgress, RunInfo
-from services.training.spec import PreparedTask
 from services.training.trainer import EpochReport, FitResult, Recipe, Trainer, TrainerHooks, seed_everything
 from services.training.world import World
 from shared.artifacts import MODELS_BUCKET, model_run_prefix
@@ -98,6 +100,8 @@ def _execute(runtime: Runtime, run: RunInfo, owner: str, world: World) -> Outcom
     checkpoints = CheckpointStore(runtime.storage, run.tenant, run.id)
     try:
         with heartbeat or contextlib.nullcontext():
+            if run.search is not None and world.is_main:  # a search runs on the queue's workers only
+                run = search.settle(runtime, run, owner, lambda: _interruption(run.id, heartbeat))
             published = _train_and_export(runtime, run, owner, world, progress, heartbeat, checkpoints)
         if published is None:
             return Outcome.SUCCEEDED
@@ -169,16 +173,6 @@ def _execute(runtime: Runtime, run: RunInfo, owner: str, world: World) -> Outcom
             )
             runs.fail(runtime, run.id, owner, reason)
         return Outcome.FAILED
-
-
-def prepare_task(runtime: Runtime, run: RunInfo, data: Any) -> PreparedTask:
-    if run.task_type == "text_classification":
-        from services.training.text_model import prepare_text_task
-
-        return prepare_text_task(data, run.hyperparameters, run.base_model)
-    from services.training.image_model import prepare_image_task
-
-    return prepare_image_task(runtime.storage, data, run.hyperparameters, run.base_model)
 
 
 def _train_and_export(
@@ -342,6 +336,17 @@ def _upload(runtime: Runtime, run: RunInfo, package: ModelPackage) -> dict[str, 
     return artifacts
 
 
+def _interruption(run_id: str, heartbeat: Heartbeat | None) -> RunInterrupted | None:
+    """Why the execution must stop now (its lease was taken over, an operator cancelled), or None."""
+    if heartbeat is None:
+        return None
+    if heartbeat.lost.is_set():
+        return LeaseLost(run_id)
+    if heartbeat.cancelled.is_set():
+        return RunCancelled(run_id)
+    return None
+
+
 class RunHooks(TrainerHooks):
     """Turns the trainer's news into checkpoints, progress records, log lines, and stops it when asked."""
 
@@ -365,13 +370,7 @@ class RunHooks(TrainerHooks):
         self.epochs_left = run.hyperparameters["epochs"]
 
     def interruption(self) -> RunInterrupted | None:
-        if self.heartbeat is None:
-            return None
-        if self.heartbeat.lost.is_set():
-            return LeaseLost(self.run.id)
-        if self.heartbeat.cancelled.is_set():
-            return RunCancelled(self.run.id)
-        return None
+        return _interruption(self.run.id, self.heartbeat)
 
     def check(self) -> None:
         interruption = self.interruption()

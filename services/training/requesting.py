@@ -22,6 +22,7 @@ from services.training.config import TrainingConfig
 from services.training.models import LAUNCH_QUEUE, TrainingRun
 from services.training.runs import RunRequest
 from services.training.schemas import NAME, resolve_base_model, resolve_hyperparameters
+from services.training.search_space import resolve_search
 from shared.logging import get_logger
 from shared.runtime import Runtime
 
@@ -46,6 +47,8 @@ class RunSpec:
     hyperparameters: dict[str, Any] | None = None
     launch: str = LAUNCH_QUEUE
     trace_id: str | None = None
+    search: dict[str, Any] | None = None
+    """A recipe search before training (`search_space.py`), or None."""
 
     def as_asked(self) -> RunRequest:
         """The request as it came, with what it left unset filled in but nothing validated."""
@@ -63,6 +66,7 @@ class RunSpec:
             source=self.source,
             launch=self.launch,
             trace_id=self.trace_id,
+            search=self.search,
         )
 
 
@@ -81,7 +85,7 @@ def resolve(spec: RunSpec) -> RunRequest:
     """The request with its model name, base model and hyper-parameters validated and defaulted."""
     asked = spec.as_asked()
     errors: dict[str, Any] = {}
-    base_model, hyperparameters = asked.base_model, asked.hyperparameters
+    base_model, hyperparameters, search = asked.base_model, asked.hyperparameters, asked.search
     try:
         NAME(asked.model_name)
     except ValidationError as exc:
@@ -94,7 +98,11 @@ def resolve(spec: RunSpec) -> RunRequest:
         hyperparameters = resolve_hyperparameters(spec.task_type, spec.hyperparameters)
     except ValidationError as exc:
         errors["hyperparameters"] = exc.normalized_messages()
-    request = replace(asked, base_model=base_model, hyperparameters=hyperparameters)
+    try:
+        search = resolve_search(spec.task_type, spec.search, launch=spec.launch)
+    except ValidationError as exc:
+        errors["search"] = exc.normalized_messages()
+    request = replace(asked, base_model=base_model, hyperparameters=hyperparameters, search=search)
     if not spec.tenant:
         problem = "the training request carries no tenant; its producer must set one"
         raise InvalidRunRequest(problem, {"tenant": [problem]}, request)

@@ -80,9 +80,10 @@ class RunRequest:
     source: str
     launch: str = LAUNCH_QUEUE
     trace_id: str | None = None
+    search: dict[str, Any] | None = None
 
     def key(self) -> str:
-        identity = [
+        identity: list[Any] = [
             self.tenant,
             self.dataset_id,
             self.snapshot_id,
@@ -90,6 +91,8 @@ class RunRequest:
             self.base_model,
             self.hyperparameters,
         ]
+        if self.search is not None:  # a search is another request; a plain one keeps the key it always had
+            identity.append(self.search)
         return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
 
 
@@ -109,6 +112,7 @@ class RunInfo:
     hyperparameters: dict[str, Any]
     trace_id: str | None
     attempts: int
+    search: dict[str, Any] | None = None
 
     @classmethod
     def of(cls, run: TrainingRun) -> RunInfo:
@@ -125,6 +129,7 @@ class RunInfo:
             hyperparameters=dict(run.hyperparameters),
             trace_id=run.trace_id,
             attempts=run.attempts,
+            search=dict(run.search) if run.search is not None else None,
         )
 
 
@@ -172,6 +177,7 @@ def create_run(session: Session, request: RunRequest, *, force: bool = False) ->
         world_size=1,
         epochs=request.hyperparameters.get("epochs", 0),
         history=[],
+        search=None if request.search is None else {"settings": request.search, "state": "waiting"},
     )
     session.add(run)
     session.flush()
@@ -403,7 +409,7 @@ class Heartbeat:
 # ----------------------------------------------------------------------------------------------- progress
 
 
-def _held(session: Session, run_id: str, owner: str) -> TrainingRun | None:
+def held_run(session: Session, run_id: str, owner: str) -> TrainingRun | None:
     run = session.scalar(select(TrainingRun).where(TrainingRun.id == run_id).with_for_update())
     if run is None or run.lease_owner != owner or run.status not in (RUNNING, CANCELLING):
         return None
@@ -412,7 +418,7 @@ def _held(session: Session, run_id: str, owner: str) -> TrainingRun | None:
 
 def record_start(runtime: Runtime, run_id: str, owner: str, **values: Any) -> bool:
     with runtime.db.session() as session:
-        run = _held(session, run_id, owner)
+        run = held_run(session, run_id, owner)
         if run is None:
             return False
         for name, value in values.items():
@@ -426,7 +432,7 @@ def record_epoch(
     """The epochs so far (the same list the checkpoint holds), and the latest validation numbers."""
     report = history[-1]
     with runtime.db.session() as session:
-        run = _held(session, run_id, owner)
+        run = held_run(session, run_id, owner)
         if run is None:
             return False
         run.epoch = report["epoch"]
@@ -448,7 +454,7 @@ def complete(runtime: Runtime, run_id: str, owner: str, *, payload: dict[str, An
     """Mark the run succeeded and publish `training.completed`, atomically. Returns the status it ended in
     (a cancellation that arrived during export wins) or "" if this execution no longer holds the run."""
     with runtime.db.session() as session:
-        run = _held(session, run_id, owner)
+        run = held_run(session, run_id, owner)
         if run is None:
             return ""
         if run.cancel_requested:
@@ -466,7 +472,7 @@ def fail(runtime: Runtime, run_id: str, owner: str | None, reason: str) -> bool:
             run = session.scalar(select(TrainingRun).where(TrainingRun.id == run_id).with_for_update())
             run = run if run is not None and run.status in ACTIVE_STATUSES else None
         else:
-            run = _held(session, run_id, owner)
+            run = held_run(session, run_id, owner)
         if run is None:
             return False
         _finish(runtime, session, run, FAILED, reason)
@@ -475,7 +481,7 @@ def fail(runtime: Runtime, run_id: str, owner: str | None, reason: str) -> bool:
 
 def cancelled(runtime: Runtime, run_id: str, owner: str, reason: str) -> bool:
     with runtime.db.session() as session:
-        run = _held(session, run_id, owner)
+        run = held_run(session, run_id, owner)
         if run is None:
             return False
         _finish(runtime, session, run, CANCELLED, reason)

@@ -205,6 +205,50 @@ def resolve_base_model(task_type: str, base_model: str | None) -> str:
 
 # ------------------------------------------------------------------------------------------------ requests
 
+MAX_TRIALS = 50
+MIN_SEARCH_SECONDS = 10
+MAX_SEARCH_SECONDS = 24 * 3600
+PRUNERS = ("median", "successive_halving", "none")
+
+
+class SearchRequestSchema(Schema):
+    """A recipe search before the run trains (`search_space.py` checks the space against the task)."""
+
+    class Meta:
+        unknown = RAISE
+
+    trials = fields.Integer(
+        required=True,
+        validate=validate.Range(min=1, max=MAX_TRIALS),
+        metadata={"description": "trials to run at most (each a task on the training queue)"},
+    )
+    max_seconds = fields.Integer(
+        required=True,
+        validate=validate.Range(min=MIN_SEARCH_SECONDS, max=MAX_SEARCH_SECONDS),
+        metadata={
+            "description": "wall time of the whole search: a trial still training then stops (recorded as pruned), "
+            "one not yet started is skipped; the winner's final training comes after"
+        },
+    )
+    space = fields.Dict(
+        keys=fields.String(),
+        load_default=dict,
+        metadata={
+            "description": 'per parameter, {"low", "high", "log"} or {"choices": [...]} replacing the task\'s '
+            "default range, or null to leave it out of the search; searchable: learning_rate, epochs, "
+            "max_length (text), batch_size, weight_decay, dropout (text), label_smoothing (images)"
+        },
+    )
+    pruner = fields.String(
+        load_default="median",
+        validate=validate.OneOf(PRUNERS),
+        metadata={"description": "how bad trials stop early, on their validation macro-F1 per epoch"},
+    )
+    keep_winner = fields.Boolean(
+        load_default=False,
+        metadata={"description": "write the winning values into the dataset's training_hyperparameters (labeling)"},
+    )
+
 
 class RunCreateSchema(Schema):
     tenant = fields.String(required=True, validate=TENANT_ID)
@@ -225,6 +269,15 @@ class RunCreateSchema(Schema):
     force = fields.Boolean(
         load_default=False,
         metadata={"description": "Train again even if an identical request already ran or is running."},
+    )
+    search = fields.Nested(
+        SearchRequestSchema,
+        load_default=None,
+        allow_none=True,
+        metadata={
+            "description": "A recipe search before training; the run then trains, evaluates and publishes the "
+            "winning trial's recipe as usual"
+        },
     )
 
 
@@ -261,6 +314,60 @@ class BaselineSchema(Schema):
     items = fields.Integer(metadata={"description": "test items scored"})
     accuracy = fields.Float()
     macro_f1 = fields.Float()
+
+
+class TrialSchema(Schema):
+    """One trial of a run's recipe search."""
+
+    number = fields.Integer()
+    state = fields.String(
+        metadata={
+            "description": "waiting, running, complete, pruned (stopped early by the pruner or by the search's "
+            "wall time), failed, or skipped (not started within the wall time)"
+        }
+    )
+    study_trial = fields.Integer(allow_none=True, metadata={"description": "its number in the run's optuna study"})
+    params = fields.Dict(metadata={"description": "the values this trial tried"})
+    history = fields.List(
+        fields.Dict(), metadata={"description": "per epoch: epoch, validation macro_f1 (what the pruner saw), val_loss"}
+    )
+    validation_macro_f1 = fields.Float(allow_none=True, metadata={"description": "the best epoch's"})
+    seconds = fields.Float(allow_none=True)
+    reason = fields.String(allow_none=True, metadata={"description": "why it was pruned, failed or skipped"})
+    started_at = Timestamp(allow_none=True)
+    finished_at = Timestamp(allow_none=True)
+
+
+class ChosenTrialSchema(Schema):
+    trial = fields.Integer()
+    params = fields.Dict()
+    validation_macro_f1 = fields.Float()
+
+
+class SearchSettingsSchema(Schema):
+    trials = fields.Integer()
+    max_seconds = fields.Integer()
+    pruner = fields.String()
+    keep_winner = fields.Boolean()
+    space = fields.Dict(
+        metadata={"description": "the ranges searched, the task's defaults with the request's over them"}
+    )
+
+
+class SearchRecordSchema(Schema):
+    """A run's recipe search: what was asked, how it went, and every trial."""
+
+    settings = fields.Nested(SearchSettingsSchema)
+    state = fields.String(metadata={"description": "waiting, searching, chosen, or failed (no trial completed)"})
+    started_at = fields.String(allow_none=True)
+    finished_at = fields.String(allow_none=True)
+    seconds = fields.Float(allow_none=True, metadata={"description": "wall time of the search"})
+    chosen = fields.Nested(
+        ChosenTrialSchema,
+        allow_none=True,
+        metadata={"description": "the complete trial with the best validation macro-F1; its values are trained"},
+    )
+    trials = fields.List(fields.Nested(TrialSchema))
 
 
 class RunSchema(Schema):
@@ -312,6 +419,12 @@ class RunSchema(Schema):
         },
     )
     artifacts = fields.Dict(allow_none=True)
+    search = fields.Nested(
+        SearchRecordSchema,
+        attribute="search_record",
+        allow_none=True,
+        metadata={"description": "null for a run without a recipe search"},
+    )
     created_at = Timestamp()
     started_at = Timestamp(allow_none=True)
     finished_at = Timestamp(allow_none=True)

@@ -1,4 +1,5 @@
-"""The training worker's own task: `training.run`, which executes one run, and the sweep that recovers runs.
+"""The training worker's own tasks: `training.run`, which executes one run, `training.trial`, which runs one
+trial of a run's recipe search (`search.py`), and the sweep that recovers runs.
 
 Whoever requests a run (the run API, the `training.requested` consumer) queues `training.run` by name through
 the outbox: it is sent when the run's row commits, or by the outbox relay once Redis is back, and no Celery
@@ -23,6 +24,7 @@ from sqlalchemy.exc import OperationalError
 
 from services.training import runs
 from services.training.config import TrainingConfig
+from services.training.search_space import TRIAL_TASK
 from shared.db import DatabaseUnavailable
 from shared.logging import get_logger
 from shared.runtime import Runtime
@@ -65,6 +67,13 @@ def register_run_task(runtime: Runtime) -> None:
         if outcome is Outcome.RETRY:
             raise RunReleased(run_id)
         return outcome.value
+
+    @runtime.celery.task(name=TRIAL_TASK, acks_late=True, ignore_result=True, shared=False)
+    def run_trial(run_id: str, number: int) -> str:
+        """One trial of a run's recipe search (`search.py`); a slot someone already took is left alone."""
+        from services.training.search import execute_trial  # torch loads in the worker only
+
+        return execute_trial(runtime, run_id, number)
 
 
 class OrphanSweeper:

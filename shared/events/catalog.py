@@ -79,6 +79,9 @@ class TrainingRequested(Schema):
     model_name = fields.String(load_default=None, allow_none=True)
     base_model = fields.String(load_default=None, allow_none=True)
     hyperparameters = fields.Dict(load_default=dict)
+    # A recipe search before training ({trials, max_seconds, space, pruner, keep_winner}; training validates it),
+    # or None for a run with the given hyper-parameters.
+    search = fields.Dict(load_default=None, allow_none=True)
 
 
 class TrainingCompleted(Schema):
@@ -104,6 +107,19 @@ class TrainingFailed(Schema):
     reason = fields.String(required=True)
     # "cancelled" when an operator stopped the run: an alert on failures can tell the two apart.
     outcome = fields.String(load_default="failed", validate=validate.OneOf(("failed", "cancelled")))
+
+
+class RecipeChosen(Schema):
+    """A run's recipe search chose its winner and the request asked to keep it (`keep_winner`): labeling lays
+    these values over the dataset's `training_hyperparameters`, so later retrain cycles train with them."""
+
+    run_id = fields.String(required=True)
+    dataset_id = fields.String(required=True)
+    snapshot_id = fields.String(required=True)
+    model_name = fields.String(required=True)
+    # Only the searched hyper-parameters, with the winning trial's values.
+    hyperparameters = fields.Dict(keys=fields.String(), required=True)
+    validation_macro_f1 = fields.Float(required=True)
 
 
 class ModelVersionCreated(Schema):
@@ -171,6 +187,8 @@ class ModelDegraded(Schema):
     model_version = fields.Integer(required=True)
     dataset_id = fields.String(required=True)
     alert_id = fields.String(required=True)
+    # prediction_drift, confidence_drift, input_drift, unknown_token_drift, accuracy_drop or schedule: the first
+    # alert of the evaluation (`reason` joins them all); labeling forwards the reason, whatever the kind.
     kind = fields.String(required=True)
     reason = fields.String(required=True, validate=validate.Length(min=1, max=400))
     value = fields.Float(load_default=None, allow_none=True)
@@ -198,6 +216,7 @@ _SPECS = (
     EventSpec("training.requested", 1, TrainingRequested, "labeling", ("training",), doc="retrain policy fired"),
     EventSpec("training.completed", 1, TrainingCompleted, "training", ("registry",), doc="verified ONNX export"),
     EventSpec("training.failed", 1, TrainingFailed, "training", (), doc="run failed or cancelled, with a reason"),
+    EventSpec("training.recipe_chosen", 1, RecipeChosen, "training", ("labeling",), doc="a search's winner, to keep"),
     EventSpec("model.version_created", 1, ModelVersionCreated, "registry", (), doc="new registered version"),
     EventSpec(
         "model.promoted",

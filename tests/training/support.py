@@ -213,6 +213,7 @@ def request_training(
     base_model: str | None = None,
     model_name: str | None = None,
     trace_id: str | None = None,
+    search: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Send a `training.requested` event (as labeling would) over Redis to the training queue."""
     payload = {
@@ -225,6 +226,7 @@ def request_training(
         "model_name": model_name,
         "base_model": base_model,
         "hyperparameters": hyperparameters or {},
+        "search": search,
     }
     message = make_envelope("training.requested", payload, tenant=tenant, trace_id=trace_id).to_dict()
     runtime.bus.send(message, "training")
