@@ -60,6 +60,7 @@ class Row:
     true_label: str | None
     input_stats: dict[str, Any] | None
     created_at: datetime
+    true_label_source: str | None = None  # "sample" or "feedback"
 
 
 def load_rows(session: Session, tenant: str, model_name: str, since: datetime, until: datetime) -> list[Row]:
@@ -73,6 +74,7 @@ def load_rows(session: Session, tenant: str, model_name: str, since: datetime, u
             Prediction.true_label,
             Prediction.input_stats,
             Prediction.created_at,
+            Prediction.true_label_source,
         )
         .where(
             Prediction.tenant == tenant,
@@ -92,10 +94,14 @@ def _aware(moment: datetime) -> datetime:
 
 
 def quality(rows: list[Row], labels: list[str] | None = None) -> dict[str, Any]:
-    labeled = [row for row in rows if row.true_label is not None]
+    """Live quality from the ground truth of sampled predictions. Feedback labels are counted apart and left out:
+    people send feedback mostly when an answer was wrong, so counting it would report a version's mistakes as its
+    accuracy (the demo sends feedback for wrong answers only: live accuracy 0)."""
+    labeled = [row for row in rows if row.true_label is not None and row.true_label_source != "feedback"]
     n = len(labeled)
     correct = sum(row.label == row.true_label for row in labeled)
     result: dict[str, Any] = {"labeled": n, "correct": correct, "accuracy": None, "ci_low": None, "ci_high": None}
+    result["feedback_labeled"] = sum(row.true_label is not None and row.true_label_source == "feedback" for row in rows)
     result["macro_f1"] = None
     if n:
         interval = stats.binomtest(correct, n).proportion_ci(confidence_level=CONFIDENCE, method="wilson")

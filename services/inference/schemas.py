@@ -352,10 +352,10 @@ class MonitoringReportSchema(Schema):
         fields.Dict(),
         metadata={
             "description": "Oldest first: start, end, and per version predictions, latency, quality (labeled, "
-            "correct, accuracy, ci_low, ci_high, macro_f1), drift (class_distribution, prediction_js, "
-            "prediction_chi2_pvalue, confidence_ks, confidence_ks_pvalue), inputs, input_drift (judged; chars_ks, "
-            "brightness_ks and their p-values, "
-            "unknown_rate, baseline_unknown_rate, unknown_rate_diff; or a note why not judged); shadow per shadow "
+            "correct, accuracy, ci_low, ci_high, macro_f1 from sampled labels; feedback_labeled), drift "
+            "(class_distribution, prediction_js, prediction_chi2_pvalue, confidence_ks, confidence_ks_pvalue), inputs, "
+            "input_drift (judged; chars_ks, brightness_ks and their p-values, unknown_rate, baseline_unknown_rate, "
+            "unknown_rate_diff; or a note why not judged); shadow per shadow "
             "version."
         },
     )

@@ -283,6 +283,14 @@ def test_ground_truth_gives_exactly_the_hand_computed_live_accuracy(inference, r
     again = replica.client.get("/v1/monitoring/models/reviews?windows=1", headers=alice.headers).get_json()
     assert again["windows"][-1]["versions"]["4"]["quality"]["correct"] == 5
 
+    # A correction sent as feedback is ground truth too, but chosen because the answer looked wrong: it is
+    # counted apart and never pulls the live accuracy down.
+    labeler.label(alice.tenant, answers[7]["prediction_id"], "neg", source="feedback")
+    eventually(lambda: received.labels("handled")._value.get() == 9, what="the feedback label handled")
+    after = replica.client.get("/v1/monitoring/models/reviews?windows=1", headers=alice.headers).get_json()
+    live = after["windows"][-1]["versions"]["4"]["quality"]
+    assert (live["labeled"], live["correct"], live["feedback_labeled"], live["accuracy"]) == (7, 5, 1, 5 / 7)
+
 
 # -- drift and its trigger ---------------------------------------------------------------------------------------
 
