@@ -135,6 +135,33 @@ def runs_list(context: CliContext, args: Any) -> int:
     return 0
 
 
+def usage(context: CliContext, args: Any) -> int:
+    """A partner's own usage (with its API key), or an operator's view of every tenant or one (`--tenant`);
+    `--export` prints a billing period's records as CloudEvents JSON lines or CSV."""
+    by = args.by or []
+    if args.export:
+        if not args.period:
+            raise SystemExit("--export needs --period YYYY-MM (a billing period)")
+        body = context.operator().ingestion.billing_export(args.period, tenant=args.tenant, format=args.export)
+        sys.stdout.write(body.decode() if isinstance(body, bytes) else str(body))
+        return 0
+    if context.api_key and not args.tenant:
+        report = context.partner().ingestion.usage(period=args.period, bucket=args.bucket, by=by)["report"]
+    else:
+        report = context.operator().ingestion.billing_usage(
+            tenant=args.tenant, period=args.period, bucket=args.bucket, by=by
+        )
+    print(f"usage from {report['from']} to {report['to']} per {report['bucket']}")
+    columns = ["tenant", "meter", "bucket", *report["by"], "value"]
+    rows = [row | {"value": _quantity(row["value"])} for row in report["meters"]]
+    print(render(columns, rows, none="-", empty="(no usage)"))
+    return 0
+
+
+def _quantity(value: float) -> int | float:
+    return int(value) if float(value).is_integer() else value
+
+
 def runs_watch(context: CliContext, run_id: str, interval: float = 1.0) -> int:
     client = context.partner() if context.api_key else context.operator()
     while True:

@@ -111,6 +111,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_models_parser(sub)
 
+    usage = sub.add_parser("usage", help="metered usage per tenant, and billing exports")
+    usage.add_argument("--tenant", help="one tenant (operator); default: your own with an API key, else all")
+    usage.add_argument("--period", help="a billing month, YYYY-MM (default: the last 30 days)")
+    usage.add_argument("--bucket", choices=["hour", "day", "month"], default="day")
+    usage.add_argument("--by", action="append", choices=["model", "version"], help="group by (repeatable)")
+    usage.add_argument("--export", choices=["cloudevents", "csv"], help="print the period's records (operator)")
+
     predict = sub.add_parser("predict", help="ask a served model (partner)")
     predict.add_argument("model")
     inputs = predict.add_mutually_exclusive_group(required=True)
@@ -174,6 +181,7 @@ def dispatch(args: argparse.Namespace) -> int:
         ("runs", "list"): lambda: commands.runs_list(context, args),
         ("runs", "watch"): lambda: commands.runs_watch(context, args.run_id),
         ("predict", None): lambda: commands.predict(context, args),
+        ("usage", None): lambda: commands.usage(context, args),
         ("base-models", "import"): lambda: commands.base_models_import(context, args.name, args.file, args.sha256),
         ("dead-letters", "list"): lambda: commands.dead_letters_list(context, args.service, args.all),
         ("dead-letters", "replay"): lambda: commands.dead_letters_replay(context, args.service, args.id),

@@ -193,6 +193,8 @@ def predict(name: str) -> dict[str, Any]:
             )
         )
         _mirror(server, model, loaded.version, policy, inputs, ids)
+    if not delegated:  # billable partner traffic: counted in process, published in batches
+        server.usage.count(tenant, name, loaded.version, len(inputs), elapsed)
     api = "delegated" if delegated else "predict"
     server.metrics.requests.labels(tenant, name, str(loaded.version), api, "ok").inc()
     server.metrics.latency.labels(tenant, name, api).observe(elapsed)

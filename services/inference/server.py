@@ -14,6 +14,7 @@ from services.inference.batcher import BatcherClosed, Feeds, QueueFull
 from services.inference.canary import choose_version
 from services.inference.config import InferenceConfig
 from services.inference.ground_truth import EventListener
+from services.inference.metering import PredictionMeter
 from services.inference.metrics import InferenceMetrics
 from services.inference.policies import Monitor
 from services.inference.prediction_log import PredictionLog
@@ -55,6 +56,7 @@ class InferenceServer:
         self.prediction_log = PredictionLog(
             runtime, config, self.metrics, input_stats=input_stats, pick=self.sampler.pick
         )
+        self.usage = PredictionMeter(runtime, config.log_flush_interval_s)
         self.promotions = PromotionListener(runtime, self.repository, self.metrics)
         self.reconciler = Reconciler(self.repository, config.reconcile_interval_s)
         self.monitor = Monitor(runtime, self.repository, self.metrics, config.monitor_interval_s)
@@ -64,6 +66,7 @@ class InferenceServer:
 
     def start(self) -> InferenceServer:
         self.prediction_log.start()
+        self.usage.start()
         self.promotions.start()
         self.reconciler.start()
         self.shadow.start()
@@ -92,6 +95,7 @@ class InferenceServer:
         self.shadow.stop()
         self.repository.close()
         self.prediction_log.close()
+        self.usage.close()
 
     # -- the request path ------------------------------------------------------------------------------
 

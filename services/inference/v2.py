@@ -336,13 +336,16 @@ def _infer(name: str, version: str | None) -> Response:
         server.metrics.failures.labels(tenant, name, "v2", exc.code).inc()
         raise
     loaded = result.version
-    annotate(model_version=loaded.version, rows=next(iter(inferred.inputs.values())).shape[0])
+    rows = next(iter(inferred.inputs.values())).shape[0]
+    annotate(model_version=loaded.version, rows=rows)
     body, headers = encode_infer_response(
         model_name=name, model_version=loaded.version, request=inferred, outputs=result.outputs, labels=loaded.labels
     )
     elapsed = time.perf_counter() - started
     server.metrics.requests.labels(tenant, name, str(loaded.version), "v2", "ok").inc()
     server.metrics.latency.labels(tenant, name, "v2").observe(elapsed)
+    if not current_principal().internal:  # billable partner traffic: counted in process, published in batches
+        server.usage.count(tenant, name, loaded.version, int(rows), elapsed)
     if random.random() < server.config.v2_log_sample_rate:  # noqa: S311 - sampling, not security
         _log_sample(model, loaded, inferred, result.outputs, elapsed)
     return Response(body, status=200, headers=headers)

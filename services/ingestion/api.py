@@ -12,7 +12,7 @@ from marshmallow import ValidationError
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 
-from services.ingestion import idempotency, imports, items, quotas
+from services.ingestion import idempotency, imports, items, metering, quotas
 from services.ingestion.images import InvalidImage, inspect_image
 from services.ingestion.ingest import Candidate, ingest_batch, text_candidate
 from services.ingestion.models import ApiKey, Dataset, Import, Partner, utcnow
@@ -32,12 +32,15 @@ from services.ingestion.schemas import (
     KeyListSchema,
     KeyPrincipalSchema,
     KeyVerifySchema,
+    MeterReportSchema,
+    OperatorUsageQuery,
     PartnerCreateSchema,
     PartnerListSchema,
     PartnerSchema,
     PartnerUpdateSchema,
     PushResultSchema,
     PushSchema,
+    UsageExportQuery,
     UsageQuery,
     UsageSchema,
 )
@@ -55,6 +58,7 @@ partners = Blueprint("partners", __name__, url_prefix="/v1/partners", descriptio
 internal = Blueprint("internal", __name__, url_prefix="/v1/internal", description="Service-to-service calls")
 datasets = Blueprint("datasets", __name__, url_prefix="/v1/datasets", description="Datasets, pushes and imports")
 item_routes = Blueprint("items", __name__, url_prefix="/v1", description="Items, imports and usage")
+billing = Blueprint("billing", __name__, url_prefix="/v1/billing", description="Usage across tenants (operators)")
 
 
 def _runtime() -> Runtime:
@@ -461,14 +465,62 @@ def delete_item(item_id: str) -> None:
 @item_routes.arguments(UsageQuery, location="query")
 @item_routes.response(200, UsageSchema)
 def get_usage(query: dict[str, Any]) -> dict[str, Any]:
-    """Accepted items and bytes per UTC day (the basis for billing), with the partner's quotas."""
+    """The partner's own usage: accepted items and bytes per UTC day with its quotas (`days`), and every meter
+    (items, bytes, annotations, training compute, predictions) summed per hour, day or month (`report`),
+    optionally per model and version, over the last `days` days or a billing `period`."""
     runtime = _runtime()
     with runtime.db.session() as session:
         partner = session.get(Partner, _tenant())
         days = quotas.usage_by_day(session, partner.id, quotas.today() - timedelta(days=query["days"] - 1))
+        report = _meter_report(session, partner.id, query)
     return {
         "tenant": partner.id,
         "daily_item_quota": partner.daily_item_quota,
         "daily_byte_quota": partner.daily_byte_quota,
         "days": days,
+        "report": report,
     }
+
+
+def _window(query: dict[str, Any]) -> tuple[Any, Any]:
+    if query.get("period"):
+        return metering.month_window(query["period"])
+    return metering.days_window(query["days"], quotas.today())
+
+
+def _meter_report(session: Any, tenant: str | None, query: dict[str, Any]) -> dict[str, Any]:
+    start, end = _window(query)
+    by = [name for name in metering.GROUPS if name in query["by"]]
+    meters = metering.report(session, tenant=tenant, start=start, end=end, bucket=query["bucket"], by=by)
+    return {"start": start, "end": end, "bucket": query["bucket"], "by": by, "meters": meters}
+
+
+@billing.get("/usage")
+@require_internal
+@billing.arguments(OperatorUsageQuery, location="query")
+@billing.response(200, MeterReportSchema)
+def operator_usage(query: dict[str, Any]) -> dict[str, Any]:
+    """Every tenant's meters (or one `tenant`'s), per hour, day or month, optionally per model and version."""
+    with _runtime().db.read_session() as session:
+        return _meter_report(session, query["tenant"], query)
+
+
+@billing.get("/export")
+@require_internal
+@billing.arguments(UsageExportQuery, location="query")
+@billing.response(
+    200,
+    content_type="application/x-ndjson",
+    description="One CloudEvents 1.0 JSON event per line (format=cloudevents), or CSV with a header (format=csv).",
+)
+def export_usage(query: dict[str, Any]) -> Response:
+    """A billing period's usage records, each once, as CloudEvents JSON lines (for OpenMeter or Lago) or CSV."""
+    start, end = metering.month_window(query["period"])
+    with _runtime().db.read_session() as session:
+        rows = list(metering.records(session, tenant=query["tenant"], start=start, end=end))
+    if query["format"] == "csv":
+        body, mimetype = "".join(metering.csv_lines(rows)), "text/csv"
+    else:
+        body, mimetype = "".join(metering.cloudevents_lines(rows)), "application/x-ndjson"
+    filename = f"usage-{query['period']}.{'csv' if query['format'] == 'csv' else 'jsonl'}"
+    return Response(body, mimetype=mimetype, headers={"Content-Disposition": f"attachment; filename={filename}"})

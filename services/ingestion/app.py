@@ -5,7 +5,7 @@ from __future__ import annotations
 from celery import Celery
 from flask import Flask
 
-from services.ingestion import api, imports
+from services.ingestion import api, consumers, imports
 from services.ingestion.models import Base
 from shared.runtime import ServiceSpec, create_http_app, create_worker
 from shared.settings import Settings
@@ -14,7 +14,8 @@ SPEC = ServiceSpec(
     name="ingestion",
     title="Flywheel ingestion API",
     metadata=Base.metadata,
-    blueprints=[api.partners, api.datasets, api.item_routes, api.internal],
+    blueprints=[api.partners, api.datasets, api.item_routes, api.internal, api.billing],
+    handlers=consumers.handlers,
     key_lookup=lambda runtime: lambda key_hash: api.lookup_key(runtime, key_hash),
     register_tasks=imports.register_tasks,
 )

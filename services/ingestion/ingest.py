@@ -26,7 +26,7 @@ from sqlalchemy import insert, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from services.ingestion import quotas
+from services.ingestion import metering, quotas
 from services.ingestion.models import Dataset, Item, Partner
 from services.ingestion.pii import redact
 from shared.artifacts import RAW_BUCKET
@@ -162,6 +162,8 @@ def _ingest(
                 duplicates=outcome.count("duplicate"),
                 rejected=outcome.count("rejected"),
             )
+            if rows:
+                metering.record(session, _push_usage(dataset, push_id, len(rows), outcome.accepted_bytes), "ingestion")
             if in_transaction is not None:
                 in_transaction(session, outcome)
     except BaseException:
@@ -179,6 +181,15 @@ def _ingest(
             bytes=outcome.accepted_bytes,
         )
     return outcome
+
+
+def _push_usage(dataset: Dataset, push_id: str, items: int, size: int) -> list[dict[str, Any]]:
+    """The push's usage records; their ids derive from the push's, so the push is metered once."""
+    tenant, dimensions = dataset.tenant, {"dataset_id": dataset.id}
+    return [
+        metering.usage_record(f"{push_id}.items", "items_ingested", tenant, items, **dimensions),
+        metering.usage_record(f"{push_id}.bytes", "bytes_ingested", tenant, size, **dimensions),
+    ]
 
 
 def _store_content(

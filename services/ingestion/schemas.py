@@ -8,6 +8,8 @@ from typing import Any
 
 from marshmallow import Schema, ValidationError, fields, validate, validates_schema
 
+from services.ingestion import metering
+from shared.auth import TENANT_ID
 from shared.events.catalog import TASK_TYPES
 from shared.schemas import Timestamp
 
@@ -219,8 +221,50 @@ class ImportSchema(Schema):
     finished_at = Timestamp(allow_none=True)
 
 
+PERIOD = validate.Regexp(
+    r"^(19[7-9][0-9]|2[0-9]{3})-(0[1-9]|1[0-2])$", error="a billing period is a month, YYYY-MM, from 1970 to 2999"
+)
+
+
 class UsageQuery(Schema):
     days = fields.Integer(load_default=30, validate=validate.Range(min=1, max=366))
+    period = fields.String(
+        load_default=None, validate=PERIOD, metadata={"description": "a month (YYYY-MM, UTC); replaces `days`"}
+    )
+    bucket = fields.String(load_default="day", validate=validate.OneOf(metering.BUCKETS))
+    by = fields.List(
+        fields.String(validate=validate.OneOf(metering.GROUPS)),
+        load_default=list,
+        metadata={"description": "group the meters by model and/or version (repeat the parameter)"},
+    )
+
+
+class OperatorUsageQuery(UsageQuery):
+    tenant = fields.String(load_default=None, validate=TENANT_ID)
+
+
+class UsageExportQuery(Schema):
+    period = fields.String(required=True, validate=PERIOD)
+    tenant = fields.String(load_default=None, validate=TENANT_ID)
+    format = fields.String(load_default="cloudevents", validate=validate.OneOf(("cloudevents", "csv")))
+
+
+class MeterTotalSchema(Schema):
+    tenant = fields.String()
+    meter = fields.String(metadata={"description": "items_ingested, bytes_ingested, prediction_rows, ..."})
+    bucket = fields.String(metadata={"description": "the hour (RFC 3339), day (YYYY-MM-DD) or month (YYYY-MM)"})
+    model = fields.String(allow_none=True)
+    version = fields.String(allow_none=True)
+    value = fields.Float()
+    records = fields.Integer()
+
+
+class MeterReportSchema(Schema):
+    start = Timestamp(data_key="from")
+    end = Timestamp(data_key="to")
+    bucket = fields.String()
+    by = fields.List(fields.String())
+    meters = fields.List(fields.Nested(MeterTotalSchema))
 
 
 class UsageDaySchema(Schema):
@@ -237,3 +281,4 @@ class UsageSchema(Schema):
     daily_item_quota = fields.Integer(allow_none=True)
     daily_byte_quota = fields.Integer(allow_none=True)
     days = fields.List(fields.Nested(UsageDaySchema))
+    report = fields.Nested(MeterReportSchema, metadata={"description": "every meter of the window, in buckets"})

@@ -151,6 +151,8 @@ def annotate(
         existing.skipped = label is None
         session.execute(delete(Lease).where(Lease.task_id == task_id, Lease.annotator_id == annotator_id))
         session.flush()
+        if label is not None:
+            _meter_annotation(runtime, session, dataset, existing)
         apply_consensus(runtime, session, task, dataset)
     log.info(
         "task_skipped" if label is None else "task_annotated",
@@ -161,6 +163,20 @@ def annotate(
         status=task.status,
     )
     return task, existing, created
+
+
+def _meter_annotation(runtime: Runtime, session: Session, dataset: LabelingDataset, annotation: Annotation) -> None:
+    """A labelled annotation is billable work, metered once: the record's id is the annotation's, so an edit (or
+    a skip later labelled) sends the same id again and the meter store keeps the first."""
+    record = {
+        "id": f"annotation.{annotation.id}",
+        "meter": "annotations",
+        "subject": dataset.tenant,
+        "time": datetime.now(UTC).isoformat(),
+        "value": 1,
+        "dimensions": {"dataset_id": dataset.id, "source": annotation.source},
+    }
+    runtime.bus.publish(session, "usage.recorded", {"source": "labeling", "records": [record]}, tenant=dataset.tenant)
 
 
 def _locked_dataset(runtime: Runtime, session: Session, dataset_id: str) -> LabelingDataset:

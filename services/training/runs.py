@@ -517,8 +517,32 @@ def _finish(
             "outcome": status,
         }
         runtime.bus.publish(session, "training.failed", failure, tenant=run.tenant, trace_id=run.trace_id)
+    usage = compute_usage(run)
+    if usage is not None:
+        usage_event = {"source": "training", "records": [usage]}
+        runtime.bus.publish(session, "usage.recorded", usage_event, tenant=run.tenant, trace_id=run.trace_id)
     log.info(f"run_{status}", run_id=run.id, reason=reason)
     dispatch_waiting(runtime, session, run.tenant)  # the slot this run held (if any) goes to the next in line
+
+
+def compute_usage(run: TrainingRun) -> dict[str, Any] | None:
+    """The finished run's compute as one usage record (none for a run that never started): device-seconds from
+    its first start to its end, times its world size, on a GPU (`cuda...`) or CPU meter. Its id is the run's: a
+    run finishes once, and a redelivered event counts once."""
+    started, finished = _aware(run.started_at), _aware(run.finished_at)
+    if started is None or finished is None:
+        return None
+    device = run.device or "cpu"
+    meter = "training_gpu_seconds" if device.startswith("cuda") else "training_cpu_seconds"
+    seconds = max(0.0, (finished - started).total_seconds()) * max(1, run.world_size or 1)
+    return {
+        "id": f"{run.id}.compute",
+        "meter": meter,
+        "subject": run.tenant,
+        "time": finished.isoformat(),
+        "value": round(seconds, 3),
+        "dimensions": {"model": run.model_name, "device": device, "run_id": run.id, "dataset_id": run.dataset_id},
+    }
 
 
 # ----------------------------------------------------------------------------------------------- recovery

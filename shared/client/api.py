@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import base64
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -98,8 +98,24 @@ class IngestionClient(ServiceClient):
     def delete_item(self, item_id: str) -> None:
         self.delete(f"/v1/items/{item_id}")
 
-    def usage(self, days: int = 30) -> dict[str, Any]:
-        return self.get("/v1/usage", params={"days": days})
+    def usage(
+        self, days: int = 30, *, period: str | None = None, bucket: str = "day", by: Sequence[str] = ()
+    ) -> dict[str, Any]:
+        """The caller's own usage (partner key): daily counts with quotas, and every meter in `report`."""
+        params = {"days": days, "period": period, "bucket": bucket, "by": list(by)}
+        return self.get("/v1/usage", params={k: v for k, v in params.items() if v})
+
+    def billing_usage(
+        self, *, tenant: str | None = None, period: str | None = None, bucket: str = "day", by: Sequence[str] = ()
+    ) -> dict[str, Any]:
+        """Every tenant's meters, or one's (internal token)."""
+        params = {"tenant": tenant, "period": period, "bucket": bucket, "by": list(by)}
+        return self.get("/v1/billing/usage", params={k: v for k, v in params.items() if v})
+
+    def billing_export(self, period: str, *, tenant: str | None = None, format: str = "cloudevents") -> bytes:
+        """A billing period's usage records: CloudEvents JSON lines or CSV (internal token)."""
+        params = {"period": period, "tenant": tenant, "format": format}
+        return self.get("/v1/billing/export", params={k: v for k, v in params.items() if v})
 
 
 class LabelingClient(ServiceClient):

@@ -84,8 +84,8 @@ class EventBus:
         spec = CATALOG.get(event_type)
         if spec is None:
             raise InvalidEvent(f"unknown event type {event_type!r}")
-        if spec.producer != self.service:
-            raise InvalidEvent(f"{self.service} does not produce {event_type}; {spec.producer} does")
+        if self.service not in spec.producers:
+            raise InvalidEvent(f"{self.service} does not produce {event_type}; {', '.join(spec.producers)} does")
         return make_envelope(event_type, payload, tenant=tenant, trace_id=trace_id)
 
     def publish_envelope(self, session: Session, envelope: Envelope) -> Envelope:

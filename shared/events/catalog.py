@@ -196,6 +196,39 @@ class ModelDegraded(Schema):
     samples = fields.Integer(required=True)
 
 
+USAGE_METERS = (
+    "items_ingested",
+    "bytes_ingested",
+    "annotations",
+    "training_cpu_seconds",
+    "training_gpu_seconds",
+    "prediction_requests",
+    "prediction_rows",
+    "prediction_compute_seconds",
+)
+
+
+class UsageRecord(Schema):
+    """One measurement of a billable action. `id` is stable: the producer derives it from the work (a run's id,
+    an annotation's id) or draws it once and keeps it through retries, so a redelivered or replayed event is
+    counted once (the meter store keeps one row per (subject, id))."""
+
+    id = fields.String(required=True, validate=validate.Length(min=1, max=200))
+    meter = fields.String(required=True, validate=validate.OneOf(USAGE_METERS))
+    subject = fields.String(required=True, validate=validate.Length(min=1, max=64))  # the tenant
+    time = fields.AwareDateTime(required=True)  # RFC 3339, when the work was done
+    value = fields.Float(required=True, allow_nan=False, validate=validate.Range(min=0))
+    # model, version, device, dataset_id ...: what a report can group by
+    dimensions = fields.Dict(keys=fields.String(), values=fields.String(), load_default=dict)
+
+
+class UsageRecorded(Schema):
+    """A batch of usage records (an inference flush spans tenants: each record names its own subject)."""
+
+    source = fields.String(required=True, validate=validate.OneOf(("labeling", "training", "inference")))
+    records = fields.List(fields.Nested(UsageRecord), required=True, validate=validate.Length(min=1, max=1000))
+
+
 @dataclass(frozen=True)
 class EventSpec:
     name: str
@@ -206,6 +239,12 @@ class EventSpec:
     broadcast_to: tuple[str, ...] = ()
     """Consumers whose every replica must see the event (a fan-out exchange), not just one worker."""
     doc: str = ""
+    also_produced_by: tuple[str, ...] = ()
+    """Further producers of a shared-purpose event (usage records come from the service that did the work)."""
+
+    @property
+    def producers(self) -> tuple[str, ...]:
+        return (self.producer, *self.also_produced_by)
 
 
 _SPECS = (
@@ -235,6 +274,15 @@ _SPECS = (
         "prediction.labeled", 1, PredictionLabeled, "labeling", ("inference",), doc="ground truth for a prediction"
     ),
     EventSpec("model.degraded", 1, ModelDegraded, "inference", ("labeling",), doc="a monitoring policy fired"),
+    EventSpec(
+        "usage.recorded",
+        1,
+        UsageRecorded,
+        "inference",
+        ("ingestion",),
+        also_produced_by=("labeling", "training"),
+        doc="billable work done (predictions, annotations, training compute); ingestion keeps the meters",
+    ),
 )
 
 CATALOG: dict[str, EventSpec] = {spec.name: spec for spec in _SPECS}
