@@ -19,7 +19,7 @@ from services.training.config import TrainingConfig
 from shared.artifacts import checkpoint_key
 from shared.settings import Settings
 from tests.helpers import INTERNAL, eventually, figures
-from tests.training.support import all_runs, digit_items, published, write_snapshot
+from tests.training.support import all_runs, digits_run_body, published
 from tests.training.workers import worker_environment, worker_process
 
 pytestmark = [pytest.mark.faults, pytest.mark.slow, pytest.mark.timeout(300)]
@@ -46,21 +46,12 @@ def test_a_run_whose_worker_is_sigkilled_completes_on_the_live_worker(platform, 
     with worker_process(settings, paths[0], **WORKER_ENV) as a, worker_process(settings, paths[1], **WORKER_ENV) as b:
         for path in paths:
             eventually(lambda path=path: log_lines(path, "run_sweeper_started"), timeout=90, what=f"{path.name} ready")
-        snapshot = write_snapshot(
+        body = digits_run_body(
             store,
-            tenant="acme",
-            dataset_id="ds_digits",
-            task_type="image_classification",
-            labels=["0", "1", "2"],
-            items=digit_items(60, digits=(0, 1, 2)),
+            digits=(0, 1, 2),
+            count=60,
+            hyperparameters={"epochs": EPOCHS, "batch_size": 8, "early_stopping_patience": 0},
         )
-        body = {
-            "tenant": "acme",
-            "dataset_id": "ds_digits",
-            "snapshot_id": snapshot["snapshot_id"],
-            "base_model": "mobilenet_v3_small",
-            "hyperparameters": {"epochs": EPOCHS, "image_size": 32, "batch_size": 8, "early_stopping_patience": 0},
-        }
         run_id = api.client.post("/v1/runs", json=body, headers=INTERNAL).get_json()["id"]
         running = eventually(
             lambda: next((r for r in all_runs(api.runtime) if r.epoch >= 1 and r.lease_owner), None),

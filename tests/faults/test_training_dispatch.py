@@ -17,7 +17,7 @@ import pytest
 
 from tests.conftest import RunningService
 from tests.helpers import INTERNAL, eventually, figures
-from tests.training.support import digit_items, published, write_snapshot
+from tests.training.support import digits_run_body, published
 
 pytestmark = [pytest.mark.faults, pytest.mark.timeout(240)]
 
@@ -34,21 +34,12 @@ class RunApi:
         self.service = service
 
     def request_small_run(self) -> dict[str, Any]:
-        snapshot = write_snapshot(
+        body = digits_run_body(
             self.service.runtime.storage,
-            tenant="acme",
-            dataset_id="ds_digits",
-            task_type="image_classification",
-            labels=["0", "1"],
-            items=digit_items(30, digits=(0, 1)),
+            digits=(0, 1),
+            count=30,
+            hyperparameters={"epochs": 1, "batch_size": 16},
         )
-        body = {
-            "tenant": "acme",
-            "dataset_id": "ds_digits",
-            "snapshot_id": snapshot["snapshot_id"],
-            "base_model": "mobilenet_v3_small",
-            "hyperparameters": {"epochs": 1, "image_size": 32, "batch_size": 16},
-        }
         answer = self.service.client.post("/v1/runs", json=body, headers=INTERNAL)
         assert answer.status_code == 202, answer.get_json()
         return answer.get_json()

@@ -256,3 +256,26 @@ def wait_for_run(runtime: Any, *, status: str | tuple[str, ...], timeout: float 
         return None
 
     return eventually(probe, timeout=timeout, interval=0.2, what=f"a run in status {wanted}")
+
+
+def digits_run_body(
+    store: ObjectStore, *, digits: tuple[int, ...], count: int, hyperparameters: dict[str, Any], **fields: Any
+) -> dict[str, Any]:
+    """A small digits snapshot for tenant acme (`count` items of `digits`) and the `POST /v1/runs` body that
+    trains mobilenet_v3_small on it at 32x32 with `hyperparameters`; `fields` add to the body (e.g. `launch`)."""
+    snapshot = write_snapshot(
+        store,
+        tenant="acme",
+        dataset_id="ds_digits",
+        task_type="image_classification",
+        labels=[str(d) for d in digits],
+        items=digit_items(count, digits=digits),
+    )
+    return {
+        "tenant": "acme",
+        "dataset_id": "ds_digits",
+        "snapshot_id": snapshot["snapshot_id"],
+        "base_model": "mobilenet_v3_small",
+        **fields,
+        "hyperparameters": {"image_size": 32, **hyperparameters},
+    }

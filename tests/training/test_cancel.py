@@ -6,28 +6,19 @@ import pytest
 
 from shared.artifacts import checkpoint_key
 from tests.helpers import INTERNAL, eventually
-from tests.training.support import all_runs, digit_items, published, wait_for_run, write_snapshot
+from tests.training.support import all_runs, digits_run_body, published, wait_for_run
 
 pytestmark = [pytest.mark.timeout(120), pytest.mark.slow]
 
 
 def test_cancelling_a_running_run_stops_it(platform, worker, logs) -> None:
     api = platform("training")
-    snapshot = write_snapshot(
+    body = digits_run_body(
         api.runtime.storage,
-        tenant="acme",
-        dataset_id="ds_digits",
-        task_type="image_classification",
-        labels=["0", "1"],
-        items=digit_items(60, digits=(0, 1)),
+        digits=(0, 1),
+        count=60,
+        hyperparameters={"epochs": 200, "batch_size": 8, "early_stopping_patience": 0},
     )
-    body = {
-        "tenant": "acme",
-        "dataset_id": "ds_digits",
-        "snapshot_id": snapshot["snapshot_id"],
-        "base_model": "mobilenet_v3_small",
-        "hyperparameters": {"epochs": 200, "image_size": 32, "batch_size": 8, "early_stopping_patience": 0},
-    }
     with worker("training") as training:
         run_id = api.client.post("/v1/runs", json=body, headers=INTERNAL).get_json()["id"]
         eventually(lambda: all_runs(training)[0].epoch >= 1, timeout=60, what="the first epoch")

@@ -18,7 +18,7 @@ from safetensors.torch import save_file
 from services.training.base_models import IMAGE_ARCHITECTURES, import_base_model
 from tests.conftest import INTERNAL_TOKEN
 from tests.helpers import INTERNAL
-from tests.training.support import all_runs, digit_items, published, write_snapshot
+from tests.training.support import all_runs, digits_run_body, published
 
 pytestmark = [pytest.mark.timeout(180), pytest.mark.slow]
 
@@ -30,22 +30,13 @@ def test_a_two_process_gloo_ddp_run(platform, settings, tmp_path) -> None:
     weights = tmp_path / "mobilenet.safetensors"
     save_file(IMAGE_ARCHITECTURES["mobilenet_v3_small"].build(1000).state_dict(), str(weights))
     imported = import_base_model(api.runtime, "mobilenet_v3_small", weights)
-    snapshot = write_snapshot(
+    body = digits_run_body(
         api.runtime.storage,
-        tenant="acme",
-        dataset_id="ds_digits",
-        task_type="image_classification",
-        labels=["0", "1", "2"],
-        items=digit_items(90, digits=(0, 1, 2)),
+        digits=(0, 1, 2),
+        count=90,
+        hyperparameters={"epochs": 2, "batch_size": 8, "early_stopping_patience": 0},
+        launch="external",
     )
-    body = {
-        "tenant": "acme",
-        "dataset_id": "ds_digits",
-        "snapshot_id": snapshot["snapshot_id"],
-        "base_model": "mobilenet_v3_small",
-        "launch": "external",
-        "hyperparameters": {"epochs": 2, "image_size": 32, "batch_size": 8, "early_stopping_patience": 0},
-    }
     run_id = api.client.post("/v1/runs", json=body, headers=INTERNAL).get_json()["id"]
     env = {
         "PATH": os.environ.get("PATH", ""),

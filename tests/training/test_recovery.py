@@ -19,7 +19,7 @@ from services.training.models import TrainingRun, utcnow
 from services.training.worker import OrphanSweeper
 from shared.events.tables import event_tables
 from tests.helpers import INTERNAL, eventually, in_lock_order
-from tests.training.support import digit_items, write_snapshot
+from tests.training.support import digits_run_body
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -37,21 +37,12 @@ def queued_tasks(runtime: Any, run_id: str) -> int:
 
 def held_elsewhere(service: Any, *, lease_left: float) -> str:
     """A run that a worker on another host claimed (one attempt) and whose lease ends in `lease_left` s."""
-    snapshot = write_snapshot(
+    body = digits_run_body(
         service.runtime.storage,
-        tenant="acme",
-        dataset_id="ds_digits",
-        task_type="image_classification",
-        labels=["0", "1"],
-        items=digit_items(30, digits=(0, 1)),
+        digits=(0, 1),
+        count=30,
+        hyperparameters={"epochs": 1, "batch_size": 16},
     )
-    body = {
-        "tenant": "acme",
-        "dataset_id": "ds_digits",
-        "snapshot_id": snapshot["snapshot_id"],
-        "base_model": "mobilenet_v3_small",
-        "hyperparameters": {"epochs": 1, "image_size": 32, "batch_size": 16},
-    }
     answer = service.client.post("/v1/runs", json=body, headers=INTERNAL)
     assert answer.status_code == 202, answer.get_json()
     run_id = answer.get_json()["id"]

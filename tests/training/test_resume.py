@@ -15,7 +15,7 @@ import redis
 
 from shared.artifacts import checkpoint_key
 from tests.helpers import INTERNAL, eventually, figures
-from tests.training.support import all_runs, digit_items, published, write_snapshot
+from tests.training.support import all_runs, digits_run_body, published
 from tests.training.workers import worker_process
 
 pytestmark = [pytest.mark.timeout(200), pytest.mark.slow]
@@ -34,21 +34,12 @@ def registry_event_ids(redis_url: str) -> list[str]:
 def test_a_killed_worker_resumes_from_its_last_checkpoint(platform, settings, tmp_path) -> None:
     api = platform("training")
     store = api.runtime.storage
-    snapshot = write_snapshot(
+    body = digits_run_body(
         store,
-        tenant="acme",
-        dataset_id="ds_digits",
-        task_type="image_classification",
-        labels=["0", "1", "2"],
-        items=digit_items(60, digits=(0, 1, 2)),
+        digits=(0, 1, 2),
+        count=60,
+        hyperparameters={"epochs": 6, "batch_size": 8, "early_stopping_patience": 0},
     )
-    body = {
-        "tenant": "acme",
-        "dataset_id": "ds_digits",
-        "snapshot_id": snapshot["snapshot_id"],
-        "base_model": "mobilenet_v3_small",
-        "hyperparameters": {"epochs": 6, "image_size": 32, "batch_size": 8, "early_stopping_patience": 0},
-    }
     run_id = api.client.post("/v1/runs", json=body, headers=INTERNAL).get_json()["id"]
     first_log, second_log = tmp_path / "worker-1.log", tmp_path / "worker-2.log"
 
