@@ -62,13 +62,25 @@ def _docstrings(package: str, min_chars: int, max_chars: int) -> set[str]:
             ]
             for obj in list(objects):
                 if inspect.isclass(obj):
-                    objects += [v for k, v in vars(obj).items() if not k.startswith("_") and callable(v)]
+                    # Only methods the package defines: an imported library may patch its own onto a class
+                    # (transformers adds `warning_once` to logging.Logger), which would make the data depend on
+                    # what was imported before.
+                    objects += [
+                        v
+                        for k, v in vars(obj).items()
+                        if not k.startswith("_") and callable(v) and _defined_in(v, package)
+                    ]
             for obj in objects:
                 for block in (inspect.getdoc(obj) or "").split("\n\n"):
                     paragraph = " ".join(block.split())
                     if min_chars <= len(paragraph) <= max_chars and not paragraph.startswith(">>>"):
                         found.add(paragraph)
     return found
+
+
+def _defined_in(obj: object, package: str) -> bool:
+    module = getattr(obj, "__module__", None) or ""
+    return module == package or module.startswith(f"{package}.")
 
 
 def shuffled(items: list, seed: int = 7) -> list:
