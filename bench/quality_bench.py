@@ -51,6 +51,7 @@ TARGET_LIFT = 0.05
 TARGET_SPREAD = 0.03
 ABLATIONS: dict[str, dict[str, dict[str, Any]]] = {
     TEXT: {
+        "wide off": {"wide": False},
         "label_smoothing 0.1": {"label_smoothing": 0.1},
         "fgm eps 1.0": {"adversarial": "fgm", "adversarial_epsilon": 1.0},
         "token_dropout 0.1": {"token_dropout": 0.1},
@@ -156,6 +157,23 @@ def train_once(task: Task, hp: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def wide_alone(task: Task, hp: dict[str, Any]) -> dict[str, Any]:
+    """The recipe's wide layer on its own (word-piece TF-IDF + logistic regression, no encoder): what the ensemble
+    adds over its linear half is the encoder's share of the lift."""
+    from services.training.base_models import TEXT_ENCODERS
+    from services.training.text_model import TextCollator, choose_max_length, fit_wide, load_tokenizer
+
+    tokenizer = load_tokenizer(TEXT_ENCODERS[task.base_model]())
+    texts = [e.content.decode() for e in task.data.train]
+    max_length = hp["max_length"] or choose_max_length(tokenizer, texts)
+    wide = fit_wide(tokenizer, texts, [e.label for e in task.data.train], len(task.labels), max_length, hp["wide_c"])
+    assert wide is not None  # the benchmark's train split holds every class
+    batch = TextCollator(tokenizer, max_length).encode([e.content.decode() for e in task.test])
+    with torch.no_grad():
+        predictions = wide(batch["input_ids"], batch["attention_mask"]).argmax(1).numpy()
+    return {"wide_c": hp["wide_c"], "macro_f1": macro_f1(np.asarray([e.label for e in task.test]), predictions)}
+
+
 def classical(task: Task) -> dict[str, Any]:
     started = time.perf_counter()
     answers = fit_classical(task.task_type, task.data.train, task.test)
@@ -216,11 +234,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--noise", type=float, default=0.1)
     parser.add_argument("--test", type=int, default=300)
     parser.add_argument("--set", action="append", default=[], metavar="NAME=VALUE", help="a JSON value")
-    parser.add_argument("--ablate", action="store_true", help="also flip each documented option")
+    parser.add_argument(
+        "--ablate",
+        nargs="*",
+        default=None,
+        metavar="NAME",
+        help="also flip each documented option, or only those named (e.g. --ablate 'wide off')",
+    )
+    parser.add_argument(
+        "--skip-recipe", action="store_true", help="run only the ablations (the recipe's own row measured elsewhere)"
+    )
+    parser.add_argument("--results", default="quality", help="bench/results/<RESULTS>.json (default quality)")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    known = {name for flips in ABLATIONS.values() for name in flips}
+    if args.ablate and set(args.ablate) - known:
+        parser.error(f"unknown ablation(s) {sorted(set(args.ablate) - known)}; known: {sorted(known)}")
     overrides = {name: json.loads(value) for name, value in (item.split("=", 1) for item in args.set)}
     seeds = [42 + 1000 * i for i in range(args.seeds)]
     task_types = {"text": [TEXT], "image": [IMAGE], "both": [TEXT, IMAGE]}[args.task]
@@ -235,9 +266,14 @@ def main(argv: list[str] | None = None) -> int:
             flush=True,
         )
         base = {**TASK_SETTINGS.get(task_type, {}), **overrides}
-        configurations = {"recipe" + (f" {overrides}" if overrides else ""): base}
-        if args.ablate:
+        if task_type == TEXT:
+            report["wide_alone"] = wide_alone(task, resolve_hyperparameters(TEXT, base))
+            print(f"  the wide layer alone: macro-F1 {report['wide_alone']['macro_f1']:.4f}", flush=True)
+        configurations = {} if args.skip_recipe else {"recipe" + (f" {overrides}" if overrides else ""): base}
+        if args.ablate is not None:
             for name, flip in ABLATIONS[task_type].items():
+                if args.ablate and name not in args.ablate:
+                    continue
                 configurations[name] = {**base, **flip}
         results = {}
         for name, config in configurations.items():
@@ -246,7 +282,7 @@ def main(argv: list[str] | None = None) -> int:
         report[task_type] = {"baseline": baseline, "configurations": results}
         tables.append(table(task_type, results))
     print("\n" + "\n\n".join(tables))
-    path = write_results("quality", report)
+    path = write_results(args.results, report)
     print(f"\nresults: {path}")
     return 0
 

@@ -34,6 +34,8 @@ TEXT_ONLY = (
     "layer_decay",
     "reinit_layers",
     "pooling",
+    "wide",
+    "wide_c",
 )
 ADVERSARIAL_METHODS = ("none", "fgm")
 POOLINGS = ("mean", "cls")
@@ -119,6 +121,16 @@ class HyperparametersSchema(Schema):
         validate=validate.OneOf(POOLINGS),
         metadata={"description": "text only: mean of the token states, or the [CLS] token's state"},
     )
+    wide = fields.Boolean(
+        metadata={
+            "description": "text only: serve the average of the head's probabilities and those of a logistic "
+            "regression on the word pieces' TF-IDF, fitted on the train split (Wide & Deep, one graph)"
+        }
+    )
+    wide_c = fields.Float(
+        validate=validate.Range(min=0.001, max=10000),
+        metadata={"description": "text only: C (inverse L2 strength) of the wide layer's logistic regression"},
+    )
     quantize = fields.Boolean(
         metadata={"description": "text only: ship an int8 dynamic-quantized graph if macro-F1 drops by <= 0.01"}
     )
@@ -154,6 +166,8 @@ TASK_DEFAULTS: dict[str, dict[str, Any]] = {
         "layer_decay": 1.0,
         "reinit_layers": 0,
         "pooling": "mean",
+        "wide": True,
+        "wide_c": 10.0,
     },
     IMAGE: {
         **_COMMON_DEFAULTS,

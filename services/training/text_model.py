@@ -4,7 +4,9 @@ The encoder is loaded offline with `transformers` from the folder of the `gt-all
 is fetched from a hub. Options: full fine-tune or frozen encoder (only the head trains); pooling (mean of the
 tokens, or the [CLS] token); maximum sequence length, by default chosen from the data (the 95th percentile of
 the train split's token lengths, capped at `MAX_AUTO_LENGTH`); layer-wise learning-rate decay; re-initialising the
-top encoder layers; token dropout (training only: a share of each text's word pieces replaced by [MASK]).
+top encoder layers; token dropout (training only: a share of each text's word pieces replaced by [MASK]); and the
+wide layer (on by default): a logistic regression on the word pieces' TF-IDF, fitted on the train split, whose
+probabilities the served model averages with the head's (Wide & Deep in one graph; docs/training.md measures it).
 Batches are padded to their own longest item (dynamic padding), not to the maximum.
 """
 
@@ -39,7 +41,79 @@ EMBEDDING_PARAMETER = "encoder.embeddings.word_embeddings.weight"
 _LAYER = re.compile(r"^encoder\.encoder\.layer\.(\d+)\.")
 
 
+class WideLayer(nn.Module):
+    """The "wide" half of Wide & Deep: a logistic regression on the TF-IDF of a text's word pieces.
+
+    TF-IDF as scikit-learn computes it (`sublinear_tf`, smooth idf, L2-normalised rows) over the same word pieces,
+    truncated at the same `max_length`, that the encoder sees, so one ONNX graph serves both halves from
+    `input_ids` alone. It is written with gathers and an L x L comparison (no vocabulary-sized tensor per text):
+    each position of a word piece that occurs c times contributes (1 + ln c) * idf / c of it, so the positions
+    of one word piece add up to its TF-IDF weight once. Its parameters are buffers: a logistic regression fits
+    them (`fit_wide`), the optimiser never touches them. Word pieces with an idf of 0 (the special tokens, and
+    those the train split never held) count for nothing, as a vectorizer ignores words outside its vocabulary.
+    """
+
+    def __init__(self, idf: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("idf", idf.float())
+        self.register_buffer("weight", weight.float())
+        self.register_buffer("bias", bias.float())
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        idf = self.idf[input_ids]
+        present = attention_mask.to(idf.dtype) * (idf > 0).to(idf.dtype)
+        same = (input_ids.unsqueeze(2) == input_ids.unsqueeze(1)).to(idf.dtype) * present.unsqueeze(1)
+        counts = same.sum(dim=2).clamp(min=1.0)
+        weight = (1.0 + torch.log(counts)) * idf * present
+        norm = torch.sqrt((weight * weight / counts).sum(dim=1, keepdim=True)).clamp(min=1e-12)
+        share = (weight / counts / norm).unsqueeze(-1)
+        return (share * self.weight[input_ids]).sum(dim=1) + self.bias
+
+
+def fit_wide(
+    tokenizer: Any, texts: list[str], labels: list[int], num_labels: int, max_length: int, regularisation: float
+) -> WideLayer | None:
+    """Fit the wide layer on the train split: TF-IDF of the word pieces (as the encoder sees them) and a logistic
+    regression with C = `regularisation`. None when the split holds fewer than two classes."""
+    from scipy.sparse import csr_matrix
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import normalize
+
+    classes = sorted(set(labels))
+    if len(classes) < 2:
+        return None
+    vocabulary = len(tokenizer)
+    special = set(tokenizer.all_special_ids)
+    rows, columns, counts = [], [], []
+    for row, ids in enumerate(tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]):
+        unique, repeats = np.unique([i for i in ids if i not in special], return_counts=True)
+        rows += [row] * len(unique)
+        columns += unique.tolist()
+        counts += repeats.tolist()
+    matrix = csr_matrix((np.asarray(counts, dtype=np.float64), (rows, columns)), shape=(len(texts), vocabulary))
+    documents = np.bincount(np.asarray(columns, dtype=np.int64), minlength=vocabulary)
+    idf = np.where(documents > 0, np.log((1 + len(texts)) / (1 + documents)) + 1.0, 0.0)
+    matrix.data = 1.0 + np.log(matrix.data)
+    features = normalize(matrix.multiply(idf).tocsr())
+    regression = LogisticRegression(C=regularisation, max_iter=5000, random_state=0)
+    regression.fit(features, np.asarray(labels))
+    weight = np.zeros((vocabulary, num_labels), dtype=np.float32)
+    bias = np.full(num_labels, -1e4, dtype=np.float32)  # a class the train split lacks is never the answer
+    if len(classes) == 2:  # scikit-learn keeps one weight vector: class 1's logit against class 0's
+        weight[:, classes[1]] = regression.coef_[0]
+        bias[classes[0]], bias[classes[1]] = 0.0, regression.intercept_[0]
+    else:
+        weight[:, classes] = regression.coef_.T
+        bias[classes] = regression.intercept_
+    return WideLayer(torch.from_numpy(idf), torch.from_numpy(weight), torch.from_numpy(bias))
+
+
 class TextClassifier(nn.Module):
+    """The encoder, pooled, under a linear head; with `wide`, the served answer averages the head's
+    probabilities with the wide layer's (a soft-voting ensemble in one graph: the output stays log-probabilities,
+    so softmax gives the averaged confidence). Training batches see the head alone: the encoder learns the task
+    itself, not the wide layer's residual, and validation, export and serving see the ensemble."""
+
     def __init__(
         self,
         encoder: nn.Module,
@@ -48,6 +122,7 @@ class TextClassifier(nn.Module):
         dropout: float,
         freeze_encoder: bool,
         pooling: str = "mean",
+        wide: WideLayer | None = None,
     ) -> None:
         super().__init__()
         self.encoder = encoder
@@ -55,6 +130,7 @@ class TextClassifier(nn.Module):
         self.freeze_encoder = freeze_encoder
         self.dropout = nn.Dropout(dropout)
         self.head = nn.Linear(encoder.config.hidden_size, num_labels)
+        self.wide = wide
         if freeze_encoder:
             self.encoder.requires_grad_(False)
 
@@ -71,7 +147,12 @@ class TextClassifier(nn.Module):
         else:
             mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
             pooled = (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1e-9)
-        return self.head(self.dropout(pooled))
+        logits = self.head(self.dropout(pooled))
+        if self.wide is None or self.training:
+            return logits
+        wide = self.wide(input_ids, attention_mask)
+        mixed = (torch.softmax(logits, dim=-1) + torch.softmax(wide, dim=-1)) / 2
+        return torch.log(mixed.clamp(min=1e-12))
 
 
 class TextItems(Dataset):
@@ -193,15 +274,21 @@ def _decode(data: SnapshotData) -> tuple[TextItems, TextItems]:
 def prepare_text_task(data: SnapshotData, hyperparameters: dict[str, Any], base_model: str) -> PreparedTask:
     encoder, tokenizer = load_encoder(base_model)
     reinitialise_top_layers(encoder, hyperparameters.get("reinit_layers", 0))
+    train_set, val_set = _decode(data)
+    max_length = hyperparameters["max_length"] or choose_max_length(tokenizer, train_set.texts)
+    wide = None
+    if hyperparameters.get("wide", False):
+        wide = fit_wide(
+            tokenizer, train_set.texts, train_set.labels, len(data.labels), max_length, hyperparameters["wide_c"]
+        )
     model = TextClassifier(
         encoder,
         len(data.labels),
         dropout=hyperparameters["dropout"],
         freeze_encoder=hyperparameters["freeze_encoder"],
         pooling=hyperparameters.get("pooling", "mean"),
+        wide=wide,
     )
-    train_set, val_set = _decode(data)
-    max_length = hyperparameters["max_length"] or choose_max_length(tokenizer, train_set.texts)
     collate = TextCollator(tokenizer, max_length)
     train_collate = TextCollator(tokenizer, max_length, token_dropout=hyperparameters.get("token_dropout", 0.0))
 
@@ -236,5 +323,9 @@ def prepare_text_task(data: SnapshotData, hyperparameters: dict[str, Any], base_
         export=export,
         lr_scale=layer_lr_scale(encoder.config.num_hidden_layers, hyperparameters.get("layer_decay", 1.0)),
         embedding_parameter=EMBEDDING_PARAMETER,
-        chosen={"max_length": max_length, "max_length_source": "given" if hyperparameters["max_length"] else "data"},
+        chosen={
+            "max_length": max_length,
+            "max_length_source": "given" if hyperparameters["max_length"] else "data",
+            "wide": wide is not None,
+        },
     )

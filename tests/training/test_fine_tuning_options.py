@@ -1,6 +1,7 @@
 """The recipe's fine-tuning options, on the real text pipeline (`prepare_text_task` with a tiny BERT and MiniLM's
 tokenizer) and the real trainer: adversarial training on the embeddings (FGM), label smoothing, token dropout,
-sequence length chosen from the data, layer-wise learning-rate decay, re-initialised top layers and pooling.
+sequence length chosen from the data, layer-wise learning-rate decay, re-initialised top layers, pooling and the
+wide layer (TF-IDF + logistic regression on the word pieces, averaged with the head in serving).
 Their effect on quality is measured by the benchmark (bench/quality_bench.py, docs/training.md), not here."""
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from services.training.text_model import (
     TextClassifier,
     TextCollator,
     choose_max_length,
+    fit_wide,
     layer_lr_scale,
     load_tokenizer,
     prepare_text_task,
@@ -173,11 +175,11 @@ def test_the_sequence_length_comes_from_the_train_split_and_the_export_records_i
     texts = task.train_set.texts
     lengths = sorted(len(ids) for ids in tokenizer(texts)["input_ids"])
     expected = max(16, min(256, int(np.ceil(np.percentile(lengths, 95)))))
-    assert task.chosen == {"max_length": expected, "max_length_source": "data"}
+    assert task.chosen == {"max_length": expected, "max_length_source": "data", "wide": True}
     assert task.export.preprocessing["max_length"] == expected == task.eval_collate.max_length
     assert sum(length <= expected for length in lengths) >= 0.95 * len(lengths)
     given = prepare_text_task(data, resolve_hyperparameters(TEXT, {"max_length": 20}), tiny_bert)
-    assert given.chosen == {"max_length": 20, "max_length_source": "given"}
+    assert given.chosen == {"max_length": 20, "max_length_source": "given", "wide": True}
     # Capped: one very long text does not set the length of all.
     assert choose_max_length(tokenizer, ["word " * 2000] * 10) == 256
     assert choose_max_length(tokenizer, ["hi"] * 10) == 16
@@ -232,6 +234,63 @@ def test_layer_wise_decay_reinitialisation_and_pooling() -> None:
     torch.testing.assert_close(cls(ids, mask), model.head(hidden[:, 0]))
 
 
+def test_the_wide_layer_is_scikit_learns_tf_idf_and_logistic_regression_on_the_word_pieces(tiny_bert_folder) -> None:
+    from sklearn.feature_extraction.text import TfidfVectorizer
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+
+    tokenizer = load_tokenizer(tiny_bert_folder)
+    data = snapshot_data()
+    texts = [example.content.decode() for example in data.train]
+    labels = [example.label for example in data.train]
+    wide = fit_wide(tokenizer, texts, labels, len(LABELS), 24, 10.0)
+    special = set(tokenizer.all_special_ids)
+
+    def pieces(text: str) -> list[str]:  # what the encoder sees: truncated at 24 with [CLS] and [SEP]
+        return [str(i) for i in tokenizer(text, truncation=True, max_length=24)["input_ids"] if i not in special]
+
+    reference = make_pipeline(
+        TfidfVectorizer(analyzer=pieces, sublinear_tf=True), LogisticRegression(C=10.0, max_iter=5000)
+    ).fit(texts, labels)
+    unseen = [example.content.decode() for example in data.validation] + ["zebra cosine zebra, unheard-of words"]
+    batch = TextCollator(tokenizer, 24).encode(unseen)
+    ours = torch.softmax(wide(batch["input_ids"], batch["attention_mask"]), dim=-1).numpy()
+    np.testing.assert_allclose(ours, reference.predict_proba(unseen), atol=2e-3)
+    # Padding changes nothing: one text alone answers as it does in a padded batch.
+    alone = TextCollator(tokenizer, 24).encode(unseen[-1:])
+    torch.testing.assert_close(
+        wide(alone["input_ids"], alone["attention_mask"]), wide(batch["input_ids"], batch["attention_mask"])[-1:]
+    )
+    # Two classes: scikit-learn keeps one weight vector; the layer still answers both, and an absent class never.
+    two = fit_wide(tokenizer, texts[:10], [0, 2] * 5, 3, 24, 10.0)
+    answers = two(batch["input_ids"], batch["attention_mask"]).argmax(dim=-1)
+    assert set(answers.tolist()) <= {0, 2}
+    assert fit_wide(tokenizer, texts[:4], [1] * 4, 3, 24, 10.0) is None
+
+
+def test_serving_averages_head_and_wide_layer_while_training_sees_the_head_alone(tiny_bert) -> None:
+    data = snapshot_data()
+    task = prepare_text_task(data, resolve_hyperparameters(TEXT, {"dropout": 0.0}), tiny_bert)
+    model = task.model
+    calls = []
+    model.wide.register_forward_hook(lambda *_: calls.append(1))
+    batch = task.eval_collate.encode(task.train_set.texts[:5])
+    model.train()
+    model(**batch)
+    assert calls == []  # the encoder learns the task itself, not the wide layer's residual
+    model.eval()
+    with torch.no_grad():
+        served = model(**batch)
+        wide, model.wide = model.wide, None
+        head = model(**batch)
+        model.wide = wide
+        expected = torch.log((torch.softmax(head, -1) + torch.softmax(wide(**batch), -1)) / 2)
+    torch.testing.assert_close(served, expected)
+    torch.testing.assert_close(torch.softmax(served, -1).sum(-1), torch.ones(5))  # still log-probabilities
+    off = prepare_text_task(data, resolve_hyperparameters(TEXT, {"wide": False}), tiny_bert)
+    assert off.model.wide is None and off.chosen["wide"] is False
+
+
 def test_the_options_are_validated() -> None:
     resolved = resolve_hyperparameters(TEXT, {"adversarial": "fgm", "token_dropout": 0.1, "label_smoothing": 0.1})
     assert (resolved["adversarial"], resolved["token_dropout"], resolved["label_smoothing"]) == ("fgm", 0.1, 0.1)
@@ -240,10 +299,10 @@ def test_the_options_are_validated() -> None:
     assert "freeze_encoder" in error.value.messages["adversarial"][0]
     with pytest.raises(ValidationError) as error:
         resolve_hyperparameters(
-            TEXT, {"adversarial": "pgd", "token_dropout": 0.9, "label_smoothing": -1, "pooling": "max"}
+            TEXT, {"adversarial": "pgd", "token_dropout": 0.9, "label_smoothing": -1, "pooling": "max", "wide_c": 0}
         )
-    assert set(error.value.messages) == {"adversarial", "token_dropout", "label_smoothing", "pooling"}
+    assert set(error.value.messages) == {"adversarial", "token_dropout", "label_smoothing", "pooling", "wide_c"}
     with pytest.raises(ValidationError) as error:
-        resolve_hyperparameters("image_classification", {"adversarial": "fgm", "layer_decay": 0.8})
-    assert set(error.value.messages) == {"adversarial", "layer_decay"}
+        resolve_hyperparameters("image_classification", {"adversarial": "fgm", "layer_decay": 0.8, "wide": True})
+    assert set(error.value.messages) == {"adversarial", "layer_decay", "wide"}
     assert resolve_hyperparameters("image_classification", {"label_smoothing": 0.1})["label_smoothing"] == 0.1
