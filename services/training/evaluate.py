@@ -21,6 +21,7 @@ from PIL import Image
 from sklearn import metrics
 
 ECE_BINS = 15
+IGNORED_LABEL = -100
 INPUT_STATS_BATCH = 64
 
 
@@ -41,11 +42,14 @@ def macro_f1(y_true: np.ndarray, y_pred: np.ndarray) -> float:
     """Mean F1 over the classes that occur in the labels or the predictions (scikit-learn's convention).
 
     A class neither true nor predicted on this split is left out, not averaged in as 0; an unknown label (-1)
-    is no class.
+    is no class. A true label of IGNORED_LABEL (-100: a token classification's non-first word pieces and padding)
+    is not scored at all.
     """
+    y_true, y_pred = np.asarray(y_true), np.asarray(y_pred)
+    scored = y_true != IGNORED_LABEL
+    y_true, y_pred = y_true[scored], y_pred[scored]
     if len(y_true) == 0:
         return 0.0
-    y_true, y_pred = np.asarray(y_true), np.asarray(y_pred)
     present = np.union1d(y_true, y_pred[y_pred >= 0])
     return float(metrics.f1_score(y_true, y_pred, labels=present, average="macro", zero_division=0))
 
@@ -160,3 +164,35 @@ def input_statistics(
                 columns["width"].append(float(width))
                 columns["height"].append(float(height))
     return columns
+
+
+def entity_report(true_tags: list[list[str]], predicted_tags: list[list[str]]) -> dict[str, Any]:
+    """Entity-level scores of IOB2 tag sequences (one list of word tags per text), by `seqeval` in strict mode:
+    an entity counts only if its type and its exact extent match. `entity_f1` (the promotion gate's metric for
+    token classification) and `entity_precision`/`entity_recall` are micro-averaged over entities; `per_type`
+    has each entity type's precision, recall, F1 and support (true entities)."""
+    from seqeval.metrics import classification_report as seqeval_report
+    from seqeval.scheme import IOB2
+
+    texts = len(true_tags)
+    if not any(tag != "O" for tags in (*true_tags, *predicted_tags) for tag in tags):
+        return {"texts": texts, "entity_precision": 0.0, "entity_recall": 0.0, "entity_f1": 0.0, "per_type": {}}
+    report = seqeval_report(true_tags, predicted_tags, mode="strict", scheme=IOB2, output_dict=True, zero_division=0)
+    micro = report.get("micro avg", {"precision": 0.0, "recall": 0.0, "f1-score": 0.0})
+    per_type = {
+        name: {
+            "precision": float(row["precision"]),
+            "recall": float(row["recall"]),
+            "f1": float(row["f1-score"]),
+            "support": int(row["support"]),
+        }
+        for name, row in report.items()
+        if not name.endswith(" avg")
+    }
+    return {
+        "texts": texts,
+        "entity_precision": float(micro["precision"]),
+        "entity_recall": float(micro["recall"]),
+        "entity_f1": float(micro["f1-score"]),
+        "per_type": per_type,
+    }

@@ -1,0 +1,365 @@
+"""Token classification (named entities): the bundled MiniLM encoder with a per-token tagging head.
+
+Items are texts with entity spans `{start, end, label}` in Unicode code points (see docs/ner.md). The tag set is
+IOB2 over the dataset's entity labels: `O`, then `B-<label>`, `I-<label>` for each label in order.
+
+- Alignment: the tokenizer's words (its pre-tokenizer splits on spaces and punctuation, and each CJK character is
+  a word) are located in the text through its offset mapping. A word inside a span is tagged `B-<label>` if it is
+  the span's first word, `I-<label>` otherwise, and `O` outside every span. The tag goes on the word's first word
+  piece; its other pieces and the special tokens get -100, which the loss ignores (`nn.CrossEntropyLoss`'s
+  `ignore_index`).
+- The model's `forward` returns one row of logits per token position, flattened over the batch
+  (`[batch * sequence, tags]`), so the shared `Trainer` (AdamW, warm-up and decay, early stopping, class weights
+  over tags) trains it unchanged: its labels are the flattened tags, -100 included. `TokenLogits` is the same model
+  shaped `[batch, sequence, tags]`, which is what is exported and served.
+- Decoding (`decode_entities`), the rule recorded with the exported graph: each word's tag probabilities are
+  those of its first piece (softmax of the logits); the words' tags are the most probable sequence that is valid
+  IOB2 (Viterbi: `I-X` only after `B-X` or `I-X`, never first), so that a multi-word entity whose words lean to
+  different types comes out as one entity of the type the words agree on most. An entity is a `B-X` word and the
+  `I-X` words after it; its offsets run from its first word's start to its last word's end, moved out to the
+  nearest character (grapheme) boundary, and its score is the mean probability of its words' tags.
+- Evaluation (`services.training.evaluate.entity_report`): the decoded word-level tag sequences against the true
+  ones, scored with `seqeval` in strict IOB2 mode: entity-level precision, recall and F1 (micro over entities;
+  `entity_f1`), per entity type.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import regex
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+
+from services.training.base_models import text_base_model_record
+from services.training.evaluate import entity_report
+from services.training.text_model import (
+    EMBEDDING_PARAMETER,
+    INPUT_NAMES,
+    layer_lr_scale,
+    load_encoder,
+    reinitialise_top_layers,
+)
+
+IGNORED = -100
+"""The label of word pieces that are not a word's first piece, and of special and padding tokens."""
+DEFAULT_MAX_LENGTH = 128
+DECODING_RULE = (
+    "iob2-first-piece-viterbi: each word (tokenizer pre-token) takes the softmax of its first word piece's logits; "
+    "the word tags are the most probable valid IOB2 sequence (I-X only after B-X or I-X); an entity is a B-X word "
+    "and the I-X words after it, its offsets run from the first word's start to the last word's end (Unicode code "
+    "points, widened to grapheme boundaries), its score is the mean probability of its words' tags"
+)
+_GRAPHEME = regex.compile(r"\X")
+
+
+def tag_set(entity_labels: list[str]) -> list[str]:
+    return ["O", *(f"{prefix}-{label}" for label in entity_labels for prefix in ("B", "I"))]
+
+
+@dataclass(frozen=True)
+class TokenItem:
+    text: str
+    spans: list[dict[str, Any]]
+
+
+class TokenItems(Dataset):
+    def __init__(self, items: list[TokenItem]) -> None:
+        self.items = items
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> TokenItem:
+        return self.items[index]
+
+
+class TokenTagger(nn.Module):
+    """Encoder + dropout + a linear layer over each token's hidden state; logits flattened over the batch."""
+
+    def __init__(self, encoder: nn.Module, num_tags: int, *, dropout: float, freeze_encoder: bool) -> None:
+        super().__init__()
+        self.encoder = encoder
+        self.freeze_encoder = freeze_encoder
+        self.dropout = nn.Dropout(dropout)
+        self.head = nn.Linear(encoder.config.hidden_size, num_tags)
+        if freeze_encoder:
+            self.encoder.requires_grad_(False)
+
+    def train(self, mode: bool = True) -> TokenTagger:
+        super().train(mode)
+        if self.freeze_encoder:
+            self.encoder.eval()
+        return self
+
+    def token_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        return self.head(self.dropout(hidden))
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        logits = self.token_logits(input_ids, attention_mask)
+        return logits.reshape(-1, logits.shape[-1])
+
+
+class TokenLogits(nn.Module):
+    """The tagger as exported and served: logits `[batch, sequence, tags]`."""
+
+    def __init__(self, tagger: TokenTagger) -> None:
+        super().__init__()
+        self.tagger = tagger
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.tagger.token_logits(input_ids, attention_mask)
+
+
+@dataclass
+class Words:
+    """A tokenized text's words: each one's character span and the position of its first word piece."""
+
+    offsets: list[tuple[int, int]]
+    first_piece: list[int]
+
+
+def words_of(encoding: Any, index: int) -> Words:
+    """The words of text `index` of a batch encoding (made with `return_offsets_mapping=True`)."""
+    offsets: list[tuple[int, int]] = []
+    first: list[int] = []
+    previous = None
+    for position, word in enumerate(encoding.word_ids(index)):
+        if word is None:
+            continue
+        start, end = (int(x) for x in encoding["offset_mapping"][index][position])
+        if word != previous:
+            offsets.append((start, end))
+            first.append(position)
+        else:
+            offsets[-1] = (offsets[-1][0], max(offsets[-1][1], end))
+        previous = word
+    return Words(offsets, first)
+
+
+def word_tags(words: Words, spans: list[dict[str, Any]]) -> list[str]:
+    """IOB2 tags of the words: B- on the first word that starts inside a span, I- on the following ones."""
+    tags = ["O"] * len(words.offsets)
+    for span in spans:
+        inside = [i for i, (start, _) in enumerate(words.offsets) if span["start"] <= start < span["end"]]
+        for n, i in enumerate(inside):
+            tags[i] = f"{'B' if n == 0 else 'I'}-{span['label']}"
+    return tags
+
+
+def encode(tokenizer: Any, texts: list[str], max_length: int) -> Any:
+    return tokenizer(
+        texts,
+        padding="longest",
+        truncation=True,
+        max_length=max_length,
+        return_offsets_mapping=True,
+        return_tensors="np",
+    )
+
+
+class TokenCollator:
+    """Tokenizes a batch (padded to its longest text, truncated at `max_length`) and aligns the tags to the
+    first word piece of each word; `labels` are flattened like the model's logits."""
+
+    def __init__(self, tokenizer: Any, tags: list[str], max_length: int) -> None:
+        self.tokenizer = tokenizer
+        self.index = {tag: i for i, tag in enumerate(tags)}
+        self.max_length = max_length
+
+    def __call__(self, items: list[TokenItem]) -> dict[str, torch.Tensor]:
+        encoded = encode(self.tokenizer, [item.text for item in items], self.max_length)
+        labels = np.full(encoded["input_ids"].shape, IGNORED, dtype=np.int64)
+        for row, item in enumerate(items):
+            words = words_of(encoded, row)
+            for position, tag in zip(words.first_piece, word_tags(words, item.spans), strict=True):
+                labels[row, position] = self.index[tag]
+        return {
+            "input_ids": torch.from_numpy(encoded["input_ids"].astype(np.int64)),
+            "attention_mask": torch.from_numpy(encoded["attention_mask"].astype(np.int64)),
+            "labels": torch.from_numpy(labels.reshape(-1)),
+        }
+
+
+def tag_counts(tokenizer: Any, items: list[TokenItem], tags: list[str], max_length: int) -> list[int]:
+    """How often each tag labels a first word piece in `items` (for class-weighted loss)."""
+    collate = TokenCollator(tokenizer, tags, max_length)
+    counts = np.zeros(len(tags), dtype=np.int64)
+    for start in range(0, len(items), 256):
+        labels = collate(items[start : start + 256])["labels"].numpy()
+        counts += np.bincount(labels[labels >= 0], minlength=len(tags))
+    return counts.tolist()
+
+
+def _softmax(logits: np.ndarray) -> np.ndarray:
+    shifted = logits - logits.max(axis=-1, keepdims=True)
+    exp = np.exp(shifted)
+    return exp / exp.sum(axis=-1, keepdims=True)
+
+
+def _grapheme_edges(text: str) -> list[int]:
+    return [0, *(match.end() for match in _GRAPHEME.finditer(text))]
+
+
+def allowed_transitions(tags: list[str]) -> np.ndarray:
+    """`[from, to]`: True where IOB2 allows tag `to` right after tag `from` (I-X only after B-X or I-X)."""
+    allowed = np.ones((len(tags), len(tags)), dtype=bool)
+    for to, tag in enumerate(tags):
+        if tag.startswith("I-"):
+            allowed[:, to] = [other in {f"B-{tag[2:]}", tag} for other in tags]
+    return allowed
+
+
+def viterbi_tags(probabilities: np.ndarray, tags: list[str]) -> list[int]:
+    """The most probable valid IOB2 tag sequence for per-word tag probabilities `[words, tags]`."""
+    if len(probabilities) == 0:
+        return []
+    log_p = np.log(np.clip(probabilities, 1e-12, None))
+    barrier = np.where(allowed_transitions(tags), 0.0, -np.inf)
+    starts = np.array([0.0 if not tag.startswith("I-") else -np.inf for tag in tags])
+    score = starts + log_p[0]
+    back = np.zeros((len(log_p), len(tags)), dtype=np.int64)
+    for word in range(1, len(log_p)):
+        candidates = score[:, None] + barrier
+        back[word] = candidates.argmax(axis=0)
+        score = candidates.max(axis=0) + log_p[word]
+    path = [int(score.argmax())]
+    for word in range(len(log_p) - 1, 0, -1):
+        path.append(int(back[word, path[-1]]))
+    return path[::-1]
+
+
+def word_predictions(words: Words, logits: np.ndarray, tags: list[str]) -> tuple[list[str], list[float]]:
+    """Each word's decoded tag and its probability, from a text's token logits `[sequence, tags]`."""
+    probabilities = _softmax(np.asarray(logits, dtype=np.float64))[words.first_piece]
+    path = viterbi_tags(probabilities, tags)
+    return [tags[i] for i in path], [float(probabilities[w, i]) for w, i in enumerate(path)]
+
+
+def decode_entities(text: str, words: Words, logits: np.ndarray, tags: list[str]) -> list[dict[str, Any]]:
+    """Entities of one text from its token logits `[sequence, tags]` (see the module's decoding rule)."""
+    entities: list[dict[str, Any]] = []
+    scores: list[float] = []
+    for (start, end), tag, score in zip(words.offsets, *word_predictions(words, logits, tags), strict=True):
+        if tag == "O":
+            continue
+        if tag.startswith("I-") and entities:
+            entities[-1]["end"] = end
+            scores.append(score)
+            entities[-1]["score"] = float(np.mean(scores))
+            continue
+        scores = [score]
+        entities.append({"start": start, "end": end, "label": tag[2:], "score": score})
+    return _on_graphemes(text, entities)
+
+
+def _on_graphemes(text: str, entities: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Widen each entity to whole characters: a tokenizer that strips accents maps `e` + U+0301 to `e` alone."""
+    if not entities:
+        return entities
+    edges = _grapheme_edges(text)
+    for entity in entities:
+        entity["start"] = max(edge for edge in edges if edge <= entity["start"])
+        entity["end"] = min(edge for edge in edges if edge >= entity["end"])
+    return entities
+
+
+def predict_entities(
+    model: nn.Module, tokenizer: Any, texts: list[str], tags: list[str], max_length: int, batch_size: int = 32
+) -> list[list[dict[str, Any]]]:
+    """Entities of each text from the torch model (`TokenTagger`), in order."""
+    core = model.to("cpu").float().eval()
+    found: list[list[dict[str, Any]]] = []
+    with torch.inference_mode():
+        for start in range(0, len(texts), batch_size):
+            batch = texts[start : start + batch_size]
+            encoded = encode(tokenizer, batch, max_length)
+            logits = core.token_logits(
+                torch.from_numpy(encoded["input_ids"].astype(np.int64)),
+                torch.from_numpy(encoded["attention_mask"].astype(np.int64)),
+            ).numpy()
+            for row, text in enumerate(batch):
+                found.append(decode_entities(text, words_of(encoded, row), logits[row], tags))
+    return found
+
+
+def evaluate_entities(
+    model: nn.Module, tokenizer: Any, items: list[TokenItem], tags: list[str], max_length: int
+) -> dict[str, Any]:
+    """seqeval's strict IOB2 scores of the model's word tags against the items' spans (`entity_report`)."""
+    core = model.to("cpu").float().eval()
+    true_tags: list[list[str]] = []
+    predicted: list[list[str]] = []
+    with torch.inference_mode():
+        for start in range(0, len(items), 32):
+            batch = items[start : start + 32]
+            encoded = encode(tokenizer, [item.text for item in batch], max_length)
+            logits = core.token_logits(
+                torch.from_numpy(encoded["input_ids"].astype(np.int64)),
+                torch.from_numpy(encoded["attention_mask"].astype(np.int64)),
+            ).numpy()
+            for row, item in enumerate(batch):
+                words = words_of(encoded, row)
+                true_tags.append(word_tags(words, item.spans))
+                predicted.append(word_predictions(words, logits[row], tags)[0])
+    return entity_report(true_tags, predicted)
+
+
+@dataclass
+class PreparedTokenTask:
+    """What a token-classification run trains: the model, its data and collators, and what export needs."""
+
+    model: TokenTagger
+    tokenizer: Any
+    tags: list[str]
+    max_length: int
+    train_set: TokenItems
+    val_set: TokenItems
+    collate: TokenCollator
+    head_prefixes: tuple[str, ...]
+    base_model: dict[str, Any]
+    lr_scale: Any
+    embedding_parameter: str
+    train_tag_counts: list[int]
+
+    @property
+    def input_names(self) -> list[str]:
+        return INPUT_NAMES
+
+
+def prepare_token_task(
+    train: list[TokenItem],
+    validation: list[TokenItem],
+    entity_labels: list[str],
+    hyperparameters: dict[str, Any],
+    base_model: str,
+) -> PreparedTokenTask:
+    torch.manual_seed(hyperparameters.get("seed", 0))  # the head's initial weights, and so the run, are reproducible
+    encoder, tokenizer = load_encoder(base_model)
+    reinitialise_top_layers(encoder, hyperparameters.get("reinit_layers", 0))
+    tags = tag_set(entity_labels)
+    model = TokenTagger(
+        encoder,
+        len(tags),
+        dropout=hyperparameters.get("dropout", 0.1),
+        freeze_encoder=hyperparameters.get("freeze_encoder", False),
+    )
+    max_length = hyperparameters.get("max_length") or DEFAULT_MAX_LENGTH
+    return PreparedTokenTask(
+        model=model,
+        tokenizer=tokenizer,
+        tags=tags,
+        max_length=max_length,
+        train_set=TokenItems(train),
+        val_set=TokenItems(validation),
+        collate=TokenCollator(tokenizer, tags, max_length),
+        head_prefixes=("head.",),
+        base_model=text_base_model_record(base_model),
+        lr_scale=layer_lr_scale(encoder.config.num_hidden_layers, hyperparameters.get("layer_decay", 1.0)),
+        embedding_parameter=EMBEDDING_PARAMETER,
+        train_tag_counts=tag_counts(tokenizer, train, tags, max_length),
+    )
