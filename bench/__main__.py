@@ -25,6 +25,7 @@ MODULES = {  # benchmark name -> the module `python -m` runs
     "inference_bench": "bench.inference_bench",
     "inference_floor": "bench.inference_floor",
     "monitoring_bench": "bench.monitoring_bench",
+    "metering_bench": "bench.metering_bench",
     "flywheel_bench": "bench.flywheel_bench",
     "quality_bench": "bench.quality_bench",
 }
@@ -35,6 +36,7 @@ RESULT_FILES = {
     "inference_bench": "inference",
     "inference_floor": "inference_floor",
     "monitoring_bench": "monitoring",
+    "metering_bench": "metering",
     "flywheel_bench": "flywheel",
     "quality_bench": "quality",
 }
@@ -239,7 +241,29 @@ def _quality(r: dict[str, Any]) -> str:
     return "\n\n".join(parts) + "\n\nTargets: lift >= 0.05, spread <= 0.03 over the seeds."
 
 
+def _metering(r: dict[str, Any]) -> str:
+    rows = [
+        [
+            mode,
+            _shown(m["throughput"], 1),
+            f"{m['loss'] * 100:+.1f}%",
+            _shown(m["server_cpu_ms_per_request"], 3),
+            "-" if m["cpu_ratio"] is None else f"{m['cpu_ratio']:.3f}",
+            m["errors"],
+        ]
+        for mode, m in r["modes"].items()
+    ]
+    headers = ["mode", "req/s", "lost vs off (median per round)", "server CPU ms/req", "CPU vs off", "errors"]
+    target = r["target"]
+    return (
+        f"{render(headers, rows, markdown=True)}\n\nTarget: metering loses at most {target['max_loss']:.0%}: "
+        f"{'met' if target['met'] else '**missed**'}; the request thread's share, in process: "
+        f"{r['count_us_per_request']:.2f} us per request."
+    )
+
+
 SECTIONS = {
+    "metering_bench": ("Metering: the hot path with usage metering on and off", _metering),
     "ingestion_bench": ("Ingestion", _ingestion),
     "training_bench": ("Training", _training),
     "inference_bench": ("Inference", _inference),

@@ -162,6 +162,23 @@ def _quantity(value: float) -> int | float:
     return int(value) if float(value).is_integer() else value
 
 
+def invoice(context: CliContext, args: Any) -> int:
+    """Each tenant's invoice for a billing period: one line per priced meter, and the total (operator)."""
+    answer = context.operator().ingestion.billing_invoices(args.period, tenant=args.tenant)
+    if args.json:
+        print(json.dumps(answer, indent=2))
+        return 0
+    if not answer["invoices"]:
+        print(f"no usage in {args.period}")
+    columns = ["meter", "quantity", "unit", "unit_price", "amount"]
+    for found in answer["invoices"]:
+        print(f"invoice {found['tenant']} {found['period']} ({found['currency']})")
+        print(render(columns, found["lines"], none="-", empty="(nothing billable)"))
+        print(f"total {found['total']} {found['currency']}")
+        print()
+    return 0
+
+
 def runs_watch(context: CliContext, run_id: str, interval: float = 1.0) -> int:
     client = context.partner() if context.api_key else context.operator()
     while True:
@@ -226,6 +243,7 @@ def base_models_import(context: CliContext, name: str, path: Path, sha256: str |
         s3_secure=settings.s3_secure,
         s3_region=settings.s3_region,
         file_root=settings.file_store_root,
+        s3_server_side_encryption=settings.s3_server_side_encryption,
     )
     record = import_base_model(store, name, path, expected_sha256=sha256)
     print(json.dumps(record, indent=2))

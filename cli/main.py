@@ -56,6 +56,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from cli.keys import add_keys_parser
     from cli.models import add_models_parser
     from cli.trace import add_trace_parser
 
@@ -77,6 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     partners = sub.add_parser("partners", help="partners (operator)").add_subparsers(dest="action", required=True)
     partners.add_parser("create").add_argument("name")
+    add_keys_parser(sub)
 
     datasets = sub.add_parser("datasets", help="datasets (partner)").add_subparsers(dest="action", required=True)
     create = datasets.add_parser("create")
@@ -117,6 +119,11 @@ def build_parser() -> argparse.ArgumentParser:
     usage.add_argument("--bucket", choices=["hour", "day", "month"], default="day")
     usage.add_argument("--by", action="append", choices=["model", "version"], help="group by (repeatable)")
     usage.add_argument("--export", choices=["cloudevents", "csv"], help="print the period's records (operator)")
+
+    invoice = sub.add_parser("invoice", help="a billing period's invoice lines per tenant (operator)")
+    invoice.add_argument("--period", required=True, help="the billing month, YYYY-MM")
+    invoice.add_argument("--tenant", help="one tenant; default: every tenant with usage in the period")
+    invoice.add_argument("--json", action="store_true", help="print the API's answer as JSON")
 
     predict = sub.add_parser("predict", help="ask a served model (partner)")
     predict.add_argument("model")
@@ -182,11 +189,16 @@ def dispatch(args: argparse.Namespace) -> int:
         ("runs", "watch"): lambda: commands.runs_watch(context, args.run_id),
         ("predict", None): lambda: commands.predict(context, args),
         ("usage", None): lambda: commands.usage(context, args),
+        ("invoice", None): lambda: commands.invoice(context, args),
         ("base-models", "import"): lambda: commands.base_models_import(context, args.name, args.file, args.sha256),
         ("dead-letters", "list"): lambda: commands.dead_letters_list(context, args.service, args.all),
         ("dead-letters", "replay"): lambda: commands.dead_letters_replay(context, args.service, args.id),
         ("trace", None): lambda: commands.trace(context, args.trace_id, args),
     }
+    if command == "keys":
+        from cli.keys import run_keys_command
+
+        return run_keys_command(context, args)
     if command == "monitor":
         from cli.monitor import monitor
 

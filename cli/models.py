@@ -139,7 +139,9 @@ def models_show(
         chosen = version if version is not None else (versions[0]["version"] if versions else None)
         if chosen is not None:
             print(file=out)
-            _print_decision(client.version(model_name, chosen, **_query(tenant=tenant)), out)
+            shown = client.version(model_name, chosen, **_query(tenant=tenant))
+            _print_decision(shown, out)
+            _print_cost(shown, out)
         return 0
 
     return _guarded(run)
@@ -220,6 +222,39 @@ def _print_decision(version: dict[str, Any], out: TextIO) -> None:
     ]
     print(file=out)
     print_table(("condition", "result", "observed", "threshold", "detail"), rows, out=out)
+
+
+def _print_cost(version: dict[str, Any], out: TextIO) -> None:
+    """What the version cost to train and costs to serve, and what it gained: the return on its retrain."""
+    cost, number = version.get("cost"), version["version"]
+    print(file=out)
+    if not cost:
+        print(f"cost       v{number}: the meters could not be read", file=out)
+        return
+    currency, training, serving = cost["currency"], cost["training"], cost["serving"]
+    if training:
+        print(
+            f"training   {training['seconds']} {training['device'] or '?'} device-seconds: {training['cost']} "
+            f"{currency} at {training['unit_price']} per {training['unit']}",
+            file=out,
+        )
+    else:
+        print("training   not metered", file=out)
+    if serving["compute_seconds_per_1k"] is None:
+        print(f"serving    no predictions in the last {serving['window_hours']} h", file=out)
+    else:
+        print(
+            f"serving    {serving['compute_seconds_per_1k']} compute-seconds per 1k predictions "
+            f"({serving['compute_cost_per_1k']} {currency}; billed {serving['price_per_1k']}) over "
+            f"{serving['predictions']} predictions in the last {serving['window_hours']} h",
+            file=out,
+        )
+    gain = cost.get("gain")
+    if gain and gain.get("difference") is not None:
+        per_point = cost.get("training_cost_per_point")
+        price = f", {per_point} {currency} of training per point" if per_point else ""
+        gained = _number(gain["difference"], signed=True)
+        print(f"gained     {gain['metric']} {gained} over production{price}", file=out)
 
 
 def models_compare(

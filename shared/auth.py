@@ -4,6 +4,12 @@ Every service verifies a partner key through `KeyVerifier`: ingestion looks it u
 the others ask ingestion over HTTP (through the one service-to-service client, `shared.client.ServiceClient`) and
 cache the answer for `KEY_CACHE_SECONDS` (30 s by default), so a revoked key stops working everywhere within that
 time. An unknown key is remembered for `NEGATIVE_CACHE_SECONDS` at most, so a key issued a moment ago works soon.
+
+A key carries scopes (`SCOPES`) and may expire: both travel with the verified principal, so the cache never
+outlives an expiry (it is checked on every request) and every route checks the scope it declares with
+`requires_scope` (a partner route that declares none needs `admin`). The internal token is compared as a SHA-256
+digest (`FLYWHEEL_INTERNAL_TOKEN_SHA256`, or the digest of `FLYWHEEL_INTERNAL_TOKEN`); docs/security.md has the
+scope of every route.
 """
 
 from __future__ import annotations
@@ -13,8 +19,9 @@ import hmac
 import re
 import secrets
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from functools import wraps
 from typing import Any
 
@@ -24,8 +31,9 @@ from flask import current_app, g, request
 from marshmallow import validate
 
 from shared.client.http import ApiError, ServiceClient
-from shared.errors import BadRequest, ServiceUnavailable, Unauthorized
+from shared.errors import BadRequest, Forbidden, ServiceUnavailable, Unauthorized
 from shared.logging import get_logger, log_context
+from shared.schemas import ErrorSchema
 
 log = get_logger(__name__)
 
@@ -41,11 +49,29 @@ reaches a query or an object key: partner ids (`ptn_…`) match it, and nothing 
 key or an S3 XML answer does."""
 
 
+SCOPES = ("push", "label", "predict", "read", "admin")
+"""What a partner key may do: `push` data, `label` (resolve tasks), `predict`, `read` what is theirs, `admin`
+(change datasets, settings, policies; erase). A key is issued with all of them unless it names fewer."""
+ALL_SCOPES = frozenset(SCOPES)
+DEFAULT_SCOPE = "admin"
+"""The scope a partner route needs when it declares none: the most restrictive, so an undeclared route fails closed."""
+
+
 @dataclass(frozen=True)
 class Principal:
     tenant: str
     key_id: str | None = None
     internal: bool = False
+    scopes: frozenset[str] = ALL_SCOPES
+    expires_at: datetime | None = None
+
+    def expired(self, now: datetime | None = None) -> bool:
+        return self.expires_at is not None and self.expires_at <= (now or datetime.now(UTC))
+
+
+def normalise_scopes(scopes: Iterable[str] | None) -> frozenset[str]:
+    """A key's stored scopes; None (a key issued before scopes existed) means every scope."""
+    return ALL_SCOPES if scopes is None else frozenset(scopes) & ALL_SCOPES
 
 
 INTERNAL = Principal(tenant="*", internal=True)
@@ -62,6 +88,19 @@ def hash_api_key(key: str) -> str:
 
 def generate_internal_token() -> str:
     return secrets.token_urlsafe(32)
+
+
+def hash_internal_token(token: str) -> str:
+    """The digest services compare a presented operator token against (a random 256-bit token: one SHA-256)."""
+    return hashlib.sha256(token.encode("utf-8")).hexdigest()
+
+
+def internal_token_digest(settings: Any) -> str:
+    """FLYWHEEL_INTERNAL_TOKEN_SHA256 if configured, else the digest of FLYWHEEL_INTERNAL_TOKEN; empty: none."""
+    configured = (getattr(settings, "internal_token_sha256", "") or "").strip().lower()
+    if configured:
+        return configured
+    return hash_internal_token(settings.internal_token) if settings.internal_token else ""
 
 
 KeyLookup = Callable[[str], Principal | None]
@@ -93,6 +132,14 @@ class KeyVerifier:
                     self._unknown[digest] = True
         if principal is None:
             raise Unauthorized("invalid or revoked API key")
+        expires = principal.expires_at
+        if expires is not None and principal.expired():
+            log.info("api_key_expired_refused", key_id=principal.key_id, expired_at=expires.isoformat())
+            raise Unauthorized(
+                f"this API key expired at {expires.isoformat()}; ask for a new one",
+                {"key_id": principal.key_id, "expired_at": expires.isoformat()},
+                code="key_expired",
+            )
         return principal
 
     def forget(self, key_hash: str) -> None:
@@ -122,7 +169,18 @@ class HttpKeyLookup:
             raise ServiceUnavailable("cannot verify the API key: the ingestion service does not answer") from exc
         if not isinstance(body, dict):
             raise ServiceUnavailable("cannot verify the API key: ingestion answered something other than an object")
-        return Principal(tenant=body["tenant"], key_id=body["key_id"])
+        return principal_from_verification(body)
+
+
+def principal_from_verification(body: dict[str, Any]) -> Principal:
+    """The principal in ingestion's answer to a key check (an older ingestion sends no scopes: all of them)."""
+    expires = body.get("expires_at")
+    return Principal(
+        tenant=body["tenant"],
+        key_id=body["key_id"],
+        scopes=normalise_scopes(body.get("scopes")),
+        expires_at=datetime.fromisoformat(expires) if expires else None,
+    )
 
 
 def _bearer() -> str | None:
@@ -134,8 +192,8 @@ def _bearer() -> str | None:
 
 
 def _is_internal(presented: str) -> bool:
-    token = current_app.extensions["flywheel"].settings.internal_token
-    return bool(token) and hmac.compare_digest(presented.encode(), token.encode())
+    expected = internal_token_digest(current_app.extensions["flywheel"].settings)
+    return bool(expected) and hmac.compare_digest(hash_internal_token(presented).encode(), expected.encode())
 
 
 TENANT_HEADER = "X-Flywheel-Tenant"
@@ -159,24 +217,70 @@ def authenticate(*, partner: bool, internal: bool, delegated: bool = False) -> P
     raise Unauthorized("this endpoint needs the internal token" if not partner else "invalid credentials")
 
 
+def check_scope(principal: Principal, scope: str) -> None:
+    """A partner key without `scope` is refused (403, naming it); the internal token has every scope."""
+    if principal.internal or scope in principal.scopes:
+        return
+    log.info("api_key_scope_refused", key_id=principal.key_id, missing_scope=scope)
+    raise Forbidden(
+        f"this API key lacks the '{scope}' scope this endpoint needs",
+        {"missing_scope": scope, "key_scopes": sorted(principal.scopes), "key_id": principal.key_id},
+        code="missing_scope",
+    )
+
+
+def requires_scope(scope: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Declares the scope a partner key needs for a route; put it right under the `require_*` guard, which checks
+    it before anything else runs (arguments are parsed after it)."""
+    if scope not in ALL_SCOPES:
+        raise ValueError(f"unknown scope {scope!r}; scopes are {SCOPES}")
+
+    def decorator(view: Callable[..., Any]) -> Callable[..., Any]:
+        view._flywheel_scope = scope  # type: ignore[attr-defined]
+        return view
+
+    return decorator
+
+
+FORBIDDEN_RESPONSE = {"description": "The API key lacks the scope this endpoint needs (`details.missing_scope`)."}
+
+
 def _guard(
     *, partner: bool, internal: bool, delegated: bool = False
 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     def decorator(view: Callable[..., Any]) -> Callable[..., Any]:
+        scope = getattr(view, "_flywheel_scope", DEFAULT_SCOPE) if partner else None
+
         @wraps(view)
         def wrapper(*args: Any, **kwargs: Any) -> Any:
             principal = authenticate(partner=partner, internal=internal, delegated=delegated)
             g.principal = principal
             with log_context(tenant=principal.tenant if principal.tenant != "*" else None):
+                if scope is not None:
+                    check_scope(principal, scope)
                 return view(*args, **kwargs)
 
         wrapper._flywheel_auth = {  # type: ignore[attr-defined]
             "partner": partner,
             "internal": internal or delegated,
+            "scope": scope,
         }
+        if scope is not None:
+            _document_forbidden(wrapper)
         return wrapper
 
     return decorator
+
+
+def _document_forbidden(view: Callable[..., Any]) -> None:
+    """Adds the 403 answer to the operation's OpenAPI document (flask-smorest reads `_apidoc`)."""
+    doc = dict(getattr(view, "_apidoc", {}))
+    response = dict(doc.get("response", {}))
+    responses = dict(response.get("responses", {}))
+    if 403 not in responses:
+        responses[403] = [{**FORBIDDEN_RESPONSE, "schema": ErrorSchema, "content_type": None}]
+    doc["response"] = {**response, "responses": responses}
+    view._apidoc = doc  # type: ignore[attr-defined]
 
 
 require_partner = _guard(partner=True, internal=False)

@@ -88,6 +88,14 @@ class ProtocolBlueprint(DocumentedBlueprint):
         response = {"description": self._error_description, "schema": self._error_schema}
         prepare_response(response, spec, api.DEFAULT_RESPONSE_CONTENT_TYPE)
         doc.setdefault("responses", {})["default"] = response
+        for status in (403, "403"):  # the key-scope refusal (shared.auth) speaks this protocol here too
+            if status in doc["responses"]:
+                forbidden = {
+                    "description": "The API key lacks the scope this endpoint needs.",
+                    "schema": self._error_schema,
+                }
+                prepare_response(forbidden, spec, api.DEFAULT_RESPONSE_CONTENT_TYPE)
+                doc["responses"][status] = forbidden
         return doc
 
 

@@ -69,6 +69,7 @@ class Runtime:
             s3_secure=self.settings.s3_secure,
             s3_region=self.settings.s3_region,
             file_root=self.settings.file_store_root,
+            s3_server_side_encryption=self.settings.s3_server_side_encryption,
         )
         self.celery: Celery = make_celery(self.settings, self.service)
         self.bus = EventBus(self.service, self.celery, self.db, relay_interval=self.settings.outbox_relay_interval)
@@ -102,6 +103,7 @@ class Runtime:
             "service_started",
             database=self.db.safe_url,
             storage=self.storage.describe,
+            storage_encryption="sse-s3" if getattr(self.storage, "encrypts", False) else None,
             broker=redact_url(self.settings.redis_url),
         )
         return self

@@ -53,8 +53,15 @@ class Settings:
     """S3_SECURE: use https to reach S3_ENDPOINT."""
     s3_region: str = "us-east-1"
     """S3_REGION."""
+    s3_server_side_encryption: bool = False
+    """S3_SERVER_SIDE_ENCRYPTION: write every object with SSE-S3 (`x-amz-server-side-encryption: AES256`); MinIO
+    needs a KMS for it (MINIO_KMS_SECRET_KEY or KES). The file:// store ignores it."""
     internal_token: str = ""
     """FLYWHEEL_INTERNAL_TOKEN: operator token for internal actions (a local run generates one)."""
+    internal_token_sha256: str = ""
+    """FLYWHEEL_INTERNAL_TOKEN_SHA256: the hex SHA-256 of the operator token, what services compare a presented
+    token against (default: computed from FLYWHEEL_INTERNAL_TOKEN at start; a service that calls no other may hold
+    only the hash)."""
     ingestion_url: str = ""
     """INGESTION_URL: the ingestion service (partner pushes; where other services verify partner API keys)."""
     labeling_url: str = ""
@@ -70,6 +77,12 @@ class Settings:
     and every service-to-service call read these, so pointing them at a deployment is all a client needs."""
     key_cache_seconds: float = 30.0
     """KEY_CACHE_SECONDS: how long a verified partner key is trusted before asking ingestion again."""
+    idempotency_in_progress_seconds: float = 300.0
+    """IDEMPOTENCY_IN_PROGRESS_SECONDS: an Idempotency-Key whose request has not finished after this long (its
+    process died) is taken over by the next retry, which then does the work."""
+    idempotency_retention_hours: float = 24.0
+    """IDEMPOTENCY_RETENTION_HOURS: how long a completed request's response is replayed; older keys are forgotten
+    and purged, and a reuse after that is a new request."""
     event_max_retries: int = 5
     """EVENT_MAX_RETRIES: deliveries of a failing event before it becomes a dead letter."""
     event_retry_backoff: float = 2.0
@@ -105,6 +118,23 @@ class Settings:
     """INFERENCE_V2_LOG_SAMPLE_RATE: share of v2 requests kept in the prediction log."""
     inference_log_predictions: bool = True
     """INFERENCE_LOG_PREDICTIONS: log the friendly API's predictions (off only to measure what logging costs)."""
+    inference_metering: bool = True
+    """INFERENCE_METERING: count predictions for usage metering (off only to measure what metering costs)."""
+    price_list: str = ""
+    """PRICE_LIST: the price list invoices are made from, a JSON object or the path of a JSON file (see
+    docs/metering.md); prices it omits keep their defaults. Empty: the default price list."""
+    storage_meter_interval_s: float = 3600.0
+    """STORAGE_METER_INTERVAL_S: how often the ingestion worker looks for tenants whose bytes stored today are not
+    measured yet (each tenant is measured once per UTC day)."""
+    rate_limit_inference_per_key: float = 5000.0
+    """RATE_LIMIT_INFERENCE_PER_KEY: default predict requests per second per API key (burst: twice it); a
+    tenant's own `rate_limits` override it; 0: no limit."""
+    rate_limit_inference_per_tenant: float = 10000.0
+    """RATE_LIMIT_INFERENCE_PER_TENANT: default predict requests per second per tenant, all keys together."""
+    rate_limit_ingestion_per_key: float = 50.0
+    """RATE_LIMIT_INGESTION_PER_KEY: default pushes and imports per second per API key (burst: twice it)."""
+    rate_limit_ingestion_per_tenant: float = 100.0
+    """RATE_LIMIT_INGESTION_PER_TENANT: default pushes and imports per second per tenant."""
     log_level: str = "INFO"
     """LOG_LEVEL."""
     log_format: str = "json"
@@ -151,6 +181,7 @@ class Settings:
         names = {
             "home": "FLYWHEEL_HOME",
             "internal_token": "FLYWHEEL_INTERNAL_TOKEN",
+            "internal_token_sha256": "FLYWHEEL_INTERNAL_TOKEN_SHA256",
         }
         for f in fields(cls):
             if f.name in {"port", "service"}:

@@ -25,6 +25,7 @@ from flask import g, request
 from flask_smorest import Blueprint
 from marshmallow import ValidationError
 
+from services.inference import fair_use
 from services.inference.batcher import Feeds
 from services.inference.prediction_log import RequestRecord, new_prediction_ids
 from services.inference.preprocess import as_model_inputs, classify, read_stored_inputs
@@ -39,8 +40,9 @@ from services.inference.schemas import (
 )
 from services.inference.server import Inference, InferenceServer, current_server
 from services.inference.traffic import ShadowJob
-from shared.auth import current_principal, require_partner, require_partner_or_delegated
+from shared.auth import current_principal, require_partner, require_partner_or_delegated, requires_scope
 from shared.errors import BadRequest, DomainError, Forbidden, Unprocessable
+from shared.ratelimit import TOO_MANY_REQUESTS
 
 models = Blueprint("inference_models", __name__, url_prefix="/v1/models", description="Predictions")
 feedback = Blueprint("inference_feedback", __name__, url_prefix="/v1/feedback", description="Feedback on predictions")
@@ -145,8 +147,10 @@ def _infer_stored(
 
 @models.post("/<name>:predict")
 @require_partner_or_delegated
+@requires_scope("predict")
 @models.doc(requestBody=PREDICT_BODY)
 @models.response(200, PredictResponseSchema)
+@models.alt_response(429, **TOO_MANY_REQUESTS)
 def predict(name: str) -> dict[str, Any]:
     """Labels and probabilities for raw texts or images, with the model's own preprocessing."""
     started = time.perf_counter()
@@ -155,9 +159,11 @@ def predict(name: str) -> dict[str, Any]:
     model = server.model(tenant, name)
     annotate(model=name)
     built: dict[str, Feeds] = {}
+    reservation = fair_use.of(server).admit(current_principal(), fair_use.requested_rows())
     try:
         kind, inputs, result = _infer(server, model, built)
     except (DomainError, ValidationError) as exc:
+        reservation.release()
         code = exc.code if isinstance(exc, DomainError) else "validation_failed"
         server.metrics.failures.labels(tenant, name, "predict", code).inc()
         raise
@@ -193,7 +199,7 @@ def predict(name: str) -> dict[str, Any]:
             )
         )
         _mirror(server, model, loaded.version, policy, inputs, ids)
-    if not delegated:  # billable partner traffic: counted in process, published in batches
+    if not delegated and server.config.metering:  # billable partner traffic: counted in process, sent in batches
         server.usage.count(tenant, name, loaded.version, len(inputs), elapsed)
     api = "delegated" if delegated else "predict"
     server.metrics.requests.labels(tenant, name, str(loaded.version), api, "ok").inc()
@@ -226,6 +232,7 @@ def _mirror(
 
 @feedback.post("")
 @require_partner
+@requires_scope("predict")
 @feedback.arguments(FeedbackSchema)
 @feedback.response(200, FeedbackResultSchema)
 def give_feedback(body: dict[str, Any]) -> dict[str, Any]:

@@ -59,6 +59,9 @@ SHADOW_QUEUE_SIZE = 64
 LOG_PREDICTIONS = True
 """Log the friendly API's predictions (and with them sampling and shadow traffic); off only in benchmarks,
 to measure what monitoring costs: feedback needs the log."""
+METERING = True
+"""Count partner predictions for usage metering (services/inference/metering.py); off only in the benchmark that
+measures what metering costs (bench/metering_bench.py): a deployment that bills needs it on."""
 LABEL_LISTENER = True
 """Consume `prediction.labeled` from the inference queue in this process (ground truth for live accuracy)."""
 
@@ -104,6 +107,7 @@ class InferenceConfig:
     shadow_queue_size: int = SHADOW_QUEUE_SIZE
     label_listener: bool = LABEL_LISTENER
     log_predictions: bool = LOG_PREDICTIONS
+    metering: bool = METERING
 
     @classmethod
     def from_settings(

@@ -35,7 +35,7 @@ from services.inference.schemas import (
     RetentionSchema,
 )
 from services.inference.server import InferenceServer, current_server
-from shared.auth import current_principal, require_partner
+from shared.auth import current_principal, require_partner, requires_scope
 from shared.errors import NotFound, Unprocessable
 from shared.logging import get_logger
 
@@ -95,6 +95,7 @@ def _describe(row: Prediction) -> dict[str, Any]:
 
 @predictions.get("")
 @require_partner
+@requires_scope("read")
 @predictions.arguments(PredictionQuerySchema, location="query")
 @predictions.response(200, PredictionPageSchema)
 def list_predictions(query: dict[str, Any]) -> dict[str, Any]:
@@ -135,6 +136,7 @@ def list_predictions(query: dict[str, Any]) -> dict[str, Any]:
 
 @predictions.get("/<prediction_id>")
 @require_partner
+@requires_scope("read")
 @predictions.response(200, LoggedPredictionSchema)
 def get_prediction(prediction_id: str) -> dict[str, Any]:
     server = current_server()
@@ -149,6 +151,7 @@ def get_prediction(prediction_id: str) -> dict[str, Any]:
 
 @monitoring.get("/models/<name>")
 @require_partner
+@requires_scope("read")
 @monitoring.arguments(MonitoringQuerySchema, location="query")
 @monitoring.response(200, MonitoringReportSchema)
 def model_report(query: dict[str, Any], name: str) -> dict[str, Any]:
@@ -163,6 +166,7 @@ def model_report(query: dict[str, Any], name: str) -> dict[str, Any]:
 
 @monitoring.post("/models/<name>/evaluate")
 @require_partner
+@requires_scope("admin")
 @monitoring.response(200, EvaluationResultSchema)
 def evaluate_now(name: str) -> dict[str, Any]:
     """Evaluate the model's policy on its last window now; alerts that fire emit `model.degraded`."""
@@ -175,6 +179,7 @@ def evaluate_now(name: str) -> dict[str, Any]:
 
 @monitoring.get("/models/<name>/policy")
 @require_partner
+@requires_scope("read")
 @monitoring.response(200, MonitorPolicySchema)
 def get_policy(name: str) -> dict[str, Any]:
     server = current_server()
@@ -184,6 +189,7 @@ def get_policy(name: str) -> dict[str, Any]:
 
 @monitoring.put("/models/<name>/policy")
 @require_partner
+@requires_scope("admin")
 @monitoring.arguments(MonitorPolicySchema)
 @monitoring.response(200, MonitorPolicySchema)
 def put_policy(body: dict[str, Any], name: str) -> dict[str, Any]:
@@ -201,6 +207,7 @@ def put_policy(body: dict[str, Any], name: str) -> dict[str, Any]:
 
 @monitoring.get("/alerts")
 @require_partner
+@requires_scope("read")
 @monitoring.arguments(AlertQuerySchema, location="query")
 @monitoring.response(200, AlertListSchema)
 def list_alerts(query: dict[str, Any]) -> dict[str, Any]:
@@ -212,6 +219,7 @@ def list_alerts(query: dict[str, Any]) -> dict[str, Any]:
 
 @monitoring.get("/retention")
 @require_partner
+@requires_scope("read")
 @monitoring.response(200, RetentionSchema)
 def get_retention() -> dict[str, Any]:
     return {"days": current_server().monitor.retention_days(current_principal().tenant)}
@@ -219,6 +227,7 @@ def get_retention() -> dict[str, Any]:
 
 @monitoring.put("/retention")
 @require_partner
+@requires_scope("admin")
 @monitoring.arguments(RetentionSchema)
 @monitoring.response(200, RetentionSchema)
 def put_retention(body: dict[str, Any]) -> dict[str, Any]:

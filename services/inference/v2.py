@@ -30,6 +30,7 @@ from flask import Response, g, jsonify, request
 from marshmallow import ValidationError
 from werkzeug.exceptions import HTTPException
 
+from services.inference import fair_use
 from services.inference.batcher import Feeds
 from services.inference.prediction_log import LoggedPrediction, new_prediction_id
 from services.inference.preprocess import classify
@@ -54,10 +55,11 @@ from services.inference.tensors import (
     parse_infer_request,
     v2_datatype,
 )
-from shared.auth import current_principal, require_partner
+from shared.auth import current_principal, require_partner, requires_scope
 from shared.errors import BadRequest, DomainError, NotFound, PayloadTooLarge
 from shared.http import ProtocolBlueprint
 from shared.logging import get_logger
+from shared.ratelimit import TOO_MANY_REQUESTS
 
 log = get_logger(__name__)
 
@@ -177,6 +179,7 @@ def _metadata(model: ServedModel, loaded: LoadedVersion | None) -> dict[str, Any
 @blp.get("/models/<name>")
 @blp.alt_response(200, success=True, schema=V2ModelMetadataSchema, description="The model's metadata.")
 @require_partner
+@requires_scope("predict")
 def model_metadata(name: str) -> Response:
     return jsonify(_metadata(_model(name), None))
 
@@ -184,6 +187,7 @@ def model_metadata(name: str) -> Response:
 @blp.get("/models/<name>/versions/<version>")
 @blp.alt_response(200, success=True, schema=V2ModelMetadataSchema, description="The version's metadata.")
 @require_partner
+@requires_scope("predict")
 def version_metadata(name: str, version: str) -> Response:
     model = _model(name)
     loaded = _version(model, version)
@@ -196,6 +200,7 @@ def version_metadata(name: str, version: str) -> Response:
 @blp.alt_response(200, success=True, schema=V2ModelReadySchema, description="A version serves the model.")
 @blp.alt_response(400, schema=V2ModelReadySchema, description="No version is ready; `error` says why.")
 @require_partner
+@requires_scope("predict")
 def model_ready(name: str) -> tuple[Response, int]:
     model = _model(name)
     if model.ready:
@@ -207,6 +212,7 @@ def model_ready(name: str) -> tuple[Response, int]:
 @blp.alt_response(200, success=True, schema=V2ModelReadySchema, description="The version is loaded.")
 @blp.alt_response(400, schema=V2ModelReadySchema, description="The version is not loaded; `error` says why.")
 @require_partner
+@requires_scope("predict")
 def version_ready(name: str, version: str) -> tuple[Response, int]:
     model = _model(name)
     try:
@@ -219,6 +225,7 @@ def version_ready(name: str, version: str) -> tuple[Response, int]:
 @blp.get("/models/<name>/config")
 @blp.alt_response(200, success=True, schema=V2ModelConfigSchema, description="Triton's model configuration.")
 @require_partner
+@requires_scope("predict")
 def model_config(name: str) -> Response:
     model = _model(name)
     loaded = _metadata_version(model)
@@ -322,6 +329,8 @@ def _infer(name: str, version: str | None) -> Response:
     pinned = _version(model, version).version if version is not None else None
     try:
         inferred = parse_infer_request(_body(), request.headers.get(HEADER_LENGTH))
+        rows = next(iter(inferred.inputs.values())).shape[0] if inferred.inputs else 1
+        reservation = fair_use.of(server).admit(current_principal(), int(rows))
         key = inferred.parameters.get("request_key") or request.headers.get("X-Request-Key")
 
         def feeds(loaded: LoadedVersion) -> Feeds:
@@ -331,7 +340,11 @@ def _infer(name: str, version: str | None) -> Response:
                     raise BadRequest(f"model {name!r} has no output {wanted.name!r}; it has {sorted(known)}")
             return check_inputs(loaded, inferred, server.config.max_instances_per_request)
 
-        result = server.infer(model, version=pinned, request_key=str(key) if key else None, make_feeds=feeds)
+        try:
+            result = server.infer(model, version=pinned, request_key=str(key) if key else None, make_feeds=feeds)
+        except DomainError:
+            reservation.release()
+            raise
     except DomainError as exc:
         server.metrics.failures.labels(tenant, name, "v2", exc.code).inc()
         raise
@@ -344,7 +357,7 @@ def _infer(name: str, version: str | None) -> Response:
     elapsed = time.perf_counter() - started
     server.metrics.requests.labels(tenant, name, str(loaded.version), "v2", "ok").inc()
     server.metrics.latency.labels(tenant, name, "v2").observe(elapsed)
-    if not current_principal().internal:  # billable partner traffic: counted in process, published in batches
+    if not current_principal().internal and server.config.metering:  # billable: counted in process, sent in batches
         server.usage.count(tenant, name, loaded.version, int(rows), elapsed)
     if random.random() < server.config.v2_log_sample_rate:  # noqa: S311 - sampling, not security
         _log_sample(model, loaded, inferred, result.outputs, elapsed)
@@ -394,6 +407,8 @@ INFER_DOC = {
         },
     }
 }
+TOO_MANY_V2 = TOO_MANY_REQUESTS | {"schema": V2ErrorSchema}
+"""A rate limit or a monthly quota (the message names the meter) refused the request, in the protocol's shape."""
 INFERRED = "The outputs: JSON, or (binary outputs asked for) the JSON header followed by the outputs' bytes."
 BINARY_HEADER = {
     "Inference-Header-Content-Length": {
@@ -407,7 +422,9 @@ BINARY_HEADER = {
 @blp.doc(**INFER_DOC)
 @blp.alt_response(200, success=True, schema=V2InferResponseSchema, description=INFERRED, headers=BINARY_HEADER)
 @blp.alt_response(200, success=True, schema=BINARY_BODY, content_type="application/octet-stream", description=INFERRED)
+@blp.alt_response(429, **TOO_MANY_V2)
 @require_partner
+@requires_scope("predict")
 def infer(name: str) -> Response:
     return _infer(name, None)
 
@@ -416,6 +433,8 @@ def infer(name: str) -> Response:
 @blp.doc(**INFER_DOC)
 @blp.alt_response(200, success=True, schema=V2InferResponseSchema, description=INFERRED, headers=BINARY_HEADER)
 @blp.alt_response(200, success=True, schema=BINARY_BODY, content_type="application/octet-stream", description=INFERRED)
+@blp.alt_response(429, **TOO_MANY_V2)
 @require_partner
+@requires_scope("predict")
 def infer_version(name: str, version: str) -> Response:
     return _infer(name, version)

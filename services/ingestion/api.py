@@ -3,17 +3,17 @@
 from __future__ import annotations
 
 import json
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from flask import Response, current_app, g, request
 from flask_smorest import Blueprint
 from marshmallow import ValidationError
-from sqlalchemy import select
+from sqlalchemy import or_, select, update
 from sqlalchemy.exc import IntegrityError
 
-from services.ingestion import idempotency, imports, items, metering, quotas
-from services.ingestion.images import InvalidImage, inspect_image
+from services.ingestion import idempotency, imports, invoices, items, metering, model_cost, quotas
+from services.ingestion.images import InvalidImage, prepare_image
 from services.ingestion.ingest import Candidate, ingest_batch, text_candidate
 from services.ingestion.models import ApiKey, Dataset, Import, Partner, utcnow
 from services.ingestion.schemas import (
@@ -25,14 +25,19 @@ from services.ingestion.schemas import (
     DownloadQuery,
     DownloadSchema,
     ImportSchema,
+    InvoiceListSchema,
+    InvoiceQuery,
     IssuedKeySchema,
     ItemListQuery,
     ItemListSchema,
     ItemSchema,
+    KeyIssueSchema,
     KeyListSchema,
     KeyPrincipalSchema,
     KeyVerifySchema,
     MeterReportSchema,
+    ModelCostQuery,
+    ModelCostSchema,
     OperatorUsageQuery,
     PartnerCreateSchema,
     PartnerListSchema,
@@ -40,19 +45,31 @@ from services.ingestion.schemas import (
     PartnerUpdateSchema,
     PushResultSchema,
     PushSchema,
+    TenantLimitsSchema,
     UsageExportQuery,
     UsageQuery,
     UsageSchema,
 )
-from shared.auth import Principal, current_principal, generate_api_key, hash_api_key, require_internal, require_partner
+from shared.auth import (
+    SCOPES,
+    Principal,
+    current_principal,
+    generate_api_key,
+    hash_api_key,
+    normalise_scopes,
+    require_internal,
+    require_partner,
+    requires_scope,
+)
 from shared.errors import Conflict, NotFound, PayloadTooLarge, Unprocessable
 from shared.logging import get_logger
+from shared.ratelimit import TOO_MANY_REQUESTS
 from shared.runtime import Runtime
 
 log = get_logger(__name__)
 
 PUSH_MAX_ITEMS = 1000
-KIND_OF_TASK = {"text_classification": "text", "image_classification": "image"}
+KIND_OF_TASK = {"text_classification": "text", "image_classification": "image", "token_classification": "text"}
 
 partners = Blueprint("partners", __name__, url_prefix="/v1/partners", description="Partners and API keys")
 internal = Blueprint("internal", __name__, url_prefix="/v1/internal", description="Service-to-service calls")
@@ -72,12 +89,34 @@ def _tenant() -> str:
 # -- partners and keys (operators) -----------------------------------------------------------------------
 
 
-def _issue_key(session: Any, partner: Partner) -> tuple[ApiKey, str]:
+LAST_USED_RESOLUTION = timedelta(minutes=1)
+"""A key's `last_used_at` is written at most this often (and only when a key check misses the caches)."""
+
+
+def _issue_key(
+    session: Any,
+    partner: Partner,
+    scopes: list[str] | None = None,
+    expires_at: datetime | None = None,
+    replaces: str | None = None,
+) -> tuple[ApiKey, str]:
     secret = generate_api_key()
-    key = ApiKey(partner_id=partner.id, key_hash=hash_api_key(secret), prefix=secret[:10])
+    key = ApiKey(
+        partner_id=partner.id,
+        key_hash=hash_api_key(secret),
+        prefix=secret[:10],
+        scopes=[scope for scope in SCOPES if scope in set(scopes)] if scopes is not None else list(SCOPES),
+        expires_at=expires_at,
+        replaces=replaces,
+    )
     session.add(key)
     session.flush()
     return key, secret
+
+
+def _aware(moment: datetime | None) -> datetime | None:
+    """SQLite hands timestamps back naive; every one we store is UTC."""
+    return moment.replace(tzinfo=UTC) if moment is not None and moment.tzinfo is None else moment
 
 
 @partners.post("")
@@ -139,13 +178,36 @@ def list_keys(partner_id: str) -> dict[str, Any]:
 
 @partners.post("/<partner_id>/keys")
 @require_internal
+@partners.arguments(KeyIssueSchema, required=False)
 @partners.response(201, IssuedKeySchema)
-def rotate_key(partner_id: str) -> dict[str, Any]:
-    """Issue an additional key; revoke the old one once the partner has switched over."""
-    with _runtime().db.session() as session:
+def rotate_key(body: dict[str, Any], partner_id: str) -> dict[str, Any]:
+    """Issue an additional key, with `scopes` and an optional `expires_at`. Rotation without downtime: name the old
+    key in `replaces` and it keeps working for `grace_seconds` (default a day), then expires; both are live
+    meanwhile. Without `replaces`, revoke the old key once the partner has switched over."""
+    runtime = _runtime()
+    now = utcnow()
+    expires_at = _aware(body.get("expires_at"))
+    if expires_at is not None and expires_at <= now:
+        raise Unprocessable("expires_at must be in the future", {"fields": {"expires_at": ["in the past"]}})
+    retired: ApiKey | None = None
+    with runtime.db.session() as session:
         partner = _partner(session, partner_id)
-        key, secret = _issue_key(session, partner)
-    log.info("api_key_issued", partner_id=partner_id, key_id=key.id)
+        scopes = body.get("scopes")
+        if body.get("replaces"):
+            retired = session.get(ApiKey, body["replaces"])
+            if retired is None or retired.partner_id != partner_id or retired.revoked_at is not None:
+                raise NotFound(f"key {body['replaces']} is not a live key of partner {partner_id}")
+            grace_end = now + timedelta(seconds=body.get("grace_seconds", 86400))
+            old_expiry = _aware(retired.expires_at)
+            if old_expiry is not None and old_expiry <= now:
+                raise Conflict(f"key {retired.id} has already expired; issue a key without `replaces`")
+            retired.expires_at = grace_end if old_expiry is None else min(old_expiry, grace_end)
+            scopes = scopes if scopes is not None else retired.granted_scopes
+        key, secret = _issue_key(session, partner, scopes, expires_at, retired.id if retired else None)
+    if retired is not None:
+        runtime.keys.forget(retired.key_hash)
+        log.info("api_key_rotated", partner_id=partner_id, key_id=retired.id, expires_at=retired.expires_at)
+    log.info("api_key_issued", partner_id=partner_id, key_id=key.id, scopes=key.scopes, expires_at=key.expires_at)
     return {"partner": partner, "key": key, "api_key": secret}
 
 
@@ -175,13 +237,55 @@ def verify_key(body: dict[str, Any]) -> dict[str, Any]:
     principal = lookup_key(_runtime(), body["key_hash"])
     if principal is None:
         raise NotFound("no active key has that hash")
-    return {"tenant": principal.tenant, "key_id": principal.key_id}
+    return {
+        "tenant": principal.tenant,
+        "key_id": principal.key_id,
+        "scopes": sorted(principal.scopes),
+        "expires_at": principal.expires_at,
+    }
+
+
+@internal.get("/tenants/<tenant>/limits")
+@require_internal
+@internal.response(200, TenantLimitsSchema)
+def get_tenant_limits(tenant: str) -> dict[str, Any]:
+    """A tenant's effective rate limits, monthly quotas and month-to-date usage (inference enforces them)."""
+    return quotas.tenant_limits(_runtime(), tenant)
+
+
+@internal.get("/usage/model-cost")
+@require_internal
+@internal.arguments(ModelCostQuery, location="query")
+@internal.response(200, ModelCostSchema)
+def get_model_cost(query: dict[str, Any]) -> dict[str, Any]:
+    """What a model version cost to train (its run's compute) and costs to serve (the last 24 hours), priced."""
+    runtime = _runtime()
+    prices = invoices.PriceList.from_settings(runtime.settings)
+    with runtime.db.read_session() as session:
+        return model_cost.model_cost(session, prices, now=utcnow(), **query)
 
 
 def lookup_key(runtime: Runtime, key_hash: str) -> Principal | None:
+    """The principal of an unrevoked key (an expired one too: the verifier refuses it, saying so), and a note
+    that it was used. This runs only when a key check misses a verifier's cache (once per KEY_CACHE_SECONDS per
+    key and process), and writes `last_used_at` at most once per LAST_USED_RESOLUTION: never once per request."""
     with runtime.db.read_session() as session:
         key = session.scalar(select(ApiKey).where(ApiKey.key_hash == key_hash, ApiKey.revoked_at.is_(None)))
-        return None if key is None else Principal(tenant=key.partner_id, key_id=key.id)
+    if key is None:
+        return None
+    now = utcnow()
+    last_used = _aware(key.last_used_at)
+    if last_used is None or now - last_used >= LAST_USED_RESOLUTION:
+        stale = now - LAST_USED_RESOLUTION
+        with runtime.db.session() as session:
+            session.execute(
+                update(ApiKey)
+                .where(ApiKey.id == key.id, or_(ApiKey.last_used_at.is_(None), ApiKey.last_used_at < stale))
+                .values(last_used_at=now)
+            )
+    return Principal(
+        tenant=key.partner_id, key_id=key.id, scopes=normalise_scopes(key.scopes), expires_at=_aware(key.expires_at)
+    )
 
 
 # -- datasets ---------------------------------------------------------------------------------------------
@@ -189,6 +293,7 @@ def lookup_key(runtime: Runtime, key_hash: str) -> Principal | None:
 
 @datasets.post("")
 @require_partner
+@requires_scope("admin")
 @datasets.arguments(DatasetCreateSchema)
 @datasets.response(201, DatasetSchema)
 def create_dataset(body: dict[str, Any]) -> Dataset:
@@ -208,6 +313,7 @@ def create_dataset(body: dict[str, Any]) -> Dataset:
 
 @datasets.get("")
 @require_partner
+@requires_scope("read")
 @datasets.response(200, DatasetListSchema)
 def list_datasets() -> dict[str, Any]:
     with _runtime().db.session() as session:
@@ -226,6 +332,7 @@ def tenant_dataset(runtime: Runtime, dataset_id: str) -> Dataset:
 
 @datasets.get("/<dataset_id>")
 @require_partner
+@requires_scope("read")
 @datasets.response(200, DatasetSchema)
 def get_dataset(dataset_id: str) -> Dataset:
     return tenant_dataset(_runtime(), dataset_id)
@@ -233,6 +340,7 @@ def get_dataset(dataset_id: str) -> Dataset:
 
 @datasets.patch("/<dataset_id>")
 @require_partner
+@requires_scope("admin")
 @datasets.arguments(DatasetUpdateSchema)
 @datasets.response(200, DatasetSchema)
 def update_dataset(body: dict[str, Any], dataset_id: str) -> Dataset:
@@ -275,16 +383,19 @@ PUSH_BODY = {
 
 @datasets.post("/<dataset_id>/items")
 @require_partner
+@requires_scope("push")
 @datasets.doc(
     requestBody=PUSH_BODY,
     parameters=[{"in": "header", "name": "Idempotency-Key", "schema": {"type": "string"}, "required": False}],
 )
 @datasets.response(200, PushResultSchema)
+@datasets.alt_response(429, **TOO_MANY_REQUESTS)
 def push_items(dataset_id: str) -> Any:
     """Push items. Each one comes back `accepted` (with its id), `duplicate` (with the existing id) or
     `rejected` (with the reason). With an `Idempotency-Key`, a retry returns the first response."""
     runtime = _runtime()
     dataset = tenant_dataset(runtime, dataset_id)
+    quotas.admit(runtime, current_principal())
     identity = dataset_id.encode() + b"\0" + request.get_data(cache=True)
 
     def work() -> dict[str, Any]:
@@ -321,17 +432,22 @@ def _candidates_from_request(dataset: Dataset) -> list[Candidate]:
         elif present == "text":
             candidates.append(
                 text_candidate(
-                    index, item["text"], pii_policy=dataset.pii_policy, label=item["label"], metadata=item["metadata"]
+                    index,
+                    item["text"],
+                    pii_policy=dataset.pii_policy,
+                    label=item["label"],
+                    metadata=item["metadata"],
+                    entity_spans=item["spans"],
                 )
             )
         else:
             try:
-                info = inspect_image(item["image"])
+                info, stored, stripped = prepare_image(item["image"])  # metadata (EXIF, GPS...) removed
             except InvalidImage as exc:
                 errors[str(index)] = {"image": [str(exc)]}
                 continue
             candidates.append(
-                Candidate(index, "image", item["image"], info.content_type, item["label"], item["metadata"])
+                Candidate(index, "image", stored, info.content_type, item["label"], item["metadata"], stripped)
             )
     if errors:
         raise ValidationError({"items": errors})
@@ -358,12 +474,12 @@ def _multipart_candidates(dataset: Dataset, expected: str) -> list[Candidate]:
     for index, upload in enumerate(files):
         data = upload.read()
         try:
-            info = inspect_image(data)
+            info, stored, stripped = prepare_image(data)  # metadata (EXIF, GPS...) removed
         except InvalidImage as exc:
             errors[upload.filename or str(index)] = [str(exc)]
             continue
         meta = {**metadata, "filename": upload.filename} if upload.filename else dict(metadata)
-        candidates.append(Candidate(index, "image", data, info.content_type, label, meta))
+        candidates.append(Candidate(index, "image", stored, info.content_type, label, meta, stripped))
     if errors:
         raise ValidationError({"files": errors})
     return candidates
@@ -374,6 +490,7 @@ def _multipart_candidates(dataset: Dataset, expected: str) -> list[Candidate]:
 
 @datasets.post("/<dataset_id>/imports")
 @require_partner
+@requires_scope("push")
 @datasets.doc(
     requestBody={
         "description": "A JSONL file (one item per line, as in a push) or a zip of images (top-level folder = "
@@ -382,14 +499,18 @@ def _multipart_candidates(dataset: Dataset, expected: str) -> list[Candidate]:
         "content": {
             "application/x-ndjson": {"schema": {"type": "string", "format": "binary"}},
             "application/zip": {"schema": {"type": "string", "format": "binary"}},
+            # token_classification datasets: `token tag` lines in BIO (IOB2), blank line between sentences.
+            "text/x-conll": {"schema": {"type": "string", "format": "binary"}},
         },
     }
 )
 @datasets.response(202, ImportSchema)
+@datasets.alt_response(429, **TOO_MANY_REQUESTS)
 def create_import(dataset_id: str) -> Import:
     """Upload a bulk import; a worker processes it. Follow it at `GET /v1/imports/{id}`."""
     runtime = _runtime()
     dataset = tenant_dataset(runtime, dataset_id)
+    quotas.admit(runtime, current_principal())
     request.max_content_length = imports.MAX_IMPORT_BYTES
     if request.mimetype == "multipart/form-data":
         upload = request.files.get("file")
@@ -403,6 +524,7 @@ def create_import(dataset_id: str) -> Import:
 
 @item_routes.get("/imports/<import_id>")
 @require_partner
+@requires_scope("push")
 @item_routes.response(200, ImportSchema)
 def get_import(import_id: str) -> Import:
     with _runtime().db.session() as session:
@@ -417,6 +539,7 @@ def get_import(import_id: str) -> Import:
 
 @datasets.get("/<dataset_id>/items")
 @require_partner
+@requires_scope("read")
 @datasets.arguments(ItemListQuery, location="query")
 @datasets.response(200, ItemListSchema)
 def list_items(query: dict[str, Any], dataset_id: str) -> dict[str, Any]:
@@ -428,6 +551,7 @@ def list_items(query: dict[str, Any], dataset_id: str) -> dict[str, Any]:
 
 @item_routes.get("/items/<item_id>")
 @require_partner
+@requires_scope("read")
 @item_routes.response(200, ItemSchema)
 def get_item(item_id: str) -> Any:
     return items.tenant_item(_runtime(), _tenant(), item_id)
@@ -435,6 +559,7 @@ def get_item(item_id: str) -> Any:
 
 @item_routes.get("/items/<item_id>/download")
 @require_partner
+@requires_scope("read")
 @item_routes.response(200, DownloadSchema)
 def get_download_url(item_id: str) -> dict[str, Any]:
     """A signed URL for the item's content, valid 15 minutes, usable without the API key."""
@@ -454,6 +579,7 @@ def get_content(query: dict[str, Any], item_id: str) -> Response:
 
 @item_routes.delete("/items/<item_id>")
 @require_partner
+@requires_scope("admin")
 @item_routes.response(204)
 def delete_item(item_id: str) -> None:
     """Erase an item's content and record (a data-subject request); emits `item.deleted`."""
@@ -462,6 +588,7 @@ def delete_item(item_id: str) -> None:
 
 @item_routes.get("/usage")
 @require_partner
+@requires_scope("read")
 @item_routes.arguments(UsageQuery, location="query")
 @item_routes.response(200, UsageSchema)
 def get_usage(query: dict[str, Any]) -> dict[str, Any]:
@@ -524,3 +651,16 @@ def export_usage(query: dict[str, Any]) -> Response:
         body, mimetype = "".join(metering.cloudevents_lines(rows)), "application/x-ndjson"
     filename = f"usage-{query['period']}.{'csv' if query['format'] == 'csv' else 'jsonl'}"
     return Response(body, mimetype=mimetype, headers={"Content-Disposition": f"attachment; filename={filename}"})
+
+
+@billing.get("/invoices")
+@require_internal
+@billing.arguments(InvoiceQuery, location="query")
+@billing.response(200, InvoiceListSchema)
+def list_invoices(query: dict[str, Any]) -> dict[str, Any]:
+    """Invoice lines per tenant for a billing period (or one `tenant`'s): each priced meter's total in its unit
+    (1k predictions, CPU-hour, GPU-hour, GB-month ...) times the price list's unit price, in exact decimals."""
+    prices = invoices.PriceList.from_settings(_runtime().settings)
+    with _runtime().db.read_session() as session:
+        found = invoices.invoices(session, prices, query["period"], tenant=query["tenant"])
+    return {"period": query["period"], "price_list": prices.as_dict(), "invoices": found}

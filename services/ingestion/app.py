@@ -5,7 +5,7 @@ from __future__ import annotations
 from celery import Celery
 from flask import Flask
 
-from services.ingestion import api, consumers, imports
+from services.ingestion import api, consumers, imports, invoices, storage_meter
 from services.ingestion.models import Base
 from shared.runtime import ServiceSpec, create_http_app, create_worker
 from shared.settings import Settings
@@ -17,7 +17,11 @@ SPEC = ServiceSpec(
     blueprints=[api.partners, api.datasets, api.item_routes, api.internal, api.billing],
     handlers=consumers.handlers,
     key_lookup=lambda runtime: lambda key_hash: api.lookup_key(runtime, key_hash),
-    register_tasks=imports.register_tasks,
+    register_tasks=lambda runtime: (
+        invoices.PriceList.from_settings(runtime.settings),  # a bad PRICE_LIST stops the start, not an invoice
+        imports.register_tasks(runtime),
+        storage_meter.register(runtime),
+    ),
 )
 
 

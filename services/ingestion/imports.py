@@ -1,4 +1,5 @@
-"""Bulk imports: a JSONL file or a zip of images, uploaded as a stream and processed by the worker.
+"""Bulk imports: a JSONL file, a zip of images or a CoNLL-style BIO file (token_classification), uploaded as a
+stream and processed by the worker.
 
 The upload is streamed into object storage (never held whole in memory) and an `ingestion.process_import`
 task is queued through the outbox in the transaction that records the import. The worker reads the file
@@ -7,7 +8,8 @@ commits with its items, so a worker that dies resumes where the last batch ended
 
 Zip files are checked before anything is read: entry count, total and per-entry uncompressed size and
 compression ratio (zip bombs), and every name for absolute paths or `..` (path traversal). An image's
-label is its top-level folder (`cat/001.png`), the ImageFolder convention.
+label is its top-level folder (`cat/001.png`), the ImageFolder convention. A CoNLL file's sentences become
+text items with their entity spans (`services/ingestion/spans.py`); errors name the sentence's first line.
 """
 
 from __future__ import annotations
@@ -24,10 +26,11 @@ from typing import IO, Any
 from marshmallow import ValidationError
 from sqlalchemy.orm import Session
 
-from services.ingestion.images import MAX_IMAGE_BYTES, InvalidImage, inspect_image
+from services.ingestion import spans
+from services.ingestion.images import MAX_IMAGE_BYTES, InvalidImage, prepare_image
 from services.ingestion.ingest import BatchOutcome, Candidate, ingest_batch, text_candidate
 from services.ingestion.models import Dataset, Import, new_id
-from services.ingestion.schemas import ImportLineSchema
+from services.ingestion.schemas import MAX_TEXT_CHARS, ImportLineSchema
 from shared.artifacts import RAW_BUCKET
 from shared.errors import DomainError, PayloadTooLarge, Unprocessable
 from shared.logging import get_logger, log_context
@@ -49,7 +52,10 @@ FORMATS = {
     "application/jsonlines": "jsonl",
     "application/zip": "zip",
     "application/x-zip-compressed": "zip",
+    "text/x-conll": "conll",
+    "application/x-conll": "conll",
 }
+CONLL_SUFFIXES = {".conll", ".bio", ".iob", ".iob2"}
 
 
 class _LimitedReader(io.RawIOBase):
@@ -81,8 +87,11 @@ def import_format(content_type: str | None, filename: str | None = None) -> str:
         return "jsonl"
     if suffix == ".zip":
         return "zip"
+    if suffix in CONLL_SUFFIXES:
+        return "conll"
     raise Unprocessable(
-        "send a JSONL file (application/x-ndjson) or a zip of images (application/zip)",
+        "send a JSONL file (application/x-ndjson), a zip of images (application/zip) or a CoNLL BIO file "
+        "(text/x-conll)",
         {"content_type": mime or None},
     )
 
@@ -90,6 +99,8 @@ def import_format(content_type: str | None, filename: str | None = None) -> str:
 def create_import(runtime: Runtime, dataset: Dataset, stream: IO[bytes], fmt: str, trace_id: str | None) -> Import:
     if fmt == "zip" and dataset.task_type != "image_classification":
         raise Unprocessable("zip imports are for image datasets; send JSONL to a text dataset")
+    if fmt == "conll" and dataset.task_type != "token_classification":
+        raise Unprocessable("CoNLL imports are for token_classification datasets; send JSONL to this dataset")
     record = Import(id=new_id("imp"), tenant=dataset.tenant, dataset_id=dataset.id, format=fmt, object_key="", size=0)
     key = f"{dataset.tenant}/{dataset.id}/imports/{record.id}.{fmt}"
     stored = runtime.storage.put(RAW_BUCKET, key, io.BufferedReader(_LimitedReader(stream, MAX_IMPORT_BYTES)))
@@ -132,7 +143,8 @@ def run_import(runtime: Runtime, import_id: str) -> str:
             with tempfile.TemporaryDirectory(prefix="flywheel-import-") as workdir:
                 path = f"{workdir}/upload"
                 runtime.storage.download(RAW_BUCKET, record.object_key, path)
-                entries = _jsonl_entries(path, dataset) if record.format == "jsonl" else _zip_entries(path, dataset)
+                read = {"jsonl": _jsonl_entries, "zip": _zip_entries, "conll": _conll_entries}[record.format]
+                entries = read(path, dataset)
                 _process(runtime, dataset, record, entries)
         except DomainError as exc:
             _finish(runtime, import_id, "failed", exc.message)
@@ -208,7 +220,7 @@ def _jsonl_entries(path: str, dataset: Dataset) -> tuple[int, Iterator[Entry]]:
     with open(path, "rb") as handle:
         total = sum(1 for _ in handle)
     schema = ImportLineSchema()
-    expected = "text" if dataset.task_type == "text_classification" else "image"
+    expected = "image" if dataset.task_type == "image_classification" else "text"
 
     def entries() -> Iterator[Entry]:
         with open(path, "rb") as handle:
@@ -244,15 +256,26 @@ def _jsonl_entries(path: str, dataset: Dataset) -> tuple[int, Iterator[Entry]]:
 def _line_candidate(number: int, data: dict[str, Any], dataset: Dataset) -> Candidate | None:
     if "text" in data:
         return text_candidate(
-            number, data["text"], pii_policy=dataset.pii_policy, label=data.get("label"), metadata=data["metadata"]
+            number,
+            data["text"],
+            pii_policy=dataset.pii_policy,
+            label=data.get("label"),
+            metadata=data["metadata"],
+            entity_spans=data.get("spans"),
         )
     return _image_candidate(number, data["image"], data.get("label"), data["metadata"])
 
 
 def _image_candidate(number: int, raw: bytes, label: str | None, metadata: dict[str, Any]) -> Candidate:
-    info = inspect_image(raw)
+    info, stored, stripped = prepare_image(raw)  # metadata (EXIF, GPS...) removed before anything is stored
     return Candidate(
-        index=number, kind="image", data=raw, content_type=info.content_type, label=label, metadata=metadata
+        index=number,
+        kind="image",
+        data=stored,
+        content_type=info.content_type,
+        label=label,
+        metadata=metadata,
+        redactions=stripped,
     )
 
 
@@ -301,3 +324,42 @@ def _zip_entries(path: str, dataset: Dataset) -> tuple[int, Iterator[Entry]]:
                 yield number, candidate, None
 
     return len(members), entries()
+
+
+def _conll_entries(path: str, dataset: Dataset) -> tuple[int, Iterator[Entry]]:
+    """One entry per sentence, numbered by the file line it starts on (resuming skips sentences before it)."""
+
+    def lines() -> Iterator[tuple[int, str]]:
+        with open(path, "rb") as handle:
+            for number, raw in enumerate(handle, start=1):
+                try:
+                    yield number, raw.decode("utf-8")
+                except UnicodeDecodeError as exc:
+                    raise Unprocessable(f"line {number} of the CoNLL file is not valid UTF-8") from exc
+
+    total = sum(1 for _ in spans.conll_sentences(lines()))
+
+    def entries() -> Iterator[Entry]:
+        for sentence in spans.conll_sentences(lines()):
+            if isinstance(sentence, spans.ConllError):
+                yield sentence.line, None, str(sentence)
+                continue
+            problems = spans.span_errors(sentence.text, sentence.spans)
+            if len(sentence.text) > MAX_TEXT_CHARS or problems:
+                reason = f"longer than {MAX_TEXT_CHARS} characters" if not problems else json.dumps(problems)
+                yield sentence.line, None, f"sentence at line {sentence.line}: {reason}"
+                continue
+            yield (
+                sentence.line,
+                text_candidate(
+                    sentence.line,
+                    sentence.text,
+                    pii_policy=dataset.pii_policy,
+                    label=None,
+                    metadata={},
+                    entity_spans=sentence.spans,
+                ),
+                None,
+            )
+
+    return total, entries()

@@ -2,7 +2,8 @@
 
 Used by the push API and by bulk imports alike, one batch at a time:
 
-1. each candidate's label is checked against the dataset's label set (else `rejected`, with the reason);
+1. each candidate's label (or, in a token_classification dataset, each entity span's label) is checked against
+   the dataset's label set (else `rejected`, with the reason);
 2. content is hashed (after redaction, since redacted text is what we keep) and deduplicated within the
    batch and against the dataset (`duplicate`, with the existing id);
 3. content goes to object storage first: the small text items of a batch packed into one object (each item
@@ -26,7 +27,7 @@ from sqlalchemy import insert, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from services.ingestion import metering, quotas
+from services.ingestion import metering, quotas, spans
 from services.ingestion.models import Dataset, Item, Partner
 from services.ingestion.pii import redact
 from shared.artifacts import RAW_BUCKET
@@ -51,6 +52,10 @@ class Candidate:
     metadata: dict[str, Any] = field(default_factory=dict)
     redactions: dict[str, int] = field(default_factory=dict)
     sha256: str = ""
+    spans: list[dict[str, Any]] | None = None
+    """token_classification: entity spans (code point offsets into the stored text), None when unlabeled."""
+    problem: str | None = None
+    """Why the candidate must be rejected before it is judged further (spans moved by PII redaction)."""
 
 
 @dataclass
@@ -70,10 +75,22 @@ class BatchOutcome:
         }
 
 
-def text_candidate(index: int, text: str, *, pii_policy: str, label: str | None, metadata: dict) -> Candidate:
+def text_candidate(
+    index: int,
+    text: str,
+    *,
+    pii_policy: str,
+    label: str | None,
+    metadata: dict,
+    entity_spans: list[dict[str, Any]] | None = None,
+) -> Candidate:
     redactions: dict[str, int] = {}
+    problem = None
     if pii_policy == "redact":
         redacted = redact(text)
+        if entity_spans and redacted.text != text:
+            # Placeholders change the text's length: the partner's offsets would name other characters.
+            problem = "spans: PII redaction changed the text, which would move the entity offsets"
         text, redactions = redacted.text, redacted.counts
     return Candidate(
         index=index,
@@ -83,7 +100,24 @@ def text_candidate(index: int, text: str, *, pii_policy: str, label: str | None,
         label=label,
         metadata=metadata,
         redactions=redactions,
+        spans=spans.canonical(entity_spans),
+        problem=problem,
     )
+
+
+def _rejection(candidate: Candidate, dataset: Dataset, labels: set[str]) -> str | None:
+    """Why the dataset cannot take the candidate (its labels or spans do not fit it), or None."""
+    if candidate.problem is not None:
+        return candidate.problem
+    if dataset.task_type == "token_classification":
+        if candidate.label is not None:
+            return "label: a token_classification item carries entity spans, not a label"
+        return spans.unknown_label(candidate.spans, labels)
+    if candidate.spans is not None:
+        return "spans: only token_classification datasets take entity spans"
+    if candidate.label is not None and candidate.label not in labels:
+        return f"label {candidate.label!r} is not in the dataset's label set"
+    return None
 
 
 def ingest_batch(
@@ -126,8 +160,8 @@ def _ingest(
         )
     accepted: list[tuple[Candidate, str]] = []
     for candidate in candidates:
-        if candidate.label is not None and candidate.label not in labels:
-            reason = f"label {candidate.label!r} is not in the dataset's label set"
+        reason = _rejection(candidate, dataset, labels)
+        if reason is not None:
             outcome.results.append({"index": candidate.index, "status": "rejected", "item_id": None, "reason": reason})
         elif candidate.sha256 in known:
             outcome.results.append(
@@ -255,6 +289,7 @@ def _row(
         "offset": offset,
         "length": len(candidate.data),
         "label": candidate.label,
+        "spans": candidate.spans,
         "item_metadata": candidate.metadata,
         "redactions": candidate.redactions,
         "push_id": push_id,
@@ -275,6 +310,7 @@ def _event_item(row: dict[str, Any]) -> dict[str, Any]:
         },
         "label": row["label"],
         "metadata": row["item_metadata"],
+        **({"spans": row["spans"]} if row["spans"] is not None else {}),
     }
 
 

@@ -20,6 +20,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import Mapped, mapped_column
 
+from shared.auth import SCOPES, normalise_scopes
 from shared.db import declarative_base
 
 Base = declarative_base()
@@ -40,6 +41,9 @@ class Partner(Base):
     name: Mapped[str] = mapped_column(String(200), unique=True)
     daily_item_quota: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
     daily_byte_quota: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    # fair use (services/ingestion/quotas.py): requests per second per key and per tenant, null = the default
+    rate_limits: Mapped[dict | None] = mapped_column(JSON, nullable=True)
+    monthly_quotas: Mapped[dict | None] = mapped_column(JSON, nullable=True)  # meter -> limit per UTC month
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
 
@@ -52,6 +56,19 @@ class ApiKey(Base):
     prefix: Mapped[str] = mapped_column(String(12))
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    # Nullable, so that keys from before scopes and expiry gain the columns without a migration step: a NULL
+    # `scopes` is every scope (shared.auth.normalise_scopes), a NULL `expires_at` never expires.
+    scopes: Mapped[list[str] | None] = mapped_column(JSON, nullable=True)
+    expires_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    last_used_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    """Written at most once per `LAST_USED_RESOLUTION` per key, when a key check misses the verifiers' caches."""
+    replaces: Mapped[str | None] = mapped_column(String(40), nullable=True)
+    """The key this one rotated out (which then expires after the rotation's grace period)."""
+
+    @property
+    def granted_scopes(self) -> list[str]:
+        granted = normalise_scopes(self.scopes)
+        return [scope for scope in SCOPES if scope in granted]
 
 
 class Dataset(Base):
@@ -96,6 +113,8 @@ class Item(Base):
     offset: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
     length: Mapped[int] = mapped_column(BigInteger)
     label: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    # token_classification: the entity spans [{start, end, label}] (code point offsets), None when unlabeled.
+    spans: Mapped[list | None] = mapped_column(JSON, nullable=True)
     item_metadata: Mapped[dict] = mapped_column("metadata", JSON, default=dict)
     redactions: Mapped[dict] = mapped_column(JSON, default=dict)
     push_id: Mapped[str] = mapped_column(String(40), index=True)
@@ -143,7 +162,7 @@ class IdempotencyRecord(Base):
     """The first response to a request made with an Idempotency-Key, replayed to its retries."""
 
     __tablename__ = "idempotency_keys"
-    __table_args__ = (UniqueConstraint("tenant", "key"),)
+    __table_args__ = (UniqueConstraint("tenant", "key"), Index("ix_idempotency_keys_created_at", "created_at"))
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     tenant: Mapped[str] = mapped_column(String(40))
@@ -152,6 +171,8 @@ class IdempotencyRecord(Base):
     status: Mapped[int | None] = mapped_column(Integer, nullable=True)
     response: Mapped[dict | None] = mapped_column(JSON, nullable=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    """When the key was claimed (or last taken over): the in-progress bound and the retention window count from
+    it, and the request holding the claim finishes only while it is unchanged (services/ingestion/idempotency.py)."""
 
 
 class Import(Base):

@@ -1,19 +1,37 @@
-"""Daily quotas and usage per partner, counted atomically in the same transaction as the items they admit.
+"""Quotas, usage and rate limits per partner: what a tenant may push and predict.
 
-A push that would take the partner past its daily item or byte quota is refused whole (429 with
-Retry-After until the next UTC midnight): partial acceptance would make retries ambiguous.
+- Daily quotas (`daily_item_quota`, `daily_byte_quota`), counted atomically in the same transaction as the items
+  they admit: a push that would take the partner past one is refused whole (429 with Retry-After until the next
+  UTC midnight), since partial acceptance would make retries ambiguous.
+- Monthly quotas per meter (`monthly_quotas`): `items_ingested` and `bytes_ingested` are checked here, in the
+  push's transaction, against the meter store's month to date (the partner's row locked, so concurrent pushes
+  cannot both pass); `prediction_requests` and `prediction_rows` are enforced by inference, which asks
+  `tenant_limits` for them. An exhausted quota answers 429 `quota_exhausted` naming the meter, and nothing of
+  the request is stored.
+- Rate limits (`rate_limits`): pushes and imports per second per API key and per tenant, a token bucket in Redis
+  (`shared.ratelimit`) that every replica shares; the deployment's defaults are RATE_LIMIT_* settings.
 """
 
 from __future__ import annotations
 
 from datetime import UTC, date, datetime, timedelta
+from typing import Any
 
-from sqlalchemy import select, true, update
+from sqlalchemy import func, select, true, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from services.ingestion.models import Partner, Usage
+from services.ingestion import metering
+from services.ingestion.models import Partner, Usage, UsageRecord
+from shared.auth import Principal
 from shared.errors import RateLimited
+from shared.ratelimit import Bucket, QuotaExhausted, RateLimiter, seconds_until_next_month
+from shared.runtime import Runtime
+from shared.settings import Settings
+
+MONTHLY_QUOTA_METERS = ("items_ingested", "bytes_ingested", "prediction_requests", "prediction_rows")
+"""The meters a monthly quota can cap: those checked before the work, on the request paths."""
+RATE_LIMITS = ("inference_per_key", "inference_per_tenant", "ingestion_per_key", "ingestion_per_tenant")
 
 
 def today() -> date:
@@ -37,7 +55,8 @@ def _ensure_row(session: Session, tenant: str, day: date) -> None:
 
 
 def check(session: Session, partner: Partner, items: int, size: int) -> None:
-    """Refuse early, before anything is stored, when the push cannot fit today's quota."""
+    """Refuse early, before anything is stored, when the push cannot fit today's or this month's quota."""
+    _check_monthly(session, partner, items, size)
     if partner.daily_item_quota is None and partner.daily_byte_quota is None:
         return
     usage = session.scalar(select(Usage).where(Usage.tenant == partner.id, Usage.day == today()))
@@ -64,6 +83,10 @@ def record(
     session: Session, partner: Partner, *, items: int, size: int, duplicates: int, rejected: int, pushes: int = 1
 ) -> None:
     """Count a push's outcome; the conditional update makes concurrent pushes unable to overshoot a quota."""
+    if _monthly_quotas(partner):
+        # one push at a time per tenant with a monthly quota: the month's sum and this push's are decided together
+        session.execute(select(Partner.id).where(Partner.id == partner.id).with_for_update())
+        _check_monthly(session, partner, items, size)
     day = today()
     _ensure_row(session, partner.id, day)
     within = true()
@@ -92,3 +115,77 @@ def usage_by_day(session: Session, tenant: str, since: date) -> list[Usage]:
     return list(
         session.scalars(select(Usage).where(Usage.tenant == tenant, Usage.day >= since).order_by(Usage.day.desc()))
     )
+
+
+# -- monthly quotas and rate limits -----------------------------------------------------------------------
+
+
+def _monthly_quotas(partner: Partner) -> dict[str, int]:
+    return {meter: int(limit) for meter, limit in (partner.monthly_quotas or {}).items() if limit is not None}
+
+
+def month_to_date(session: Session, tenant: str, meters: list[str] | tuple[str, ...]) -> dict[str, int]:
+    """The meter store's totals for this UTC month (records already counted; not the request at hand)."""
+    if not meters:
+        return {}
+    start, end = metering.month_window(datetime.now(UTC).strftime("%Y-%m"))
+    rows = session.execute(
+        select(UsageRecord.meter, func.sum(UsageRecord.value))
+        .where(UsageRecord.tenant == tenant, UsageRecord.meter.in_(meters))
+        .where(UsageRecord.time >= start, UsageRecord.time < end)
+        .group_by(UsageRecord.meter)
+    )
+    used = {meter: 0 for meter in meters}
+    used.update({meter: int(total or 0) for meter, total in rows})
+    return used
+
+
+def _check_monthly(session: Session, partner: Partner, items: int, size: int) -> None:
+    limits = {m: v for m, v in _monthly_quotas(partner).items() if m in ("items_ingested", "bytes_ingested")}
+    if not limits:
+        return
+    used = month_to_date(session, partner.id, tuple(limits))
+    for meter, amount in (("items_ingested", items), ("bytes_ingested", size)):
+        if meter in limits and used[meter] + amount > limits[meter]:
+            raise QuotaExhausted(
+                f"the monthly quota of {limits[meter]} {meter} would be exceeded ({used[meter]} used this month)",
+                {"meter": meter, "limit": limits[meter], "used": used[meter], "requested": amount},
+                retry_after=seconds_until_next_month(),
+            )
+
+
+def rate_limits(partner: Partner | None, settings: Settings) -> dict[str, float]:
+    """The partner's requests per second per key and per tenant: its own `rate_limits`, else the defaults."""
+    own = (partner.rate_limits if partner is not None else None) or {}
+    return {
+        name: float(own[name]) if own.get(name) is not None else float(getattr(settings, f"rate_limit_{name}"))
+        for name in RATE_LIMITS
+    }
+
+
+def tenant_limits(runtime: Runtime, tenant: str) -> dict[str, Any]:
+    """What inference enforces for a tenant (asked over HTTP, cached there): rates, quotas, month to date."""
+    with runtime.db.read_session() as session:
+        partner = session.get(Partner, tenant)
+        quotas = _monthly_quotas(partner) if partner is not None else {}
+        used = month_to_date(session, tenant, tuple(quotas))
+    limits = rate_limits(partner, runtime.settings)
+    return {"tenant": tenant, "rate_limits": limits, "monthly_quotas": quotas, "used": used}
+
+
+def _limiter(runtime: Runtime) -> RateLimiter:
+    limiter = getattr(runtime, "rate_limiter", None)
+    if limiter is None:
+        limiter = runtime.rate_limiter = RateLimiter(runtime.redis, runtime.service)  # type: ignore[attr-defined]
+    return limiter
+
+
+def admit(runtime: Runtime, principal: Principal) -> None:
+    """A push or an import: one token from the key's bucket and the tenant's, or 429 with Retry-After."""
+    with runtime.db.read_session() as session:
+        partner = session.get(Partner, principal.tenant)
+    limits = rate_limits(partner, runtime.settings)
+    buckets = [Bucket.per_second("tenant", principal.tenant, limits["ingestion_per_tenant"])]
+    if principal.key_id:
+        buckets.insert(0, Bucket.per_second("key", principal.key_id, limits["ingestion_per_key"]))
+    _limiter(runtime).acquire(buckets)

@@ -8,9 +8,9 @@ from typing import Any
 
 from marshmallow import Schema, ValidationError, fields, validate, validates_schema
 
-from services.ingestion import metering
-from shared.auth import TENANT_ID
-from shared.events.catalog import TASK_TYPES
+from services.ingestion import metering, quotas, spans
+from shared.auth import SCOPES, TENANT_ID
+from shared.events.catalog import TASK_TYPES, EntitySpan
 from shared.schemas import Timestamp
 
 NAME = validate.Regexp(r"^[A-Za-z0-9][A-Za-z0-9 ._-]{0,99}$", error="1-100 letters, digits, space, '.', '_' or '-'")
@@ -42,9 +42,33 @@ def _metadata_field() -> fields.Dict:
     )
 
 
+class RateLimitsSchema(Schema):
+    """Requests per second (a token bucket, burst twice the rate); absent or null: the deployment's default
+    (RATE_LIMIT_*); 0: no limit."""
+
+    inference_per_key = fields.Float(allow_none=True, validate=validate.Range(min=0, max=1e6))
+    inference_per_tenant = fields.Float(allow_none=True, validate=validate.Range(min=0, max=1e6))
+    ingestion_per_key = fields.Float(allow_none=True, validate=validate.Range(min=0, max=1e6))
+    ingestion_per_tenant = fields.Float(allow_none=True, validate=validate.Range(min=0, max=1e6))
+
+
+def _monthly_quotas_field() -> fields.Dict:
+    return fields.Dict(
+        keys=fields.String(validate=validate.OneOf(quotas.MONTHLY_QUOTA_METERS)),
+        values=fields.Integer(validate=validate.Range(min=0, max=2**62)),
+        allow_none=True,
+        metadata={
+            "description": "meter -> limit per UTC month (items_ingested, bytes_ingested, "
+            "prediction_requests, prediction_rows); absent: no quota"
+        },
+    )
+
+
 class QuotaFields(Schema):
     daily_item_quota = fields.Integer(allow_none=True, validate=validate.Range(min=0))
     daily_byte_quota = fields.Integer(allow_none=True, validate=validate.Range(min=0))
+    rate_limits = fields.Nested(RateLimitsSchema, allow_none=True)
+    monthly_quotas = _monthly_quotas_field()
 
 
 class PartnerCreateSchema(QuotaFields):
@@ -60,6 +84,8 @@ class PartnerSchema(Schema):
     name = fields.String()
     daily_item_quota = fields.Integer(allow_none=True)
     daily_byte_quota = fields.Integer(allow_none=True)
+    rate_limits = fields.Nested(RateLimitsSchema, allow_none=True)
+    monthly_quotas = fields.Dict(keys=fields.String(), values=fields.Integer(), allow_none=True)
     created_at = Timestamp()
 
 
@@ -68,6 +94,37 @@ class ApiKeySchema(Schema):
     prefix = fields.String()
     created_at = Timestamp()
     revoked_at = Timestamp(allow_none=True)
+    scopes = fields.List(
+        fields.String(), attribute="granted_scopes", metadata={"description": f"what the key may do, of {list(SCOPES)}"}
+    )
+    expires_at = Timestamp(allow_none=True, metadata={"description": "refused (401 key_expired) from then on"})
+    last_used_at = Timestamp(
+        allow_none=True, metadata={"description": "when a service last checked the key (to about a minute)"}
+    )
+    replaces = fields.String(allow_none=True, metadata={"description": "the key this one rotated out"})
+
+
+class KeyIssueSchema(Schema):
+    """A new key for a partner: its scopes, an optional expiry, and optionally the key it rotates out."""
+
+    scopes = fields.List(
+        fields.String(validate=validate.OneOf(SCOPES)),
+        validate=validate.Length(min=1),
+        load_default=None,
+        metadata={"description": "default: every scope (of the replaced key, when `replaces` names one)"},
+    )
+    expires_at = Timestamp(load_default=None, allow_none=True, metadata={"description": "must be in the future"})
+    replaces = fields.String(
+        load_default=None,
+        allow_none=True,
+        validate=validate.Length(max=40),
+        metadata={"description": "a live key of the partner that this one rotates out: it expires after the grace"},
+    )
+    grace_seconds = fields.Integer(
+        load_default=86400,
+        validate=validate.Range(min=0, max=90 * 86400),
+        metadata={"description": "with `replaces`: how long the old key keeps working (0: refused at once)"},
+    )
 
 
 class IssuedKeySchema(Schema):
@@ -91,6 +148,8 @@ class KeyVerifySchema(Schema):
 class KeyPrincipalSchema(Schema):
     tenant = fields.String()
     key_id = fields.String()
+    scopes = fields.List(fields.String())
+    expires_at = Timestamp(allow_none=True)
 
 
 def _validate_labels(labels: list[str]) -> None:
@@ -133,17 +192,36 @@ class DatasetListSchema(Schema):
 
 
 class PushItemSchema(Schema):
-    """One item: `text` for a text dataset, `image` (base64) for an image dataset."""
+    """One item: `text` for a text dataset, `image` (base64) for an image dataset; a token_classification item
+    is a `text` with optional entity `spans` (character offsets in Unicode code points, see docs/ner.md)."""
 
     text = fields.String(validate=validate.Length(min=1, max=MAX_TEXT_CHARS))
     image = Base64Bytes(metadata={"description": "base64-encoded PNG, JPEG, WEBP, GIF or BMP"})
     label = fields.String(load_default=None, allow_none=True)
+    spans = fields.List(
+        fields.Nested(EntitySpan),
+        load_default=None,
+        allow_none=True,
+        validate=validate.Length(max=spans.MAX_SPANS),
+        metadata={
+            "description": "token_classification: the entities, `{start, end, label}` with `text[start:end]` in "
+            "Unicode code points; no overlaps; each boundary on a character (grapheme) boundary"
+        },
+    )
     metadata = _metadata_field()
 
     @validates_schema
     def _one_content(self, data: dict[str, Any], **_: Any) -> None:
         if ("text" in data) == ("image" in data):
             raise ValidationError("give exactly one of 'text' or 'image'", field_name="_schema")
+
+    @validates_schema
+    def _spans_fit_text(self, data: dict[str, Any], **_: Any) -> None:
+        if data.get("spans") and "image" in data:
+            raise ValidationError("spans are for text items", field_name="spans")
+        errors = spans.span_errors(data.get("text", ""), data.get("spans") or [])
+        if errors:
+            raise ValidationError(errors, field_name="spans")
 
 
 class ImportLineSchema(PushItemSchema):
@@ -176,6 +254,9 @@ class ItemSchema(Schema):
     content_type = fields.String()
     length = fields.Integer(data_key="size")
     label = fields.String(allow_none=True)
+    spans = fields.List(
+        fields.Nested(EntitySpan), allow_none=True, metadata={"description": "token_classification: entity spans"}
+    )
     metadata = fields.Dict(attribute="item_metadata")
     redactions = fields.Dict()
     created_at = Timestamp()
@@ -282,3 +363,94 @@ class UsageSchema(Schema):
     daily_byte_quota = fields.Integer(allow_none=True)
     days = fields.List(fields.Nested(UsageDaySchema))
     report = fields.Nested(MeterReportSchema, metadata={"description": "every meter of the window, in buckets"})
+
+
+class DecimalString(fields.String):
+    """An exact decimal, as a string on the wire ("12.50"): money is never a binary float."""
+
+    def _serialize(self, value: Any, attr: str | None, obj: Any, **kwargs: Any) -> str | None:
+        return None if value is None else str(value)
+
+
+class InvoiceQuery(Schema):
+    period = fields.String(required=True, validate=PERIOD, metadata={"description": "the billing month, YYYY-MM"})
+    tenant = fields.String(load_default=None, validate=TENANT_ID)
+
+
+class InvoiceLineSchema(Schema):
+    meter = fields.String(metadata={"description": "the meter priced (prediction_rows, bytes_stored, ...)"})
+    price = fields.String(metadata={"description": "the price list's entry (per_1k_predictions, per_gb_month, ...)"})
+    usage = DecimalString(metadata={"description": "the meter's raw total over the period (rows, seconds, bytes)"})
+    quantity = DecimalString(metadata={"description": "what is billed, in `unit` (6 decimals, rounded half up)"})
+    unit = fields.String(metadata={"description": "1k predictions, CPU-hour, GPU-hour, GB-month, ..."})
+    unit_price = DecimalString()
+    amount = DecimalString(metadata={"description": "quantity times unit_price, rounded half up to cents"})
+
+
+class InvoiceSchema(Schema):
+    tenant = fields.String()
+    period = fields.String()
+    start = Timestamp(data_key="from")
+    end = Timestamp(data_key="to")
+    currency = fields.String()
+    lines = fields.List(fields.Nested(InvoiceLineSchema))
+    total = DecimalString(metadata={"description": "the sum of the lines' amounts"})
+
+
+class PriceSchema(Schema):
+    name = fields.String()
+    meter = fields.String()
+    unit = fields.String()
+    unit_price = fields.String()
+
+
+class PriceListSchema(Schema):
+    currency = fields.String()
+    prices = fields.List(fields.Nested(PriceSchema))
+
+
+class InvoiceListSchema(Schema):
+    period = fields.String()
+    price_list = fields.Nested(PriceListSchema)
+    invoices = fields.List(fields.Nested(InvoiceSchema))
+
+
+class TenantLimitsSchema(Schema):
+    """What another service enforces for a tenant: effective rate limits, monthly quotas, this month's usage."""
+
+    tenant = fields.String()
+    rate_limits = fields.Nested(RateLimitsSchema)
+    monthly_quotas = fields.Dict(keys=fields.String(), values=fields.Integer())
+    used = fields.Dict(keys=fields.String(), values=fields.Integer(), metadata={"description": "month to date"})
+
+
+class ModelCostQuery(Schema):
+    tenant = fields.String(required=True, validate=TENANT_ID)
+    model = fields.String(required=True, validate=validate.Length(min=1, max=200))
+    version = fields.Integer(required=True, validate=validate.Range(min=1, max=2**31 - 1))
+    run_id = fields.String(required=True, validate=validate.Length(min=1, max=190))
+
+
+class TrainingCostSchema(Schema):
+    run_id = fields.String()
+    meter = fields.String(metadata={"description": "training_cpu_seconds or training_gpu_seconds"})
+    device = fields.String(allow_none=True)
+    seconds = DecimalString(metadata={"description": "device-seconds, times the run's world size"})
+    unit = fields.String()
+    unit_price = DecimalString()
+    cost = DecimalString()
+
+
+class ServingCostSchema(Schema):
+    window_hours = fields.Integer()
+    predictions = DecimalString(metadata={"description": "rows predicted by this version in the window"})
+    compute_seconds = DecimalString()
+    compute_seconds_per_1k = DecimalString(allow_none=True, metadata={"description": "null without traffic"})
+    compute_cost_per_1k = DecimalString(allow_none=True, metadata={"description": "at the CPU-hour price"})
+    price_per_1k = DecimalString(metadata={"description": "what 1,000 predictions are billed"})
+
+
+class ModelCostSchema(Schema):
+    currency = fields.String()
+    training = fields.Nested(TrainingCostSchema, allow_none=True, metadata={"description": "null: not metered"})
+    serving = fields.Nested(ServingCostSchema)

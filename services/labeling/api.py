@@ -32,7 +32,7 @@ from services.labeling.schemas import (
     TaskListSchema,
     TaskSchema,
 )
-from shared.auth import current_principal, require_internal, require_partner_or_internal
+from shared.auth import current_principal, require_internal, require_partner_or_internal, requires_scope
 from shared.errors import NotFound, Unprocessable
 from shared.logging import current_trace_id, get_logger
 from shared.runtime import Runtime
@@ -182,6 +182,7 @@ def get_task_content(task_id: int) -> Response:
 
 @datasets.get("/<dataset_id>")
 @require_partner_or_internal
+@requires_scope("read")
 @datasets.response(200, DatasetStateSchema)
 def get_dataset_state(dataset_id: str) -> LabelingDataset:
     return owned_dataset(dataset_id)
@@ -189,6 +190,7 @@ def get_dataset_state(dataset_id: str) -> LabelingDataset:
 
 @datasets.patch("/<dataset_id>/settings")
 @require_partner_or_internal
+@requires_scope("admin")
 @datasets.arguments(LabelingSettingsSchema)
 @datasets.response(200, DatasetStateSchema)
 def patch_settings(body: dict[str, Any], dataset_id: str) -> LabelingDataset:
@@ -204,6 +206,7 @@ def patch_settings(body: dict[str, Any], dataset_id: str) -> LabelingDataset:
 
 @datasets.get("/<dataset_id>/tasks")
 @require_partner_or_internal
+@requires_scope("read")
 @datasets.arguments(TaskListQuery, location="query")
 @datasets.response(200, TaskListSchema)
 def list_tasks(query: dict[str, Any], dataset_id: str) -> dict[str, Any]:
@@ -220,6 +223,7 @@ def list_tasks(query: dict[str, Any], dataset_id: str) -> dict[str, Any]:
 
 @tasks.post("/tasks/<int:task_id>/resolve")
 @require_partner_or_internal
+@requires_scope("label")
 @tasks.arguments(ResolveSchema)
 @tasks.response(200, TaskSchema)
 def post_resolve(body: dict[str, Any], task_id: int) -> Task:
@@ -231,6 +235,7 @@ def post_resolve(body: dict[str, Any], task_id: int) -> Task:
 
 @datasets.get("/<dataset_id>/stats")
 @require_partner_or_internal
+@requires_scope("read")
 @datasets.response(200, StatsSchema)
 def get_stats(dataset_id: str) -> dict[str, Any]:
     """Task counts, label distribution, percent agreement, Fleiss' kappa, and per-annotator agreement."""
@@ -239,6 +244,7 @@ def get_stats(dataset_id: str) -> dict[str, Any]:
 
 @datasets.post("/<dataset_id>/snapshots")
 @require_partner_or_internal
+@requires_scope("admin")
 @datasets.response(201, SnapshotSchema)
 def post_snapshot(dataset_id: str) -> Snapshot:
     """Freeze the current consensus into an immutable dataset version (manifest in object storage)."""
@@ -265,6 +271,7 @@ def post_snapshot(dataset_id: str) -> Snapshot:
 
 @datasets.get("/<dataset_id>/snapshots")
 @require_partner_or_internal
+@requires_scope("read")
 @datasets.response(200, SnapshotListSchema)
 def list_snapshots(dataset_id: str) -> dict[str, Any]:
     owned_dataset(dataset_id)
@@ -285,6 +292,7 @@ def owned_snapshot(snapshot_id: str) -> Snapshot:
 
 @tasks.get("/snapshots/<snapshot_id>")
 @require_partner_or_internal
+@requires_scope("read")
 @tasks.response(200, SnapshotSchema)
 def get_snapshot(snapshot_id: str) -> Snapshot:
     return owned_snapshot(snapshot_id)
@@ -292,6 +300,7 @@ def get_snapshot(snapshot_id: str) -> Snapshot:
 
 @tasks.get("/snapshots/<snapshot_id>/export")
 @require_partner_or_internal
+@requires_scope("read")
 @tasks.arguments(ExportQuery, location="query")
 @tasks.doc(responses={200: {"description": "JSONL or CSV, one labeled item per line, text inline."}})
 def export_snapshot(query: dict[str, Any], snapshot_id: str) -> Response:

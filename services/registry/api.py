@@ -16,7 +16,7 @@ from flask_smorest import Blueprint
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from services.registry import browse, serving
+from services.registry import browse, cost, serving
 from services.registry.aliases import (
     Publish,
     change_alias,
@@ -56,7 +56,7 @@ from services.registry.schemas import (
     VersionSchema,
     VersionUpdateSchema,
 )
-from shared.auth import current_principal, require_internal, require_partner_or_internal
+from shared.auth import current_principal, require_internal, require_partner_or_internal, requires_scope
 from shared.errors import Conflict, NotFound
 from shared.logging import current_trace_id, get_logger
 from shared.runtime import Runtime
@@ -136,6 +136,7 @@ def _change_result(session: Session, model: RegisteredModel, change: AliasChange
 
 @models.get("")
 @require_partner_or_internal
+@requires_scope("read")
 @models.arguments(ModelListQuery, location="query")
 @models.response(200, ModelListSchema)
 def list_models(query: dict[str, Any]) -> dict[str, Any]:
@@ -156,6 +157,7 @@ def list_models(query: dict[str, Any]) -> dict[str, Any]:
 
 @models.get("/<model_name>")
 @require_partner_or_internal
+@requires_scope("read")
 @models.arguments(TenantQuery, location="query")
 @models.response(200, ModelSchema)
 def get_model(query: dict[str, Any], model_name: str) -> dict[str, Any]:
@@ -165,6 +167,7 @@ def get_model(query: dict[str, Any], model_name: str) -> dict[str, Any]:
 
 @models.patch("/<model_name>")
 @require_partner_or_internal
+@requires_scope("admin")
 @models.arguments(ModelUpdateSchema)
 @models.response(200, ModelSchema)
 def update_model(body: dict[str, Any], model_name: str) -> dict[str, Any]:
@@ -214,6 +217,7 @@ def update_policy(body: dict[str, Any], model_name: str) -> dict[str, Any]:
 
 @models.get("/<model_name>/versions")
 @require_partner_or_internal
+@requires_scope("read")
 @models.arguments(VersionListQuery, location="query")
 @models.response(200, VersionListSchema)
 def list_versions(query: dict[str, Any], model_name: str) -> dict[str, Any]:
@@ -238,17 +242,22 @@ def list_versions(query: dict[str, Any], model_name: str) -> dict[str, Any]:
 
 @models.get("/<model_name>/versions/<int:version>")
 @require_partner_or_internal
+@requires_scope("read")
 @models.arguments(TenantQuery, location="query")
 @models.response(200, VersionSchema)
 def get_version(query: dict[str, Any], model_name: str, version: int) -> dict[str, Any]:
-    """One version: metrics, lineage, verified files, signature, labels, preprocessing, gate decision."""
+    """One version: metrics, lineage, verified files, signature, labels, preprocessing, gate decision, and its
+    `cost`: what it cost to train, what it costs to serve at current traffic, and what it gained."""
+    tenant = _tenant(query["tenant"])
     with _runtime().db.session() as session:
-        model = browse.find_model(session, _tenant(query["tenant"]), model_name)
-        return browse.describe_version(session, model, browse.find_version(session, model, version))
+        model = browse.find_model(session, tenant, model_name)
+        view = browse.describe_version(session, model, browse.find_version(session, model, version))
+    return view | {"cost": cost.version_cost(_runtime(), tenant, view)}
 
 
 @models.patch("/<model_name>/versions/<int:version>")
 @require_partner_or_internal
+@requires_scope("admin")
 @models.arguments(VersionUpdateSchema)
 @models.response(200, VersionSchema)
 def update_version(body: dict[str, Any], model_name: str, version: int) -> dict[str, Any]:
@@ -264,6 +273,7 @@ def update_version(body: dict[str, Any], model_name: str, version: int) -> dict[
 
 @models.get("/<model_name>/compare")
 @require_partner_or_internal
+@requires_scope("read")
 @models.arguments(CompareQuery, location="query")
 @models.response(200, CompareSchema)
 def compare(query: dict[str, Any], model_name: str) -> dict[str, Any]:
@@ -282,6 +292,7 @@ def compare(query: dict[str, Any], model_name: str) -> dict[str, Any]:
 
 @models.get("/<model_name>/versions/<int:version>/download")
 @require_partner_or_internal
+@requires_scope("read")
 @models.arguments(DownloadQuery, location="query")
 @models.response(200, DownloadSchema)
 def download(query: dict[str, Any], model_name: str, version: int) -> dict[str, Any]:
@@ -416,6 +427,7 @@ def rollback(body: dict[str, Any], model_name: str) -> dict[str, Any]:
 
 @models.get("/<model_name>/audit")
 @require_partner_or_internal
+@requires_scope("read")
 @models.arguments(AuditQuery, location="query")
 @models.response(200, AuditListSchema)
 def audit(query: dict[str, Any], model_name: str) -> dict[str, Any]:
@@ -442,6 +454,7 @@ def audit(query: dict[str, Any], model_name: str) -> dict[str, Any]:
 
 @refusals.get("")
 @require_partner_or_internal
+@requires_scope("read")
 @refusals.arguments(RefusalQuery, location="query")
 @refusals.response(200, RefusalListSchema)
 def list_refusals(query: dict[str, Any]) -> dict[str, Any]:

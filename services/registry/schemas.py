@@ -326,6 +326,45 @@ class DecisionSchema(Schema):
     decided_at = fields.String(metadata={"format": "date-time"})
 
 
+class TrainingCostSchema(Schema):
+    run_id = fields.String()
+    meter = fields.String(metadata={"description": "training_cpu_seconds or training_gpu_seconds"})
+    device = fields.String(allow_none=True)
+    seconds = fields.String(metadata={"description": "device-seconds (a decimal), times the run's world size"})
+    unit = fields.String(metadata={"description": "CPU-hour or GPU-hour"})
+    unit_price = fields.String()
+    cost = fields.String(metadata={"description": "seconds / 3600 x unit_price, a decimal"})
+
+
+class ServingCostSchema(Schema):
+    window_hours = fields.Integer()
+    predictions = fields.String(metadata={"description": "rows this version predicted in the window"})
+    compute_seconds = fields.String()
+    compute_seconds_per_1k = fields.String(allow_none=True, metadata={"description": "null without traffic"})
+    compute_cost_per_1k = fields.String(allow_none=True, metadata={"description": "at the CPU-hour price"})
+    price_per_1k = fields.String(metadata={"description": "what 1,000 predictions are billed"})
+
+
+class GainSchema(Schema):
+    outcome = fields.String(allow_none=True)
+    metric = fields.String(allow_none=True)
+    difference = fields.Float(allow_none=True, metadata={"description": "candidate minus production, same items"})
+    ci_low = fields.Float(allow_none=True)
+    ci_high = fields.Float(allow_none=True)
+    baseline_lift = fields.Float(allow_none=True)
+
+
+class VersionCostSchema(Schema):
+    currency = fields.String()
+    training = fields.Nested(TrainingCostSchema, allow_none=True, metadata={"description": "null: not metered"})
+    serving = fields.Nested(ServingCostSchema)
+    gain = fields.Nested(GainSchema, allow_none=True, metadata={"description": "null: no gate decision"})
+    training_cost_per_point = fields.String(
+        allow_none=True,
+        metadata={"description": "training cost per percentage point of the metric gained; null unless it gained"},
+    )
+
+
 class VersionSchema(Schema):
     model_name = fields.String()
     version = fields.Integer()
@@ -357,6 +396,14 @@ class VersionSchema(Schema):
     created_at = Timestamp()
     archived_at = Timestamp(allow_none=True)
     archive_reason = fields.String(allow_none=True)
+    cost = fields.Nested(
+        VersionCostSchema,
+        allow_none=True,
+        metadata={
+            "description": "GET of one version only: its training and serving cost and its gain (null: "
+            "the meters could not be read)"
+        },
+    )
 
 
 class VersionListSchema(Schema):

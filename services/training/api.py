@@ -20,7 +20,7 @@ from services.training.limits import RETRY_AFTER_SECONDS
 from services.training.models import TrainingRun
 from services.training.requesting import InvalidRunRequest, RunSpec, request_run
 from services.training.schemas import RunCreateSchema, RunLimitErrorSchema, RunListQuery, RunListSchema, RunSchema
-from shared.auth import current_principal, require_internal, require_partner_or_internal
+from shared.auth import current_principal, require_internal, require_partner_or_internal, requires_scope
 from shared.errors import NotFound, Unprocessable
 from shared.logging import current_trace_id
 from shared.runtime import Runtime
@@ -96,6 +96,7 @@ def create_run(body: dict[str, Any]) -> tuple[TrainingRun, int]:
 
 @runs.get("")
 @require_partner_or_internal
+@requires_scope("read")
 @runs.arguments(RunListQuery, location="query")
 @runs.response(200, RunListSchema)
 def list_runs(query: dict[str, Any]) -> dict[str, Any]:
@@ -115,6 +116,7 @@ def list_runs(query: dict[str, Any]) -> dict[str, Any]:
 
 @runs.get("/<run_id>")
 @require_partner_or_internal
+@requires_scope("read")
 @runs.response(200, RunSchema)
 def get_run(run_id: str) -> TrainingRun:
     """Status, epoch and step, loss, throughput, ETA, metrics and artifacts of one run."""

@@ -188,6 +188,12 @@ def resolve_hyperparameters(task_type: str, raw: dict[str, Any] | None) -> dict[
 
     Raises marshmallow's ValidationError with one message per bad field.
     """
+    if task_type == "token_classification":
+        # The model, its evaluation and export exist (token_model.py, token_export.py; docs/ner.md); snapshots of
+        # span labels and the run pipeline around them do not yet, so a run is refused with the reason.
+        raise ValidationError(
+            "token_classification runs are not trained by the run pipeline yet (see docs/ner.md)", "task_type"
+        )
     if task_type not in TASK_DEFAULTS:
         raise ValidationError(f"unknown task type {task_type!r}; expected one of {list(TASK_TYPES)}", "task_type")
     raw = raw or {}
@@ -210,6 +216,8 @@ def _other(task_type: str) -> str:
 
 
 def resolve_base_model(task_type: str, base_model: str | None) -> str:
+    if task_type not in DEFAULT_BASE_MODELS:  # token_classification: no run pipeline yet (see docs/ner.md)
+        raise ValidationError(f"no base model trains {task_type} runs yet", "base_model")
     name = base_model or DEFAULT_BASE_MODELS[task_type]
     known = known_base_models(task_type)
     if name not in known:

@@ -24,8 +24,12 @@ class IngestionClient(ServiceClient):
     def update_partner(self, partner_id: str, **quotas: int | None) -> dict[str, Any]:
         return self.patch(f"/v1/partners/{partner_id}", json=quotas)
 
-    def rotate_key(self, partner_id: str) -> dict[str, Any]:
-        return self.post(f"/v1/partners/{partner_id}/keys")
+    def rotate_key(self, partner_id: str, **options: Any) -> dict[str, Any]:
+        """Issue a key: `scopes`, `expires_at` (RFC 3339), `replaces` (a key id) with `grace_seconds`."""
+        return self.post(f"/v1/partners/{partner_id}/keys", json=options or None)
+
+    def list_keys(self, partner_id: str) -> list[dict[str, Any]]:
+        return self.get(f"/v1/partners/{partner_id}/keys")["keys"]
 
     def revoke_key(self, partner_id: str, key_id: str) -> dict[str, Any]:
         return self.delete(f"/v1/partners/{partner_id}/keys/{key_id}")
@@ -116,6 +120,11 @@ class IngestionClient(ServiceClient):
         """A billing period's usage records: CloudEvents JSON lines or CSV (internal token)."""
         params = {"period": period, "tenant": tenant, "format": format}
         return self.get("/v1/billing/export", params={k: v for k, v in params.items() if v})
+
+    def billing_invoices(self, period: str, *, tenant: str | None = None) -> dict[str, Any]:
+        """A billing period's invoice lines per tenant, priced by the deployment's price list (internal token)."""
+        params = {"period": period, "tenant": tenant}
+        return self.get("/v1/billing/invoices", params={k: v for k, v in params.items() if v})
 
 
 class LabelingClient(ServiceClient):

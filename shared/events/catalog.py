@@ -15,7 +15,16 @@ from dataclasses import dataclass
 
 from marshmallow import Schema, fields, validate
 
-TASK_TYPES = ("text_classification", "image_classification")
+TASK_TYPES = ("text_classification", "image_classification", "token_classification")
+
+
+class EntitySpan(Schema):
+    """One entity of a token_classification item: `text[start:end]` in Unicode code points (Python `str`
+    indices, not UTF-16 units nor UTF-8 bytes), labeled with one of the dataset's entity labels."""
+
+    start = fields.Integer(required=True, validate=validate.Range(min=0))
+    end = fields.Integer(required=True, validate=validate.Range(min=1))
+    label = fields.String(required=True, validate=validate.Length(min=1, max=100))
 
 
 class ObjectRef(Schema):
@@ -43,6 +52,8 @@ class IngestedItem(Schema):
     content = fields.Nested(ObjectRef, required=True)
     label = fields.String(load_default=None, allow_none=True)
     metadata = fields.Dict(load_default=dict)
+    # token_classification only: the item's entity spans when it came labeled, else None.
+    spans = fields.List(fields.Nested(EntitySpan), load_default=None, allow_none=True)
 
 
 class ItemIngested(Schema):
@@ -205,6 +216,7 @@ USAGE_METERS = (
     "prediction_requests",
     "prediction_rows",
     "prediction_compute_seconds",
+    "bytes_stored",  # measured by ingestion once a day per tenant (a level, not a sum: priced per GB-month)
 )
 
 

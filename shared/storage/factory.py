@@ -31,11 +31,22 @@ def create_store(
     s3_secure: bool,
     s3_region: str,
     file_root: Path,
+    s3_server_side_encryption: bool = False,
 ) -> ObjectStore:
-    """The S3 backend when ``s3_endpoint`` is set, else the file backend rooted at ``file_root``."""
+    """The S3 backend when ``s3_endpoint`` is set, else the file backend rooted at ``file_root``.
+
+    ``s3_server_side_encryption`` writes every S3 object with SSE-S3; the file backend has no such thing (its
+    directory is as protected as the disk it is on), so it is ignored there."""
     if s3_endpoint:
         host, secure = _parse_endpoint(s3_endpoint, s3_secure)
-        return S3Store(host, s3_access_key, s3_secret_key, secure=secure, region=s3_region or "us-east-1")
+        return S3Store(
+            host,
+            s3_access_key,
+            s3_secret_key,
+            secure=secure,
+            region=s3_region or "us-east-1",
+            server_side_encryption=s3_server_side_encryption,
+        )
     return FileStore(file_root)
 
 

@@ -50,6 +50,9 @@ class ObjectInfo:
     sha256: str
     content_type: str
     last_modified: datetime | None
+    encryption: str | None = None
+    """The server-side encryption the store reports for the object (`AES256` for SSE-S3, `aws:kms`), None if
+    none (or a backend that has none: the file store)."""
 
 
 class StorageError(Exception):

@@ -1,4 +1,10 @@
-"""The S3 backend (MinIO, AWS, moto) through the minio SDK."""
+"""The S3 backend (MinIO, AWS, moto) through the minio SDK.
+
+With `server_side_encryption` every object is written with SSE-S3 (`x-amz-server-side-encryption: AES256`): the
+store encrypts it at rest with its own keys (MinIO: through its KMS, `MINIO_KMS_SECRET_KEY` or KES) and decrypts it
+for any authorised reader, so nothing else changes. A store that cannot encrypt refuses the write, which surfaces
+as a StorageError (503 at the HTTP edge) instead of an object silently stored in clear.
+"""
 
 from __future__ import annotations
 
@@ -17,6 +23,7 @@ import certifi
 import urllib3
 from minio import Minio
 from minio.error import MinioException, S3Error
+from minio.sse import SseS3
 from urllib3.util import Retry, Timeout
 
 from shared.storage.interface import (
@@ -36,6 +43,8 @@ SPOOL_MAX_SIZE = 8 * 1024 * 1024
 
 SHA256_META = "sha256"
 """User metadata name of the sha256 on S3 (sent as ``x-amz-meta-sha256``)."""
+
+SSE_HEADER = "x-amz-server-side-encryption"
 
 _NOT_FOUND_CODES = frozenset({"NoSuchKey", "NoSuchBucket", "NoSuchObject", "ResourceNotFound"})
 
@@ -58,8 +67,10 @@ class S3Store(ObjectStore):
         connect_timeout: float = 3.0,
         read_timeout: float = 30.0,
         retries: int = 2,
+        server_side_encryption: bool = False,
     ) -> None:
         self._endpoint = endpoint
+        self._sse = SseS3() if server_side_encryption else None
         self._secure = secure
         self._region = region
         self._client = self._make_client(
@@ -108,6 +119,11 @@ class S3Store(ObjectStore):
     def describe(self) -> str:
         return f"{'s3+https' if self._secure else 's3'}://{self._endpoint}"
 
+    @property
+    def encrypts(self) -> bool:
+        """Whether every object this store writes asks for server-side encryption (SSE-S3)."""
+        return self._sse is not None
+
     @contextlib.contextmanager
     def _errors(self, action: str, bucket: str, key: str = "") -> Iterator[None]:
         """Translate SDK and transport errors into StorageError/ObjectNotFound with the location attached."""
@@ -131,6 +147,7 @@ class S3Store(ObjectStore):
             sha256=(headers.get(f"x-amz-meta-{SHA256_META}") or "").lower(),
             content_type=headers.get("content-type") or DEFAULT_CONTENT_TYPE,
             last_modified=parsedate_to_datetime(modified) if modified else None,
+            encryption=headers.get(SSE_HEADER) or None,
         )
 
     def ensure_buckets(self, *buckets: str) -> None:
@@ -170,16 +187,18 @@ class S3Store(ObjectStore):
             if expected is not None and expected != sha256:
                 raise self._mismatch(bucket, key, expected, sha256)
             with self._errors("put", bucket, key):
-                self._client.put_object(
+                written = self._client.put_object(
                     bucket,
                     key,
                     cast(BinaryIO, body),
                     size,
                     content_type=content_type,
                     metadata={SHA256_META: sha256},
+                    sse=self._sse,
                     num_parallel_uploads=1,  # one part in memory at a time
                 )
-        return ObjectInfo(bucket, key, size, sha256, content_type, None)
+        encryption = (getattr(written, "http_headers", None) or {}).get(SSE_HEADER) or None
+        return ObjectInfo(bucket, key, size, sha256, content_type, None, encryption)
 
     @contextlib.contextmanager
     def _open(self, bucket: str, key: str) -> Iterator[tuple[IO[bytes], ObjectInfo]]:

@@ -35,6 +35,8 @@ def prediction_meters(client: Any, headers: dict[str, str]) -> dict[str, float]:
     report = client.get("/v1/usage?by=model&by=version", headers=headers).get_json()["report"]
     totals: dict[str, float] = {}
     for row in report["meters"]:
+        if not row["meter"].startswith("prediction_"):  # the worker's daily bytes-stored measurement
+            continue
         assert (row["model"], row["version"]) == ("reviews", "1"), row
         totals[row["meter"]] = totals.get(row["meter"], 0) + row["value"]
     return totals

@@ -1,14 +1,17 @@
 """Every non-health endpoint of every service requires a credential, proven by walking the OpenAPI
-documents; operator actions require the internal token, not a partner key."""
+documents; operator actions require the internal token, not a partner key; every partner route needs the scope
+it declares (and docs/security.md lists), and refuses a key without it with a 403 naming that scope."""
 
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import pytest
 
+from shared.auth import SCOPES
 from shared.settings import SERVICES
-from tests.helpers import bearer, create_partner
+from tests.helpers import INTERNAL, bearer, create_partner
 
 # Answer without a credential: health and metrics for probes and scrapers, the API's own description, the
 # KServe v2 server metadata (protocol discovery: name, version, extensions; no tenant data), and the content of
@@ -79,3 +82,83 @@ def test_operator_endpoints_refuse_a_partner_key(platform, service: str) -> None
         if client.open(path, method=method, json={}, headers=bearer(key)).status_code == 401
     ]
     assert refused == operator_only
+
+
+def partner_routes(app) -> list[tuple[str, str, str]]:
+    """(method, concrete path, scope) of every route a partner key may call."""
+    found = []
+    for rule in app.url_map.iter_rules():
+        auth = getattr(app.view_functions[rule.endpoint], "_flywheel_auth", None)
+        if auth and auth.get("partner"):
+            for method in sorted(rule.methods - {"HEAD", "OPTIONS"}):
+                found.append((method, re.sub(r"<(?:[^:>]+:)?([^>]+)>", "1", rule.rule), auth["scope"]))
+    return found
+
+
+@pytest.mark.parametrize("service", SERVICES)
+def test_every_partner_route_refuses_a_key_without_its_scope(platform, service: str) -> None:
+    """A key holding every scope but the one a route needs gets 403 naming that scope, on every route."""
+    ingestion = platform("ingestion")
+    partner = create_partner(ingestion.client)
+    app = ingestion.app if service == "ingestion" else platform(service).app
+    client = app.test_client()
+    routes = partner_routes(app)
+    assert routes, f"{service} has no partner routes"
+    keys = {}
+    for scope in SCOPES:
+        others = [other for other in SCOPES if other != scope]
+        response = ingestion.client.post(
+            f"/v1/partners/{partner['partner']['id']}/keys", json={"scopes": others}, headers=INTERNAL
+        )
+        keys[scope] = response.get_json()["api_key"]
+    wrong = []
+    for method, path, scope in routes:
+        response = client.open(path, method=method, json={}, headers=bearer(keys[scope]))
+        body = response.get_json() or {}
+        error = body.get("error")
+        named = error.get("details", {}).get("missing_scope") if isinstance(error, dict) else error
+        if response.status_code != 403 or scope not in str(named):
+            wrong.append(f"{method} {path} (needs {scope}) -> {response.status_code} {body}")
+    assert not wrong, "\n".join(wrong)
+
+
+@pytest.mark.parametrize("service", SERVICES)
+def test_every_partner_route_declares_its_scope_and_documents_the_403(platform, service: str) -> None:
+    app = platform(service).app
+    undeclared = []
+    for rule in app.url_map.iter_rules():
+        view = app.view_functions[rule.endpoint]
+        auth = getattr(view, "_flywheel_auth", None)
+        if auth and auth.get("partner") and not hasattr(view, "_flywheel_scope"):
+            undeclared.append(rule.rule)
+    assert not undeclared, f"partner routes without requires_scope (they default to admin): {undeclared}"
+    spec = app.test_client().get("/openapi.json").get_json()
+    routes = {(method.lower(), path) for method, path, _ in partner_routes(app)}
+    for path, methods in spec["paths"].items():
+        for method, operation in methods.items():
+            if (method, concrete(path)) in routes:
+                assert "403" in operation["responses"], f"{method.upper()} {path} does not document its 403"
+
+
+def documented_scopes() -> dict[tuple[str, str, str], str]:
+    """The table in docs/security.md: | service | method | path | scope |."""
+    table = {}
+    for line in (Path(__file__).parents[2] / "docs" / "security.md").read_text().splitlines():
+        cells = [cell.strip().strip("`") for cell in line.strip().strip("|").split("|")]
+        if len(cells) == 4 and cells[0] in SERVICES:
+            table[(cells[0], cells[1], cells[2])] = cells[3]
+    return table
+
+
+def test_the_scope_of_every_route_is_the_one_docs_security_md_says(platform) -> None:
+    documented = documented_scopes()
+    actual = {}
+    for service in SERVICES:
+        app = platform(service).app
+        for rule in app.url_map.iter_rules():
+            auth = getattr(app.view_functions[rule.endpoint], "_flywheel_auth", None)
+            if auth and auth.get("partner"):
+                path = re.sub(r"<(?:[^:>]+:)?([^>]+)>", r"{\1}", rule.rule)
+                for method in sorted(rule.methods - {"HEAD", "OPTIONS"}):
+                    actual[(service, method, path)] = auth["scope"]
+    assert actual == documented

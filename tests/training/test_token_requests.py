@@ -1,0 +1,38 @@
+"""A `training.requested` for a token_classification dataset ends in `training.failed` with the reason: the run
+pipeline does not train entity models yet (docs/ner.md), and it says so instead of failing obscurely."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.training.support import published, request_training, text_items, write_snapshot
+from tests.training.test_requests import failure_reason
+
+pytestmark = pytest.mark.timeout(120)
+
+ENTITIES = ["PER", "ORG", "LOC"]
+
+
+def test_a_token_classification_request_fails_with_its_reason(worker) -> None:
+    with worker("training") as training:
+        items = [item | {"label": ENTITIES[i % 3]} for i, item in enumerate(text_items(per_label=2))]
+        snapshot = write_snapshot(  # packed text items; the request is refused before they are read
+            training.storage,
+            tenant="acme",
+            dataset_id="ds_news",
+            task_type="text_classification",
+            labels=ENTITIES,
+            items=items,
+        )
+        request_training(
+            training,
+            tenant="acme",
+            dataset_id="ds_news",
+            snapshot=snapshot,
+            task_type="token_classification",
+            labels=ENTITIES,
+        )
+        reason = failure_reason(training, snapshot["snapshot_id"])
+        assert "token_classification runs are not trained by the run pipeline yet" in reason
+        assert "no base model trains token_classification runs yet" in reason
+        assert not published(training, "training.completed")
