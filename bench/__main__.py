@@ -262,7 +262,27 @@ def _metering(r: dict[str, Any]) -> str:
     )
 
 
+def _monitoring(r: dict[str, Any]) -> str:
+    rows = [
+        [
+            mode,
+            _shown(m["throughput"], 1),
+            f"{m['loss'] * 100:+.1f}%",
+            f"{m['p99_ms']:.1f}",
+            _shown(m["server_cpu_ms_per_request"], 3),
+        ]
+        for mode, m in r["modes"].items()
+    ]
+    headers = ["mode", "req/s", "lost vs off (median per round)", "p99 ms", "server CPU ms/req"]
+    target = r["target"]
+    return (
+        f"{render(headers, rows, markdown=True)}\n\nTarget: logging and sampling lose at most "
+        f"{target['max_loss']:.0%}: {'met' if target['met'] else '**missed**'}."
+    )
+
+
 SECTIONS = {
+    "monitoring_bench": ("Monitoring: the hot path with the prediction log, sampling and shadow traffic", _monitoring),
     "metering_bench": ("Metering: the hot path with usage metering on and off", _metering),
     "ingestion_bench": ("Ingestion", _ingestion),
     "training_bench": ("Training", _training),
