@@ -4,13 +4,15 @@
 files as multipart/form-data (any file fields, in order; `version` and `request_key` as form fields). It runs
 the model's own preprocessing (its tokenizer; decode, resize, normalise), routes by the canary weights (sticky
 per `request_key`), and answers each input's label, confidence and probabilities, the version that answered
-and a `prediction_id`. Every prediction a partner makes here is logged with its input, so any of them can
-receive `POST /v1/feedback` `{prediction_id, label}`, which emits `prediction.feedback` in the same
-transaction. Another service may call predict for a tenant (the internal token and `X-Flywheel-Tenant`:
-labeling's pre-labels); those predictions are neither logged nor given a `prediction_id`. Such a caller may
-name the tenant's stored items instead of sending them, `{"references": [{bucket, key, sha256, offset,
-length}, ...]}`: inference reads them from object storage (the tenant's own prefix only) and checks each
-sha256, so items travel as references, not as re-encoded bytes.
+and a `prediction_id`. A token-classification model answers each text's entities instead (`{start, end, label,
+score, text}`, offsets in Unicode code points of the text sent, decoded by the package's rule in
+`shared.entities`); those predictions are not logged yet and have no `prediction_id`. Every classifier
+prediction a partner makes here is logged with its input, so any of them can receive `POST /v1/feedback`
+`{prediction_id, label}`, which emits `prediction.feedback` in the same transaction. Another service may call
+predict for a tenant (the internal token and `X-Flywheel-Tenant`: labeling's pre-labels); those predictions are
+neither logged nor given a `prediction_id`. Such a caller may name the tenant's stored items instead of sending
+them, `{"references": [{bucket, key, sha256, offset, length}, ...]}`: inference reads them from object storage
+(the tenant's own prefix only) and checks each sha256, so items travel as references, not as re-encoded bytes.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from marshmallow import ValidationError
 from services.inference import fair_use
 from services.inference.batcher import Feeds
 from services.inference.prediction_log import RequestRecord, new_prediction_ids
-from services.inference.preprocess import as_model_inputs, classify, read_stored_inputs
+from services.inference.preprocess import TokenPreprocessor, as_model_inputs, classify, entities, read_stored_inputs
 from services.inference.repository import LoadedVersion, ServedModel
 from services.inference.request_log import annotate, install_request_annotations
 from services.inference.schemas import (
@@ -100,7 +102,7 @@ def _decode_base64(data: str, index: int) -> bytes:
         ) from exc
 
 
-def _infer(server: InferenceServer, model: ServedModel, built: dict[str, Feeds]) -> tuple[str, list[Any], Inference]:
+def _infer(server: InferenceServer, model: ServedModel, built: dict[str, Any]) -> tuple[str, list[Any], Inference]:
     """Read the texts, images or stored inputs, run them through the model's own preprocessing, and infer
     (`built` receives the feeds, for the input statistics)."""
     body = _read_request()
@@ -110,7 +112,7 @@ def _infer(server: InferenceServer, model: ServedModel, built: dict[str, Feeds])
             f"at most {server.config.max_instances_per_request} inputs per request", {"fields": {field: ["too many"]}}
         )
     if field == "references":
-        return _infer_stored(server, model, body)
+        return _infer_stored(server, model, body, built)
     kind = field.removesuffix("s")
     inputs: list[Any] = body[field]
 
@@ -120,15 +122,24 @@ def _infer(server: InferenceServer, model: ServedModel, built: dict[str, Feeds])
                 f"model {model.name!r} takes {loaded.preprocessor.kind}s, not {kind}s",
                 {"fields": {field: ["wrong kind"]}},
             )
-        built["feeds"] = loaded.preprocessor(inputs)
+        built["feeds"] = _preprocess(loaded, inputs, built)
         return built["feeds"]
 
     result = server.infer(model, version=body["version"], request_key=body["request_key"], make_feeds=feeds)
     return kind, inputs, result
 
 
+def _preprocess(loaded: LoadedVersion, inputs: list[Any], built: dict[str, Any]) -> Feeds:
+    """The version's feeds for the inputs; a token model's texts and words are kept in `built` for decoding."""
+    if isinstance(loaded.preprocessor, TokenPreprocessor):
+        feeds, built["words"] = loaded.preprocessor.encode(inputs)
+        built["texts"] = inputs
+        return feeds
+    return loaded.preprocessor(inputs)
+
+
 def _infer_stored(
-    server: InferenceServer, model: ServedModel, body: dict[str, Any]
+    server: InferenceServer, model: ServedModel, body: dict[str, Any], built: dict[str, Any]
 ) -> tuple[str, list[Any], Inference]:
     """Inputs named by reference, for a service acting for the tenant: read, checked, taken as the model's kind."""
     principal = current_principal()
@@ -139,7 +150,7 @@ def _infer_stored(
     )
 
     def feeds(loaded: LoadedVersion) -> Feeds:
-        return loaded.preprocessor(as_model_inputs(contents, loaded.preprocessor.kind))
+        return _preprocess(loaded, as_model_inputs(contents, loaded.preprocessor.kind), built)
 
     result = server.infer(model, version=body["version"], request_key=body["request_key"], make_feeds=feeds)
     return result.version.preprocessor.kind, contents, result
@@ -158,7 +169,7 @@ def predict(name: str) -> dict[str, Any]:
     tenant = current_principal().tenant
     model = server.model(tenant, name)
     annotate(model=name)
-    built: dict[str, Feeds] = {}
+    built: dict[str, Any] = {}
     reservation = fair_use.of(server).admit(current_principal(), fair_use.requested_rows())
     try:
         kind, inputs, result = _infer(server, model, built)
@@ -168,6 +179,8 @@ def predict(name: str) -> dict[str, Any]:
         server.metrics.failures.labels(tenant, name, "predict", code).inc()
         raise
     loaded = result.version
+    if loaded.tags is not None:
+        return _entity_answer(server, name, loaded, built, result.outputs["logits"], started)
     classifications = classify(result.outputs["logits"], loaded.labels)
     elapsed = time.perf_counter() - started
     # Another service acting for the tenant (labeling's pre-labels) predicts on inputs already in storage:
@@ -217,6 +230,33 @@ def predict(name: str) -> dict[str, Any]:
             }
             for prediction_id, classification in zip(ids, classifications, strict=True)
         ],
+    }
+
+
+def _entity_answer(
+    server: InferenceServer,
+    name: str,
+    loaded: LoadedVersion,
+    built: dict[str, Any],
+    logits: Any,
+    started: float,
+) -> dict[str, Any]:
+    """A token model's answer: each text's entities. Not written to the prediction log (its rows hold one label
+    per input), so these predictions have no `prediction_id` and take no feedback yet."""
+    found = entities(built["texts"], built["words"], logits, loaded.tags or [])
+    elapsed = time.perf_counter() - started
+    tenant = current_principal().tenant
+    delegated = current_principal().internal
+    if not delegated and server.config.metering:
+        server.usage.count(tenant, name, loaded.version, len(found), elapsed)
+    api = "delegated" if delegated else "predict"
+    server.metrics.requests.labels(tenant, name, str(loaded.version), api, "ok").inc()
+    server.metrics.latency.labels(tenant, name, api).observe(elapsed)
+    annotate(model_version=loaded.version, rows=len(found))
+    return {
+        "model_name": name,
+        "model_version": loaded.version,
+        "predictions": [{"prediction_id": None, "entities": text_entities} for text_entities in found],
     }
 
 

@@ -12,7 +12,8 @@ Retry-After) instead of letting latency grow without bound.
 
 Requests are joined when their tensors agree beyond the batch axis. For text models the sequence axis of the
 token inputs is padded (ids 0, attention mask 0, which the mask makes inert), so texts of any length share a
-batch. If a batch fails, its requests are retried one by one, so one bad request fails alone.
+batch; a token model's per-token logits (`padded_outputs`) come back cut to each request's own length. If a
+batch fails, its requests are retried one by one, so one bad request fails alone.
 
 `max_batch_size=1` turns batching off: requests still queue (bounded) and run one at a time.
 """
@@ -70,12 +71,16 @@ class DynamicBatcher:
         name: str,
         observer: BatchObserver,
         padded_inputs: frozenset[str] = frozenset(),
+        padded_outputs: frozenset[str] = frozenset(),
     ) -> None:
         self.run = run
         self.config = config
         self.name = name
         self.observer = observer
         self.padded_inputs = padded_inputs
+        self.padded_outputs = padded_outputs
+        """Outputs whose axis 1 is the padded sequence axis (a token model's logits): each request gets back
+        its own sequence length."""
         self._queue: deque[_Pending] = deque()
         self._arriving = 0
         self._cond = threading.Condition()
@@ -187,8 +192,18 @@ class DynamicBatcher:
         self.observer.batch_ran(rows, [started - item.enqueued for item in batch], compute)
         start = 0
         for item in batch:
-            item.future.set_result({name: array[start : start + item.rows] for name, array in outputs.items()})
+            item.future.set_result({name: self._own(item, name, array, start) for name, array in outputs.items()})
             start += item.rows
+
+    def _own(self, item: _Pending, name: str, array: np.ndarray, start: int) -> np.ndarray:
+        """The request's rows of a batch output, cut back to its own sequence length where the batch padded it."""
+        rows = array[start : start + item.rows]
+        if name in self.padded_outputs and self.padded_inputs:
+            width = next(
+                item.feeds[input_name].shape[1] for input_name in self.padded_inputs if input_name in item.feeds
+            )
+            rows = rows[:, :width]
+        return rows
 
     def _execute_alone(self, item: _Pending) -> None:
         started = time.monotonic()

@@ -18,10 +18,13 @@ from typing import Any
 from marshmallow import ValidationError
 
 from shared.artifacts import ModelMetadata
+from shared.entities import DECODING_RULE, tag_set
 from shared.storage import ChecksumMismatch, ObjectNotFound, ObjectStore
 
 GRAPH_FILE = "model.onnx"
 METADATA_FILE = "metadata.json"
+ENTITY_TASK = "token_classification"
+PREPROCESSING_KIND = {"text_classification": "text", "image_classification": "image", ENTITY_TASK: "text"}
 _metadata_schema = ModelMetadata()
 
 
@@ -93,14 +96,32 @@ def _read_metadata(path: Path) -> dict[str, Any]:
         ) from exc
     preprocessing = metadata["preprocessing"]
     kind = preprocessing.get("kind")
-    expected_kind = {"text_classification": "text", "image_classification": "image"}[metadata["task_type"]]
+    expected_kind = PREPROCESSING_KIND[metadata["task_type"]]
     if kind != expected_kind:
         raise ArtifactRefused(
             "invalid_metadata", f"a {metadata['task_type']} model needs {expected_kind} preprocessing"
         )
+    if metadata["task_type"] == ENTITY_TASK:
+        return _token_metadata(metadata, raw)
     if len(metadata["labels"]) < 2 or len(set(metadata["labels"])) != len(metadata["labels"]):
         raise ArtifactRefused("invalid_metadata", "metadata.json needs at least two distinct labels")
     return metadata
+
+
+def _token_metadata(metadata: dict[str, Any], raw: dict[str, Any]) -> dict[str, Any]:
+    """A token-classification package adds its tag set (the logits' order) and decoding rule, which serving
+    needs and `ModelMetadata` does not keep: they must be the IOB2 tags over the labels and the rule inference
+    implements (`shared.entities`)."""
+    labels = metadata["labels"]
+    if not labels or len(set(labels)) != len(labels):
+        raise ArtifactRefused("invalid_metadata", "metadata.json needs at least one entity label, each once")
+    if raw.get("tags") != tag_set(labels):
+        raise ArtifactRefused("invalid_metadata", "metadata.json's tags are not the IOB2 tags over its labels")
+    if raw.get("decoding") != DECODING_RULE:
+        raise ArtifactRefused("invalid_metadata", "metadata.json names a decoding rule this server does not apply")
+    if metadata["preprocessing"].get("offsets", "unicode_code_points") != "unicode_code_points":
+        raise ArtifactRefused("invalid_metadata", "entity offsets must be Unicode code points")
+    return {**metadata, "tags": list(raw["tags"]), "decoding": raw["decoding"]}
 
 
 def _check_metadata_files(metadata: dict[str, Any], artifacts: dict[str, dict[str, Any]]) -> None:

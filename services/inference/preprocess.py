@@ -19,6 +19,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from tokenizers import Tokenizer
 
 from services.inference.sessions import ModelRefused, TensorSpec
+from shared.entities import Words, decode_entities, words_from
 from shared.errors import NotFound, PayloadTooLarge, Unprocessable
 from shared.storage import ObjectNotFound, ObjectStore
 
@@ -45,16 +46,36 @@ class TextPreprocessor:
 
     def __call__(self, texts: list[str]) -> dict[str, np.ndarray]:
         encodings = self.tokenizer.encode_batch([text.lower() if self.lowercase else text for text in texts])
-        length = max(len(encoding.ids) for encoding in encodings)
-        ids = np.zeros((len(texts), length), dtype=self.inputs["input_ids"].dtype)
-        mask = np.zeros((len(texts), length), dtype=self.inputs["attention_mask"].dtype)
-        for row, encoding in enumerate(encodings):
-            ids[row, : len(encoding.ids)] = encoding.ids
-            mask[row, : len(encoding.ids)] = 1
+        return self._feeds([encoding.ids for encoding in encodings])
+
+    def _feeds(self, rows: list[list[int]]) -> dict[str, np.ndarray]:
+        """The token ids padded to the longest row, with the attention mask (and zero type ids if the graph
+        takes them)."""
+        length = max(len(row) for row in rows)
+        ids = np.zeros((len(rows), length), dtype=self.inputs["input_ids"].dtype)
+        mask = np.zeros((len(rows), length), dtype=self.inputs["attention_mask"].dtype)
+        for index, row in enumerate(rows):
+            ids[index, : len(row)] = row
+            mask[index, : len(row)] = 1
         feeds = {"input_ids": ids, "attention_mask": mask}
         if "token_type_ids" in self.inputs:
             feeds["token_type_ids"] = np.zeros_like(ids, dtype=self.inputs["token_type_ids"].dtype)
         return feeds
+
+
+class TokenPreprocessor(TextPreprocessor):
+    """A token-classification model's tokenizer: the same feeds as for a text classifier, plus each text's words
+    (character offsets and first word piece) for decoding entities. The texts are tokenized as sent, never
+    lower-cased here: the tokenizer's own normalizer does that, and its offsets must index the original text
+    (`str.lower` can change a text's length, `İ` becomes two code points)."""
+
+    def encode(self, texts: list[str]) -> tuple[dict[str, np.ndarray], list[Words]]:
+        encodings = self.tokenizer.encode_batch(texts)
+        words = [words_from(encoding.word_ids, encoding.offsets) for encoding in encodings]
+        return self._feeds([encoding.ids for encoding in encodings]), words
+
+    def __call__(self, texts: list[str]) -> dict[str, np.ndarray]:
+        return self.encode(texts)[0]
 
 
 class ImagePreprocessor:
@@ -146,6 +167,18 @@ class Classification:
     label: str
     confidence: float
     probabilities: dict[str, float]
+
+
+def entities(texts: list[str], words: list[Words], logits: np.ndarray, tags: list[str]) -> list[list[dict[str, Any]]]:
+    """Each text's entities `{start, end, label, score, text}` from its token logits `[batch, sequence, tags]`, by
+    the package's decoding rule (`shared.entities`); offsets are code points of the text as sent."""
+    found = []
+    for text, text_words, row in zip(texts, words, logits, strict=True):
+        spans = decode_entities(text, text_words, row, tags)
+        found.append(
+            [{**span, "score": round(span["score"], 6), "text": text[span["start"] : span["end"]]} for span in spans]
+        )
+    return found
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:

@@ -37,8 +37,8 @@ from services.inference.batcher import DynamicBatcher
 from services.inference.canary import Routing
 from services.inference.config import BatchingConfig, InferenceConfig
 from services.inference.metrics import InferenceMetrics, VersionObserver
-from services.inference.model_files import ArtifactRefused, fetch_version, fingerprint
-from services.inference.preprocess import ImagePreprocessor, TextPreprocessor
+from services.inference.model_files import ENTITY_TASK, ArtifactRefused, fetch_version, fingerprint
+from services.inference.preprocess import ImagePreprocessor, TextPreprocessor, TokenPreprocessor
 from services.inference.registry_client import RegistryClient, RegistryUnavailable
 from services.inference.sessions import ModelRefused, TensorSpec, check_contract, create_session, graph_io, warm_up
 from shared.backoff import backoff_delay
@@ -83,6 +83,8 @@ class LoadedVersion:
         self.fingerprint = fingerprint
         self.metadata = metadata
         self.labels: list[str] = list(metadata["labels"])
+        self.tags: list[str] | None = list(metadata["tags"]) if metadata["task_type"] == ENTITY_TASK else None
+        """A token-classification version's IOB2 tags (its logits' last axis); None for a classifier."""
         self.session = session
         self.provider = session.get_providers()[0]
         self.inputs = inputs
@@ -102,6 +104,7 @@ class LoadedVersion:
             name=f"{tenant}/{model_name}:{version}",
             observer=observer,
             padded_inputs=TOKEN_INPUTS if preprocessor.kind == "text" else frozenset(),
+            padded_outputs=frozenset({"logits"}) if self.tags is not None else frozenset(),
         )
         self._lock = threading.Lock()
         self._inflight = 0
@@ -414,13 +417,17 @@ class ModelRepository:
             inputs, outputs = graph_io(session)
             check_contract(inputs, outputs, files.metadata)
             preprocessing = files.metadata["preprocessing"]
+            per_token = files.metadata["task_type"] == ENTITY_TASK
             preprocessor: TextPreprocessor | ImagePreprocessor
-            if preprocessing["kind"] == "text":
+            if per_token:
+                preprocessor = TokenPreprocessor(folder, preprocessing, inputs)
+            elif preprocessing["kind"] == "text":
                 preprocessor = TextPreprocessor(folder, preprocessing, inputs)
             else:
                 preprocessor = ImagePreprocessor(preprocessing, inputs, self.config.max_image_pixels)
             batching = self.config.batching.override((version_doc.get("metadata") or {}).get("serving"))
-            warm_up(session, inputs, [1, batching.max_batch_size], len(files.metadata["labels"]))
+            columns = len(files.metadata["tags"] if per_token else files.metadata["labels"])
+            warm_up(session, inputs, [1, batching.max_batch_size], columns, per_token=per_token)
             rss_after = resident_bytes()
         except (ArtifactRefused, ModelRefused) as exc:
             self._fail(model, version, version_fingerprint, exc.reason, exc.message)

@@ -115,13 +115,33 @@ class PredictRequestSchema(Schema):
             raise ValidationError("send either texts, images or references", field_name="_schema")
 
 
+class EntitySchema(Schema):
+    """One entity a token-classification model found: `text[start:end]` in Unicode code points (Python `str`
+    indices, as ingestion's spans), on whole characters (grapheme boundaries)."""
+
+    start = fields.Integer(required=True, validate=validate.Range(min=0))
+    end = fields.Integer(required=True, validate=validate.Range(min=1))
+    label = fields.String(required=True, metadata={"description": "One of the model's entity labels."})
+    score = fields.Float(
+        required=True, metadata={"description": "The mean probability of the decoded tags of its words (0..1)."}
+    )
+    text = fields.String(required=True, metadata={"description": "The entity as it reads in the text sent."})
+
+
 class PredictionSchema(Schema):
+    """A classifier answers `label`, `confidence` and `probabilities`; a token-classification model answers
+    `entities` (and, for now, no `prediction_id`: its predictions are not logged and take no feedback)."""
+
     prediction_id = fields.String(
         allow_none=True, metadata={"description": "For feedback; null for a service acting for the tenant."}
     )
     label = fields.String()
     confidence = fields.Float()
     probabilities = fields.Dict(keys=fields.String(), values=fields.Float())
+    entities = fields.List(
+        fields.Nested(EntitySchema),
+        metadata={"description": "Token classification: the entities of the text, in text order."},
+    )
 
 
 class PredictResponseSchema(Schema):
@@ -189,7 +209,10 @@ class V2ModelMetadataSchema(Schema):
     outputs = fields.List(fields.Nested(V2TensorMetadataSchema), required=True)
     flywheel = fields.Dict(
         required=True,
-        metadata={"description": "which routing serves, which the registry wants, each version's state, the labels"},
+        metadata={
+            "description": "which routing serves, which the registry wants, each version's state, the labels "
+            "(and, for a token-classification model, `tags`: the IOB2 tags of the logits' last axis, in order)"
+        },
     )
 
 

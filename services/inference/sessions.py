@@ -167,10 +167,16 @@ def check_contract(inputs: list[TensorSpec], outputs: list[TensorSpec], metadata
 
 
 def warm_up(
-    session: ort.InferenceSession, inputs: list[TensorSpec], batch_sizes: list[int], labels: int, seq_len: int = 16
+    session: ort.InferenceSession,
+    inputs: list[TensorSpec],
+    batch_sizes: list[int],
+    labels: int,
+    seq_len: int = 16,
+    *,
+    per_token: bool = False,
 ) -> None:
     """Run the graph at the batch sizes it will see so first requests do not pay for allocation and tuning,
-    and check the logits have one column per label."""
+    and check the logits have one column per label (`per_token`: one row per token, `[batch, sequence, tags]`)."""
     output_names = [node.name for node in session.get_outputs()]
     for batch in sorted(set(batch_sizes)):
         feeds = {
@@ -185,7 +191,8 @@ def warm_up(
         except Exception as exc:
             raise ModelRefused("warm_up_failed", f"the graph fails on a batch of {batch}: {str(exc)[:500]}") from exc
         logits = results[output_names.index("logits")]
-        if logits.shape != (batch, labels):
+        expected = (batch, seq_len, labels) if per_token else (batch, labels)
+        if logits.shape != expected:
             raise ModelRefused(
-                "contract_mismatch", f"logits have shape {list(logits.shape)}, expected [{batch}, {labels}]"
+                "contract_mismatch", f"logits have shape {list(logits.shape)}, expected {list(expected)}"
             )

@@ -173,6 +173,8 @@ def _metadata(model: ServedModel, loaded: LoadedVersion | None) -> dict[str, Any
         "outputs": _tensors(loaded.outputs) if loaded else [],
         "flywheel": {**model.describe(), "labels": loaded.labels if loaded else []},
     }
+    if loaded is not None and loaded.tags is not None:  # a token model: the logits' last axis, in order
+        body["flywheel"]["tags"] = loaded.tags
     return body
 
 
@@ -338,6 +340,8 @@ def _infer(name: str, version: str | None) -> Response:
             for wanted in inferred.outputs or []:
                 if wanted.name not in known:
                     raise BadRequest(f"model {name!r} has no output {wanted.name!r}; it has {sorted(known)}")
+                if wanted.classification and loaded.tags is not None:
+                    raise BadRequest(f"model {name!r} tags tokens: the classification extension needs a classifier")
             return check_inputs(loaded, inferred, server.config.max_instances_per_request)
 
         try:

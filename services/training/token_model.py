@@ -12,12 +12,13 @@ IOB2 over the dataset's entity labels: `O`, then `B-<label>`, `I-<label>` for ea
   (`[batch * sequence, tags]`), so the shared `Trainer` (AdamW, warm-up and decay, early stopping, class weights
   over tags) trains it unchanged: its labels are the flattened tags, -100 included. `TokenLogits` is the same model
   shaped `[batch, sequence, tags]`, which is what is exported and served.
-- Decoding (`decode_entities`), the rule recorded with the exported graph: each word's tag probabilities are
-  those of its first piece (softmax of the logits); the words' tags are the most probable sequence that is valid
-  IOB2 (Viterbi: `I-X` only after `B-X` or `I-X`, never first), so that a multi-word entity whose words lean to
-  different types comes out as one entity of the type the words agree on most. An entity is a `B-X` word and the
-  `I-X` words after it; its offsets run from its first word's start to its last word's end, moved out to the
-  nearest character (grapheme) boundary, and its score is the mean probability of its words' tags.
+- Decoding (`shared.entities.decode_entities`, shared with inference), the rule recorded with the exported graph:
+  each word's tag probabilities are those of its first piece (softmax of the logits); the words' tags are the
+  most probable sequence that is valid IOB2 (Viterbi: `I-X` only after `B-X` or `I-X`, never first), so that a
+  multi-word entity whose words lean to different types comes out as one entity of the type the words agree on
+  most. An entity is a `B-X` word and the `I-X` words after it; its offsets run from its first word's start to its
+  last word's end, moved out to the nearest character (grapheme) boundary, and its score is the mean probability
+  of its words' tags.
 - Evaluation (`services.training.evaluate.entity_report`): the decoded word-level tag sequences against the true
   ones, scored with `seqeval` in strict IOB2 mode: entity-level precision, recall and F1 (micro over entities;
   `entity_f1`), per entity type.
@@ -29,7 +30,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import regex
 import torch
 from torch import nn
 from torch.utils.data import Dataset
@@ -43,21 +43,12 @@ from services.training.text_model import (
     load_encoder,
     reinitialise_top_layers,
 )
+from shared.entities import DECODING_RULE as DECODING_RULE  # re-exported: token_export records it
+from shared.entities import Words, decode_entities, tag_set, word_predictions, words_from
 
 IGNORED = -100
 """The label of word pieces that are not a word's first piece, and of special and padding tokens."""
 DEFAULT_MAX_LENGTH = 128
-DECODING_RULE = (
-    "iob2-first-piece-viterbi: each word (tokenizer pre-token) takes the softmax of its first word piece's logits; "
-    "the word tags are the most probable valid IOB2 sequence (I-X only after B-X or I-X); an entity is a B-X word "
-    "and the I-X words after it, its offsets run from the first word's start to the last word's end (Unicode code "
-    "points, widened to grapheme boundaries), its score is the mean probability of its words' tags"
-)
-_GRAPHEME = regex.compile(r"\X")
-
-
-def tag_set(entity_labels: list[str]) -> list[str]:
-    return ["O", *(f"{prefix}-{label}" for label in entity_labels for prefix in ("B", "I"))]
 
 
 @dataclass(frozen=True)
@@ -115,30 +106,9 @@ class TokenLogits(nn.Module):
         return self.tagger.token_logits(input_ids, attention_mask)
 
 
-@dataclass
-class Words:
-    """A tokenized text's words: each one's character span and the position of its first word piece."""
-
-    offsets: list[tuple[int, int]]
-    first_piece: list[int]
-
-
 def words_of(encoding: Any, index: int) -> Words:
     """The words of text `index` of a batch encoding (made with `return_offsets_mapping=True`)."""
-    offsets: list[tuple[int, int]] = []
-    first: list[int] = []
-    previous = None
-    for position, word in enumerate(encoding.word_ids(index)):
-        if word is None:
-            continue
-        start, end = (int(x) for x in encoding["offset_mapping"][index][position])
-        if word != previous:
-            offsets.append((start, end))
-            first.append(position)
-        else:
-            offsets[-1] = (offsets[-1][0], max(offsets[-1][1], end))
-        previous = word
-    return Words(offsets, first)
+    return words_from(encoding.word_ids(index), encoding["offset_mapping"][index])
 
 
 def word_tags(words: Words, spans: list[dict[str, Any]]) -> list[str]:
@@ -193,79 +163,6 @@ def tag_counts(tokenizer: Any, items: list[TokenItem], tags: list[str], max_leng
         labels = collate(items[start : start + 256])["labels"].numpy()
         counts += np.bincount(labels[labels >= 0], minlength=len(tags))
     return counts.tolist()
-
-
-def _softmax(logits: np.ndarray) -> np.ndarray:
-    shifted = logits - logits.max(axis=-1, keepdims=True)
-    exp = np.exp(shifted)
-    return exp / exp.sum(axis=-1, keepdims=True)
-
-
-def _grapheme_edges(text: str) -> list[int]:
-    return [0, *(match.end() for match in _GRAPHEME.finditer(text))]
-
-
-def allowed_transitions(tags: list[str]) -> np.ndarray:
-    """`[from, to]`: True where IOB2 allows tag `to` right after tag `from` (I-X only after B-X or I-X)."""
-    allowed = np.ones((len(tags), len(tags)), dtype=bool)
-    for to, tag in enumerate(tags):
-        if tag.startswith("I-"):
-            allowed[:, to] = [other in {f"B-{tag[2:]}", tag} for other in tags]
-    return allowed
-
-
-def viterbi_tags(probabilities: np.ndarray, tags: list[str]) -> list[int]:
-    """The most probable valid IOB2 tag sequence for per-word tag probabilities `[words, tags]`."""
-    if len(probabilities) == 0:
-        return []
-    log_p = np.log(np.clip(probabilities, 1e-12, None))
-    barrier = np.where(allowed_transitions(tags), 0.0, -np.inf)
-    starts = np.array([0.0 if not tag.startswith("I-") else -np.inf for tag in tags])
-    score = starts + log_p[0]
-    back = np.zeros((len(log_p), len(tags)), dtype=np.int64)
-    for word in range(1, len(log_p)):
-        candidates = score[:, None] + barrier
-        back[word] = candidates.argmax(axis=0)
-        score = candidates.max(axis=0) + log_p[word]
-    path = [int(score.argmax())]
-    for word in range(len(log_p) - 1, 0, -1):
-        path.append(int(back[word, path[-1]]))
-    return path[::-1]
-
-
-def word_predictions(words: Words, logits: np.ndarray, tags: list[str]) -> tuple[list[str], list[float]]:
-    """Each word's decoded tag and its probability, from a text's token logits `[sequence, tags]`."""
-    probabilities = _softmax(np.asarray(logits, dtype=np.float64))[words.first_piece]
-    path = viterbi_tags(probabilities, tags)
-    return [tags[i] for i in path], [float(probabilities[w, i]) for w, i in enumerate(path)]
-
-
-def decode_entities(text: str, words: Words, logits: np.ndarray, tags: list[str]) -> list[dict[str, Any]]:
-    """Entities of one text from its token logits `[sequence, tags]` (see the module's decoding rule)."""
-    entities: list[dict[str, Any]] = []
-    scores: list[float] = []
-    for (start, end), tag, score in zip(words.offsets, *word_predictions(words, logits, tags), strict=True):
-        if tag == "O":
-            continue
-        if tag.startswith("I-") and entities:
-            entities[-1]["end"] = end
-            scores.append(score)
-            entities[-1]["score"] = float(np.mean(scores))
-            continue
-        scores = [score]
-        entities.append({"start": start, "end": end, "label": tag[2:], "score": score})
-    return _on_graphemes(text, entities)
-
-
-def _on_graphemes(text: str, entities: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Widen each entity to whole characters: a tokenizer that strips accents maps `e` + U+0301 to `e` alone."""
-    if not entities:
-        return entities
-    edges = _grapheme_edges(text)
-    for entity in entities:
-        entity["start"] = max(edge for edge in edges if edge <= entity["start"])
-        entity["end"] = min(edge for edge in edges if edge >= entity["end"])
-    return entities
 
 
 def predict_entities(
