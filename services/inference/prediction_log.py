@@ -9,7 +9,8 @@ How it is written: requests never wait for storage or the database. A friendly-A
 tuple to a bounded in-memory buffer (`RequestRecord`: references to what the request built anyway: its ids,
 inputs, answers, the feeds and the sampling rate; a few microseconds under a lock held for one append), and a
 writer thread, every `log_flush_interval_s`, turns those into rows (input statistics from the feeds, the
-sampling draw, UTF-8 bytes, timestamps: all off the request path), packs the buffered inputs of each tenant into one
+sampling draw, the PII redaction of texts whose model's dataset asks for it, UTF-8 bytes,
+timestamps: all off the request path), packs the buffered inputs of each tenant into one
 object in the `raw` bucket under `<tenant>/predictions/YYYY/MM/DD/<uuid>.bin` (each input a byte range with its
 own sha256, like ingestion's packed items), then inserts the rows in one transaction. The object is written
 before the rows, so no row names missing bytes. If storage or the database is down the buffer keeps the
@@ -54,6 +55,7 @@ from services.inference.models import Prediction, ShadowPrediction
 from shared.artifacts import RAW_BUCKET
 from shared.errors import Conflict, NotFound, Unprocessable
 from shared.logging import get_logger
+from shared.pii_policy import PiiPolicies
 from shared.runtime import Runtime
 
 log = get_logger(__name__)
@@ -191,6 +193,7 @@ class PredictionLog:
         self.metrics = metrics
         self.input_stats = input_stats
         self.pick = pick
+        self.pii = PiiPolicies(runtime.settings)
         self.spool_dir = Path(runtime.settings.home) / "inference" / "spool"
         self._shadow: deque[ShadowAnswer] = deque()
         self._buffer: deque[LoggedPrediction | RequestRecord] = deque()
@@ -291,6 +294,7 @@ class PredictionLog:
             picks = self.pick((item.tenant, item.model_name), item.sample_rate, confidences, item.classes)
             created = datetime.fromtimestamp(item.created_at, UTC)
             text = item.input_kind == "text"
+            inputs = self._stored_texts(item) if text else item.inputs
             rows.extend(
                 LoggedPrediction(
                     id=prediction_id,
@@ -311,10 +315,27 @@ class PredictionLog:
                     sampled=pick,
                 )
                 for prediction_id, value, answer, item_stats, pick in zip(
-                    item.ids, item.inputs, item.answers, stats, picks, strict=True
+                    item.ids, inputs, item.answers, stats, picks, strict=True
                 )
             )
         return rows
+
+    def _stored_texts(self, item: RequestRecord) -> list[str]:
+        """The texts as stored: redacted when the model's dataset has a PII policy on (the model saw them raw)."""
+        redactions = [self.pii.apply(item.tenant, item.dataset_id, text) for text in item.inputs]
+        removed: dict[str, int] = {}
+        for redaction in redactions:
+            for kind, count in redaction.counts.items():
+                removed[kind] = removed.get(kind, 0) + count
+        if removed:
+            log.info(
+                "prediction_inputs_redacted",
+                tenant=item.tenant,
+                model_name=item.model_name,
+                dataset_id=item.dataset_id,
+                redactions=removed,
+            )
+        return [redaction.text for redaction in redactions]
 
     # -- writing (the writer thread, or a feedback request that needs its row now) ---------------------
 

@@ -59,6 +59,7 @@ from shared.auth import (
     normalise_scopes,
     require_internal,
     require_partner,
+    require_partner_or_delegated,
     requires_scope,
 )
 from shared.errors import Conflict, NotFound, PayloadTooLarge, Unprocessable
@@ -331,7 +332,7 @@ def tenant_dataset(runtime: Runtime, dataset_id: str) -> Dataset:
 
 
 @datasets.get("/<dataset_id>")
-@require_partner
+@require_partner_or_delegated  # inference reads the PII policy for a tenant
 @requires_scope("read")
 @datasets.response(200, DatasetSchema)
 def get_dataset(dataset_id: str) -> Dataset:

@@ -6,7 +6,7 @@ from typing import Any
 
 from sqlalchemy import delete, select
 
-from services.labeling import assist, snapshots
+from services.labeling import assist, redaction, snapshots
 from services.labeling.models import Annotation, LabelingDataset, Lease, Task
 from services.labeling.queue import BUILD_SNAPSHOT_TASK, apply_consensus, queue_snapshot
 from shared.events.consumer import EventContext, EventHandlers, RejectEvent
@@ -168,6 +168,11 @@ def on_prediction_feedback(ctx: EventContext) -> None:
     item_id = f"fb_{payload['prediction_id']}"[:60]
     if ctx.session.scalar(select(Task.id).where(Task.item_id == item_id)) is not None:
         return
+    if dataset.task_type == "text_classification":  # the dataset's PII policy, if inference's log predates it
+        reference = redaction.feedback_input(
+            ctx.runtime, dataset.tenant, dataset.id, payload["prediction_id"], payload["input"]
+        )
+        payload = {**payload, "input": reference}
     task = _prediction_task(
         dataset, item_id, payload, payload["model_name"], source="feedback", priority=FEEDBACK_PRIORITY
     )

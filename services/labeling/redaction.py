@@ -1,0 +1,46 @@
+"""The dataset's PII policy on the text a feedback task shows annotators and hands snapshots.
+
+Inference already stores `:predict` inputs redacted when the model's dataset redacts, so the input a
+`prediction.feedback` event references is normally redacted. This is the second line: a prediction logged while
+the policy was off (or by a replica that could not yet know it) is redacted here, when feedback turns it into a
+task. When the policy is on and the referenced text holds PII, the redacted text is written as its own object
+(`raw/<tenant>/feedback/<prediction_id>.txt`, the same key on a redelivery) and the task points at it; otherwise
+the task keeps the event's reference. Only text is redacted (images carry no text; their metadata is stripped at
+ingestion).
+"""
+
+from __future__ import annotations
+
+from shared.artifacts import RAW_BUCKET
+from shared.logging import get_logger
+from shared.pii_policy import PiiPolicies
+from shared.runtime import Runtime
+
+log = get_logger(__name__)
+
+
+def policies(runtime: Runtime) -> PiiPolicies:
+    """The runtime's policy lookup, made on first use (one per worker process)."""
+    lookup = getattr(runtime, "pii_policies", None)
+    if lookup is None:
+        lookup = runtime.pii_policies = PiiPolicies(runtime.settings)  # type: ignore[attr-defined]
+    return lookup
+
+
+def feedback_input(runtime: Runtime, tenant: str, dataset_id: str, prediction_id: str, reference: dict) -> dict:
+    """The reference the feedback task should hold: the event's, or a redacted copy's."""
+    lookup = policies(runtime)
+    if lookup.policy(tenant, dataset_id) != "redact":
+        return reference
+    if reference.get("offset") is not None:
+        data = runtime.storage.get_range(
+            reference["bucket"], reference["key"], reference["offset"], reference["length"]
+        )
+    else:
+        data = runtime.storage.get_bytes(reference["bucket"], reference["key"], verify=False)
+    redaction = lookup.apply(tenant, dataset_id, data.decode("utf-8", errors="replace"))
+    if not redaction.counts:
+        return reference
+    stored = runtime.storage.put(RAW_BUCKET, f"{tenant}/feedback/{prediction_id}.txt", redaction.text.encode("utf-8"))
+    log.info("feedback_input_redacted", dataset_id=dataset_id, prediction_id=prediction_id, redactions=redaction.counts)
+    return {"bucket": RAW_BUCKET, "key": stored.key, "sha256": stored.sha256, "offset": None, "length": None}
