@@ -266,6 +266,7 @@ def _train_and_export(
         "best_epoch": fit.best_epoch,
         "baseline": _baseline_summary(report),
         "baseline_lift": report["baseline_lift"],
+        "privacy": fit.privacy,
     }
     return Published(package=package, artifacts=artifacts, evaluation=evaluation, metrics=metrics)
 
@@ -312,6 +313,7 @@ def _training_summary(fit: FitResult, data: Any) -> dict[str, Any]:
         "test_items": len(data.test),
         "label_counts": data.label_counts,
         "history": fit.history,
+        "privacy": fit.privacy,
     }
 
 

@@ -21,7 +21,7 @@ from services.training import limits, runs
 from services.training.config import TrainingConfig
 from services.training.models import LAUNCH_QUEUE, TrainingRun
 from services.training.runs import RunRequest
-from services.training.schemas import NAME, resolve_base_model, resolve_hyperparameters
+from services.training.schemas import NAME, private_run_problems, resolve_base_model, resolve_hyperparameters
 from services.training.search_space import resolve_search
 from shared.logging import get_logger
 from shared.runtime import Runtime
@@ -102,6 +102,7 @@ def resolve(spec: RunSpec) -> RunRequest:
         search = resolve_search(spec.task_type, spec.search, launch=spec.launch)
     except ValidationError as exc:
         errors["search"] = exc.normalized_messages()
+    errors.update(private_run_problems(hyperparameters, spec.search, spec.launch))
     request = replace(asked, base_model=base_model, hyperparameters=hyperparameters, search=search)
     if not spec.tenant:
         problem = "the training request carries no tenant; its producer must set one"

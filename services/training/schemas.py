@@ -40,6 +40,10 @@ TEXT_ONLY = (
 ADVERSARIAL_METHODS = ("none", "fgm")
 POOLINGS = ("mean", "cls")
 IMAGE_ONLY = ("image_size", "augment", "horizontal_flip")
+DP_ONLY = ("dp_delta", "dp_max_grad_norm")
+DP_MAX_LENGTH = 128
+"""Text under differential privacy, when `max_length` is not given: a fixed length, because the default one is a
+percentile of the train split's token lengths, a statistic of the private data."""
 
 
 class HyperparametersSchema(Schema):
@@ -134,6 +138,24 @@ class HyperparametersSchema(Schema):
     quantize = fields.Boolean(
         metadata={"description": "text only: ship an int8 dynamic-quantized graph if macro-F1 drops by <= 0.01"}
     )
+    dp_epsilon = fields.Float(
+        allow_none=True,
+        validate=validate.Range(min=0.1, max=100),
+        metadata={
+            "description": "differential privacy (DP-SGD with opacus) with this target epsilon over the run; null "
+            "turns it off. Only the classification head trains (the encoder or backbone is frozen), without class "
+            "weights; text runs need wide false and a fixed max_length (128 unless given)"
+        },
+    )
+    dp_delta = fields.Float(
+        allow_none=True,
+        validate=validate.Range(min=0, max=0.01, min_inclusive=False),
+        metadata={"description": "with dp_epsilon: the target delta; null is 1/n^1.1 (n train items), at most 1e-5"},
+    )
+    dp_max_grad_norm = fields.Float(
+        validate=validate.Range(min=0, max=100, min_inclusive=False),
+        metadata={"description": "with dp_epsilon: the L2 norm each item's gradient is clipped to (DP-SGD)"},
+    )
     image_size = fields.Integer(validate=validate.Range(min=16, max=1024), metadata={"description": "image only"})
     augment = fields.Boolean(metadata={"description": "image only: random resized crop and colour jitter (train)"})
     horizontal_flip = fields.Boolean(metadata={"description": "image only: random horizontal flips (train)"})
@@ -149,6 +171,9 @@ _COMMON_DEFAULTS: dict[str, Any] = {
     "dropout": 0.1,
     "num_workers": None,
     "label_smoothing": 0.0,
+    "dp_epsilon": None,
+    "dp_delta": None,
+    "dp_max_grad_norm": 1.0,
 }
 TASK_DEFAULTS: dict[str, dict[str, Any]] = {
     TEXT: {
@@ -206,9 +231,47 @@ def resolve_hyperparameters(task_type: str, raw: dict[str, Any] | None) -> dict[
     if errors:
         raise ValidationError(errors)
     resolved = {**TASK_DEFAULTS[task_type], **schema.load(raw)}
+    _resolve_privacy(task_type, raw, resolved)
     if resolved.get("adversarial", "none") != "none" and resolved["freeze_encoder"]:
         raise ValidationError({"adversarial": ["needs a trainable encoder: freeze_encoder is true"]})
     return resolved
+
+
+def _resolve_privacy(task_type: str, raw: dict[str, Any], resolved: dict[str, Any]) -> None:
+    """With `dp_epsilon`, only the head trains, privately (`privacy.py`): what would learn from the train split
+    outside DP-SGD is refused when asked for, and turned off when it is only a default."""
+    if resolved["dp_epsilon"] is None:
+        errors = {name: ["applies with dp_epsilon only"] for name in DP_ONLY if name in raw}
+        if errors:
+            raise ValidationError(errors)
+        return
+    refused = {
+        "freeze_encoder": (False, "differential privacy trains the classification head only: the encoder is frozen"),
+        "class_weighted_loss": (True, "class weights are the train split's label counts, which DP-SGD does not cover"),
+        "wide": (True, "the wide layer's logistic regression is fitted on the train split without privacy"),
+    }
+    errors = {name: [why] for name, (value, why) in refused.items() if raw.get(name) is value}
+    if resolved.get("adversarial", "none") != "none":
+        errors["adversarial"] = ["needs a trainable encoder; differential privacy freezes it"]
+    if errors:
+        raise ValidationError(errors)
+    resolved.update(freeze_encoder=True, class_weighted_loss=False)
+    if task_type == TEXT:
+        resolved["wide"] = False
+        resolved["max_length"] = resolved["max_length"] or DP_MAX_LENGTH
+
+
+def private_run_problems(hyperparameters: dict[str, Any], search: Any, launch: str) -> dict[str, list[str]]:
+    """What a run with differential privacy cannot also have: a recipe search (every trial would learn from the
+    train split, and the accountant covers one training), or a distributed launch (DP-SGD runs on one process)."""
+    if not isinstance(hyperparameters, dict) or hyperparameters.get("dp_epsilon") is None:
+        return {}
+    problems = {}
+    if search is not None:
+        problems["search"] = ["a recipe search's trials would each spend the privacy budget: not with dp_epsilon"]
+    if launch != LAUNCH_QUEUE:
+        problems["launch"] = ["differential privacy trains on one process: launch must be queue"]
+    return problems
 
 
 def _other(task_type: str) -> str:

@@ -1,6 +1,7 @@
 """The training recipe: AdamW, linear warm-up then cosine decay, gradient clipping, class-weighted loss with
 optional label smoothing, optional adversarial training on the embeddings (FGM), layer-wise learning rates,
-early stopping on validation macro-F1, fixed seeds; CUDA with bf16 autocast and pinned-memory loaders on a GPU.
+early stopping on validation macro-F1, fixed seeds; CUDA with bf16 autocast and pinned-memory loaders on a GPU;
+optionally differential privacy (DP-SGD on the head, `privacy.py`).
 
 `Trainer` knows nothing of runs, storage or events: it trains a model whose `forward` takes the batch's
 tensors by name (`input_ids`/`attention_mask`, or `pixels`) and returns logits, and tells its hooks what
@@ -26,6 +27,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSamp
 
 from services.training.evaluate import macro_f1
 from services.training.failures import RunInterrupted
+from services.training.privacy import PrivacyBudget, PrivateSGD
 from services.training.world import World
 
 PROGRESS_EVERY_STEPS = 10
@@ -48,6 +50,8 @@ class Recipe:
     adversarial: str = "none"
     """"fgm": after each backward pass, perturb the embeddings along their gradient and add that loss too."""
     adversarial_epsilon: float = 1.0
+    privacy: PrivacyBudget | None = None
+    """DP-SGD's budget, or None: per-sample clipping and noise replace the global gradient clipping."""
 
     @classmethod
     def from_hyperparameters(cls, hp: dict[str, Any], train_label_counts: list[int] | None = None) -> Recipe:
@@ -69,6 +73,7 @@ class Recipe:
             label_smoothing=hp.get("label_smoothing", 0.0),
             adversarial=hp.get("adversarial", "none"),
             adversarial_epsilon=hp.get("adversarial_epsilon", 1.0),
+            privacy=PrivacyBudget.from_hyperparameters(hp),
         )
 
 
@@ -130,6 +135,8 @@ class FitResult:
     stopped_early: bool
     resumed_from_epoch: int | None
     samples_per_second: float
+    privacy: dict[str, Any] | None = None
+    """With DP-SGD, its record (`PrivateSGD.record`): the epsilon spent over the steps taken, and how."""
 
 
 @dataclass
@@ -198,6 +205,7 @@ class Trainer:
         )
         self.steps_per_epoch = len(self.train_loader)
         self.total_steps = self.steps_per_epoch * recipe.epochs
+        self.privacy = self._private_sgd(len(train_set))
         weights = torch.tensor(recipe.class_weights, dtype=torch.float32) if recipe.class_weights else None
         self.criterion = nn.CrossEntropyLoss(
             weight=weights.to(self.device) if weights is not None else None, label_smoothing=recipe.label_smoothing
@@ -206,11 +214,29 @@ class Trainer:
             FGM(self.core, embedding_parameter, recipe.adversarial_epsilon) if recipe.adversarial == "fgm" else None
         )
         self.optimizer = torch.optim.AdamW(self._param_groups(), fused=cuda)
+        if self.privacy is not None:
+            self.optimizer = self.privacy.wrap_optimizer(self.optimizer)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
         self.progress = _Progress()
         self.best_state: dict[str, torch.Tensor] | None = None
 
     # -- setup ------------------------------------------------------------------------------------------
+
+    def _private_sgd(self, train_items: int) -> PrivateSGD | None:
+        """With a privacy budget: Poisson-sampled batches and per-sample gradients (the optimizer is wrapped once
+        it exists). The number of steps per epoch stays the one of the plain loader."""
+        if self.recipe.privacy is None:
+            return None
+        PrivateSGD.check_trainable(self.core, self.head_prefixes, self.world.distributed)
+        privacy = PrivateSGD(
+            self.recipe.privacy,
+            train_items=train_items,
+            steps_per_epoch=self.steps_per_epoch,
+            epochs=self.recipe.epochs,
+        )
+        self.train_loader = privacy.wrap_loader(self.train_loader, self.generator)
+        self.model = privacy.wrap_model(self.core)
+        return privacy
 
     def _param_groups(self) -> list[dict[str, Any]]:
         """Head vs body learning rates, the body's scaled per layer (`lr_scale`, layer-wise decay); no weight decay
@@ -261,6 +287,7 @@ class Trainer:
             stopped_early=self.progress.epoch < self.recipe.epochs,
             resumed_from_epoch=resumed_from,
             samples_per_second=float(np.mean(speeds)) if speeds else 0.0,
+            privacy=self.privacy.record(self.progress.epoch) if self.privacy is not None else None,
         )
 
     def _epoch(self, epoch: int) -> EpochReport | None:
@@ -284,7 +311,8 @@ class Trainer:
                 self.adversary.attack()
                 self._loss(inputs, labels).backward()  # the adversarial loss's gradients add to the clean ones
                 self.adversary.restore()
-            nn.utils.clip_grad_norm_(self.core.parameters(), self.recipe.max_grad_norm)
+            if self.privacy is None:  # DP-SGD's optimizer clips each item's gradient itself
+                nn.utils.clip_grad_norm_(self.core.parameters(), self.recipe.max_grad_norm)
             self.optimizer.step()
             self.scheduler.step()
             loss_sum += loss.detach()

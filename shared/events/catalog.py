@@ -103,7 +103,8 @@ class TrainingCompleted(Schema):
     artifacts = fields.Dict(keys=fields.String(), values=fields.Nested(ObjectRef), required=True)
     # Validation metrics (accuracy, macro_f1, …), plus `test` (the candidate on the test split), `best_epoch`,
     # `baseline` ({name, method, items, accuracy, macro_f1} of the classical baseline on the test split, or None)
-    # and `baseline_lift` (test macro-F1 minus the baseline's, or None).
+    # and `baseline_lift` (test macro-F1 minus the baseline's, or None), and `privacy` (with differential privacy,
+    # the DP-SGD record: target and spent `epsilon`, `delta`, noise multiplier, clipping norm, steps; else None).
     metrics = fields.Dict(required=True)
     metadata = fields.Dict(required=True)
     # shared.artifacts.EvaluationReport: candidate and production scored on the snapshot's frozen test split.
