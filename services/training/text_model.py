@@ -255,6 +255,11 @@ def reinitialise_top_layers(encoder: nn.Module, count: int) -> None:
         return
     layers = encoder.encoder.layer
     for layer in layers[len(layers) - min(count, len(layers)) :]:
+        # transformers 5 marks every loaded tensor `_is_hf_initialized`, and its initialisers skip marked tensors:
+        # without clearing the mark, re-initialising a pretrained encoder silently changes nothing.
+        for tensor in [*layer.parameters(), *layer.buffers()]:
+            if getattr(tensor, "_is_hf_initialized", False):
+                tensor._is_hf_initialized = False
         layer.apply(encoder._init_weights)
 
 

@@ -234,6 +234,21 @@ def test_layer_wise_decay_reinitialisation_and_pooling() -> None:
     torch.testing.assert_close(cls(ids, mask), model.head(hidden[:, 0]))
 
 
+def test_reinitialising_a_loaded_encoder_gives_its_top_layer_fresh_weights(tiny_bert) -> None:
+    """From a saved model, as runs load theirs (transformers 5 marks loaded tensors as initialised)."""
+    from services.training.text_model import load_encoder
+
+    encoder, _ = load_encoder(tiny_bert)
+    loaded = encoder.encoder.layer[0].output.dense.weight.detach().clone()
+    embeddings = encoder.embeddings.word_embeddings.weight.detach().clone()
+    torch.manual_seed(0)
+    reinitialise_top_layers(encoder, 1)
+    fresh = encoder.encoder.layer[0].output.dense.weight.detach()
+    assert not torch.equal(fresh, loaded)
+    assert float(fresh.std()) == pytest.approx(encoder.config.initializer_range, rel=0.2)
+    assert torch.equal(encoder.embeddings.word_embeddings.weight, embeddings)  # below the top layer: kept
+
+
 def test_the_wide_layer_is_scikit_learns_tf_idf_and_logistic_regression_on_the_word_pieces(tiny_bert_folder) -> None:
     from sklearn.feature_extraction.text import TfidfVectorizer
     from sklearn.linear_model import LogisticRegression
