@@ -1,6 +1,7 @@
 """Fixtures that give tests the real things: Redis, PostgreSQL, an S3 endpoint over HTTP, running services.
 
-- Redis: TEST_REDIS_URL (default DB 15 of the local server), flushed around each test.
+- Redis: TEST_REDIS_URL (default DB 15 of the local server, the next lower one per extra xdist worker), flushed
+  around each test.
 - PostgreSQL: a fresh database per test session on TEST_POSTGRES_ADMIN_URL's server, dropped afterwards.
 - S3: moto's server mode on a free loopback port, reached through the minio SDK like real MinIO.
 - Services: built with their own `create_app(settings)`; served on a real socket when another service or
@@ -34,7 +35,18 @@ from testkit.processes import Child, Processes, free_port, wait_until
 from testkit.s3 import S3Server
 from testkit.wsgi import serve
 
-TEST_REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
+
+def _worker_redis_url(url: str) -> str:
+    """Each pytest-xdist worker flushes a Redis database of its own: gw0 takes the configured one, gw1 the one
+    below it, and so on (Celery's queues and fanout channels are per database, so workers never meet)."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")
+    if not worker.startswith("gw"):
+        return url
+    base, _, database = url.rpartition("/")
+    return f"{base}/{int(database) - int(worker[2:])}"
+
+
+TEST_REDIS_URL = _worker_redis_url(os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/15"))
 TEST_POSTGRES_ADMIN_URL = os.environ.get("TEST_POSTGRES_ADMIN_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
 INTERNAL_TOKEN = "test-internal-token"
 
