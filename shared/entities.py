@@ -11,7 +11,8 @@ probability of its words' tags.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import itertools
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,6 +26,64 @@ DECODING_RULE = (
     "points, widened to grapheme boundaries), its score is the mean probability of its words' tags"
 )
 _GRAPHEME = regex.compile(r"\X")
+
+
+# ------------------------------------------------------------------------------------- what a valid span is
+# Ingestion (pushes, imports) and labeling (annotators' answers) both check spans by these rules (docs/ner.md).
+
+
+def grapheme_boundaries(text: str) -> set[int]:
+    """Code point offsets where a user-perceived character starts or ends (0 and len(text) included)."""
+    bounds = {0, len(text)}
+    bounds.update(match.end() for match in _GRAPHEME.finditer(text))
+    return bounds
+
+
+def _lone_surrogate(text: str) -> int | None:
+    for index, char in enumerate(text):
+        if 0xD800 <= ord(char) <= 0xDFFF:
+            return index
+    return None
+
+
+def span_errors(text: str, spans: list[dict[str, Any]]) -> dict[str, Any]:
+    """Field errors of `spans` against `text`, keyed like marshmallow's (`{"3": {"end": [...]}}`); {} if valid:
+    `start < end`, inside the text, both boundaries on grapheme boundaries, no two spans overlapping."""
+    errors: dict[str, Any] = {}
+    if not spans:
+        return errors
+    surrogate = _lone_surrogate(text)
+    if surrogate is not None:
+        return {"_schema": [f"the text holds a lone UTF-16 surrogate at {surrogate}: send text as Unicode, not halves"]}
+    bounds = grapheme_boundaries(text)
+
+    def add(index: int, name: str, message: str) -> None:
+        errors.setdefault(str(index), {}).setdefault(name, []).append(message)
+
+    for index, span in enumerate(spans):
+        start, end = span["start"], span["end"]
+        if start >= end:
+            add(index, "start", f"start ({start}) must be less than end ({end})")
+            continue
+        if end > len(text):
+            add(index, "end", f"end ({end}) is past the end of the text ({len(text)} code points)")
+            continue
+        for name, offset in (("start", start), ("end", end)):
+            if offset not in bounds:
+                add(index, name, f"{name} ({offset}) cuts a character in two (offsets count Unicode code points)")
+    if errors:
+        return errors
+    ordered = sorted(range(len(spans)), key=lambda i: (spans[i]["start"], spans[i]["end"]))
+    for before, after in itertools.pairwise(ordered):
+        if spans[after]["start"] < spans[before]["end"]:
+            add(after, "start", f"overlaps span {before} ({spans[before]['start']}-{spans[before]['end']})")
+    return errors
+
+
+def canonical_spans(spans: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Spans in text order, with exactly the keys start, end, label."""
+    ordered = sorted(spans, key=lambda s: (s["start"], s["end"], s["label"]))
+    return [{"start": s["start"], "end": s["end"], "label": s["label"]} for s in ordered]
 
 
 def tag_set(entity_labels: list[str]) -> list[str]:

@@ -14,62 +14,15 @@ Structural errors (order, bounds, overlap, a cut character) are field errors of 
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-import regex
+from shared.entities import canonical_spans, span_errors
 
-GRAPHEME = regex.compile(r"\X")
+__all__ = ["MAX_SPANS", "canonical", "conll_sentences", "span_errors", "unknown_label"]
+
 MAX_SPANS = 1000
-
-
-def grapheme_boundaries(text: str) -> set[int]:
-    """Code point offsets where a user-perceived character starts or ends (0 and len(text) included)."""
-    bounds = {0, len(text)}
-    bounds.update(match.end() for match in GRAPHEME.finditer(text))
-    return bounds
-
-
-def _lone_surrogate(text: str) -> int | None:
-    for index, char in enumerate(text):
-        if 0xD800 <= ord(char) <= 0xDFFF:
-            return index
-    return None
-
-
-def span_errors(text: str, spans: list[dict[str, Any]]) -> dict[str, Any]:
-    """Field errors of `spans` against `text`, keyed like marshmallow's (`{"3": {"end": [...]}}`); {} if valid."""
-    errors: dict[str, Any] = {}
-    if not spans:
-        return errors
-    surrogate = _lone_surrogate(text)
-    if surrogate is not None:
-        return {"_schema": [f"the text holds a lone UTF-16 surrogate at {surrogate}: send text as Unicode, not halves"]}
-    bounds = grapheme_boundaries(text)
-
-    def add(index: int, name: str, message: str) -> None:
-        errors.setdefault(str(index), {}).setdefault(name, []).append(message)
-
-    for index, span in enumerate(spans):
-        start, end = span["start"], span["end"]
-        if start >= end:
-            add(index, "start", f"start ({start}) must be less than end ({end})")
-            continue
-        if end > len(text):
-            add(index, "end", f"end ({end}) is past the end of the text ({len(text)} code points)")
-            continue
-        for name, offset in (("start", start), ("end", end)):
-            if offset not in bounds:
-                add(index, name, f"{name} ({offset}) cuts a character in two (offsets count Unicode code points)")
-    if errors:
-        return errors
-    ordered = sorted(range(len(spans)), key=lambda i: (spans[i]["start"], spans[i]["end"]))
-    for before, after in itertools.pairwise(ordered):
-        if spans[after]["start"] < spans[before]["end"]:
-            add(after, "start", f"overlaps span {before} ({spans[before]['start']}-{spans[before]['end']})")
-    return errors
 
 
 def unknown_label(spans: list[dict[str, Any]] | None, labels: set[str]) -> str | None:
@@ -82,10 +35,7 @@ def unknown_label(spans: list[dict[str, Any]] | None, labels: set[str]) -> str |
 
 def canonical(spans: list[dict[str, Any]] | None) -> list[dict[str, Any]] | None:
     """Spans in text order, with exactly the keys start, end, label (None stays None: an unlabeled item)."""
-    if spans is None:
-        return None
-    ordered = sorted(spans, key=lambda s: (s["start"], s["end"]))
-    return [{"start": s["start"], "end": s["end"], "label": s["label"]} for s in ordered]
+    return None if spans is None else canonical_spans(spans)
 
 
 # -------------------------------------------------------------------------------------------- CoNLL BIO

@@ -17,6 +17,7 @@ from services.labeling.schemas import (
     AnnotateSchema,
     AnnotationSchema,
     AnnotatorCreateSchema,
+    AnnotatorFiguresSchema,
     AnnotatorSchema,
     DatasetStateSchema,
     ExportQuery,
@@ -96,6 +97,14 @@ def get_annotators() -> list[Annotator]:
         return list(session.scalars(select(Annotator).order_by(Annotator.created_at)))
 
 
+@annotators.get("/me")
+@require_annotator
+@annotators.response(200, AnnotatorFiguresSchema)
+def get_me() -> dict[str, Any]:
+    """Who you are and your own figures per dataset you may label: annotations, skips, agreement with consensus."""
+    return stats.annotator_figures(_runtime(), current_annotator())
+
+
 # -- the queue (annotators) -------------------------------------------------------------------------------
 
 
@@ -115,7 +124,9 @@ def get_next_task(query: dict[str, Any], dataset_id: str) -> Any:
         return Response(status=204)
     with runtime.db.session() as session:
         lease = session.scalar(select(Lease).where(Lease.task_id == task.id, Lease.annotator_id == annotator.id))
-        task.labels = list(session.get(LabelingDataset, dataset_id).labels)
+        dataset = session.get(LabelingDataset, dataset_id)
+        task.labels = list(dataset.labels)
+        task.task_type = dataset.task_type
     text = None
     if task.kind == "text":
         text = task_content(runtime.storage, task).decode("utf-8", errors="replace")
@@ -131,9 +142,11 @@ def _annotation_response(task: Task, annotation: Any) -> dict[str, Any]:
         "annotator_id": annotation.annotator_id,
         "source": annotation.source,
         "label": annotation.label,
+        "spans": annotation.spans,
         "skipped": annotation.skipped,
         "task_status": task.status,
         "consensus_label": task.consensus_label,
+        "consensus_spans": task.consensus_spans,
     }
 
 
@@ -143,10 +156,16 @@ def _annotation_response(task: Task, annotation: Any) -> dict[str, Any]:
 @tasks.response(201, AnnotationSchema)
 @tasks.alt_response(200, schema=AnnotationSchema, description="An edit of your earlier label.")
 def post_annotation(body: dict[str, Any], task_id: int) -> Any:
-    """Label a task you hold a lease on, or change your label before consensus."""
+    """Label a task you hold a lease on, or change your label before consensus: a class `label`, or for a
+    token_classification task its entity `spans` (`[]` when the text has none)."""
     annotator = current_annotator()
     task, annotation, created = queue.annotate(
-        _runtime(), annotator.id, task_id, body["label"], allowed_datasets=annotator.datasets
+        _runtime(),
+        annotator.id,
+        task_id,
+        body.get("label"),
+        spans=body.get("spans"),
+        allowed_datasets=annotator.datasets,
     )
     return _annotation_response(task, annotation), 201 if created else 200
 
@@ -228,9 +247,8 @@ def list_tasks(query: dict[str, Any], dataset_id: str) -> dict[str, Any]:
 @tasks.response(200, TaskSchema)
 def post_resolve(body: dict[str, Any], task_id: int) -> Task:
     """Decide a task that annotators could not agree on (status `review`)."""
-    return queue.resolve(
-        _runtime(), task_id, None if current_principal().internal else current_principal().tenant, body["label"]
-    )
+    tenant = None if current_principal().internal else current_principal().tenant
+    return queue.resolve(_runtime(), task_id, tenant, body.get("label"), body.get("spans"))
 
 
 @datasets.get("/<dataset_id>/stats")
@@ -238,7 +256,8 @@ def post_resolve(body: dict[str, Any], task_id: int) -> Task:
 @requires_scope("read")
 @datasets.response(200, StatsSchema)
 def get_stats(dataset_id: str) -> dict[str, Any]:
-    """Task counts, label distribution, percent agreement, Fleiss' kappa, and per-annotator agreement."""
+    """Task counts, label distribution, percent agreement, Fleiss' kappa (pairwise entity F1 for token
+    classification), and per-annotator agreement."""
     return stats.dataset_stats(_runtime(), owned_dataset(dataset_id))
 
 

@@ -7,7 +7,9 @@ that inference reads and checks itself. The call goes through the one service-to
 the trace id of the event that queued it, so inference logs it under the same `trace_id`. Each task records
 the predicted label, its confidence and the model version; `uncertainty = 1 - confidence`
 orders the queue (least confidence first). With `auto_accept_threshold` set, a prediction at or above it
-settles an untouched task as `model_auto`, recorded as such. Inference being down never blocks labeling:
+settles an untouched task as `model_auto`, recorded as such. A token-classification model's entities become the
+task's pre-label spans (`prelabel_spans`), their least confident entity's score its confidence; spans are never
+auto-accepted. Inference being down never blocks labeling:
 the tasks simply stay without pre-labels, and the next promotion or push tries again.
 """
 
@@ -22,6 +24,7 @@ from sqlalchemy.orm import Session
 
 from services.labeling.models import Annotation, LabelingDataset, Task
 from services.labeling.queue import settle
+from services.labeling.spans import canonical
 from shared.auth import TENANT_HEADER
 from shared.client.http import ApiError, ServiceClient
 from shared.logging import current_trace_id, get_logger
@@ -102,6 +105,9 @@ def _record(runtime: Runtime, dataset: LabelingDataset, chunk: list[Task], predi
             row = session.get(Task, task.id)
             if row is None or row.status != "open":
                 continue
+            if "entities" in prediction:
+                _record_entities(row, current, prediction)
+                continue
             row.prelabel = prediction["label"]
             row.prelabel_confidence = float(prediction["confidence"])
             row.prelabel_model = dataset.production_model
@@ -113,3 +119,14 @@ def _record(runtime: Runtime, dataset: LabelingDataset, chunk: list[Task], predi
                 if untouched:
                     settle(runtime, session, row, current, row.prelabel, "model_auto", row.prelabel_confidence)
     return len(chunk)
+
+
+def _record_entities(row: Task, dataset: LabelingDataset, prediction: dict[str, Any]) -> None:
+    """A token model's entities as the task's pre-label spans. Their confidence is the least sure entity's score
+    (none without entities), which orders the queue; spans are never auto-accepted."""
+    entities = [e for e in prediction["entities"] if e["label"] in dataset.labels]
+    row.prelabel_spans = canonical(entities)
+    row.prelabel_confidence = min((float(e["score"]) for e in entities), default=None)
+    row.prelabel_model = dataset.production_model
+    row.prelabel_version = prediction.get("model_version")
+    row.uncertainty = None if row.prelabel_confidence is None else 1.0 - row.prelabel_confidence

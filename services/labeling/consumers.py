@@ -9,6 +9,7 @@ from sqlalchemy import delete, select
 from services.labeling import assist, redaction, snapshots
 from services.labeling.models import Annotation, LabelingDataset, Lease, Task
 from services.labeling.queue import BUILD_SNAPSHOT_TASK, apply_consensus, queue_snapshot
+from services.labeling.spans import canonical, is_span_dataset
 from shared.events.consumer import EventContext, EventHandlers, RejectEvent
 from shared.logging import get_logger, log_context
 from shared.runtime import Runtime
@@ -51,7 +52,7 @@ def on_dataset_changed(ctx: EventContext) -> None:
 
 @handlers.on("item.ingested")
 def on_item_ingested(ctx: EventContext) -> None:
-    """One task per new item; a partner's label counts as one annotation (source `partner`)."""
+    """One task per new item; a partner's label (or entity spans) counts as one annotation (source `partner`)."""
     dataset = _upsert_dataset(ctx, ctx.payload["dataset"])
     items = ctx.payload["items"]
     known = set(ctx.session.scalars(select(Task.item_id).where(Task.item_id.in_([i["item_id"] for i in items]))))
@@ -80,8 +81,9 @@ def on_item_ingested(ctx: EventContext) -> None:
     ctx.session.flush()
     partner_labeled = 0
     for task, item in zip(created, [i for i in items if i["item_id"] not in known], strict=True):
-        if item.get("label") in dataset.labels:
-            ctx.session.add(Annotation(task_id=task.id, annotator_id="partner", source="partner", label=item["label"]))
+        answer = _partner_answer(dataset, item)
+        if answer is not None:
+            ctx.session.add(Annotation(task_id=task.id, annotator_id="partner", source="partner", **answer))
             ctx.session.flush()
             apply_consensus(ctx.runtime, ctx.session, task, dataset)
             partner_labeled += 1
@@ -94,6 +96,19 @@ def on_item_ingested(ctx: EventContext) -> None:
         received=len(items),
         partner_labeled=partner_labeled,
     )
+
+
+def _partner_answer(dataset: LabelingDataset, item: dict[str, Any]) -> dict[str, Any] | None:
+    """What a pushed item says of itself: its class label, or for token classification its entity spans (`[]`:
+    labeled, no entity), when they fit the dataset's labels; None for an unlabeled item."""
+    if is_span_dataset(dataset.task_type):
+        marked = item.get("spans")
+        if marked is None or any(span["label"] not in dataset.labels for span in marked):
+            return None
+        return {"spans": canonical(marked)}
+    if item.get("label") in dataset.labels:
+        return {"label": item["label"]}
+    return None
 
 
 @handlers.on("item.deleted")

@@ -68,9 +68,13 @@ class Task(Base):
     prelabel_confidence: Mapped[float | None] = mapped_column(Float, nullable=True)
     prelabel_model: Mapped[str | None] = mapped_column(String(200), nullable=True)
     prelabel_version: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    prelabel_spans: Mapped[list[dict] | None] = mapped_column(JSON(none_as_null=True), nullable=True)
+    """token_classification: the model's entities `{start, end, label}` shown as pre-labels (None: no guess)."""
     uncertainty: Mapped[float | None] = mapped_column(Float, nullable=True, index=True)
     feedback: Mapped[dict | None] = mapped_column(JSON, nullable=True)
     consensus_label: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    consensus_spans: Mapped[list[dict] | None] = mapped_column(JSON(none_as_null=True), nullable=True)
+    """token_classification: the entities consensus kept, in text order (`[]`: the item has none)."""
     consensus_source: Mapped[str | None] = mapped_column(String(20), nullable=True)  # vote | model_auto
     agreement: Mapped[float | None] = mapped_column(Float, nullable=True)
     consensus_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
@@ -102,7 +106,8 @@ class Lease(Base):
 
 
 class Annotation(Base):
-    """A label from a person (`human`), the partner's push (`partner`), or a skip."""
+    """A label (or, for token classification, a set of entity spans) from a person (`human`), the partner's push
+    (`partner`), or a skip."""
 
     __tablename__ = "annotations"
     __table_args__ = (UniqueConstraint("task_id", "annotator_id"),)
@@ -112,6 +117,8 @@ class Annotation(Base):
     annotator_id: Mapped[str] = mapped_column(String(40))
     source: Mapped[str] = mapped_column(String(20))  # human | partner
     label: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    spans: Mapped[list[dict] | None] = mapped_column(JSON(none_as_null=True), nullable=True)
+    """token_classification: the entities marked, `{start, end, label}` in text order (`[]`: none; None: a skip)."""
     skipped: Mapped[bool] = mapped_column(Boolean, default=False)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, onupdate=utcnow)

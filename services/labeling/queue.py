@@ -20,8 +20,10 @@ from typing import Any
 from sqlalchemy import Select, delete, func, select
 from sqlalchemy.orm import Session
 
-from services.labeling.consensus import decide
+from services.labeling.consensus import decide, decide_spans
+from services.labeling.content import task_content
 from services.labeling.models import Annotation, LabelingDataset, Lease, Snapshot, Task
+from services.labeling.spans import as_dicts, as_tuples, canonical, is_span_dataset, span_errors
 from shared.errors import Conflict, NotFound, Unprocessable
 from shared.logging import get_logger
 from shared.runtime import Runtime
@@ -114,21 +116,26 @@ def _lease(session: Session, task_id: int, annotator_id: str, seconds: int) -> N
 
 
 def annotate(
-    runtime: Runtime, annotator_id: str, task_id: int, label: str | None, *, allowed_datasets: list[str]
+    runtime: Runtime,
+    annotator_id: str,
+    task_id: int,
+    label: str | None,
+    *,
+    allowed_datasets: list[str],
+    spans: list[dict[str, Any]] | None = None,
 ) -> tuple[Task, Annotation, bool]:
-    """Record (or, before consensus, change) an annotator's label; `label=None` skips. Returns the task,
-    the annotation and whether it was created (False: an edit)."""
+    """Record (or, before consensus, change) an annotator's answer: a class `label`, or the entity `spans` of a
+    token-classification task (`[]`: no entity); neither skips. Returns the task, the annotation and whether it was
+    created (False: an edit)."""
+    skipped = label is None and spans is None
+    if not skipped:
+        spans = check_answer(runtime, _visible_task(runtime, task_id, allowed_datasets), label, spans)
     with runtime.db.session() as session:
         task = session.get(Task, task_id)
         if task is None or task.dataset_id not in allowed_datasets:
             raise NotFound(f"task {task_id} does not exist")
         dataset = _locked_dataset(runtime, session, task.dataset_id)
         task = _locked_task(runtime, session, task)
-        if label is not None and label not in dataset.labels:
-            raise Unprocessable(
-                f"label {label!r} is not in the dataset's label set",
-                {"fields": {"label": [f"must be one of {sorted(dataset.labels)}"]}},
-            )
         existing = session.scalar(
             select(Annotation).where(Annotation.task_id == task_id, Annotation.annotator_id == annotator_id)
         )
@@ -148,21 +155,74 @@ def annotate(
         else:
             created = False
         existing.label = label
-        existing.skipped = label is None
+        existing.spans = spans
+        existing.skipped = skipped
         session.execute(delete(Lease).where(Lease.task_id == task_id, Lease.annotator_id == annotator_id))
         session.flush()
-        if label is not None:
+        if not skipped:
             _meter_annotation(runtime, session, dataset, existing)
         apply_consensus(runtime, session, task, dataset)
     log.info(
-        "task_skipped" if label is None else "task_annotated",
+        "task_skipped" if skipped else "task_annotated",
         task_id=task_id,
         annotator_id=annotator_id,
         label=label,
+        entities=None if spans is None else len(spans),
         edit=not created,
         status=task.status,
     )
     return task, existing, created
+
+
+def _visible_task(runtime: Runtime, task_id: int, allowed_datasets: list[str] | None) -> Task:
+    """The task, if the caller may see it (`allowed_datasets=None`: any); else 404."""
+    with runtime.db.read_session() as session:
+        task = session.get(Task, task_id)
+    if task is None or (allowed_datasets is not None and task.dataset_id not in allowed_datasets):
+        raise NotFound(f"task {task_id} does not exist")
+    return task
+
+
+def check_answer(
+    runtime: Runtime, task: Task, label: str | None, spans: list[dict[str, Any]] | None
+) -> list[dict[str, Any]] | None:
+    """Refuse (422, naming the field) an answer that does not fit the task's dataset: a class label from its label
+    set for classification, entity spans that fit the item's text for token classification (read from object
+    storage before any lock is taken). Returns the spans in text order (None for a class label)."""
+    with runtime.db.read_session() as session:
+        dataset = session.get(LabelingDataset, task.dataset_id)
+    if dataset is None:
+        raise NotFound(f"dataset {task.dataset_id} does not exist")
+    if is_span_dataset(dataset.task_type):
+        if label is not None or spans is None:
+            raise Unprocessable(
+                "this is a token_classification dataset: send `spans`, not `label`",
+                {
+                    "fields": {
+                        "label": ["not accepted here: send `spans` ({start, end, label} per entity; [] for none)"]
+                    }
+                },
+            )
+        text = task_content(runtime.storage, task).decode("utf-8")
+        errors = span_errors(text, spans, dataset.labels)
+        if errors:
+            raise Unprocessable(
+                "the spans do not fit the task's text; see details.fields for each bad span",
+                {"fields": {"spans": errors}},
+                code="validation_failed",
+            )
+        return canonical(spans)
+    if spans is not None or label is None:
+        raise Unprocessable(
+            f"this is a {dataset.task_type} dataset: send a class `label`, not `spans`",
+            {"fields": {"spans": ["spans are for token_classification datasets only"]}},
+        )
+    if label not in dataset.labels:
+        raise Unprocessable(
+            f"label {label!r} is not in the dataset's label set",
+            {"fields": {"label": [f"must be one of {sorted(dataset.labels)}"]}},
+        )
+    return None
 
 
 def _meter_annotation(runtime: Runtime, session: Session, dataset: LabelingDataset, annotation: Annotation) -> None:
@@ -198,31 +258,36 @@ def _locked_task(runtime: Runtime, session: Session, task: Task) -> Task:
 
 
 def apply_consensus(runtime: Runtime, session: Session, task: Task, dataset: LabelingDataset) -> None:
-    """Decide the task if it has its labels; count a consensus towards the retrain policy."""
-    labels = list(
-        session.scalars(
-            select(Annotation.label).where(
-                Annotation.task_id == task.id, Annotation.skipped.is_(False), Annotation.label.is_not(None)
-            )
-        )
-    )
-    decision = decide(
-        labels,
-        required=task.required,
-        ceiling=dataset.overlap + dataset.max_extra_annotations,
-        min_agreement=dataset.min_agreement,
-    )
-    if decision.outcome == "pending":
+    """Decide the task if it has its labels (entity spans: `decide_spans`, the same rules per entity); count a
+    consensus towards the retrain policy."""
+    answers = session.execute(
+        select(Annotation.label, Annotation.spans).where(Annotation.task_id == task.id, Annotation.skipped.is_(False))
+    ).all()
+    rules = {
+        "required": task.required,
+        "ceiling": dataset.overlap + dataset.max_extra_annotations,
+        "min_agreement": dataset.min_agreement,
+    }
+    label, spans = None, None
+    if is_span_dataset(dataset.task_type):
+        span_decision = decide_spans([as_tuples(s) for _, s in answers if s is not None], **rules)
+        outcome, agreement = span_decision.outcome, span_decision.agreement
+        if span_decision.spans is not None:
+            spans = as_dicts(span_decision.spans)
+    else:
+        decision = decide([lb for lb, _ in answers if lb is not None], **rules)
+        outcome, agreement, label = decision.outcome, decision.agreement, decision.label
+    if outcome == "pending":
         return
-    if decision.outcome == "escalate":
+    if outcome == "escalate":
         task.required += 1
-        log.info("task_escalated", task_id=task.id, required=task.required, agreement=decision.agreement)
+        log.info("task_escalated", task_id=task.id, required=task.required, agreement=agreement)
         return
-    if decision.outcome == "review":
+    if outcome == "review":
         task.status = "review"
-        log.info("task_needs_review", task_id=task.id, agreement=decision.agreement)
+        log.info("task_needs_review", task_id=task.id, agreement=agreement)
         return
-    settle(runtime, session, task, dataset, decision.label, "vote", decision.agreement)
+    settle(runtime, session, task, dataset, label, "vote", agreement, spans=spans)
 
 
 def settle(
@@ -230,19 +295,32 @@ def settle(
     session: Session,
     task: Task,
     dataset: LabelingDataset,
-    label: str,
+    label: str | None,
     source: str,
     agreement: float | None,
+    *,
+    spans: list[dict[str, Any]] | None = None,
 ) -> None:
+    """Record the task's consensus: a class `label`, or for token classification its entity `spans`."""
     task.status = "done"
     task.consensus_label = label
+    if spans is not None:
+        task.consensus_spans = spans
     task.consensus_source = source
     task.agreement = agreement
     task.consensus_at = now()
     session.execute(delete(Lease).where(Lease.task_id == task.id))
     dataset.labels_since_snapshot += 1
-    log.info("consensus_reached", task_id=task.id, label=label, source=source, agreement=agreement)
-    if task.prediction_id and source != "model_auto":  # the model agreeing with itself is no ground truth
+    log.info(
+        "consensus_reached",
+        task_id=task.id,
+        label=label,
+        entities=None if spans is None else len(spans),
+        source=source,
+        agreement=agreement,
+    )
+    # The model agreeing with itself is no ground truth; token predictions are not logged (docs/ner.md).
+    if task.prediction_id and source != "model_auto" and label is not None:
         runtime.bus.publish(
             session,
             "prediction.labeled",
@@ -292,17 +370,22 @@ def queue_snapshot(
     return snapshot
 
 
-def resolve(runtime: Runtime, task_id: int, tenant: str | None, label: str) -> Task:
-    """An owner (or an operator: `tenant=None`) decides a task that went to review."""
+def resolve(
+    runtime: Runtime, task_id: int, tenant: str | None, label: str | None, spans: list[dict[str, Any]] | None = None
+) -> Task:
+    """An owner (or an operator: `tenant=None`) decides a task that went to review: its class label, or for token
+    classification its entity spans."""
+    task = _visible_task(runtime, task_id, None)
+    if tenant is not None and task.tenant != tenant:
+        raise NotFound(f"task {task_id} does not exist")
+    spans = check_answer(runtime, task, label, spans)
     with runtime.db.session() as session:
         task = session.get(Task, task_id)
-        if task is None or (tenant is not None and task.tenant != tenant):
+        if task is None:
             raise NotFound(f"task {task_id} does not exist")
         dataset = _locked_dataset(runtime, session, task.dataset_id)
         task = _locked_task(runtime, session, task)
-        if label not in dataset.labels:
-            raise Unprocessable(f"label {label!r} is not in the dataset's label set")
         if task.status not in {"review", "open"}:
             raise Conflict(f"task {task_id} is {task.status}")
-        settle(runtime, session, task, dataset, label, "review", None)
+        settle(runtime, session, task, dataset, label, "review", None, spans=spans)
     return task

@@ -2,10 +2,40 @@
 
 from __future__ import annotations
 
-from marshmallow import Schema, fields, validate
+from typing import Any
+
+from marshmallow import Schema, ValidationError, fields, validate, validates_schema
 
 from shared.auth import TENANT_ID
+from shared.events.catalog import EntitySpan
 from shared.schemas import Timestamp
+
+MAX_SPANS = 1000
+SPANS_DESCRIPTION = (
+    "token_classification: the entities, `{start, end, label}` with `text[start:end]` in Unicode code points (not "
+    "UTF-16 units), in text order, no overlaps, each boundary on a character (grapheme) boundary; `[]`: no entity"
+)
+
+
+def _spans_field(description: str, **options: Any) -> fields.List:
+    return fields.List(
+        fields.Nested(EntitySpan),
+        validate=validate.Length(max=MAX_SPANS),
+        metadata={"description": description},
+        **options,
+    )
+
+
+class _OneAnswer(Schema):
+    """A class `label` (classification datasets) or entity `spans` (token_classification), exactly one of them."""
+
+    @validates_schema
+    def _exactly_one(self, data: dict[str, Any], **_: Any) -> None:
+        if ("label" in data) == ("spans" in data):
+            raise ValidationError(
+                "send exactly one of `label` (classification datasets) or `spans` (token_classification)",
+                field_name="_schema",
+            )
 
 
 class TaskSchema(Schema):
@@ -22,16 +52,33 @@ class TaskSchema(Schema):
     prelabel_confidence = fields.Float(allow_none=True)
     prelabel_model = fields.String(allow_none=True)
     prelabel_version = fields.Integer(allow_none=True)
+    prelabel_spans = _spans_field(
+        "token_classification: the production model's entities, shown as pre-labels (null: no guess)", allow_none=True
+    )
     feedback = fields.Dict(allow_none=True)
-    consensus_label = fields.String(allow_none=True)
+    consensus_label = fields.String(allow_none=True, metadata={"description": "the decided class label"})
+    consensus_spans = _spans_field(
+        "token_classification: the entities consensus kept, in text order (null until decided)", allow_none=True
+    )
     consensus_source = fields.String(allow_none=True, metadata={"description": "vote | model_auto | review"})
     agreement = fields.Float(allow_none=True)
     created_at = Timestamp()
 
 
 class TaskForAnnotatorSchema(TaskSchema):
-    text = fields.String(allow_none=True, metadata={"description": "the item's text (text datasets)"})
-    labels = fields.List(fields.String(), metadata={"description": "the dataset's label set to choose from"})
+    text = fields.String(
+        allow_none=True, metadata={"description": "the item's text (text and token_classification datasets)"}
+    )
+    task_type = fields.String(
+        metadata={
+            "description": "the dataset's task type: text_classification and image_classification take a `label`, "
+            "token_classification takes `spans`"
+        }
+    )
+    labels = fields.List(
+        fields.String(),
+        metadata={"description": "the dataset's label set to choose from (token_classification: the entity labels)"},
+    )
     lease_expires_at = Timestamp()
 
 
@@ -50,8 +97,14 @@ class NextTaskQuery(Schema):
     lease_seconds = fields.Integer(load_default=300, validate=validate.Range(min=5, max=3600))
 
 
-class AnnotateSchema(Schema):
-    label = fields.String(required=True, validate=validate.Length(min=1, max=200))
+class AnnotateSchema(_OneAnswer):
+    """Your answer: `label` for a classification task, `spans` for a token_classification one (a 422 otherwise)."""
+
+    label = fields.String(
+        validate=validate.Length(min=1, max=200),
+        metadata={"description": "the class label (classification datasets), one of the dataset's labels"},
+    )
+    spans = _spans_field(SPANS_DESCRIPTION)
 
 
 class AnnotationSchema(Schema):
@@ -59,14 +112,21 @@ class AnnotationSchema(Schema):
     task_id = fields.Integer()
     annotator_id = fields.String()
     source = fields.String()
-    label = fields.String(allow_none=True)
+    label = fields.String(allow_none=True, metadata={"description": "your class label (null: spans, or a skip)"})
+    spans = _spans_field("token_classification: your entities in text order (null: a skip)", allow_none=True)
     skipped = fields.Boolean()
-    task_status = fields.String()
+    task_status = fields.String(metadata={"description": "open | done | review | withdrawn"})
     consensus_label = fields.String(allow_none=True)
+    consensus_spans = _spans_field(
+        "token_classification: the task's consensus entities once decided (null until then)", allow_none=True
+    )
 
 
-class ResolveSchema(Schema):
-    label = fields.String(required=True, validate=validate.Length(min=1, max=200))
+class ResolveSchema(_OneAnswer):
+    """The owner's decision: `label` for a classification task, `spans` for a token_classification one."""
+
+    label = fields.String(validate=validate.Length(min=1, max=200), metadata={"description": "the class label"})
+    spans = _spans_field(SPANS_DESCRIPTION)
 
 
 class AnnotatorCreateSchema(Schema):
@@ -121,13 +181,64 @@ class DatasetStateSchema(Schema):
 
 class StatsSchema(Schema):
     dataset_id = fields.String()
-    tasks = fields.Dict(keys=fields.String(), values=fields.Integer())
-    label_counts = fields.Dict(keys=fields.String(), values=fields.Integer())
-    percent_agreement = fields.Float(allow_none=True)
-    fleiss_kappa = fields.Float(allow_none=True)
-    items_in_agreement_stats = fields.Integer()
-    annotators = fields.List(fields.Dict())
+    tasks = fields.Dict(keys=fields.String(), values=fields.Integer(), metadata={"description": "tasks per status"})
+    label_counts = fields.Dict(
+        keys=fields.String(),
+        values=fields.Integer(),
+        metadata={
+            "description": "decided tasks per consensus label; token_classification: consensus entities per label"
+        },
+    )
+    percent_agreement = fields.Float(
+        allow_none=True,
+        metadata={"description": "mean pairwise agreement on class labels (null for token_classification)"},
+    )
+    fleiss_kappa = fields.Float(allow_none=True, metadata={"description": "null for token_classification"})
+    items_in_agreement_stats = fields.Integer(metadata={"description": "items with two or more class labels"})
+    entity_f1 = fields.Float(
+        allow_none=True,
+        metadata={
+            "description": "token_classification: entity-level F1 between annotators (exact offsets and label), "
+            "averaged over every pair of annotators of every item with two or more annotations; null otherwise"
+        },
+    )
+    items_in_entity_f1 = fields.Integer(metadata={"description": "items that entity_f1 is averaged over"})
+    annotators = fields.List(
+        fields.Dict(),
+        metadata={
+            "description": "per annotator: `labels` on decided tasks and `agreement_with_consensus`, the share of "
+            "them equal to the consensus (the same label, or the very same set of spans)"
+        },
+    )
     labels_since_snapshot = fields.Integer()
+
+
+class AnnotatorDatasetFiguresSchema(Schema):
+    dataset_id = fields.String()
+    name = fields.String()
+    task_type = fields.String()
+    labels = fields.List(fields.String(), metadata={"description": "the dataset's labels (entity labels for spans)"})
+    annotations = fields.Integer(metadata={"description": "your labels (or span sets) in this dataset, skips apart"})
+    skips = fields.Integer(metadata={"description": "tasks you passed on"})
+    decided = fields.Integer(metadata={"description": "your annotations on tasks that reached consensus"})
+    agreed = fields.Integer(metadata={"description": "of those, how many equal the consensus"})
+    agreement_with_consensus = fields.Float(
+        allow_none=True,
+        metadata={
+            "description": "agreed / decided: the share of your labels (span sets: exact offsets and labels, all of "
+            "them) on decided tasks that equal the consensus; null before any of your tasks is decided"
+        },
+    )
+
+
+class AnnotatorFiguresSchema(Schema):
+    id = fields.String()
+    name = fields.String()
+    tenant = fields.String()
+    datasets = fields.List(
+        fields.Nested(AnnotatorDatasetFiguresSchema),
+        metadata={"description": "every dataset you may label, with your figures in it"},
+    )
 
 
 class SnapshotSchema(Schema):
@@ -138,7 +249,10 @@ class SnapshotSchema(Schema):
     manifest_key = fields.String(allow_none=True)
     manifest_sha256 = fields.String(allow_none=True)
     item_count = fields.Integer(allow_none=True)
-    label_counts = fields.Dict(allow_none=True)
+    label_counts = fields.Dict(
+        allow_none=True,
+        metadata={"description": "items per consensus label; token_classification: consensus entities per label"},
+    )
     split_counts = fields.Dict(
         allow_none=True, metadata={"description": "Items per split: train, validation and test (0 when empty)."}
     )

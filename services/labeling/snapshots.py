@@ -1,6 +1,7 @@
 """Dataset snapshots: the current consensus frozen into an immutable, verifiable dataset version.
 
-A snapshot is a `manifest.jsonl` (one `shared.artifacts.ManifestLine` per labeled item, sorted by item id)
+A snapshot is a `manifest.jsonl` (one `shared.artifacts.ManifestLine` per labeled item, sorted by item id; a
+token-classification item's line carries its consensus entities as `spans` beside a null `label`)
 and a `snapshot.json` in the `datasets` bucket, under a prefix named by the snapshot's id; it is never
 written twice.
 
@@ -27,6 +28,7 @@ from typing import Any
 from sqlalchemy import select
 
 from services.labeling.models import LabelingDataset, Snapshot, Task
+from services.labeling.spans import is_span_dataset
 from shared.artifacts import DATASETS_BUCKET, SPLITS, SnapshotInfo, item_ids_sha256, snapshot_prefix
 from shared.errors import Conflict, NotFound, Unprocessable
 from shared.logging import get_logger, log_context
@@ -70,14 +72,19 @@ def _manifest(dataset: LabelingDataset, tasks: list[Task]) -> Manifest:
     labels: Counter[str] = Counter()
     split_ids: dict[str, list[str]] = defaultdict(list)
     lines = []
+    with_spans = is_span_dataset(dataset.task_type)
     for task in sorted(tasks, key=lambda t: t.item_id):
         split = split_for(dataset.id, task.sha256)
-        labels[task.consensus_label] += 1
         split_ids[split].append(task.item_id)
         content = {"bucket": task.bucket, "key": task.object_key, "sha256": task.sha256}
         if task.offset is not None:
             content |= {"offset": task.offset, "length": task.length}
         line = {"item_id": task.item_id, "kind": task.kind, "content": content, "label": task.consensus_label}
+        if with_spans:  # a token item's consensus is its entities; label_counts counts them by entity label
+            line["spans"] = task.consensus_spans or []
+            labels.update(span["label"] for span in line["spans"])
+        else:
+            labels[task.consensus_label] += 1
         lines.append(json.dumps(line | {"split": split}, sort_keys=True, separators=(",", ":")))
     return Manifest(
         data=("\n".join(lines) + "\n").encode(),
@@ -222,6 +229,8 @@ def export_rows(runtime: Runtime, snapshot: Snapshot) -> Iterator[dict[str, Any]
     for line in read_manifest(runtime, snapshot):
         content = line["content"]
         row = {"item_id": line["item_id"], "label": line["label"], "split": line["split"], "sha256": content["sha256"]}
+        if "spans" in line:
+            row["spans"] = line["spans"]
         if line["kind"] == "text":
             data = runtime.storage.get_range(content["bucket"], content["key"], content["offset"], content["length"])
             row["text"] = data.decode("utf-8") if hashlib.sha256(data).hexdigest() == content["sha256"] else None
@@ -238,11 +247,16 @@ def export(runtime: Runtime, snapshot: Snapshot, fmt: str) -> Iterator[str]:
         return
     if fmt != "csv":
         raise Unprocessable("format must be jsonl or csv")
-    columns = ["item_id", "split", "label", "sha256", "text" if snapshot_is_text(runtime, snapshot) else "object"]
+    task_type = snapshot_task_type(runtime, snapshot)
+    answer = "spans" if is_span_dataset(task_type) else "label"
+    content = "object" if task_type == "image_classification" else "text"
+    columns = ["item_id", "split", answer, "sha256", content]
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=columns, extrasaction="ignore")
     writer.writeheader()
     for row in rows:
+        if "spans" in row:  # one CSV cell: the entities as JSON, offsets in Unicode code points
+            row = row | {"spans": json.dumps(row["spans"], ensure_ascii=False)}
         writer.writerow(row)
         yield buffer.getvalue()
         buffer.seek(0)
@@ -250,6 +264,6 @@ def export(runtime: Runtime, snapshot: Snapshot, fmt: str) -> Iterator[str]:
     yield buffer.getvalue()
 
 
-def snapshot_is_text(runtime: Runtime, snapshot: Snapshot) -> bool:
-    with runtime.db.session() as session:
-        return session.get(LabelingDataset, snapshot.dataset_id).task_type == "text_classification"
+def snapshot_task_type(runtime: Runtime, snapshot: Snapshot) -> str:
+    with runtime.db.read_session() as session:
+        return session.get(LabelingDataset, snapshot.dataset_id).task_type
