@@ -488,7 +488,8 @@ def _print_table(platform: Platform, settings: Settings, token_path: str | None,
     print("", file=out)
     print_table(["service", "url", "http pid", "worker pid", "logs"], rows, align="<<>><", out=out)
     storage = f"s3://{settings.s3_endpoint}" if settings.s3_endpoint else f"file://{settings.file_store_root}"
-    print(f"\nredis    {platform.redis_url}\nstorage  {storage}\ndata     {settings.home}", file=out)
+    print(f"\nconsole  {loopback_url(platform.ports['labeling'])}/console/", file=out)
+    print(f"redis    {platform.redis_url}\nstorage  {storage}\ndata     {settings.home}", file=out)
     print(
         f"\nA process that exits is restarted (supervisor pid {platform.supervisor}, log {SUPERVISOR_LOG}).", file=out
     )

@@ -38,6 +38,8 @@ class ServiceSpec:
     title: str
     metadata: MetaData
     blueprints: list[Any] = field(default_factory=list)
+    pages: list[Any] = field(default_factory=list)
+    """Plain Flask blueprints that are not API (the web console): served, but not in the OpenAPI document."""
     handlers: EventHandlers | None = None
     key_lookup: Callable[[Runtime], KeyLookup] | None = None
     """How this service resolves partner keys; default: ask ingestion over HTTP."""
@@ -138,6 +140,8 @@ def create_http_app(spec: ServiceSpec, settings: Settings | None = None) -> Flas
     from shared.http import create_flask_app
 
     app = create_flask_app(runtime, spec.title, [*spec.blueprints, dead_letters_blp])
+    for page in spec.pages:
+        app.register_blueprint(page)
     # An HTTP process only publishes: one quick connection attempt, then the outbox relay takes over, instead
     # of Celery's default of retrying the connection for seconds while a request waits.
     runtime.celery.conf.broker_connection_max_retries = 1

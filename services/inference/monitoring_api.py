@@ -35,7 +35,7 @@ from services.inference.schemas import (
     RetentionSchema,
 )
 from services.inference.server import InferenceServer, current_server
-from shared.auth import current_principal, require_partner, requires_scope
+from shared.auth import current_principal, require_partner, require_partner_or_delegated, requires_scope
 from shared.errors import NotFound, Unprocessable
 from shared.logging import get_logger
 
@@ -150,7 +150,7 @@ def get_prediction(prediction_id: str) -> dict[str, Any]:
 
 
 @monitoring.get("/models/<name>")
-@require_partner
+@require_partner_or_delegated  # the console's operator pages read it for the tenant they picked
 @requires_scope("read")
 @monitoring.arguments(MonitoringQuerySchema, location="query")
 @monitoring.response(200, MonitoringReportSchema)
@@ -206,7 +206,7 @@ def put_policy(body: dict[str, Any], name: str) -> dict[str, Any]:
 
 
 @monitoring.get("/alerts")
-@require_partner
+@require_partner_or_delegated
 @requires_scope("read")
 @monitoring.arguments(AlertQuerySchema, location="query")
 @monitoring.response(200, AlertListSchema)

@@ -1,4 +1,6 @@
-"""Ingestion's HTTP API: partners and keys (internal token); datasets, pushes, imports, items, usage (partner key)."""
+"""Ingestion's HTTP API: partners and keys (internal token); datasets, pushes, imports, items, usage (partner key).
+
+The internal token also lists datasets (every tenant's, or one's), so that an operator's console can show them."""
 
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ from services.ingestion.models import ApiKey, Dataset, Import, Partner, utcnow
 from services.ingestion.schemas import (
     ApiKeySchema,
     DatasetCreateSchema,
+    DatasetListQuery,
     DatasetListSchema,
     DatasetSchema,
     DatasetUpdateSchema,
@@ -60,6 +63,7 @@ from shared.auth import (
     require_internal,
     require_partner,
     require_partner_or_delegated,
+    require_partner_or_internal,
     requires_scope,
 )
 from shared.errors import Conflict, NotFound, PayloadTooLarge, Unprocessable
@@ -313,13 +317,23 @@ def create_dataset(body: dict[str, Any]) -> Dataset:
 
 
 @datasets.get("")
-@require_partner
+@require_partner_or_internal
 @requires_scope("read")
+@datasets.arguments(DatasetListQuery, location="query")
 @datasets.response(200, DatasetListSchema)
-def list_datasets() -> dict[str, Any]:
+def list_datasets(query: dict[str, Any]) -> dict[str, Any]:
+    """Datasets, oldest first: a partner's own, or (internal token) every tenant's, or one `tenant`'s."""
+    principal = current_principal()
+    tenant = query["tenant"]
+    if not principal.internal:
+        if tenant is not None and tenant != principal.tenant:
+            raise NotFound(f"tenant {tenant!r} does not exist")
+        tenant = principal.tenant
+    statement = select(Dataset).order_by(Dataset.created_at)
+    if tenant is not None:
+        statement = statement.where(Dataset.tenant == tenant)
     with _runtime().db.session() as session:
-        found = session.scalars(select(Dataset).where(Dataset.tenant == _tenant()).order_by(Dataset.created_at))
-        return {"datasets": found.all()}
+        return {"datasets": session.scalars(statement).all()}
 
 
 def tenant_dataset(runtime: Runtime, dataset_id: str) -> Dataset:

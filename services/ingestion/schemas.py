@@ -178,6 +178,7 @@ class DatasetUpdateSchema(Schema):
 
 class DatasetSchema(Schema):
     id = fields.String()
+    tenant = fields.String(metadata={"description": "the partner that owns the dataset"})
     name = fields.String()
     task_type = fields.String()
     labels = fields.List(fields.String())
@@ -185,6 +186,17 @@ class DatasetSchema(Schema):
     overlap = fields.Integer()
     retrain_threshold = fields.Integer(allow_none=True)
     created_at = Timestamp()
+
+
+class DatasetListQuery(Schema):
+    tenant = fields.String(
+        load_default=None,
+        validate=TENANT_ID,
+        metadata={
+            "description": "internal token: only this tenant's datasets (default: every tenant's). A partner key "
+            "sees its own only: its own tenant is accepted, any other answers 404, like an unknown id."
+        },
+    )
 
 
 class DatasetListSchema(Schema):

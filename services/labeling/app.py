@@ -8,6 +8,7 @@ from flask import Flask
 from services.labeling import api
 from services.labeling.consumers import handlers, register_tasks
 from services.labeling.models import Base
+from shared.console import console
 from shared.runtime import ServiceSpec, create_http_app, create_worker
 from shared.settings import Settings
 
@@ -16,6 +17,8 @@ SPEC = ServiceSpec(
     title="Flywheel labeling API",
     metadata=Base.metadata,
     blueprints=[api.datasets, api.tasks, api.annotators],
+    # The web console (shared/console) is served where annotators already work; it reaches every service.
+    pages=[console],
     handlers=handlers,
     register_tasks=register_tasks,
 )

@@ -45,8 +45,8 @@ class ServiceClient:
         # A kept-alive connection the server has just closed surfaces as "remote end closed connection";
         # idempotent requests are safely retried on a fresh one. A POST that only looks something up says so
         # (`idempotent=True`) and goes through a second session that retries it the same way.
-        self.session = _retrying_session(IDEMPOTENT)
-        self._lookup_session = _retrying_session(None)
+        self.session = retrying_session(IDEMPOTENT)
+        self._lookup_session = retrying_session(None)
 
     def with_token(self, token: str | None) -> ServiceClient:
         return type(self)(self.base_url, token, timeout=self.timeout)
@@ -106,7 +106,7 @@ class ServiceClient:
         return self.request("DELETE", path, **kwargs)
 
 
-def _retrying_session(methods: frozenset[str] | None) -> requests.Session:
+def retrying_session(methods: frozenset[str] | None) -> requests.Session:
     """A session that retries failed connections, and reads cut short for `methods` (None: every method)."""
     retry = Retry(
         total=3, connect=3, read=2, status=0, backoff_factor=0.2, allowed_methods=methods, raise_on_status=False

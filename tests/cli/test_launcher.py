@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+import requests
 
 from cli.launcher import services_with_workers
 from shared.settings import SERVICES
@@ -77,6 +78,10 @@ def test_up_detach_status_refuse_twice_and_down(launcher_env: dict[str, str], tm
             else:
                 assert f"{service}-worker" not in up.stdout, f"{service} runs no worker"
             assert f"http://127.0.0.1:{launcher_env[f'{service.upper()}_PORT']}" in up.stdout
+        console = f"http://127.0.0.1:{launcher_env['LABELING_PORT']}/console/"
+        assert f"console  {console}" in up.stdout
+        page = requests.get(console, timeout=10)
+        assert page.status_code == 200 and "<title>Flywheel console</title>" in page.text
         token_file = tmp_path / "home" / "internal-token"
         assert f"internal token in {token_file}" in up.stdout
         assert oct(token_file.stat().st_mode & 0o777) == "0o600"

@@ -140,3 +140,16 @@ def test_the_final_stage_holds_the_servers_log_configuration(path: str) -> None:
     # granian's --log-config in every manifest names this path (tests/deploy/test_entrypoints.py).
     copies = [i.arguments for i in stages(path)[-1] if i.keyword == "COPY"]
     assert "shared/granian_logging.json /etc/flywheel/granian-logging.json" in copies
+
+
+def test_every_console_file_ships_in_the_package() -> None:
+    """The images install the project without -e: the console's static files must be package data."""
+    import fnmatch
+    import tomllib
+
+    patterns = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["shared"]
+    static = REPO / "shared" / "console" / "static"
+    files = [path.relative_to(REPO / "shared").as_posix() for path in static.rglob("*") if path.is_file()]
+    assert "console/static/index.html" in files and "console/static/vendor/uPlot.iife.min.js" in files
+    missing = [name for name in files if not any(fnmatch.fnmatchcase(name, pattern) for pattern in patterns)]
+    assert missing == [], f"not package data: {missing}"

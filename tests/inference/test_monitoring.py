@@ -16,10 +16,11 @@ from tokenizers import Tokenizer
 
 from services.inference.models import Prediction
 from services.inference.traffic import Sampler
+from shared.auth import TENANT_HEADER
 from shared.db import declarative_base
 from shared.runtime import Runtime, ServiceSpec
 from shared.storage import create_store
-from tests.helpers import eventually
+from tests.helpers import INTERNAL, eventually
 from tests.inference.support import TOKENIZER_DIR, metric_samples, serving_document, upload_version
 from tests.inference.test_feedback import queued_events
 
@@ -584,3 +585,21 @@ def test_class_drift_needs_more_than_a_noisy_distance_from_a_small_baseline() ->
     shifted = rows(list(rng.choice(labels[:3], size=2000)))  # only three classes predicted any more
     found, _ = check(policy, shifted, baseline)
     assert [f["kind"] for f in found] == ["prediction_drift"]
+
+
+def test_the_internal_token_reads_monitoring_for_the_tenant_it_names_only(inference, reviews, tenants) -> None:
+    """The console's operator pages read a tenant's monitoring with the internal token and `X-Flywheel-Tenant`."""
+    replica = inference()
+    predict(replica, tenants.alice.headers, reviews_texts(20, seed=3))
+    as_alice = {**INTERNAL, TENANT_HEADER: tenants.alice.tenant}
+    report = replica.client.get("/v1/monitoring/models/reviews?windows=1", headers=as_alice)
+    assert report.status_code == 200, report.get_json()
+    own = replica.client.get("/v1/monitoring/models/reviews?windows=1", headers=tenants.alice.headers).get_json()
+    assert report.get_json()["versions"] == own["versions"] and own["versions"]
+    assert replica.client.get("/v1/monitoring/alerts", headers=as_alice).status_code == 200
+    as_bob = {**INTERNAL, TENANT_HEADER: tenants.bob.tenant}  # bob serves no model of that name
+    assert replica.client.get("/v1/monitoring/models/reviews", headers=as_bob).status_code == 404
+    unnamed = replica.client.get("/v1/monitoring/models/reviews", headers=INTERNAL)
+    assert unnamed.status_code == 401 and TENANT_HEADER in unnamed.get_json()["error"]["message"]
+    # writes stay the partner's own
+    assert replica.client.put("/v1/monitoring/models/reviews/policy", json={}, headers=as_alice).status_code == 401
