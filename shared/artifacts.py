@@ -21,7 +21,7 @@ from collections.abc import Iterable
 
 from marshmallow import EXCLUDE, Schema, fields, validate
 
-from shared.events.catalog import TASK_TYPES, ObjectRef
+from shared.events.catalog import TASK_TYPES, EntitySpan, ObjectRef
 
 DATASETS_BUCKET = "datasets"
 MODELS_BUCKET = "models"
@@ -57,7 +57,11 @@ def checkpoint_key(tenant: str, run_id: str) -> str:
 
 class ManifestLine(Schema):
     """One labeled item of a snapshot. Content is read from `content` (a byte range of an object for
-    packed text items), and verified against `content.sha256`, which is the sha256 of the item's bytes."""
+    packed text items), and verified against `content.sha256`, which is the sha256 of the item's bytes.
+
+    A classification item carries its `label`. A token_classification item carries its consensus entities as
+    `spans` (`[]`: labeled, no entity), in text order, and a null `label`; lines of other task types have no
+    `spans`."""
 
     class Meta:
         unknown = EXCLUDE
@@ -65,8 +69,9 @@ class ManifestLine(Schema):
     item_id = fields.String(required=True)
     kind = fields.String(required=True, validate=validate.OneOf(("text", "image")))
     content = fields.Nested(ObjectRef, required=True)
-    label = fields.String(required=True)
+    label = fields.String(required=True, allow_none=True)
     split = fields.String(required=True, validate=validate.OneOf(SPLITS))
+    spans = fields.List(fields.Nested(EntitySpan), allow_none=True)
 
 
 class SnapshotInfo(Schema):

@@ -27,7 +27,14 @@ from services.registry.aliases import (
     set_alias,
     validation_error,
 )
-from services.registry.models import ARCHIVED, AliasChange, RefusedRegistration, RegisteredModel, utcnow
+from services.registry.models import (
+    ARCHIVED,
+    AliasChange,
+    RefusedRegistration,
+    RegisteredModel,
+    primary_metrics_for,
+    utcnow,
+)
 from services.registry.schemas import (
     POLICY_FIELDS,
     AliasChangeResultSchema,
@@ -190,12 +197,19 @@ def update_model(body: dict[str, Any], model_name: str) -> dict[str, Any]:
 def update_policy(body: dict[str, Any], model_name: str) -> dict[str, Any]:
     """The promotion gate's policy: the fields given change, the others keep their value.
 
-    `primary_metric`, `margin`, `confidence`, `max_class_regression`, `min_score` (null: the baseline `floor`
+    `primary_metric` (`macro_f1` or `accuracy` for a classifier, `entity_f1` for a token_classification model:
+    another answers 422), `margin`, `confidence`, `max_class_regression`, `min_score` (null: the baseline `floor`
     names, `majority` or `classical_baseline`), `min_test_items`, `bootstrap_samples`, `auto_promote`; each is
     described in the schema. The retired `require_same_split`, and any unknown field, is refused with 422.
     """
     with _runtime().db.session() as session:
         model = lock_model(session, body["tenant"], model_name)
+        allowed = primary_metrics_for(model.task_type)
+        if "primary_metric" in body and body["primary_metric"] not in allowed:
+            raise validation_error(
+                "primary_metric",
+                f"a {model.task_type} model is compared on {' or '.join(allowed)}, not {body['primary_metric']}",
+            )
         before = model.policy()
         for name in POLICY_FIELDS:
             if name in body:

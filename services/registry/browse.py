@@ -267,7 +267,7 @@ def _shared_evaluation(a: ModelVersion, b: ModelVersion) -> dict[str, Any] | Non
                 "b": scores_b.get(name),
                 "delta": _delta(scores_a.get(name), scores_b.get(name)),
             }
-            for name in ("accuracy", "macro_f1", "ece")
+            for name in (("entity_f1", "ece") if "entity_f1" in scores_a else ("accuracy", "macro_f1", "ece"))
         ],
         "per_class": [
             {

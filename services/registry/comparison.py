@@ -13,6 +13,8 @@ summary, so the numbers the gate decides on are computed one way for every model
   evaluation set's sha256 (`seed_for`): the same report always gives the same interval.
 - `mcnemar`: the exact test on the discordant pairs (items exactly one of the two models gets right), the
   classical paired test for accuracy.
+- Token classification (entity F1): from per-item entity counts instead of per-item classes (`entity_scores`,
+  `entity_bootstrap`, the same paired resampling of items); see the section at the end.
 """
 
 from __future__ import annotations
@@ -136,3 +138,109 @@ def mcnemar(y_true: np.ndarray, candidate: np.ndarray, production: np.ndarray) -
     discordant = only_candidate + only_production
     p_value = float(binomtest(only_candidate, discordant, 0.5).pvalue) if discordant else 1.0
     return {"only_candidate_right": only_candidate, "only_production_right": only_production, "p_value": p_value}
+
+
+# ------------------------------------------------------------------------------------- token classification
+# A token_classification report answers per item with entity counts (services.training.token_runs): per entity
+# label, true positives, false positives and false negatives, plus `other_fp` (entities of a label outside the
+# report's). Entity F1 is micro over entities, as seqeval's strict mode computes it: 2 TP / (2 TP + FP + FN).
+
+ENTITY_METRIC = "entity_f1"
+
+
+@dataclass(frozen=True)
+class EntityCounts:
+    tp: np.ndarray
+    """(items, labels)"""
+    fp: np.ndarray
+    fn: np.ndarray
+    other_fp: np.ndarray
+    """(items,)"""
+
+    @property
+    def items(self) -> int:
+        return len(self.other_fp)
+
+
+def entity_counts(metrics: dict[str, Any], labels: list[str], items: int) -> EntityCounts:
+    """A scored model's `entity_counts`, checked to have one row per item and one column per label; raises
+    ValueError saying what is wrong."""
+    raw = metrics.get("entity_counts")
+    if not isinstance(raw, dict):
+        raise ValueError("it carries no entity_counts")
+    if raw.get("labels") != list(labels):
+        raise ValueError(f"its entity_counts are over labels {raw.get('labels')}, not {list(labels)}")
+    arrays = {}
+    for name in ("tp", "fp", "fn"):
+        try:
+            array = np.asarray(raw.get(name), dtype=np.int64)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"its entity_counts.{name} are not counts") from exc
+        if array.shape != (items, len(labels)) or (array < 0).any():
+            raise ValueError(f"its entity_counts.{name} are not {items} rows of {len(labels)} counts")
+        arrays[name] = array
+    try:
+        other = np.asarray(raw.get("other_fp", [0] * items), dtype=np.int64)
+    except (TypeError, ValueError) as exc:
+        raise ValueError("its entity_counts.other_fp are not counts") from exc
+    if other.shape != (items,) or (other < 0).any():
+        raise ValueError(f"its entity_counts.other_fp are not {items} counts")
+    return EntityCounts(arrays["tp"], arrays["fp"], arrays["fn"], other)
+
+
+def _micro_f1(tp: np.ndarray, fp: np.ndarray, fn: np.ndarray) -> np.ndarray:
+    denominator = 2.0 * tp + fp + fn
+    return np.divide(2.0 * tp, denominator, out=np.zeros(np.shape(tp)), where=denominator > 0)
+
+
+def entity_f1(counts: EntityCounts) -> float:
+    tp, fn = counts.tp.sum(), counts.fn.sum()
+    return float(_micro_f1(np.asarray(tp), np.asarray(counts.fp.sum() + counts.other_fp.sum()), np.asarray(fn)))
+
+
+def entity_scores(counts: EntityCounts, labels: list[str]) -> dict[str, Any]:
+    """Micro entity precision, recall and F1, and per entity type (under `per_class`, as the class guard reads)."""
+    tp, fp, fn = counts.tp.sum(axis=0), counts.fp.sum(axis=0), counts.fn.sum(axis=0)
+    predicted = tp.sum() + fp.sum() + counts.other_fp.sum()
+    true = tp.sum() + fn.sum()
+    f1 = _micro_f1(tp, fp, fn)
+    return {
+        "entity_precision": float(tp.sum() / predicted) if predicted else 0.0,
+        "entity_recall": float(tp.sum() / true) if true else 0.0,
+        ENTITY_METRIC: entity_f1(counts),
+        "exact_match": float(((counts.fp.sum(1) + counts.fn.sum(1) + counts.other_fp) == 0).mean())
+        if counts.items
+        else 0.0,
+        "per_class": {
+            label: {
+                "precision": float(tp[i] / (tp[i] + fp[i])) if tp[i] + fp[i] else 0.0,
+                "recall": float(tp[i] / (tp[i] + fn[i])) if tp[i] + fn[i] else 0.0,
+                "f1": float(f1[i]),
+                "support": int(tp[i] + fn[i]),
+            }
+            for i, label in enumerate(labels)
+        },
+    }
+
+
+def entity_bootstrap(
+    candidate: EntityCounts, production: EntityCounts, *, samples: int, confidence: float, seed: int
+) -> Interval:
+    """The percentile interval of entity F1(candidate) - entity F1(production) over paired resamples of items."""
+    items = candidate.items
+    totals = [
+        (counts.tp.sum(1), counts.fp.sum(1) + counts.other_fp, counts.fn.sum(1)) for counts in (candidate, production)
+    ]
+    rng = np.random.default_rng(seed)
+    chunk = max(1, RESAMPLE_CELLS // max(items, 1))
+    differences = []
+    for start in range(0, samples, chunk):
+        drawn = rng.integers(0, items, size=(min(chunk, samples - start), items))
+        (ctp, cfp, cfn), (ptp, pfp, pfn) = totals
+        differences.append(
+            _micro_f1(ctp[drawn].sum(1), cfp[drawn].sum(1), cfn[drawn].sum(1))
+            - _micro_f1(ptp[drawn].sum(1), pfp[drawn].sum(1), pfn[drawn].sum(1))
+        )
+    tail = (1.0 - confidence) / 2.0
+    low, high = np.quantile(np.concatenate(differences), [tail, 1.0 - tail])
+    return Interval(low=float(low), high=float(high), samples=samples, seed=seed)

@@ -12,7 +12,9 @@ What the gate requires of a report before it trusts a number in it:
   (`shared.artifacts.item_ids_sha256`), and every list has one entry per item, with label indices in range
   (a prediction may be -1: a label outside the set's, always wrong);
 - each model's own accuracy and macro-F1 in the report agree with what its predictions give (within `TOLERANCE`):
-  a report whose summary and answers disagree is not one to promote on.
+  a report whose summary and answers disagree is not one to promote on;
+- a token_classification report (its candidate's metrics carry `entity_counts`) has, for every model, per-item
+  entity counts over its labels, and each model's `entity_f1` is what its counts give.
 """
 
 from __future__ import annotations
@@ -102,6 +104,35 @@ def scored_models(report: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
     return named
 
 
+def is_entity_report(report: dict[str, Any]) -> bool:
+    """A token_classification model's report: its answers are per-item entity counts (services.training.token_runs)."""
+    return isinstance((report["candidate"].get("metrics") or {}).get("entity_counts"), dict)
+
+
+def entity_counts(report: dict[str, Any], scored: dict[str, Any]) -> comparison.EntityCounts:
+    """A scored model's entity counts in a report `read_evaluation` accepted."""
+    return comparison.entity_counts(scored["metrics"], report["labels"], len(report["item_ids"]))
+
+
+def _entity_inconsistency(report: dict[str, Any]) -> str | None:
+    """Every model of an entity report carries per-item entity counts, and its entity F1 is what they give."""
+    for name, scored in scored_models(report):
+        try:
+            counts = entity_counts(report, scored)
+        except ValueError as exc:
+            return f"the report's {name} is not scored by entities: {exc}"
+        claimed = scored["metrics"].get(comparison.ENTITY_METRIC)
+        if isinstance(claimed, bool) or not isinstance(claimed, int | float):
+            return f"the report's {name} claims no {comparison.ENTITY_METRIC}"
+        actual = comparison.entity_f1(counts)
+        if abs(claimed - actual) > TOLERANCE:
+            return (
+                f"the report's {comparison.ENTITY_METRIC} for the {name} ({claimed:.4f}) disagrees with its own "
+                f"entity counts ({actual:.4f})"
+            )
+    return None
+
+
 def _inconsistency(report: dict[str, Any]) -> str | None:
     items = len(report["item_ids"])
     labels = report["labels"]
@@ -111,8 +142,9 @@ def _inconsistency(report: dict[str, Any]) -> str | None:
             f"the report scores the {evaluation_set['split']} split; the gate decides only on the test split, "
             "which training and model selection never saw"
         )
-    if len(labels) < 2 or len(set(labels)) != len(labels):
-        return f"the report's labels {labels} are not two or more distinct labels"
+    entities = is_entity_report(report)
+    if len(labels) < (1 if entities else 2) or len(set(labels)) != len(labels):
+        return f"the report's labels {labels} are not {'one' if entities else 'two'} or more distinct labels"
     if evaluation_set["items"] != items:
         return f"the evaluation set declares {evaluation_set['items']} items, the report lists {items} item ids"
     if len(set(report["item_ids"])) != items:
@@ -131,6 +163,8 @@ def _inconsistency(report: dict[str, Any]) -> str | None:
             return f"the report's {what} have {len(values)} entries for {items} items"
         if any(not lowest <= value < len(labels) for value in values):
             return f"the report's {what} hold a label index outside {lowest}..{len(labels) - 1}"
+    if entities:
+        return _entity_inconsistency(report)
     y_true = answers(report["y_true"])
     for name, scored in scored_models(report):
         for metric in comparison.METRICS:

@@ -27,7 +27,19 @@ from shared.db import declarative_base
 Base = declarative_base()
 
 DEFAULT_PRIMARY_METRIC = "macro_f1"
-PRIMARY_METRICS = ("macro_f1", "accuracy")
+ENTITY_METRIC = "entity_f1"
+CLASSIFICATION_METRICS = ("macro_f1", "accuracy")
+PRIMARY_METRICS = (*CLASSIFICATION_METRICS, ENTITY_METRIC)
+SPAN_TASK = "token_classification"
+"""A token_classification model is gated on entity F1 (seqeval strict, micro over entities): its reports carry
+per-item entity counts, not a class per item (services.training.token_runs), so it takes no other metric."""
+
+
+def primary_metrics_for(task_type: str) -> tuple[str, ...]:
+    """The metrics the gate can compare for a model of `task_type`; the first is its default."""
+    return (ENTITY_METRIC,) if task_type == SPAN_TASK else CLASSIFICATION_METRICS
+
+
 DEFAULT_PROMOTION_MARGIN = 0.01
 DEFAULT_CONFIDENCE = 0.95
 DEFAULT_MAX_CLASS_REGRESSION = 0.10

@@ -39,6 +39,11 @@ waits: the version goes to `staging`, so the gate never cuts short an experiment
 Every decision also records `baseline_lift`: the candidate's macro-F1 minus the classical baseline's on the same
 items, recomputed from both answers (null when the report has no classical baseline), whatever the floor.
 
+A token_classification model (`primary_metric` `entity_f1`, its only one) is decided the same way from its report's
+per-item entity counts (services.registry.comparison): entity F1 micro over entities, the paired bootstrap over
+items, the guard (c) per entity type, the floor from the baselines' entity F1 (`majority` predicts no entity,
+`classical` is the CoNLL-2003 dictionary baseline), and `baseline_lift` in entity F1.
+
 The decision is recorded on the version (`decision`), logged as `promotion_decided`, and its summary (`summary`)
 is the reason of the alias change in the audit log and of the `model.promoted` event.
 """
@@ -55,7 +60,7 @@ from sqlalchemy.orm import Session
 
 from services.registry import comparison
 from services.registry.aliases import Publish, change_alias, get_alias
-from services.registry.evaluation import Evaluation, answers
+from services.registry.evaluation import Evaluation, answers, entity_counts, is_entity_report
 from services.registry.models import CLASSICAL_FLOOR, PRODUCTION, STAGING, ModelVersion, RegisteredModel
 from shared.logging import get_logger
 
@@ -110,8 +115,13 @@ class _Scoring:
         self.y_true = answers(report["y_true"])
         self.items = len(self.y_true)
         self.report = report
+        self.entities = is_entity_report(report)
+        self.unit = "entity type" if self.entities else "class"
 
     def scores(self, scored: dict[str, Any]) -> dict[str, Any]:
+        if self.entities:
+            counts = entity_counts(self.report, scored)
+            return _with_extras(comparison.entity_scores(counts, self.labels), scored["metrics"])
         return _with_extras(
             comparison.scores(self.y_true, answers(scored["predictions"]), self.labels), scored["metrics"]
         )
@@ -144,15 +154,22 @@ class _Scoring:
             production=production[self.metric],
         )
 
-    def credible(self, candidate: np.ndarray, production: np.ndarray) -> tuple[dict[str, Any], dict[str, Any]]:
+    def credible(
+        self, candidate_scored: dict[str, Any], production_scored: dict[str, Any]
+    ) -> tuple[dict[str, Any], dict[str, Any]]:
         """Condition (b) and the decision's `difference`."""
         confidence = float(self.policy["confidence"])
         samples = int(self.policy["bootstrap_samples"])
         seed = comparison.seed_for(self.report["evaluation_set"]["sha256"])
         classes = len(self.labels)
-        value = comparison.metric(self.metric, self.y_true, candidate, classes) - comparison.metric(
-            self.metric, self.y_true, production, classes
-        )
+        if self.entities:
+            counts = entity_counts(self.report, candidate_scored), entity_counts(self.report, production_scored)
+            value = comparison.entity_f1(counts[0]) - comparison.entity_f1(counts[1])
+        else:
+            candidate, production = answers(candidate_scored["predictions"]), answers(production_scored["predictions"])
+            value = comparison.metric(self.metric, self.y_true, candidate, classes) - comparison.metric(
+                self.metric, self.y_true, production, classes
+            )
         difference: dict[str, Any] = {
             "metric": self.metric,
             "value": value,
@@ -166,9 +183,19 @@ class _Scoring:
         if self.items == 0:
             detail = "no items to resample: the improvement cannot be shown"
             return _condition("b", "credible_improvement", False, detail, observed=None, threshold=0.0), difference
-        interval = comparison.paired_bootstrap(
-            self.metric, self.y_true, candidate, production, classes, samples=samples, confidence=confidence, seed=seed
-        )
+        if self.entities:
+            interval = comparison.entity_bootstrap(*counts, samples=samples, confidence=confidence, seed=seed)
+        else:
+            interval = comparison.paired_bootstrap(
+                self.metric,
+                self.y_true,
+                candidate,
+                production,
+                classes,
+                samples=samples,
+                confidence=confidence,
+                seed=seed,
+            )
         difference.update(ci_low=interval.low, ci_high=interval.high)
         passed = interval.low > 0
         span = f"[{interval.low:+.4f}, {interval.high:+.4f}]"
@@ -218,11 +245,11 @@ class _Scoring:
                 f"{row['label']!r} {row['production']:.4f} -> {row['candidate']:.4f} (-{row['drop']:.4f})"
                 for row in failing
             )
-            detail = f"F1 drops by more than {allowed:g} for class {each}"
+            detail = f"F1 drops by more than {allowed:g} for {self.unit} {each}"
         elif worst["drop"] > 0:
-            detail = f"largest F1 drop: class {worst['label']!r} -{worst['drop']:.4f}, within {allowed:g}"
+            detail = f"largest F1 drop: {self.unit} {worst['label']!r} -{worst['drop']:.4f}, within {allowed:g}"
         else:
-            detail = f"no class's F1 drops (allowed: {allowed:g})"
+            detail = f"no {self.unit}'s F1 drops (allowed: {allowed:g})"
         return _condition(
             "c",
             "class_regression",
@@ -248,6 +275,8 @@ class _Scoring:
             floor, source, baseline = classical[self.metric], "the classical baseline on the same items", CLASSICAL
         elif majority is not None:
             floor, source, baseline = majority[self.metric], "the majority baseline on the same items", MAJORITY
+        elif self.entities:  # predicting no entity scores 0: the floor of a report without baselines
+            floor, source = 0.0, "no entity predicted (entity F1 0); the report carries no majority baseline"
         else:  # the best constant answer on this very set: a floor at least as high as a trained majority baseline
             most_common = np.full(self.items, np.bincount(self.y_true, minlength=len(self.labels)).argmax())
             floor = comparison.metric(self.metric, self.y_true, most_common, len(self.labels))
@@ -317,13 +346,17 @@ def _score(
 ) -> list[str]:
     """Fill the decision's numbers and conditions from the report; returns why the gate cannot decide, if it cannot."""
     scoring = _Scoring(policy, report)
+    if scoring.entities != (scoring.metric == comparison.ENTITY_METRIC):
+        kind = "a token_classification report (entity counts)" if scoring.entities else "a classification report"
+        return [f"the policy's primary_metric {scoring.metric} cannot be computed from {kind}"]
     candidate_scores = scoring.scores(report["candidate"])
     baselines = {name: scoring.scores(scored) for name, scored in sorted(report["baselines"].items())}
     decision["evaluation_set"] = dict(report["evaluation_set"])
     decision["candidate"]["metrics"] = candidate_scores
     decision["baselines"] = baselines
     classical = baselines.get(CLASSICAL)
-    decision["baseline_lift"] = None if classical is None else candidate_scores["macro_f1"] - classical["macro_f1"]
+    lifted = _lift_metric(scoring.metric)
+    decision["baseline_lift"] = None if classical is None else candidate_scores[lifted] - classical[lifted]
     conditions = [scoring.enough_items()]
     scored = report["production"]
     if scored is not None:
@@ -334,9 +367,7 @@ def _score(
             "metrics": production_scores,
         }
         conditions.append(scoring.margin(candidate_scores, production_scores, scored["version"]))
-        credible, decision["difference"] = scoring.credible(
-            answers(report["candidate"]["predictions"]), answers(scored["predictions"])
-        )
+        credible, decision["difference"] = scoring.credible(report["candidate"], scored)
         conditions.append(credible)
         conditions.append(scoring.class_regression(candidate_scores, production_scores))
     elif report["production_error"]:
@@ -418,7 +449,7 @@ def summary(decision: dict[str, Any]) -> str:
                 f"[{difference['ci_low']:+.4f}, {difference['ci_high']:+.4f}]"
             )
         if decision.get("baseline_lift") is not None:
-            scored += f"; macro_f1 lift over the classical baseline {decision['baseline_lift']:+.4f}"
+            scored += f"; {_lift_metric(metric)} lift over the classical baseline {decision['baseline_lift']:+.4f}"
         parts.append(scored + ".")
     if decision["conditions"]:
         each = "; ".join(
@@ -426,6 +457,11 @@ def summary(decision: dict[str, Any]) -> str:
         )
         parts.append(f" Conditions: {each}.")
     return "".join(parts)
+
+
+def _lift_metric(metric: str) -> str:
+    """What `baseline_lift` measures: entity F1 for a token model, macro-F1 for a classifier."""
+    return comparison.ENTITY_METRIC if metric == comparison.ENTITY_METRIC else "macro_f1"
 
 
 def _production(session: Session, model: RegisteredModel) -> Production | None:

@@ -66,7 +66,9 @@ class AliasStateSchema(Schema):
 
 
 POLICY_DOCS = {
-    "primary_metric": f"The metric compared: {' or '.join(PRIMARY_METRICS)} (default {DEFAULT_PRIMARY_METRIC}).",
+    "primary_metric": f"The metric compared: {' or '.join(PRIMARY_METRICS)} (default {DEFAULT_PRIMARY_METRIC}); "
+    "a token_classification model is compared on entity_f1 (seqeval strict entity F1, micro), its default and "
+    "only choice, and its per-class guard (c) is per entity type.",
     "margin": f"Condition (a): candidate - production must be at least this (default {DEFAULT_PROMOTION_MARGIN}).",
     "auto_promote": "False sends every new version to staging; a person promotes by hand (default true).",
     "confidence": "Condition (b): the level of the paired-bootstrap interval of the difference, whose lower bound "
@@ -227,10 +229,22 @@ class ClassScoreSchema(Schema):
 class ScoresSchema(Schema):
     """One model's scores on the evaluation set, recomputed by the registry from its per-item answers."""
 
-    accuracy = fields.Float()
-    macro_f1 = fields.Float()
+    accuracy = fields.Float(metadata={"description": "Classifiers."})
+    macro_f1 = fields.Float(metadata={"description": "Classifiers."})
     ece = fields.Float(allow_none=True, metadata={"description": "Expected calibration error, as the report gives it."})
-    per_class = fields.Dict(keys=fields.String(), values=fields.Nested(ClassScoreSchema))
+    per_class = fields.Dict(
+        keys=fields.String(),
+        values=fields.Nested(ClassScoreSchema),
+        metadata={"description": "Per class; for a token_classification model, per entity type."},
+    )
+    entity_f1 = fields.Float(
+        metadata={"description": "token_classification: entity F1, micro over entities (seqeval strict)."}
+    )
+    entity_precision = fields.Float(metadata={"description": "token_classification."})
+    entity_recall = fields.Float(metadata={"description": "token_classification."})
+    exact_match = fields.Float(
+        metadata={"description": "token_classification: share of items whose entities are all exactly right."}
+    )
 
 
 class ScoredVersionSchema(Schema):
@@ -315,8 +329,9 @@ class DecisionSchema(Schema):
     baseline_lift = fields.Float(
         allow_none=True,
         metadata={
-            "description": "The candidate's macro-F1 minus the classical baseline's on the evaluation set, recomputed "
-            "from both answers; null when the report has no classical baseline."
+            "description": "The candidate's macro-F1 (token_classification: entity F1) minus the classical "
+            "baseline's on the evaluation set, recomputed from both answers; null when the report has no classical "
+            "baseline."
         },
     )
     conditions = fields.List(fields.Nested(ConditionSchema))
@@ -463,7 +478,10 @@ class SharedEvaluationSchema(Schema):
             "scored it on the very same items (equal sha256)."
         },
     )
-    metrics = fields.List(fields.Nested(MetricRowSchema), metadata={"description": "accuracy, macro_f1, ece."})
+    metrics = fields.List(
+        fields.Nested(MetricRowSchema),
+        metadata={"description": "accuracy, macro_f1, ece (a token_classification model: entity_f1, ece)."},
+    )
     per_class = fields.List(fields.Nested(ClassRowSchema))
 
 

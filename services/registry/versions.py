@@ -36,6 +36,7 @@ from services.registry.models import (
     RefusedRegistration,
     RegisteredModel,
     new_model_id,
+    primary_metrics_for,
     utcnow,
 )
 from services.registry.promotion import gate_new_version
@@ -178,6 +179,7 @@ def _create_model_if_absent(session: Session, tenant: str, payload: dict[str, An
         "name": payload["model_name"],
         "dataset_id": payload["dataset_id"],
         "task_type": task_type,
+        "primary_metric": primary_metrics_for(task_type)[0],
         "description": "",
         "tags": {},
         "last_version": 0,

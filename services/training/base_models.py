@@ -41,7 +41,7 @@ MINILM = "all-minilm-l6-v2"
 RESNET18 = "resnet18"
 MOBILENET_V3_SMALL = "mobilenet_v3_small"
 
-DEFAULT_BASE_MODELS = {"text_classification": MINILM, "image_classification": RESNET18}
+DEFAULT_BASE_MODELS = {"text_classification": MINILM, "image_classification": RESNET18, "token_classification": MINILM}
 SAFETENSORS_SUFFIXES = (".safetensors",)
 TORCH_SUFFIXES = (".pt", ".pth", ".bin")
 
@@ -85,7 +85,7 @@ TEXT_ENCODERS: dict[str, Callable[[], Path]] = {MINILM: _minilm_folder}
 
 
 def known_base_models(task_type: str) -> list[str]:
-    registry = TEXT_ENCODERS if task_type == "text_classification" else IMAGE_ARCHITECTURES
+    registry = IMAGE_ARCHITECTURES if task_type == "image_classification" else TEXT_ENCODERS
     return sorted(registry)
 
 

@@ -3,6 +3,8 @@
 - Text: TF-IDF (word unigrams and bigrams, sublinear term frequency) + logistic regression.
 - Images: logistic regression on the pixels, each image decoded as served (RGB), downscaled to 16x16 and
   standardised.
+- Token classification (named entities): the CoNLL-2003 shared task's dictionary baseline (`EntityDictionary`):
+  every string that was an entity in the train split is tagged wherever it occurs, with its most frequent type.
 
 Both train on the run's train split only (never validation or test) with a fixed random state, and answer the
 evaluation set's items like any other model in the report: a label index and its probability per item. The run
@@ -14,6 +16,8 @@ run records and the number the benchmark reports come from one definition.
 
 from __future__ import annotations
 
+import re
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -90,3 +94,47 @@ def fit_classical(task_type: str, train: Sequence[Example], evaluate: Sequence[E
     classes = pipeline.classes_.astype(np.int64)  # the labels the train split holds, a subset of 0..num_labels-1
     best = probabilities.argmax(axis=1)
     return ClassicalAnswers(method_of(task_type), classes[best], probabilities.max(axis=1))
+
+
+# ------------------------------------------------------------------------------------------ token classification
+
+DICTIONARY_METHOD = "conll2003_dictionary"
+
+
+class EntityDictionary:
+    """The CoNLL-2003 shared task's baseline (Tjong Kim Sang and De Meulder, 2003): tag every string that was an
+    entity in the training data, with the type it had most often there (the first in label order on a tie),
+    longest match first, on word boundaries (the match neither starts nor ends inside a word), left to right
+    without overlaps. Matching is exact, case included, as the baseline was defined."""
+
+    def __init__(self, train_spans: Sequence[tuple[str, Sequence[dict]]], labels: Sequence[str]) -> None:
+        order = {label: index for index, label in enumerate(labels)}
+        seen: dict[str, Counter] = {}
+        for text, spans in train_spans:
+            for span in spans:
+                surface = text[span["start"] : span["end"]]
+                if surface.strip():
+                    seen.setdefault(surface, Counter())[span["label"]] += 1
+        self.types = {
+            surface: min(counts, key=lambda label: (-counts[label], order.get(label, len(order))))
+            for surface, counts in seen.items()
+        }
+        # Longest first: the regex engine takes the first alternative that matches at the leftmost position.
+        surfaces = sorted(self.types, key=lambda surface: (-len(surface), surface))
+        self.pattern = (
+            re.compile(r"(?<!\w)(?:" + "|".join(re.escape(surface) for surface in surfaces) + r")(?!\w)")
+            if surfaces
+            else None
+        )
+
+    def __len__(self) -> int:
+        return len(self.types)
+
+    def entities(self, text: str) -> list[dict]:
+        """The spans `{start, end, label}` the dictionary tags in `text`, in text order."""
+        if self.pattern is None:
+            return []
+        return [
+            {"start": match.start(), "end": match.end(), "label": self.types[match.group()]}
+            for match in self.pattern.finditer(text)
+        ]

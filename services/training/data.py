@@ -26,7 +26,8 @@ from services.training.failures import DataError
 from shared.artifacts import DATASETS_BUCKET, SPLITS, ManifestLine, SnapshotInfo, snapshot_prefix
 from shared.storage import ChecksumMismatch, ObjectNotFound, ObjectStore
 
-KIND_OF_TASK = {"text_classification": "text", "image_classification": "image"}
+KIND_OF_TASK = {"text_classification": "text", "image_classification": "image", "token_classification": "text"}
+SPAN_TASK = "token_classification"
 FETCH_THREADS = 8
 MANIFEST_FILE = "manifest.jsonl"
 SNAPSHOT_FILE = "snapshot.json"
@@ -186,7 +187,9 @@ def read_snapshot_info(store: ObjectStore, tenant: str, dataset_id: str, snapsho
             f"snapshot {snapshot_id} is empty: it lists no labeled items. "
             "Label some items, create a new snapshot, then request training again."
         )
-    if len(set(info["labels"])) < 2:
+    if info["task_type"] == SPAN_TASK and not info["labels"]:
+        raise DataError(f"snapshot {snapshot_id} declares no entity labels; a tagger needs at least one")
+    if info["task_type"] != SPAN_TASK and len(set(info["labels"])) < 2:
         raise DataError(f"snapshot {snapshot_id} has labels {info['labels']}; a classifier needs at least two")
     return info
 

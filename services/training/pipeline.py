@@ -5,7 +5,9 @@ A run with a `search` first settles its recipe (`search.py`: optuna trials on th
 train and validation splits only); the winner's hyper-parameters are then trained like any other run's.
 Training fits the snapshot's train split and selects its epoch on validation; the exported, verified graph is
 then scored on the test split beside the version in production and a majority baseline (`comparison.py`), and
-`evaluation.json` is published with the model folder for the registry's gate.
+`evaluation.json` is published with the model folder for the registry's gate. A token_classification run reads
+its spans, exports and evaluates by its own steps (`token_runs.py`: entity F1 selects its epoch and is its
+metric; its classical baseline is the CoNLL-2003 dictionary), and shares the rest.
 
 `execute_run` is the single entry point, called by the worker's `training.run` task and by every rank of a
 torchrun job (`services.training.distributed`). Whatever happens, the run ends in exactly one recorded
@@ -37,6 +39,8 @@ from services.training.failures import LeaseLost, RunCancelled, RunInterrupted, 
 from services.training.models import CANCELLED, SUCCEEDED
 from services.training.preparation import prepare_task
 from services.training.runs import Heartbeat, LiveProgress, RunInfo
+from services.training.token_runs import TASK_TYPE as TOKEN_TASK
+from services.training.token_runs import evaluate_token_test_split, export_token_package, load_token_snapshot
 from services.training.trainer import EpochReport, FitResult, Recipe, Trainer, TrainerHooks, seed_everything
 from services.training.world import World
 from shared.artifacts import MODELS_BUCKET, model_run_prefix
@@ -61,7 +65,8 @@ class Published:
     """The ObjectRef of evaluation.json."""
     metrics: dict[str, Any]
     """Validation metrics (as exported), plus `test` (the candidate on the test split), `best_epoch`, `baseline`
-    (the classical baseline on the test split) and `baseline_lift` (the candidate's test macro-F1 minus its)."""
+    (the classical baseline on the test split) and `baseline_lift` (the candidate's test macro-F1, or entity F1 for a
+    token run, minus its)."""
 
 
 class Outcome(enum.Enum):
@@ -118,6 +123,19 @@ def _execute(runtime: Runtime, run: RunInfo, owner: str, world: World) -> Outcom
         ended = runs.complete(runtime, run.id, owner, payload=payload, metrics=published.metrics)
         if ended:
             checkpoints.delete()
+        if ended == SUCCEEDED and run.task_type == TOKEN_TASK:
+            metrics = published.metrics
+            log.info(
+                "run_published",
+                model_name=run.model_name,
+                entity_f1=round(metrics["entity_f1"], 4),
+                test_entity_f1=round(metrics["test"]["entity_f1"], 4),
+                test_items=metrics["test"]["items"],
+                best_epoch=metrics["best_epoch"],
+                baseline_lift=round(metrics["baseline_lift"], 4),
+                files=sorted(published.artifacts),
+            )
+            return Outcome.SUCCEEDED
         if ended == SUCCEEDED:
             metrics = published.metrics
             log.info(
@@ -185,10 +203,16 @@ def _train_and_export(
     checkpoints: CheckpointStore,
 ) -> Published | None:
     hp = run.hyperparameters
-    data = load_snapshot(runtime.storage, run.manifest, run.labels, run.task_type, snapshot_id=run.snapshot_id)
+    tokens = run.task_type == TOKEN_TASK
+    data: Any = (
+        load_token_snapshot(runtime.storage, run.manifest, run.labels, snapshot_id=run.snapshot_id)
+        if tokens
+        else load_snapshot(runtime.storage, run.manifest, run.labels, run.task_type, snapshot_id=run.snapshot_id)
+    )
     seed_everything(hp["seed"])  # the new head (and a from-scratch backbone) start from seeded weights
     prepared = prepare_task(runtime, run, data)
-    recipe = Recipe.from_hyperparameters(hp, data.train_label_counts())
+    counts = prepared.train_label_counts if prepared.train_label_counts is not None else data.train_label_counts()
+    recipe = Recipe.from_hyperparameters(hp, counts)
     hooks = RunHooks(runtime, run, owner, progress, heartbeat, checkpoints)
     trainer = Trainer(
         prepared.model,
@@ -202,6 +226,7 @@ def _train_and_export(
         head_prefixes=prepared.head_prefixes,
         lr_scale=prepared.lr_scale,
         embedding_parameter=prepared.embedding_parameter,
+        selection_score=prepared.selection_score,
     )
     progress.steps = trainer.steps_per_epoch
     if world.is_main:
@@ -239,6 +264,8 @@ def _train_and_export(
     if not world.is_main:
         return None
     hooks.check()
+    if tokens:
+        return _export_and_evaluate_tagger(runtime, run, data, prepared, trainer, fit, world, hooks)
     with tempfile.TemporaryDirectory(prefix=f"{run.id}-") as tmp:
         batches = list(
             DataLoader(prepared.val_set, batch_size=recipe.batch_size, collate_fn=prepared.eval_collate, shuffle=False)
@@ -269,6 +296,64 @@ def _train_and_export(
         "privacy": fit.privacy,
     }
     return Published(package=package, artifacts=artifacts, evaluation=evaluation, metrics=metrics)
+
+
+def _export_and_evaluate_tagger(
+    runtime: Runtime,
+    run: RunInfo,
+    data: Any,
+    prepared: Any,
+    trainer: Trainer,
+    fit: FitResult,
+    world: World,
+    hooks: RunHooks,
+) -> Published:
+    """A token run's export (`token_export`, parity checked), its test-split report and its record's metrics."""
+    hp = run.hyperparameters
+    with tempfile.TemporaryDirectory(prefix=f"{run.id}-") as tmp:
+        package = export_token_package(
+            folder=Path(tmp) / "model",
+            model=trainer.core,
+            prepared=prepared,
+            data=data,
+            identity={"model_name": run.model_name, "task_type": run.task_type},
+            lineage=_lineage(run, data.manifest_sha256, prepared.base_model, world, str(trainer.device)),
+            hyperparameters=hp,
+            training={
+                **{k: v for k, v in _training_summary(fit, data).items() if k != "best_validation_macro_f1"},
+                "best_validation_entity_f1": fit.best_macro_f1,  # the selecting score (Trainer.selection_score)
+                "chosen": prepared.chosen,
+            },
+        )
+        hooks.check()
+        report = evaluate_token_test_split(runtime, run, data, package)
+        hooks.check()
+        evaluation = _upload_evaluation(runtime, run, report)
+        artifacts = _upload(runtime, run, package)
+    test = {name: value for name, value in report["candidate"]["metrics"].items() if name != "entity_counts"}
+    metrics = {
+        **package.metrics,
+        "test": test,
+        "best_epoch": fit.best_epoch,
+        "baseline": _entity_baseline_summary(report),
+        "baseline_lift": report["baseline_lift"],
+        "privacy": fit.privacy,
+    }
+    return Published(package=package, artifacts=artifacts, evaluation=evaluation, metrics=metrics)
+
+
+def _entity_baseline_summary(report: dict[str, Any]) -> dict[str, Any]:
+    """The dictionary baseline's entity scores on the test split, for a token run's record."""
+    metrics = report["baselines"][CLASSICAL]["metrics"]
+    return {
+        "name": CLASSICAL,
+        "method": metrics["method"],
+        "items": metrics["items"],
+        "entity_precision": metrics["entity_precision"],
+        "entity_recall": metrics["entity_recall"],
+        "entity_f1": metrics["entity_f1"],
+        "per_type": metrics["per_type"],
+    }
 
 
 def _baseline_summary(report: dict[str, Any]) -> dict[str, Any] | None:
@@ -405,6 +490,7 @@ class RunHooks(TrainerHooks):
             eta_seconds=round(report.eta_seconds, 1),
             learning_rate=report.learning_rate,
             improved=report.improved,
+            **({} if report.selection_score is None else {"selection_score": round(report.selection_score, 4)}),
         )
         self.last_epoch_seconds = report.epoch_seconds
         self.epochs_left = report.epochs - report.epoch

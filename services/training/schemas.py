@@ -24,6 +24,7 @@ NAME = validate.Regexp(
 )
 TEXT = "text_classification"
 IMAGE = "image_classification"
+TAGGING = "token_classification"
 
 TEXT_ONLY = (
     "max_length",
@@ -40,6 +41,8 @@ TEXT_ONLY = (
 ADVERSARIAL_METHODS = ("none", "fgm")
 POOLINGS = ("mean", "cls")
 IMAGE_ONLY = ("image_size", "augment", "horizontal_flip")
+TOKEN_OPTIONS = ("max_length", "layer_decay", "reinit_layers")
+"""The text options a token_classification run takes; the others shape a classifier's head or graph."""
 DP_ONLY = ("dp_delta", "dp_max_grad_norm")
 DP_MAX_LENGTH = 128
 """Text under differential privacy, when `max_length` is not given: a fixed length, because the default one is a
@@ -70,7 +73,10 @@ class HyperparametersSchema(Schema):
     max_grad_norm = fields.Float(validate=validate.Range(min=0, max=100, min_inclusive=False))
     early_stopping_patience = fields.Integer(
         validate=validate.Range(min=0, max=100),
-        metadata={"description": "Epochs without a better validation macro-F1 before stopping; 0 turns it off."},
+        metadata={
+            "description": "Epochs without a better validation macro-F1 (token classification: entity F1) before "
+            "stopping; 0 turns it off."
+        },
     )
     seed = fields.Integer(validate=validate.Range(min=0, max=2**31 - 1))
     class_weighted_loss = fields.Boolean()
@@ -91,8 +97,9 @@ class HyperparametersSchema(Schema):
         allow_none=True,
         validate=validate.Range(min=8, max=512),
         metadata={
-            "description": "text only: word pieces kept per text; null chooses it from the data: the 95th percentile "
-            "of the train split's token lengths, within 16..256 (the run's metadata records the value used)"
+            "description": "text and token models: word pieces kept per text; null chooses it from the data: the "
+            "95th percentile of the train split's token lengths, within 16..256 (the run's metadata records the value "
+            "used); a token_classification run keeps 128 by default, and 128 for null"
         },
     )
     token_dropout = fields.Float(
@@ -113,13 +120,13 @@ class HyperparametersSchema(Schema):
     layer_decay = fields.Float(
         validate=validate.Range(min=0.1, max=1.0),
         metadata={
-            "description": "text only: layer-wise learning-rate decay; each encoder layer learns at this times the "
-            "rate of the one above it (1 turns it off)"
+            "description": "text and token models: layer-wise learning-rate decay; each encoder layer learns at "
+            "this times the rate of the one above it (1 turns it off)"
         },
     )
     reinit_layers = fields.Integer(
         validate=validate.Range(min=0, max=6),
-        metadata={"description": "text only: top encoder layers given fresh weights before fine-tuning"},
+        metadata={"description": "text and token models: top encoder layers given fresh weights before fine-tuning"},
     )
     pooling = fields.String(
         validate=validate.OneOf(POOLINGS),
@@ -194,6 +201,21 @@ TASK_DEFAULTS: dict[str, dict[str, Any]] = {
         "wide": True,
         "wide_c": 10.0,
     },
+    # The recipe tests/training/test_token_classification.py measured (docs/ner.md, "Training runs"): 3 epochs,
+    # batch 16, 2e-4 / head 2e-3, no class weights (balanced weights over tags over-predicted entities). Long
+    # enough texts are not truncated by default (128 word pieces); early stopping watches validation entity F1.
+    TAGGING: {
+        **_COMMON_DEFAULTS,
+        "epochs": 3,
+        "batch_size": 16,
+        "learning_rate": 2e-4,
+        "head_learning_rate": 2e-3,
+        "warmup_ratio": 0.1,
+        "class_weighted_loss": False,
+        "max_length": 128,
+        "layer_decay": 1.0,
+        "reinit_layers": 0,
+    },
     IMAGE: {
         **_COMMON_DEFAULTS,
         "epochs": 10,
@@ -213,21 +235,16 @@ def resolve_hyperparameters(task_type: str, raw: dict[str, Any] | None) -> dict[
 
     Raises marshmallow's ValidationError with one message per bad field.
     """
-    if task_type == "token_classification":
-        # The model, its evaluation and export exist (token_model.py, token_export.py; docs/ner.md); snapshots of
-        # span labels and the run pipeline around them do not yet, so a run is refused with the reason.
-        raise ValidationError(
-            "token_classification runs are not trained by the run pipeline yet (see docs/ner.md)", "task_type"
-        )
     if task_type not in TASK_DEFAULTS:
         raise ValidationError(f"unknown task type {task_type!r}; expected one of {list(TASK_TYPES)}", "task_type")
     raw = raw or {}
     schema = HyperparametersSchema()
     errors: dict[str, Any] = dict(schema.validate(raw))
-    foreign = IMAGE_ONLY if task_type == TEXT else TEXT_ONLY
-    for name in foreign:
+    for name, why in _foreign_options(task_type).items():
         if name in raw:
-            errors.setdefault(name, []).append(f"applies to {_other(task_type)} models only")
+            errors.setdefault(name, []).append(why)
+    if task_type == TAGGING and raw.get("dp_epsilon") is not None:
+        errors.setdefault("dp_epsilon", []).append("differential privacy is not available for token_classification")
     if errors:
         raise ValidationError(errors)
     resolved = {**TASK_DEFAULTS[task_type], **schema.load(raw)}
@@ -274,13 +291,22 @@ def private_run_problems(hyperparameters: dict[str, Any], search: Any, launch: s
     return problems
 
 
-def _other(task_type: str) -> str:
-    return "image" if task_type == TEXT else "text"
+def _foreign_options(task_type: str) -> dict[str, str]:
+    """The options the task does not take, each with the reason it is refused."""
+    if task_type == TEXT:
+        return {name: "applies to image models only" for name in IMAGE_ONLY}
+    if task_type == IMAGE:
+        return {name: "applies to text models only" for name in TEXT_ONLY}
+    foreign = {name: "applies to image models only" for name in IMAGE_ONLY}
+    foreign.update(
+        {name: "applies to text classification models only" for name in TEXT_ONLY if name not in TOKEN_OPTIONS}
+    )
+    return foreign
 
 
 def resolve_base_model(task_type: str, base_model: str | None) -> str:
-    if task_type not in DEFAULT_BASE_MODELS:  # token_classification: no run pipeline yet (see docs/ner.md)
-        raise ValidationError(f"no base model trains {task_type} runs yet", "base_model")
+    if task_type not in DEFAULT_BASE_MODELS:
+        raise ValidationError(f"no base model trains {task_type} runs", "base_model")
     name = base_model or DEFAULT_BASE_MODELS[task_type]
     known = known_base_models(task_type)
     if name not in known:
@@ -389,16 +415,35 @@ class ProgressSchema(Schema):
     eta_seconds = fields.Float(allow_none=True)
 
 
+class EntityTypeScoreSchema(Schema):
+    precision = fields.Float()
+    recall = fields.Float()
+    f1 = fields.Float()
+    support = fields.Integer(metadata={"description": "true entities of the type"})
+
+
 class BaselineSchema(Schema):
     """The classical baseline a run trained on its train split, scored on the same test items as the model."""
 
     name = fields.String(metadata={"description": "classical"})
     method = fields.String(
-        metadata={"description": "tfidf_logistic_regression (text) or pixels_logistic_regression (images)"}
+        metadata={
+            "description": "tfidf_logistic_regression (text), pixels_logistic_regression (images) or "
+            "conll2003_dictionary (token classification: every string that was an entity in the train split, "
+            "tagged with its most frequent type, longest match first, on word boundaries)"
+        }
     )
     items = fields.Integer(metadata={"description": "test items scored"})
-    accuracy = fields.Float()
-    macro_f1 = fields.Float()
+    accuracy = fields.Float(metadata={"description": "classification runs"})
+    macro_f1 = fields.Float(metadata={"description": "classification runs"})
+    entity_precision = fields.Float(metadata={"description": "token classification runs (seqeval, strict IOB2)"})
+    entity_recall = fields.Float(metadata={"description": "token classification runs (seqeval, strict IOB2)"})
+    entity_f1 = fields.Float(metadata={"description": "token classification runs (seqeval, strict IOB2, micro)"})
+    per_type = fields.Dict(
+        keys=fields.String(),
+        values=fields.Nested(EntityTypeScoreSchema),
+        metadata={"description": "token classification runs: scores per entity type"},
+    )
 
 
 class TrialSchema(Schema):
@@ -492,15 +537,23 @@ class RunSchema(Schema):
     device = fields.String(allow_none=True)
     progress = fields.Nested(ProgressSchema)
     history = fields.List(fields.Dict())
-    metrics = fields.Dict(allow_none=True)
+    metrics = fields.Dict(
+        allow_none=True,
+        metadata={
+            "description": "The served graph's validation metrics (classification: accuracy, macro_f1, per_class, "
+            "...; token classification: entity_precision, entity_recall, entity_f1 and per_type, seqeval strict "
+            "IOB2), `test` (the same on the test split), best_epoch, baseline and baseline_lift"
+        },
+    )
     baseline = fields.Nested(
         BaselineSchema, allow_none=True, metadata={"description": "null until the run publishes, or without one"}
     )
     baseline_lift = fields.Float(
         allow_none=True,
         metadata={
-            "description": "The model's test macro-F1 minus the classical baseline's on the same items: what "
-            "fine-tuning earned over ten lines of scikit-learn (null until the run publishes)"
+            "description": "The model's test macro-F1 (token classification: entity F1) minus the classical "
+            "baseline's on the same items: what fine-tuning earned over ten lines of scikit-learn (null until the "
+            "run publishes)"
         },
     )
     artifacts = fields.Dict(allow_none=True)
@@ -522,13 +575,22 @@ class RunListSchema(Schema):
 
 
 class RunLimitDetailsSchema(Schema):
-    limit = fields.String(validate=validate.OneOf(RUN_LIMITS), metadata={"description": "the limit reached"})
-    value = fields.Integer(metadata={"description": "the limit's value"})
+    limit = fields.Raw(
+        metadata={
+            "description": "too_many_runs: the limit reached (one of " + ", ".join(RUN_LIMITS) + "); "
+            "quota_exhausted: the monthly quota, in the meter's unit",
+            "oneOf": [{"type": "string", "enum": list(RUN_LIMITS)}, {"type": "integer"}],
+        }
+    )
+    value = fields.Integer(metadata={"description": "too_many_runs: the limit's value"})
     tenant = fields.String()
+    meter = fields.String(metadata={"description": "quota_exhausted: the meter whose monthly quota is reached"})
+    used = fields.Integer(metadata={"description": "quota_exhausted: used this month"})
+    requested = fields.Integer(metadata={"description": "quota_exhausted: what the request asked for"})
 
 
 class RunLimitErrorBodySchema(Schema):
-    code = fields.String(validate=validate.Equal("too_many_runs"))
+    code = fields.String(validate=validate.OneOf(("too_many_runs", "quota_exhausted")))
     message = fields.String()
     details = fields.Nested(RunLimitDetailsSchema)
 

@@ -7,6 +7,9 @@ built by the code that built them during training and export's parity check: for
 the folder, text lowercased when the spec says so, truncated at its `max_length` and padded to the batch's
 longest item (`text_model.TextCollator`); for images, decoded with EXIF orientation to RGB, resized bilinearly to
 the spec's size and normalised with its mean and std (`image_model.decode_rgb`, `image_model.eval_transform`).
+A token-classification folder (`served_token_predictions`) is fed its texts as inference's `:predict` feeds them
+(its own tokenizer, not lower-cased first, truncated at `max_length`, padded to the batch's longest) and its logits
+are decoded by the rule its metadata records, which must be `shared.entities.DECODING_RULE`.
 What does not fit (a spec, tokenizer or graph this cannot feed) raises `Unscorable` with the reason.
 """
 
@@ -24,6 +27,7 @@ from services.training.evaluate import softmax
 from services.training.export import MODEL_FILE, OUTPUT_NAME, onnx_session
 from services.training.image_model import decode_rgb, eval_transform
 from services.training.text_model import TextCollator, load_tokenizer
+from shared.entities import DECODING_RULE, Words, decode_entities, tag_set, word_predictions
 
 BATCH_SIZE = 32
 ORT_TYPES = {"tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(float)": np.float32}
@@ -61,6 +65,47 @@ def served_probabilities(
     if stacked.shape != (len(examples), len(labels)):
         raise Unscorable(f"its graph answers shape {list(stacked.shape)}, not one logit per label ({len(labels)})")
     return softmax(stacked)
+
+
+def served_token_predictions(
+    folder: Path, metadata: dict[str, Any], texts: list[str], *, batch_size: int = BATCH_SIZE
+) -> list[tuple[Words, list[str], list[dict[str, Any]]]]:
+    """Per text, in order: its tokenizer words, the words' decoded IOB2 tags and the entities (character offsets)."""
+    from services.training.token_model import encode, words_of
+
+    tags = list(metadata.get("tags") or [])
+    if tags != tag_set(list(metadata.get("labels") or [])):
+        raise Unscorable(f"its tags {tags} are not the IOB2 tags over its labels {metadata.get('labels')}")
+    if metadata.get("decoding") != DECODING_RULE:
+        raise Unscorable("its metadata records another decoding rule than the one this platform applies")
+    spec = metadata.get("preprocessing") or {}
+    if "tokenizer.json" not in (spec.get("tokenizer_files") or []):
+        raise Unscorable("its text preprocessing names no tokenizer.json among tokenizer_files")
+    try:
+        tokenizer = load_tokenizer(folder)
+        max_length = int(spec["max_length"])
+        session = onnx_session(folder / MODEL_FILE)
+    except Exception as exc:
+        raise Unscorable(f"its tokenizer or graph does not load: {_describe(exc)}") from exc
+    wanted = {tensor.name: tensor.type for tensor in session.get_inputs()}
+    output = (metadata.get("outputs") or [{}])[0].get("name", OUTPUT_NAME)
+    answers: list[tuple[Words, list[str], list[dict[str, Any]]]] = []
+    for start in range(0, len(texts), batch_size):
+        batch = texts[start : start + batch_size]
+        encoded = encode(tokenizer, batch, max_length)
+        built = {name: encoded[name] for name in ("input_ids", "attention_mask")}
+        try:
+            [logits] = session.run([output], _feeds(built, wanted))
+        except Exception as exc:
+            raise Unscorable(f"its graph fails on the evaluation inputs: {_describe(exc)}") from exc
+        if logits.ndim != 3 or logits.shape[:2] != encoded["input_ids"].shape or logits.shape[2] != len(tags):
+            raise Unscorable(f"its graph answers shape {list(logits.shape)}, not [batch, sequence, {len(tags)}]")
+        for row, text in enumerate(batch):
+            words = words_of(encoded, row)
+            answers.append(
+                (words, word_predictions(words, logits[row], tags)[0], decode_entities(text, words, logits[row], tags))
+            )
+    return answers
 
 
 def served_inputs(folder: Path, metadata: dict[str, Any]) -> Inputs:

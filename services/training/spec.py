@@ -1,5 +1,5 @@
-"""What a task type (text or image) hands the pipeline: its model, datasets and collators, and how the
-model is exported and served (ONNX input names and axes, the preprocessing spec, files that go beside it)."""
+"""What a task type (text, image or token classification) hands the pipeline: its model, datasets and collators,
+and how the model is exported and served (ONNX input names and axes, the preprocessing spec, files beside it)."""
 
 from __future__ import annotations
 
@@ -41,3 +41,10 @@ class PreparedTask:
     """Name of the input embedding matrix, which adversarial training (FGM) perturbs; None: the task has none."""
     chosen: dict[str, Any] = field(default_factory=dict)
     """Settings the task chose from the data (text: `max_length`), recorded in the run's training summary."""
+    train_label_counts: list[int] | None = None
+    """What class weights are computed over when the task's classes are not the snapshot's labels (a tagger's
+    IOB2 tags on first word pieces); None: the train split's label counts."""
+    selection_score: Callable[[Any, Any], float] | None = None
+    """The validation score that selects the epoch and stops early (`Trainer`); None: macro-F1."""
+    tagger: Any = None
+    """Token classification: the `token_model.PreparedTokenTask` (tokenizer, tags, max length) export needs."""

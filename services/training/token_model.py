@@ -206,6 +206,60 @@ def evaluate_entities(
     return entity_report(true_tags, predicted)
 
 
+class ValidationEntityF1:
+    """The trainer's selection score for a tagger: seqeval's strict entity F1 of the validation split, computed from
+    the logits the trainer's validation pass produced (flattened over each batch, in the loader's order, batches of
+    `batch_size` items each padded to its own longest text, as `TokenCollator` makes them)."""
+
+    def __init__(self, tokenizer: Any, items: list[TokenItem], tags: list[str], max_length: int, batch_size: int):
+        self.tags = tags
+        self.batches = [
+            (encode(tokenizer, [item.text for item in items[start : start + batch_size]], max_length), start)
+            for start in range(0, len(items), batch_size)
+        ]
+        self.items = items
+
+    def __call__(self, logits: np.ndarray, labels: np.ndarray) -> float:
+        true_tags: list[list[str]] = []
+        predicted: list[list[str]] = []
+        offset = 0
+        for encoded, start in self.batches:
+            rows, length = encoded["input_ids"].shape
+            block = logits[offset : offset + rows * length].reshape(rows, length, -1)
+            offset += rows * length
+            for row in range(rows):
+                words = words_of(encoded, row)
+                true_tags.append(word_tags(words, self.items[start + row].spans))
+                predicted.append(word_predictions(words, block[row], self.tags)[0])
+        if offset != len(logits):
+            raise ValueError(f"{len(logits)} validation logits for {offset} token positions: the batches differ")
+        return float(entity_report(true_tags, predicted)["entity_f1"])
+
+
+def tagged_entities(tags: list[str]) -> set[tuple[str, int, int]]:
+    """The entities of a valid IOB2 word tag sequence: (label, first word, last word + 1). On valid sequences (the
+    truth from `word_tags`, Viterbi's decoding) these are exactly the entities seqeval's strict mode counts."""
+    found: set[tuple[str, int, int]] = set()
+    label, start = None, 0
+    for index, tag in enumerate([*tags, "O"]):
+        if label is not None and tag != f"I-{label}":
+            found.add((label, start, index))
+            label = None
+        if tag.startswith("B-") or (tag.startswith("I-") and label is None):
+            label, start = tag[2:], index
+    return found
+
+
+def entity_counts(true_tags: list[str], predicted_tags: list[str], labels: list[str]) -> dict[str, list[int]]:
+    """One text's true positives, false positives and false negatives per entity label, in `labels` order."""
+    truth, predicted = tagged_entities(true_tags), tagged_entities(predicted_tags)
+    return {
+        "tp": [sum(1 for e in truth & predicted if e[0] == label) for label in labels],
+        "fp": [sum(1 for e in predicted - truth if e[0] == label) for label in labels],
+        "fn": [sum(1 for e in truth - predicted if e[0] == label) for label in labels],
+    }
+
+
 @dataclass
 class PreparedTokenTask:
     """What a token-classification run trains: the model, its data and collators, and what export needs."""

@@ -1,6 +1,7 @@
 """The training recipe: AdamW, linear warm-up then cosine decay, gradient clipping, class-weighted loss with
 optional label smoothing, optional adversarial training on the embeddings (FGM), layer-wise learning rates,
-early stopping on validation macro-F1, fixed seeds; CUDA with bf16 autocast and pinned-memory loaders on a GPU;
+early stopping on validation macro-F1 (or the task's own score: entity F1 for token classification), fixed
+seeds; CUDA with bf16 autocast and pinned-memory loaders on a GPU;
 optionally differential privacy (DP-SGD on the head, `privacy.py`).
 
 `Trainer` knows nothing of runs, storage or events: it trains a model whose `forward` takes the batch's
@@ -107,6 +108,9 @@ class EpochReport:
     finished: bool
     best_macro_f1: float
     best_epoch: int
+    selection_score: float | None = None
+    """The task's own validation score (token classification: entity F1), which then selects the epoch and stops
+    early in macro-F1's place; None: macro-F1 selects. `best_macro_f1` is the best selecting score either way."""
 
     def as_dict(self) -> dict[str, Any]:
         return {k: (round(v, 6) if isinstance(v, float) else v) for k, v in asdict(self).items()}
@@ -165,8 +169,11 @@ class Trainer:
         head_prefixes: tuple[str, ...] = ("head.",),
         lr_scale: Callable[[str], float] | None = None,
         embedding_parameter: str | None = None,
+        selection_score: Callable[[np.ndarray, np.ndarray], float] | None = None,
     ) -> None:
         self.head_prefixes = head_prefixes
+        self.selection_score = selection_score
+        """Scores the validation split from its logits and labels, in the loader's order (see EpochReport)."""
         self.lr_scale = lr_scale or (lambda _name: 1.0)
         self.world = world or World()
         self.device = device or self.world.device()
@@ -334,7 +341,8 @@ class Trainer:
         if report is not None:
             progress.history.append(report.as_dict())
             if improved:
-                progress.best_macro_f1, progress.best_epoch = report.macro_f1, report.epoch
+                progress.best_macro_f1 = report.macro_f1 if report.selection_score is None else report.selection_score
+                progress.best_epoch = report.epoch
                 self.best_state = trainable_state(self.core)
             self.hooks.on_epoch_end(report, self.checkpoint(), self.best_state)
         return report
@@ -345,7 +353,9 @@ class Trainer:
         progress = self.progress
         logits, labels = predict(self.core, self.val_loader, self.device)
         val_loss = float(nn.functional.cross_entropy(torch.from_numpy(logits), torch.from_numpy(labels)))
-        score = macro_f1(labels, logits.argmax(1))
+        argmax_f1 = macro_f1(labels, logits.argmax(1))
+        selection = self.selection_score(logits, labels) if self.selection_score is not None else None
+        score = argmax_f1 if selection is None else selection
         improved = score > progress.best_macro_f1 + 1e-6
         bad_epochs = 0 if improved else progress.bad_epochs + 1
         patience = self.recipe.early_stopping_patience
@@ -358,7 +368,7 @@ class Trainer:
             train_loss=train_loss,
             val_loss=val_loss,
             accuracy=float((logits.argmax(1) == labels).mean()),
-            macro_f1=score,
+            macro_f1=argmax_f1,
             samples_per_second=speed,
             train_seconds=train_seconds,
             epoch_seconds=epoch_seconds,
@@ -368,6 +378,7 @@ class Trainer:
             finished=finished,
             best_macro_f1=max(score, progress.best_macro_f1),
             best_epoch=epoch + 1 if improved else progress.best_epoch,
+            selection_score=selection,
         )
 
     def _loss(self, inputs: dict[str, torch.Tensor], labels: torch.Tensor) -> torch.Tensor:

@@ -1,5 +1,5 @@
-"""A `training.requested` for a token_classification dataset ends in `training.failed` with the reason: the run
-pipeline does not train entity models yet (docs/ner.md), and it says so instead of failing obscurely."""
+"""A `training.requested` for a token_classification dataset whose snapshot carries class labels, not spans, ends
+in `training.failed` with the reason instead of failing obscurely (docs/ner.md)."""
 
 from __future__ import annotations
 
@@ -13,10 +13,10 @@ pytestmark = pytest.mark.timeout(120)
 ENTITIES = ["PER", "ORG", "LOC"]
 
 
-def test_a_token_classification_request_fails_with_its_reason(worker) -> None:
+def test_a_token_request_on_a_snapshot_without_spans_fails_with_its_reason(worker) -> None:
     with worker("training") as training:
         items = [item | {"label": ENTITIES[i % 3]} for i, item in enumerate(text_items(per_label=2))]
-        snapshot = write_snapshot(  # packed text items; the request is refused before they are read
+        snapshot = write_snapshot(  # packed text items with class labels: no spans to train a tagger on
             training.storage,
             tenant="acme",
             dataset_id="ds_news",
@@ -33,6 +33,5 @@ def test_a_token_classification_request_fails_with_its_reason(worker) -> None:
             labels=ENTITIES,
         )
         reason = failure_reason(training, snapshot["snapshot_id"])
-        assert "token_classification runs are not trained by the run pipeline yet" in reason
-        assert "no base model trains token_classification runs yet" in reason
+        assert "carries no spans" in reason and "token_classification" in reason
         assert not published(training, "training.completed")
