@@ -15,11 +15,16 @@ replica of a service shares them.
   pass the quota (then nothing is counted). A request that fails afterwards gives its reservation back
   (`release`). The counter starts from the meter store's month-to-date figure (`seed`), so a flushed Redis
   does not forgive a month's usage.
+- **Holds** (`QuotaHolds`): what long work that meters itself batch by batch (a bulk import) has still to use,
+  held against the quota for its duration so that other requests cannot take it meanwhile.
+- **A tenant's quotas** (`TenantQuotas`): the limits and month to date that ingestion keeps, asked over HTTP by
+  the services that enforce them (labeling, training).
 
-Both fail open: when Redis does not answer, the request is served and `ratelimit_unavailable` is logged, since
-refusing every partner because a limiter is down would be worse than serving a burst unmetered by it; for the
-next `OPEN_SECONDS` no request asks Redis at all, so that an unreachable Redis (a timeout, not a refusal) does
-not add its timeout to every request.
+All fail open: when Redis does not answer, the request is served and `ratelimit_unavailable` is logged (when
+ingestion cannot say a tenant's quotas, `tenant_limits_unavailable`), since refusing every partner because a
+limiter is down would be worse than serving a burst unmetered by it; for the next `OPEN_SECONDS` no request
+asks Redis at all, so that an unreachable Redis (a timeout, not a refusal) does not add its timeout to every
+request.
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ from typing import Any
 
 import redis
 
+from shared.client.http import ServiceClient
 from shared.errors import RateLimited
 from shared.logging import get_logger
 from shared.schemas import ErrorSchema
@@ -265,3 +271,112 @@ class QuotaCounter:
                 self.client.decrby(self._key(tenant, meter, month), amount)
         except redis.RedisError as exc:
             self._breaker.failed(exc)
+
+
+HOLD_SECONDS = 86400
+"""How long a hold outlives its holder's last move: a holder that died without releasing frees the quota then."""
+
+
+class QuotaHolds:
+    """Amounts held against a tenant's monthly quotas by long work that meters itself as it goes (a bulk import,
+    batch by batch): one Redis hash per (tenant, meter), holder -> what it still holds. Other work counts the
+    holds of every holder but itself (`held`); the holder `spend`s its hold as its usage is recorded, and
+    `release`s the rest when it ends. Fails open like the rest of this module: without Redis nothing is held."""
+
+    def __init__(self, client: redis.Redis, service: str) -> None:
+        self.client = client
+        self.service = service
+        self._breaker = _Breaker(service)
+
+    def _key(self, tenant: str, meter: str) -> str:
+        return f"{PREFIX}:hold:{tenant}:{meter}"
+
+    def hold(self, tenant: str, holder: str, amounts: dict[str, int]) -> None:
+        """Hold `amounts` (meter -> n) for `holder`, replacing what it held before."""
+        if self._breaker.open:
+            return
+        try:
+            with self.client.pipeline(transaction=True) as pipe:
+                for meter, amount in amounts.items():
+                    pipe.hset(self._key(tenant, meter), holder, max(0, int(amount)))
+                    pipe.expire(self._key(tenant, meter), HOLD_SECONDS)
+                pipe.execute()
+        except redis.RedisError as exc:
+            self._breaker.failed(exc)
+
+    def held(self, tenant: str, meters: Sequence[str], *, besides: str | None = None) -> dict[str, int]:
+        """What every holder but `besides` holds of each meter."""
+        totals = {meter: 0 for meter in meters}
+        if self._breaker.open:
+            return totals
+        try:
+            for meter in meters:
+                holds = self.client.hgetall(self._key(tenant, meter))
+                totals[meter] = sum(
+                    max(0, int(amount)) for holder, amount in holds.items() if holder.decode() != besides
+                )
+        except redis.RedisError as exc:
+            self._breaker.failed(exc)
+        return totals
+
+    def spend(self, tenant: str, holder: str, amounts: dict[str, int]) -> None:
+        """`holder`'s usage of `amounts` is now recorded (counted by the meter store): hold that much less."""
+        if self._breaker.open:
+            return
+        try:
+            with self.client.pipeline(transaction=True) as pipe:
+                for meter, amount in amounts.items():
+                    if amount > 0:
+                        pipe.hincrby(self._key(tenant, meter), holder, -int(amount))
+                        pipe.expire(self._key(tenant, meter), HOLD_SECONDS)
+                pipe.execute()
+        except redis.RedisError as exc:
+            self._breaker.failed(exc)
+
+    def release(self, tenant: str, holder: str, meters: Sequence[str]) -> None:
+        try:
+            with self.client.pipeline(transaction=True) as pipe:
+                for meter in meters:
+                    pipe.hdel(self._key(tenant, meter), holder)
+                pipe.execute()
+        except redis.RedisError as exc:
+            self._breaker.failed(exc)
+
+
+class TenantQuotas:
+    """A tenant's monthly quotas on some meters and its month to date, as ingestion keeps them
+    (`GET /v1/internal/tenants/{tenant}/limits`), for the services that enforce them; kept `ttl` seconds
+    (0: asked every time). When ingestion cannot say, `get` answers None and the caller enforces no quota
+    (serving goes on, `tenant_limits_unavailable` is logged)."""
+
+    def __init__(self, ingestion_url: str, internal_token: str, meters: Sequence[str], *, ttl: float = 0.0) -> None:
+        self.client = ServiceClient(ingestion_url, internal_token, timeout=2.0)
+        self.meters = tuple(meters)
+        self.ttl = ttl
+        self._known: dict[str, tuple[float, tuple[dict[str, int], dict[str, int]] | None]] = {}
+        self._lock = threading.Lock()
+
+    def get(self, tenant: str) -> tuple[dict[str, int], dict[str, int]] | None:
+        """(meter -> limit, meter -> used this month) for this object's meters that have a quota, or None."""
+        if not self.client.base_url:  # no ingestion to ask (a service run alone): no quota to enforce
+            return None
+        now = time.monotonic()
+        with self._lock:
+            known = self._known.get(tenant)
+        if known is not None and now < known[0]:
+            return known[1]
+        found: tuple[dict[str, int], dict[str, int]] | None
+        try:
+            body = self.client.get(f"/v1/internal/tenants/{tenant}/limits")
+            limits = {m: int(v) for m, v in (body.get("monthly_quotas") or {}).items() if m in self.meters}
+            used = {m: int((body.get("used") or {}).get(m, 0)) for m in limits}
+            found = (limits, used)
+        except Exception as exc:  # ingestion away: no quota is enforced until it answers again
+            log.warning("tenant_limits_unavailable", tenant=tenant, error=str(exc)[:200])
+            found = None
+        if self.ttl > 0:
+            with self._lock:
+                if len(self._known) > 100_000:
+                    self._known.clear()
+                self._known[tenant] = (now + self.ttl, found)
+        return found

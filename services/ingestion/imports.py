@@ -6,6 +6,11 @@ task is queued through the outbox in the transaction that records the import. Th
 back as a stream, in batches of `BATCH_SIZE`, through the same pipeline as a push; each batch's progress
 commits with its items, so a worker that dies resumes where the last batch ended.
 
+A tenant with a monthly items or bytes quota has its import admitted whole before anything is stored
+(`quotas.import_hold`): a first pass counts what the import would add (`_count`), the import fails with the
+quota's message and stores no item if that would pass the quota, and otherwise holds that much of it until it
+ends, so that concurrent pushes cannot take the room its later batches need.
+
 Zip files are checked before anything is read: entry count, total and per-entry uncompressed size and
 compression ratio (zip bombs), and every name for absolute paths or `..` (path traversal). An image's
 label is its top-level folder (`cat/001.png`), the ImageFolder convention. A CoNLL file's sentences become
@@ -14,6 +19,7 @@ text items with their entity spans (`services/ingestion/spans.py`); errors name 
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import tempfile
@@ -24,12 +30,13 @@ from pathlib import PurePosixPath
 from typing import IO, Any
 
 from marshmallow import ValidationError
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from services.ingestion import spans
+from services.ingestion import quotas, spans
 from services.ingestion.images import MAX_IMAGE_BYTES, InvalidImage, prepare_image
 from services.ingestion.ingest import BatchOutcome, Candidate, ingest_batch, text_candidate
-from services.ingestion.models import Dataset, Import, new_id
+from services.ingestion.models import Dataset, Import, Item, new_id
 from services.ingestion.schemas import MAX_TEXT_CHARS, ImportLineSchema
 from shared.artifacts import RAW_BUCKET
 from shared.errors import DomainError, PayloadTooLarge, Unprocessable
@@ -42,6 +49,7 @@ TASK_NAME = "ingestion.process_import"
 BATCH_SIZE = 500
 MAX_IMPORT_BYTES = 2 * 1024**3
 MAX_RECORDED_ERRORS = 1000
+COUNT_CHUNK = 1000  # content hashes looked up per query when an import is counted against a quota
 MAX_LINE_BYTES = 30 * 1024 * 1024
 ZIP_MAX_ENTRIES = 100_000
 ZIP_MAX_TOTAL_BYTES = 8 * 1024**3
@@ -144,8 +152,11 @@ def run_import(runtime: Runtime, import_id: str) -> str:
                 path = f"{workdir}/upload"
                 runtime.storage.download(RAW_BUCKET, record.object_key, path)
                 read = {"jsonl": _jsonl_entries, "zip": _zip_entries, "conll": _conll_entries}[record.format]
-                entries = read(path, dataset)
-                _process(runtime, dataset, record, entries)
+                with quotas.import_hold(runtime, record.tenant, import_id) as hold:
+                    if hold.needed:  # counted, and refused whole or held, before anything is stored
+                        items, size = _count(runtime, dataset, read(path, dataset)[1], record.processed)
+                        hold.admit(items, size, resuming=record.processed > 0)
+                    _process(runtime, dataset, record, read(path, dataset), hold)
         except DomainError as exc:
             _finish(runtime, import_id, "failed", exc.message)
             return "failed"
@@ -171,7 +182,13 @@ def _finish(runtime: Runtime, import_id: str, status: str, failure: str | None) 
 Entry = tuple[int, Candidate | None, str | None]
 
 
-def _process(runtime: Runtime, dataset: Dataset, record: Import, entries: tuple[int, Iterator[Entry]]) -> None:
+def _process(
+    runtime: Runtime,
+    dataset: Dataset,
+    record: Import,
+    entries: tuple[int, Iterator[Entry]],
+    hold: quotas.ImportHold,
+) -> None:
     total, stream = entries
     with runtime.db.session() as session:
         session.get(Import, record.id).total = total
@@ -187,10 +204,28 @@ def _process(runtime: Runtime, dataset: Dataset, record: Import, entries: tuple[
         elif candidate is not None:
             batch.append(candidate)
         if len(batch) + len(errors) >= BATCH_SIZE:
-            _commit_batch(runtime, dataset, record.id, batch, errors, position)
+            _commit_batch(runtime, dataset, record.id, batch, errors, position, hold)
             batch, errors = [], []
     if batch or errors or position > resume_from:
-        _commit_batch(runtime, dataset, record.id, batch, errors, position)
+        _commit_batch(runtime, dataset, record.id, batch, errors, position, hold)
+
+
+def _count(runtime: Runtime, dataset: Dataset, stream: Iterator[Entry], resume_from: int) -> tuple[int, int]:
+    """What the import would add past `resume_from`: its items and their bytes, an item repeated in the file or
+    already in the dataset counted never or once, as the batches will bill them. An item the dataset then
+    rejects (a label outside its set) is counted: the figure may be above what is billed, never below."""
+    sizes: dict[str, int] = {}
+    for position, candidate, _error in stream:
+        if position > resume_from and candidate is not None:
+            sizes.setdefault(hashlib.sha256(candidate.data).hexdigest(), len(candidate.data))
+    digests = list(sizes)
+    with runtime.db.read_session() as session:
+        for start in range(0, len(digests), COUNT_CHUNK):
+            chunk = digests[start : start + COUNT_CHUNK]
+            known = select(Item.sha256).where(Item.dataset_id == dataset.id, Item.sha256.in_(chunk))
+            for digest in session.scalars(known):
+                sizes.pop(digest, None)
+    return len(sizes), sum(sizes.values())
 
 
 def _commit_batch(
@@ -200,6 +235,7 @@ def _commit_batch(
     batch: list[Candidate],
     errors: list[dict[str, Any]],
     position: int,
+    hold: quotas.ImportHold,
 ) -> None:
     def advance(session: Session, outcome: BatchOutcome) -> None:
         record = session.get(Import, import_id)
@@ -213,7 +249,8 @@ def _commit_batch(
             record.errors = [*record.errors, *sorted(errors + rejected, key=lambda e: e["line"])[:room]]
         log.info("import_progress", processed=position, total=record.total, accepted=record.accepted)
 
-    ingest_batch(runtime, dataset, batch, in_transaction=advance)
+    outcome = ingest_batch(runtime, dataset, batch, in_transaction=advance)
+    hold.spend(outcome.count("accepted"), outcome.accepted_bytes)  # metered now: the meter store counts it
 
 
 def _jsonl_entries(path: str, dataset: Dataset) -> tuple[int, Iterator[Entry]]:

@@ -58,8 +58,9 @@ def _monthly_quotas_field() -> fields.Dict:
         values=fields.Integer(validate=validate.Range(min=0, max=2**62)),
         allow_none=True,
         metadata={
-            "description": "meter -> limit per UTC month (items_ingested, bytes_ingested, "
-            "prediction_requests, prediction_rows); absent: no quota"
+            "description": "meter -> limit per UTC month, of "
+            f"{', '.join(quotas.MONTHLY_QUOTA_METERS)}; absent: no quota. Training compute is known only after a "
+            "run, so no run starts once the month's training_*_seconds have reached their quota"
         },
     )
 
@@ -76,7 +77,11 @@ class PartnerCreateSchema(QuotaFields):
 
 
 class PartnerUpdateSchema(QuotaFields):
-    pass
+    item_retention_days = fields.Integer(
+        allow_none=True,
+        validate=validate.Range(min=1, max=36_500),
+        metadata={"description": "raw items older than this are erased (an erasure of kind retention); null: kept"},
+    )
 
 
 class PartnerSchema(Schema):
@@ -86,6 +91,7 @@ class PartnerSchema(Schema):
     daily_byte_quota = fields.Integer(allow_none=True)
     rate_limits = fields.Nested(RateLimitsSchema, allow_none=True)
     monthly_quotas = fields.Dict(keys=fields.String(), values=fields.Integer(), allow_none=True)
+    item_retention_days = fields.Integer(allow_none=True, metadata={"description": "null: raw items are kept"})
     created_at = Timestamp()
 
 
@@ -221,6 +227,15 @@ class PushItemSchema(Schema):
         },
     )
     metadata = _metadata_field()
+    subject_id = fields.String(
+        load_default=None,
+        allow_none=True,
+        validate=validate.Length(min=1, max=200),
+        metadata={
+            "description": "The data subject the item is about, your own id for them (a customer, a user): "
+            "`DELETE /v1/subjects/{subject_id}` erases every item of theirs and their logged predictions."
+        },
+    )
 
     @validates_schema
     def _one_content(self, data: dict[str, Any], **_: Any) -> None:
@@ -271,6 +286,7 @@ class ItemSchema(Schema):
     )
     metadata = fields.Dict(attribute="item_metadata")
     redactions = fields.Dict()
+    subject_id = fields.String(allow_none=True, metadata={"description": "the data subject, as pushed"})
     created_at = Timestamp()
 
 
@@ -432,8 +448,16 @@ class TenantLimitsSchema(Schema):
 
     tenant = fields.String()
     rate_limits = fields.Nested(RateLimitsSchema)
-    monthly_quotas = fields.Dict(keys=fields.String(), values=fields.Integer())
-    used = fields.Dict(keys=fields.String(), values=fields.Integer(), metadata={"description": "month to date"})
+    monthly_quotas = fields.Dict(
+        keys=fields.String(),
+        values=fields.Integer(),
+        metadata={"description": f"meter -> limit per UTC month, of {', '.join(quotas.MONTHLY_QUOTA_METERS)}"},
+    )
+    used = fields.Dict(
+        keys=fields.String(),
+        values=fields.Integer(),
+        metadata={"description": "month to date per meter with a quota, from the meter store"},
+    )
 
 
 class ModelCostQuery(Schema):
@@ -466,3 +490,60 @@ class ModelCostSchema(Schema):
     currency = fields.String()
     training = fields.Nested(TrainingCostSchema, allow_none=True, metadata={"description": "null: not metered"})
     serving = fields.Nested(ServingCostSchema)
+
+
+# -- erasures (services/ingestion/erasure.py) -----------------------------------------------------------------
+
+ERASURE_KINDS = ("item", "subject", "retention")
+
+
+class ErasureServiceSchema(Schema):
+    status = fields.String(metadata={"description": "running | completed: every step of this service reported"})
+    steps = fields.Integer(metadata={"description": "the parts of the work this service was given so far"})
+    steps_completed = fields.Integer()
+    counts = fields.Dict(
+        keys=fields.String(),
+        values=fields.Integer(),
+        metadata={
+            "description": "what the service removed, summed over its steps. ingestion: `items`, `objects` "
+            "(deleted, or for packed texts rewritten with the item's bytes zeroed), `bytes`; labeling: "
+            "`tasks_withdrawn`, `annotations_deleted`, `snapshots_marked`, `objects` (redacted feedback copies); "
+            "inference: `predictions_deleted`, `feedback_records`, `ground_truth_records`, `shadow_answers`, "
+            "`input_bytes` (the logged inputs, zeroed)"
+        },
+    )
+    completed_at = Timestamp(allow_none=True)
+
+
+class ErasureSchema(Schema):
+    id = fields.String(metadata={"description": "ers_…: GET /v1/erasures/{id} is the report"})
+    kind = fields.String(metadata={"description": "item | subject | retention"})
+    status = fields.String(metadata={"description": "running | completed (every service's every step reported)"})
+    subject_id = fields.String(allow_none=True)
+    item_id = fields.String(allow_none=True)
+    cutoff = Timestamp(allow_none=True, metadata={"description": "retention: items created before this went"})
+    created_at = Timestamp()
+    completed_at = Timestamp(allow_none=True)
+    services = fields.Dict(
+        keys=fields.String(),
+        values=fields.Nested(ErasureServiceSchema),
+        metadata={"description": "per service (ingestion, labeling, inference), what it removed, once each"},
+    )
+
+
+class ErasureListQuery(Schema):
+    kind = fields.String(validate=validate.OneOf(ERASURE_KINDS))
+    limit = fields.Integer(load_default=50, validate=validate.Range(min=1, max=500))
+
+
+class ErasureListSchema(Schema):
+    erasures = fields.List(fields.Nested(ErasureSchema), metadata={"description": "newest first"})
+
+
+class ItemRetentionSchema(Schema):
+    item_retention_days = fields.Integer(
+        required=True,
+        allow_none=True,
+        validate=validate.Range(min=1, max=36_500),
+        metadata={"description": "raw items older than this many days are erased by a daily sweep; null: kept"},
+    )

@@ -36,6 +36,7 @@ from services.labeling.schemas import (
 from shared.auth import current_principal, require_internal, require_partner_or_internal, requires_scope
 from shared.errors import NotFound, Unprocessable
 from shared.logging import current_trace_id, get_logger
+from shared.ratelimit import TOO_MANY_REQUESTS
 from shared.runtime import Runtime
 
 log = get_logger(__name__)
@@ -155,9 +156,11 @@ def _annotation_response(task: Task, annotation: Any) -> dict[str, Any]:
 @tasks.arguments(AnnotateSchema)
 @tasks.response(201, AnnotationSchema)
 @tasks.alt_response(200, schema=AnnotationSchema, description="An edit of your earlier label.")
+@tasks.alt_response(429, **TOO_MANY_REQUESTS)
 def post_annotation(body: dict[str, Any], task_id: int) -> Any:
     """Label a task you hold a lease on, or change your label before consensus: a class `label`, or for a
-    token_classification task its entity `spans` (`[]` when the text has none)."""
+    token_classification task its entity `spans` (`[]` when the text has none). A new label that would pass the
+    tenant's monthly `annotations` quota is refused (429 `quota_exhausted`) and recorded nowhere; an edit never is."""
     annotator = current_annotator()
     task, annotation, created = queue.annotate(
         _runtime(),

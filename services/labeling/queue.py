@@ -20,6 +20,7 @@ from typing import Any
 from sqlalchemy import Select, delete, func, select
 from sqlalchemy.orm import Session
 
+from services.labeling import quotas as annotation_quota
 from services.labeling.consensus import decide, decide_spans
 from services.labeling.content import task_content
 from services.labeling.models import Annotation, LabelingDataset, Lease, Snapshot, Task
@@ -128,9 +129,12 @@ def annotate(
     token-classification task (`[]`: no entity); neither skips. Returns the task, the annotation and whether it was
     created (False: an edit)."""
     skipped = label is None and spans is None
+    quota, limit, tenant = annotation_quota.of(runtime), None, ""
     if not skipped:
-        spans = check_answer(runtime, _visible_task(runtime, task_id, allowed_datasets), label, spans)
-    with runtime.db.session() as session:
+        visible = _visible_task(runtime, task_id, allowed_datasets)
+        spans = check_answer(runtime, visible, label, spans)
+        tenant, limit = visible.tenant, quota.limit(visible.tenant)  # asked before any lock is taken
+    with quota.reservation(tenant, limit) as reservation, runtime.db.session() as session:
         task = session.get(Task, task_id)
         if task is None or task.dataset_id not in allowed_datasets:
             raise NotFound(f"task {task_id} does not exist")
@@ -154,6 +158,8 @@ def annotate(
             created = True
         else:
             created = False
+        if not skipped and (created or existing.skipped):  # billed: a new label, or a skip now labelled
+            reservation.take()
         existing.label = label
         existing.spans = spans
         existing.skipped = skipped

@@ -49,10 +49,12 @@ def _visible_run(session: Any, run_id: str) -> TrainingRun:
     429,
     schema=RunLimitErrorSchema,
     description="The tenant already has `max_queued_runs_per_tenant` runs queued "
-    "(TRAINING_MAX_QUEUED_RUNS_PER_TENANT); nothing was recorded or queued. Retry once one of them has started.",
+    "(TRAINING_MAX_QUEUED_RUNS_PER_TENANT): `too_many_runs`, retry once one of them has started; or its month's "
+    "training compute has reached a monthly quota: `quota_exhausted`, `details.meter` naming it "
+    "(`training_cpu_seconds`, `training_gpu_seconds`), until the next month. Nothing was recorded or queued.",
     headers={
         "Retry-After": {
-            "description": f"seconds to wait before retrying ({RETRY_AFTER_SECONDS})",
+            "description": f"seconds to wait before retrying ({RETRY_AFTER_SECONDS}; a quota: until the next month)",
             "schema": {"type": "integer"},
         }
     },

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from services.training.quotas import ComputeQuotaExhausted, record_refused
 from services.training.requesting import InvalidRunRequest, RunSpec, reject, request_run
 from shared.events.consumer import EventContext, EventHandlers
 
@@ -34,3 +35,5 @@ def on_training_requested(ctx: EventContext) -> None:
         request_run(ctx.runtime, ctx.session, spec, refuse_when_full=False)
     except InvalidRunRequest as problem:
         reject(ctx.runtime, ctx.session, problem)
+    except ComputeQuotaExhausted as refused:  # the month's compute quota is spent: recorded failed, never trained
+        record_refused(ctx.runtime, ctx.session, refused)

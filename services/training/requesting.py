@@ -17,7 +17,7 @@ from typing import Any
 from marshmallow import ValidationError
 from sqlalchemy.orm import Session
 
-from services.training import limits, runs
+from services.training import limits, quotas, runs
 from services.training.config import TrainingConfig
 from services.training.models import LAUNCH_QUEUE, TrainingRun
 from services.training.runs import RunRequest
@@ -107,7 +107,10 @@ def resolve(spec: RunSpec) -> RunRequest:
     if not spec.tenant:
         problem = "the training request carries no tenant; its producer must set one"
         raise InvalidRunRequest(problem, {"tenant": [problem]}, request)
-    if len(set(spec.labels)) < 2:
+    if spec.task_type == "token_classification" and not spec.labels:
+        problem = "a tagger needs at least one entity label, the request has none"
+        raise InvalidRunRequest(problem, {"labels": [problem]}, request)
+    if spec.task_type != "token_classification" and len(set(spec.labels)) < 2:
         problem = f"a classifier needs at least two distinct labels, the request has {spec.labels}"
         raise InvalidRunRequest(problem, {"labels": [problem]}, request)
     if errors:
@@ -127,6 +130,7 @@ def request_run(
     `force`, train again regardless. Raises InvalidRunRequest, having written nothing, if it cannot run, and
     TooManyRuns if its tenant's queue is full and `refuse_when_full` (else the run is recorded and waits)."""
     request = resolve(spec)
+    compute = quotas.compute_quota(runtime, request.tenant)  # asked of ingestion before the tenant's lock
     limits.lock_tenant(session, request.tenant)
     existing = None if force else runs.find_identical(session, request)
     if existing is not None:
@@ -134,6 +138,7 @@ def request_run(
             "training_request_duplicate", run_id=existing.id, status=existing.status, snapshot_id=existing.snapshot_id
         )
         return existing, False
+    compute.refuse_if_exhausted(request)
     if refuse_when_full:
         limits.admit(session, request.tenant, TrainingConfig.of(runtime.settings))
     run = runs.create_run(session, request, force=force)

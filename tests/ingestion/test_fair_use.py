@@ -85,7 +85,7 @@ def test_a_monthly_quota_refuses_a_push_whole_and_names_the_meter(ingestion, ten
 @pytest.mark.parametrize(
     "fields",
     [
-        {"monthly_quotas": {"annotations": 5}},
+        {"monthly_quotas": {"bytes_stored": 5}},
         {"monthly_quotas": {"items_ingested": -1}},
         {"rate_limits": {"ingestion_per_key": -1}},
         {"rate_limits": {"per_lunch": 1}},
