@@ -64,6 +64,7 @@ PREDICT_BODY = {
                     "images": {"type": "array", "items": {"type": "string", "format": "binary"}},
                     "version": {"type": "integer"},
                     "request_key": {"type": "string"},
+                    "subject_id": {"type": "string", "description": "the data subject of these inputs"},
                 },
             }
         },
@@ -78,7 +79,7 @@ def _read_request() -> dict[str, Any]:
             raise Unprocessable(
                 "a multipart request needs at least one image file", {"fields": {"images": ["missing"]}}
             )
-        form = {k: v for k, v in request.form.items() if k in ("version", "request_key")}
+        form = {k: v for k, v in request.form.items() if k in ("version", "request_key", "subject_id")}
         body = _predict_schema.load({"images": ["-"] * len(files), **form})
         body["images"] = files
         return body
@@ -104,8 +105,9 @@ def _decode_base64(data: str, index: int) -> bytes:
 
 def _infer(server: InferenceServer, model: ServedModel, built: dict[str, Any]) -> tuple[str, list[Any], Inference]:
     """Read the texts, images or stored inputs, run them through the model's own preprocessing, and infer
-    (`built` receives the feeds, for the input statistics)."""
+    (`built` receives the feeds, for the input statistics, and the request's data subject)."""
     body = _read_request()
+    built["subject_id"] = body["subject_id"]  # kept on the logged predictions, for erasure
     field = next(kind for kind in INPUT_KINDS if kind in body)
     if len(body[field]) > server.config.max_instances_per_request:
         raise Unprocessable(
@@ -209,6 +211,7 @@ def predict(name: str) -> dict[str, Any]:
                 built.get("feeds"),
                 policy["sample_rate"],
                 len(loaded.labels),
+                built.get("subject_id"),
             )
         )
         _mirror(server, model, loaded.version, policy, inputs, ids)

@@ -22,7 +22,10 @@ class Prediction(Base):
     object in the `raw` bucket, under `<tenant>/predictions/`); `input_sha256` is the sha256 of those bytes."""
 
     __tablename__ = "predictions"
-    __table_args__ = (Index("ix_predictions_tenant_model_created", "tenant", "model_name", "created_at"),)
+    __table_args__ = (
+        Index("ix_predictions_tenant_model_created", "tenant", "model_name", "created_at"),
+        Index("ix_predictions_tenant_subject", "tenant", "subject_id"),
+    )
 
     id: Mapped[str] = mapped_column(String(40), primary_key=True)
     tenant: Mapped[str] = mapped_column(String(64))
@@ -55,6 +58,8 @@ class Prediction(Base):
     """The consensus label labeling settled for this prediction's input (`prediction.labeled`): ground truth."""
     true_label_source: Mapped[str | None] = mapped_column(String(20), nullable=True)
     labeled_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    subject_id: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    """The partner-given data subject of the request (`:predict`'s `subject_id`): erased with the subject."""
 
     def input_ref(self) -> dict:
         """The input as the event catalog's ObjectRef."""

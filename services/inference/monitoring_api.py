@@ -88,6 +88,7 @@ def _describe(row: Prediction) -> dict[str, Any]:
         "feedback_label": row.feedback_label,
         "true_label": row.true_label,
         "true_label_source": row.true_label_source,
+        "subject_id": row.subject_id,
         "trace_id": row.trace_id,
         "created_at": row.created_at,
     }

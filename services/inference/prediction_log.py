@@ -109,6 +109,7 @@ class RequestRecord(NamedTuple):
     feeds: dict[str, Any] | None  # what it built from the inputs, or None
     sample_rate: float
     classes: int
+    subject_id: str | None = None  # the partner-given data subject of the request
 
     @property
     def rows(self) -> int:
@@ -148,6 +149,7 @@ class LoggedPrediction:
     input_stats: dict[str, Any] | None = None
     sampled: bool = False
     """Picked by the model's sampling policy: sent to labeling with this flush."""
+    subject_id: str | None = None
 
     def to_spool(self) -> dict[str, Any]:
         record = asdict(self)
@@ -313,6 +315,7 @@ class PredictionLog:
                     created_at=created,
                     input_stats=item_stats,
                     sampled=pick,
+                    subject_id=item.subject_id,
                 )
                 for prediction_id, value, answer, item_stats, pick in zip(
                     item.ids, inputs, item.answers, stats, picks, strict=True
@@ -420,6 +423,7 @@ class PredictionLog:
                         "created_at": prediction.created_at,
                         "input_stats": prediction.input_stats,
                         "sampled": prediction.sampled or None,
+                        "subject_id": prediction.subject_id,
                     }
                 )
         with self.runtime.db.session() as session:

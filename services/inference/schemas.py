@@ -108,6 +108,15 @@ class PredictRequestSchema(Schema):
         validate=validate.Length(min=1, max=200),
         metadata={"description": "Sticky canary routing: the same key always reaches the same version."},
     )
+    subject_id = fields.String(
+        load_default=None,
+        allow_none=True,
+        validate=validate.Length(min=1, max=200),
+        metadata={
+            "description": "The data subject these inputs are about (your own id, as on pushed items): kept on the "
+            "logged predictions, so that `DELETE /v1/subjects/{subject_id}` at ingestion erases them too."
+        },
+    )
 
     @validates_schema
     def _one_kind(self, data: dict[str, Any], **_: Any) -> None:
@@ -316,6 +325,7 @@ class LoggedPredictionSchema(Schema):
     feedback_label = fields.String(allow_none=True)
     true_label = fields.String(allow_none=True, metadata={"description": "Ground truth settled by labeling."})
     true_label_source = fields.String(allow_none=True)
+    subject_id = fields.String(allow_none=True, metadata={"description": "The request's data subject, if given."})
     trace_id = fields.String()
     created_at = fields.DateTime()
 

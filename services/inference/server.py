@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 from flask import current_app
 
+from services.inference import erasure  # noqa: F401  (its handler joins the listener's: erasure.requested)
 from services.inference.batcher import BatcherClosed, Feeds, QueueFull
 from services.inference.canary import choose_version
 from services.inference.config import InferenceConfig

@@ -14,7 +14,7 @@ from marshmallow import ValidationError
 from sqlalchemy import or_, select, update
 from sqlalchemy.exc import IntegrityError
 
-from services.ingestion import idempotency, imports, invoices, items, metering, model_cost, quotas
+from services.ingestion import erasure, idempotency, imports, invoices, items, metering, model_cost, quotas
 from services.ingestion.images import InvalidImage, prepare_image
 from services.ingestion.ingest import Candidate, ingest_batch, text_candidate
 from services.ingestion.models import ApiKey, Dataset, Import, Partner, utcnow
@@ -27,12 +27,16 @@ from services.ingestion.schemas import (
     DatasetUpdateSchema,
     DownloadQuery,
     DownloadSchema,
+    ErasureListQuery,
+    ErasureListSchema,
+    ErasureSchema,
     ImportSchema,
     InvoiceListSchema,
     InvoiceQuery,
     IssuedKeySchema,
     ItemListQuery,
     ItemListSchema,
+    ItemRetentionSchema,
     ItemSchema,
     KeyIssueSchema,
     KeyListSchema,
@@ -389,6 +393,7 @@ PUSH_BODY = {
                     "files": {"type": "array", "items": {"type": "string", "format": "binary"}},
                     "label": {"type": "string"},
                     "metadata": {"type": "string", "description": "a JSON object"},
+                    "subject_id": {"type": "string", "description": "the data subject of every file (erasable by it)"},
                 },
             }
         },
@@ -453,6 +458,7 @@ def _candidates_from_request(dataset: Dataset) -> list[Candidate]:
                     label=item["label"],
                     metadata=item["metadata"],
                     entity_spans=item["spans"],
+                    subject_id=item["subject_id"],
                 )
             )
         else:
@@ -462,7 +468,16 @@ def _candidates_from_request(dataset: Dataset) -> list[Candidate]:
                 errors[str(index)] = {"image": [str(exc)]}
                 continue
             candidates.append(
-                Candidate(index, "image", stored, info.content_type, item["label"], item["metadata"], stripped)
+                Candidate(
+                    index,
+                    "image",
+                    stored,
+                    info.content_type,
+                    item["label"],
+                    item["metadata"],
+                    stripped,
+                    subject_id=item["subject_id"],
+                )
             )
     if errors:
         raise ValidationError({"items": errors})
@@ -478,6 +493,9 @@ def _multipart_candidates(dataset: Dataset, expected: str) -> list[Candidate]:
     if len(files) > PUSH_MAX_ITEMS:
         raise PayloadTooLarge(f"a push holds at most {PUSH_MAX_ITEMS} files; use /imports for more")
     label = request.form.get("label") or None
+    subject_id = request.form.get("subject_id") or None
+    if subject_id is not None and len(subject_id) > 200:
+        raise ValidationError({"subject_id": ["at most 200 characters"]})
     try:
         metadata = json.loads(request.form.get("metadata") or "{}")
     except json.JSONDecodeError as exc:
@@ -494,7 +512,9 @@ def _multipart_candidates(dataset: Dataset, expected: str) -> list[Candidate]:
             errors[upload.filename or str(index)] = [str(exc)]
             continue
         meta = {**metadata, "filename": upload.filename} if upload.filename else dict(metadata)
-        candidates.append(Candidate(index, "image", stored, info.content_type, label, meta, stripped))
+        candidates.append(
+            Candidate(index, "image", stored, info.content_type, label, meta, stripped, subject_id=subject_id)
+        )
     if errors:
         raise ValidationError({"files": errors})
     return candidates
@@ -592,13 +612,77 @@ def get_content(query: dict[str, Any], item_id: str) -> Response:
     return Response(items.read_content(runtime, item), mimetype=item.content_type.split(";")[0])
 
 
+# -- erasure and retention (services/ingestion/erasure.py) ------------------------------------------------
+
+
 @item_routes.delete("/items/<item_id>")
 @require_partner
 @requires_scope("admin")
-@item_routes.response(204)
-def delete_item(item_id: str) -> None:
-    """Erase an item's content and record (a data-subject request); emits `item.deleted`."""
-    items.delete_item(_runtime(), _tenant(), item_id)
+@item_routes.response(202, ErasureSchema)
+def delete_item(item_id: str) -> dict[str, Any]:
+    """Erase an item: its content and record now, its labeling tasks, annotations and snapshot entries as
+    labeling gets to them. The answer is the erasure; `GET /v1/erasures/{id}` reports what went where."""
+    runtime = _runtime()
+    done = erasure.erase_item(runtime, _tenant(), item_id)
+    return erasure.tenant_erasure(runtime, _tenant(), done.id)
+
+
+@item_routes.delete("/subjects/<path:subject_id>")
+@require_partner
+@requires_scope("admin")
+@item_routes.response(202, ErasureSchema)
+def erase_subject(subject_id: str) -> dict[str, Any]:
+    """Erase a data subject (the `subject_id` given on push, import and `:predict`): every item of theirs, as
+    `DELETE /v1/items/{id}` does, and their logged predictions and feedback at inference. A subject with
+    nothing stored is an erasure too (its report counts zeros)."""
+    if len(subject_id) > 200:
+        raise Unprocessable("a subject id has at most 200 characters", {"fields": {"subject_id": ["too long"]}})
+    runtime = _runtime()
+    done = erasure.erase_subject(runtime, _tenant(), subject_id)
+    return erasure.tenant_erasure(runtime, _tenant(), done.id)
+
+
+@item_routes.get("/erasures")
+@require_partner
+@requires_scope("admin")
+@item_routes.arguments(ErasureListQuery, location="query")
+@item_routes.response(200, ErasureListSchema)
+def list_erasures(query: dict[str, Any]) -> dict[str, Any]:
+    """The tenant's erasures, newest first (the retention sweep's among them), each with its report."""
+    return erasure.list_erasures(_runtime(), _tenant(), query)
+
+
+@item_routes.get("/erasures/<erasure_id>")
+@require_partner
+@requires_scope("admin")
+@item_routes.response(200, ErasureSchema)
+def get_erasure(erasure_id: str) -> dict[str, Any]:
+    """An erasure's report: per service, what it removed, filled in as each service finishes its part."""
+    return erasure.tenant_erasure(_runtime(), _tenant(), erasure_id)
+
+
+@item_routes.get("/retention")
+@require_partner
+@requires_scope("read")
+@item_routes.response(200, ItemRetentionSchema)
+def get_item_retention() -> dict[str, Any]:
+    """How many days raw items are kept (null: until erased)."""
+    with _runtime().db.read_session() as session:
+        return {"item_retention_days": session.get(Partner, _tenant()).item_retention_days}
+
+
+@item_routes.put("/retention")
+@require_partner
+@requires_scope("admin")
+@item_routes.arguments(ItemRetentionSchema)
+@item_routes.response(200, ItemRetentionSchema)
+def put_item_retention(body: dict[str, Any]) -> dict[str, Any]:
+    """Keep raw items this many days (null: until erased). The ingestion worker's sweep erases older items,
+    as erasures of kind `retention`, each with its report. Predictions have their own retention at inference."""
+    with _runtime().db.session() as session:
+        session.get(Partner, _tenant()).item_retention_days = body["item_retention_days"]
+    log.info("item_retention_changed", tenant=_tenant(), days=body["item_retention_days"])
+    return body
 
 
 @item_routes.get("/usage")

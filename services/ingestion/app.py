@@ -5,7 +5,7 @@ from __future__ import annotations
 from celery import Celery
 from flask import Flask
 
-from services.ingestion import api, consumers, imports, invoices, storage_meter
+from services.ingestion import api, consumers, erasure, imports, invoices, storage_meter
 from services.ingestion.models import Base
 from shared.runtime import ServiceSpec, create_http_app, create_worker
 from shared.settings import Settings
@@ -21,6 +21,7 @@ SPEC = ServiceSpec(
         invoices.PriceList.from_settings(runtime.settings),  # a bad PRICE_LIST stops the start, not an invoice
         imports.register_tasks(runtime),
         storage_meter.register(runtime),
+        erasure.register(runtime),
     ),
 )
 

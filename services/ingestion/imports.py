@@ -299,8 +299,11 @@ def _line_candidate(number: int, data: dict[str, Any], dataset: Dataset) -> Cand
             label=data.get("label"),
             metadata=data["metadata"],
             entity_spans=data.get("spans"),
+            subject_id=data.get("subject_id"),
         )
-    return _image_candidate(number, data["image"], data.get("label"), data["metadata"])
+    candidate = _image_candidate(number, data["image"], data.get("label"), data["metadata"])
+    candidate.subject_id = data.get("subject_id")
+    return candidate
 
 
 def _image_candidate(number: int, raw: bytes, label: str | None, metadata: dict[str, Any]) -> Candidate:

@@ -56,6 +56,8 @@ class Candidate:
     """token_classification: entity spans (code point offsets into the stored text), None when unlabeled."""
     problem: str | None = None
     """Why the candidate must be rejected before it is judged further (spans moved by PII redaction)."""
+    subject_id: str | None = None
+    """The partner-given data subject the item is about (erasable by it: services/ingestion/erasure.py)."""
 
 
 @dataclass
@@ -83,6 +85,7 @@ def text_candidate(
     label: str | None,
     metadata: dict,
     entity_spans: list[dict[str, Any]] | None = None,
+    subject_id: str | None = None,
 ) -> Candidate:
     redactions: dict[str, int] = {}
     problem = None
@@ -102,6 +105,7 @@ def text_candidate(
         redactions=redactions,
         spans=spans.canonical(entity_spans),
         problem=problem,
+        subject_id=subject_id,
     )
 
 
@@ -294,6 +298,7 @@ def _row(
         "redactions": candidate.redactions,
         "push_id": push_id,
         "created_at": now,
+        "subject_id": candidate.subject_id,
     }
 
 

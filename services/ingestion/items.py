@@ -1,8 +1,6 @@
-"""Reading and erasing items: cursor-paged listings, signed short-lived download URLs, deletion.
+"""Reading items: cursor-paged listings and signed short-lived download URLs.
 
-Deleting an item (a data-subject request) erases its content: an image object is removed; a text item
-packed with others is overwritten with zero bytes in place (so its neighbours' offsets stay valid), and the
-pack's new sha256 is recorded. The row goes and `item.deleted` is emitted in the same transaction.
+Erasing them (an item, a data subject's, a retention period's) is `erasure.py`'s.
 """
 
 from __future__ import annotations
@@ -111,29 +109,3 @@ def read_content(runtime: Runtime, item: Item) -> bytes:
         log.error("item_content_mismatch", item_id=item.id)
         raise ServiceUnavailable("the item's stored content does not match its checksum")
     return data
-
-
-def delete_item(runtime: Runtime, tenant: str, item_id: str) -> None:
-    with runtime.db.session() as session:
-        item = session.get(Item, item_id)
-        if item is None or item.tenant != tenant:
-            raise NotFound(f"item {item_id} does not exist")
-        # Lock every row sharing the object: two deletions in one pack must not overwrite each other.
-        sharing = session.scalars(
-            select(Item).where(Item.bucket == item.bucket, Item.object_key == item.object_key).with_for_update()
-        ).all()
-        if not any(row is item for row in sharing):  # a deletion that held the lock before us took it
-            raise NotFound(f"item {item_id} does not exist")
-        if item.offset is not None and len(sharing) > 1:
-            pack = bytearray(runtime.storage.get_bytes(item.bucket, item.object_key, verify=False))
-            pack[item.offset : item.offset + item.length] = bytes(item.length)
-            stored = runtime.storage.put(item.bucket, item.object_key, bytes(pack))
-            for neighbour in sharing:
-                neighbour.object_sha256 = stored.sha256
-        else:
-            runtime.storage.delete(item.bucket, item.object_key)
-        session.delete(item)
-        runtime.bus.publish(
-            session, "item.deleted", {"dataset_id": item.dataset_id, "item_ids": [item.id]}, tenant=tenant
-        )
-    log.info("item_deleted", item_id=item_id, dataset_id=item.dataset_id)

@@ -44,6 +44,8 @@ class Partner(Base):
     # fair use (services/ingestion/quotas.py): requests per second per key and per tenant, null = the default
     rate_limits: Mapped[dict | None] = mapped_column(JSON, nullable=True)
     monthly_quotas: Mapped[dict | None] = mapped_column(JSON, nullable=True)  # meter -> limit per UTC month
+    item_retention_days: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    """Raw items older than this are erased by the retention sweep (services/ingestion/erasure.py); null: kept."""
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
 
@@ -119,6 +121,43 @@ class Item(Base):
     redactions: Mapped[dict] = mapped_column(JSON, default=dict)
     push_id: Mapped[str] = mapped_column(String(40), index=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, index=True)
+    subject_id: Mapped[str | None] = mapped_column(String(200), nullable=True, index=True)
+    """The partner-given data subject the item is about: `DELETE /v1/subjects/{id}` erases all of them."""
+
+
+class Erasure(Base):
+    """One erasure (an item's, a data subject's, or a retention sweep's) and its report: each service's part is
+    an `ErasureStep`; the erasure is completed when every step it expects has reported."""
+
+    __tablename__ = "erasures"
+    __table_args__ = (Index("ix_erasures_tenant_created", "tenant", "created_at"),)
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True, default=lambda: new_id("ers"))
+    tenant: Mapped[str] = mapped_column(String(40))
+    kind: Mapped[str] = mapped_column(String(20))  # item | subject | retention
+    subject_id: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    item_id: Mapped[str | None] = mapped_column(String(40), nullable=True)
+    cutoff: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    """retention: items created before this were erased."""
+    status: Mapped[str] = mapped_column(String(20), default="running")  # running | completed
+    expected: Mapped[list] = mapped_column(JSON, default=list)
+    """The steps `{service, step}` the report waits for (the ones set off so far)."""
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    completed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+
+
+class ErasureStep(Base):
+    """One service's finished part of an erasure, with what it removed; unique, so a redelivery adds nothing."""
+
+    __tablename__ = "erasure_steps"
+    __table_args__ = (UniqueConstraint("erasure_id", "service", "step"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    erasure_id: Mapped[str] = mapped_column(ForeignKey("erasures.id"), index=True)
+    service: Mapped[str] = mapped_column(String(20))
+    step: Mapped[str] = mapped_column(String(100))
+    counts: Mapped[dict] = mapped_column(JSON, default=dict)
+    completed_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
 
 class Usage(Base):

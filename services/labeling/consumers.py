@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import delete, select
+from sqlalchemy import select
 
-from services.labeling import assist, redaction, snapshots
-from services.labeling.models import Annotation, LabelingDataset, Lease, Task
+from services.labeling import assist, erasure, redaction, snapshots
+from services.labeling.models import Annotation, LabelingDataset, Task
 from services.labeling.queue import BUILD_SNAPSHOT_TASK, apply_consensus, queue_snapshot
 from services.labeling.spans import canonical, is_span_dataset
 from shared.events.consumer import EventContext, EventHandlers, RejectEvent
@@ -113,13 +113,22 @@ def _partner_answer(dataset: LabelingDataset, item: dict[str, Any]) -> dict[str,
 
 @handlers.on("item.deleted")
 def on_item_deleted(ctx: EventContext) -> None:
-    """An erased item leaves the queue and every future snapshot."""
-    item_ids = ctx.payload["item_ids"]
-    tasks = list(ctx.session.scalars(select(Task).where(Task.item_id.in_(item_ids))))
-    for task in tasks:
-        task.status = "withdrawn"
-        ctx.session.execute(delete(Lease).where(Lease.task_id == task.id))
-    log.info("tasks_withdrawn", dataset_id=ctx.payload["dataset_id"], count=len(tasks))
+    """An erased item leaves the queue and every future snapshot, its annotations go, and the snapshots that
+    held it are marked (`erasure.py`); the erasure's report gets labeling's counts."""
+    payload = ctx.payload
+    counts = erasure.erase_items(ctx.runtime, ctx.session, ctx.envelope.tenant, payload["item_ids"])
+    if payload.get("erasure_id") is not None:
+        ctx.publish("erasure.step_completed", erasure.step_report(payload["erasure_id"], ctx.envelope.event_id, counts))
+    log.info("tasks_withdrawn", dataset_id=payload["dataset_id"], erasure_id=payload.get("erasure_id"), **counts)
+
+
+@handlers.on("prediction.erased")
+def on_prediction_erased(ctx: EventContext) -> None:
+    """Inference erased logged predictions (a data subject's): the tasks made from them go like an item's."""
+    payload = ctx.payload
+    counts = erasure.erase_predictions(ctx.runtime, ctx.session, ctx.envelope.tenant, payload["prediction_ids"])
+    ctx.publish("erasure.step_completed", erasure.step_report(payload["erasure_id"], ctx.envelope.event_id, counts))
+    log.info("prediction_tasks_withdrawn", erasure_id=payload["erasure_id"], **counts)
 
 
 @handlers.on("model.promoted")

@@ -147,3 +147,6 @@ class Snapshot(Base):
     failure: Mapped[str | None] = mapped_column(Text, nullable=True)
     trace_id: Mapped[str | None] = mapped_column(String(128), nullable=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    erased_items: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    """How many of its items were erased since it was taken (services/labeling/erasure.py): its manifest still
+    names them, their content is gone, so a training run on it fails; take a new snapshot. None: none erased."""

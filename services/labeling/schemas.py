@@ -267,6 +267,15 @@ class SnapshotSchema(Schema):
         },
     )
     failure = fields.String(allow_none=True)
+    erased_items = fields.Function(
+        lambda snapshot: snapshot.erased_items or 0,
+        metadata={
+            "type": "integer",
+            "description": "Items of this snapshot erased since it was taken (an item's, a data subject's or a "
+            "retention erasure): their content is gone, so training on this snapshot fails; the next snapshot "
+            "leaves them out.",
+        },
+    )
     created_at = Timestamp()
 
 

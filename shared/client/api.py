@@ -99,8 +99,16 @@ class IngestionClient(ServiceClient):
     def download_url(self, item_id: str) -> str:
         return self.get(f"/v1/items/{item_id}/download")["url"]
 
-    def delete_item(self, item_id: str) -> None:
-        self.delete(f"/v1/items/{item_id}")
+    def delete_item(self, item_id: str) -> dict[str, Any]:
+        """Erase one item; the answer is the erasure record, whose report `erasure(id)` follows."""
+        return self.delete(f"/v1/items/{item_id}")
+
+    def erase_subject(self, subject_id: str) -> dict[str, Any]:
+        """Erase every item and logged prediction of a data subject (the `subject_id` given on push/predict)."""
+        return self.delete(f"/v1/subjects/{subject_id}")
+
+    def erasure(self, erasure_id: str) -> dict[str, Any]:
+        return self.get(f"/v1/erasures/{erasure_id}")
 
     def usage(
         self, days: int = 30, *, period: str | None = None, bucket: str = "day", by: Sequence[str] = ()
@@ -136,8 +144,10 @@ class LabelingClient(ServiceClient):
     def next_task(self, dataset_id: str, lease_seconds: int = 300) -> dict[str, Any] | None:
         return self.get(f"/v1/datasets/{dataset_id}/tasks/next", params={"lease_seconds": lease_seconds})
 
-    def annotate(self, task_id: int, label: str) -> dict[str, Any]:
-        return self.post(f"/v1/tasks/{task_id}/annotations", json={"label": label})
+    def annotate(self, task_id: int, label: str | None = None, *, spans: list[dict] | None = None) -> dict[str, Any]:
+        """A class label, or (token_classification) entity spans `{start, end, label}`: [] means no entities."""
+        body = {"spans": spans} if spans is not None else {"label": label}
+        return self.post(f"/v1/tasks/{task_id}/annotations", json=body)
 
     def skip(self, task_id: int) -> dict[str, Any]:
         return self.post(f"/v1/tasks/{task_id}/skip")

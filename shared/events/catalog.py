@@ -64,8 +64,51 @@ class ItemIngested(Schema):
 
 
 class ItemDeleted(Schema):
+    """Items of one dataset erased (a partner's request, a data subject's, or the tenant's retention period)."""
+
     dataset_id = fields.String(required=True)
     item_ids = fields.List(fields.String(), required=True, validate=validate.Length(min=1))
+    # The erasure record (`ers_…`) whose report the consumers' `erasure.step_completed` fill; None in events
+    # from before erasure reports, which consumers still handle (they report nothing).
+    erasure_id = fields.String(load_default=None, allow_none=True)
+    # The partner-given data subject, when the erasure is a subject's.
+    subject_id = fields.String(load_default=None, allow_none=True)
+
+
+class ErasureRequested(Schema):
+    """A data subject's erasure: inference erases the subject's logged predictions (and their feedback)."""
+
+    erasure_id = fields.String(required=True)
+    subject_id = fields.String(required=True, validate=validate.Length(min=1, max=200))
+
+
+class PredictionErased(Schema):
+    """Logged predictions inference erased: labeling withdraws the tasks made from them (feedback, samples)."""
+
+    erasure_id = fields.String(required=True)
+    prediction_ids = fields.List(fields.String(), required=True, validate=validate.Length(min=1, max=1000))
+
+
+ERASURE_SERVICES = ("ingestion", "labeling", "inference")
+
+
+class ErasureStepRef(Schema):
+    service = fields.String(required=True, validate=validate.OneOf(ERASURE_SERVICES))
+    step = fields.String(required=True, validate=validate.Length(min=1, max=100))
+
+
+class ErasureStepCompleted(Schema):
+    """One service finished its part of an erasure: ingestion keeps the counts in the erasure's report, once per
+    (service, step) however often the event arrives. `step` is the id of the event whose work this was (an
+    `item.deleted`, an `erasure.requested`, a `prediction.erased`); `expects` names the steps this one set off
+    further down the line (inference's `prediction.erased` events, each a labeling step), so the report knows to
+    wait for them."""
+
+    erasure_id = fields.String(required=True)
+    service = fields.String(required=True, validate=validate.OneOf(ERASURE_SERVICES))
+    step = fields.String(required=True, validate=validate.Length(min=1, max=100))
+    counts = fields.Dict(keys=fields.String(), values=fields.Integer(validate=validate.Range(min=0)), required=True)
+    expects = fields.List(fields.Nested(ErasureStepRef), load_default=list)
 
 
 class DatasetChanged(Schema):
@@ -262,7 +305,39 @@ class EventSpec:
 
 _SPECS = (
     EventSpec("item.ingested", 1, ItemIngested, "ingestion", ("labeling",), doc="items stored and accepted"),
-    EventSpec("item.deleted", 1, ItemDeleted, "ingestion", ("labeling",), doc="items erased on request"),
+    EventSpec(
+        "item.deleted",
+        1,
+        ItemDeleted,
+        "ingestion",
+        ("labeling",),
+        doc="items erased (request, data subject, retention); labeling withdraws their tasks, marks snapshots",
+    ),
+    EventSpec(
+        "erasure.requested",
+        1,
+        ErasureRequested,
+        "ingestion",
+        ("inference",),
+        doc="a data subject's erasure; inference erases the subject's logged predictions and feedback",
+    ),
+    EventSpec(
+        "prediction.erased",
+        1,
+        PredictionErased,
+        "inference",
+        ("labeling",),
+        doc="logged predictions erased; labeling withdraws the tasks made from them",
+    ),
+    EventSpec(
+        "erasure.step_completed",
+        1,
+        ErasureStepCompleted,
+        "labeling",
+        ("ingestion",),
+        also_produced_by=("inference",),
+        doc="a service's part of an erasure done, with its counts; ingestion fills the erasure's report",
+    ),
     EventSpec("dataset.changed", 1, DatasetChanged, "ingestion", ("labeling",), doc="label set or policy changed"),
     EventSpec("dataset.snapshot_created", 1, SnapshotCreated, "labeling", (), doc="immutable dataset version"),
     EventSpec("training.requested", 1, TrainingRequested, "labeling", ("training",), doc="retrain policy fired"),

@@ -281,7 +281,7 @@ def test_delete_erases_content_and_emits_item_deleted(tenant) -> None:
         ]
     ]
     client = tenant.service.client
-    assert client.delete(f"/v1/items/{ids[1]}", headers=tenant.headers).status_code == 204
+    assert client.delete(f"/v1/items/{ids[1]}", headers=tenant.headers).status_code == 202
     assert client.get(f"/v1/items/{ids[1]}", headers=tenant.headers).status_code == 404
     assert client.delete(f"/v1/items/{ids[1]}", headers=tenant.headers).status_code == 404
     assert download(tenant, ids[0]) == b"keep one"
@@ -291,18 +291,18 @@ def test_delete_erases_content_and_emits_item_deleted(tenant) -> None:
     pack = tenant.service.runtime.storage.get_bytes(kept.bucket, kept.object_key)
     assert b"erase me" not in pack and pack == b"keep one" + bytes(8) + b"keep two"
     [event] = outbox_events(tenant.service, "item.deleted")
-    assert event["payload"] == {"dataset_id": dataset, "item_ids": [ids[1]]}
+    assert event["payload"]["dataset_id"] == dataset and event["payload"]["item_ids"] == [ids[1]]
     again = tenant.push(dataset, [{"text": "erase me"}]).get_json()
     assert again["items"][0]["status"] == "accepted", "erased content can be pushed again"
 
     image_id = tenant.push(tenant.images["id"], [{"image": b64(png())}]).get_json()["items"][0]["item_id"]
     with tenant.service.runtime.db.session() as session:
         image = session.get(Item, image_id)
-    assert client.delete(f"/v1/items/{image_id}", headers=tenant.headers).status_code == 204
+    assert client.delete(f"/v1/items/{image_id}", headers=tenant.headers).status_code == 202
     assert not tenant.service.runtime.storage.exists(image.bucket, image.object_key)
 
 
-def test_two_deletions_of_one_item_at_once_give_204_and_404(platform, postgres_database) -> None:
+def test_two_deletions_of_one_item_at_once_give_202_and_404(platform, postgres_database) -> None:
     # Both requests read the item, then queue for the pack's row locks. The second must find it gone (404);
     # it used to take the single-item branch and delete the whole pack, and announce the deletion again.
     database_url = postgres_database()
@@ -314,6 +314,6 @@ def test_two_deletions_of_one_item_at_once_give_204_and_404(platform, postgres_d
         return tenant.service.client.delete(f"/v1/items/{item_id}", headers=tenant.headers).status_code
 
     answers = in_lock_order(database_url, "SELECT id FROM items WHERE id = %s FOR UPDATE", (item_id,), [delete] * 2)
-    assert sorted(answers) == [204, 404]
+    assert sorted(answers) == [202, 404]
     assert len(outbox_events(tenant.service, "item.deleted")) == 1
     assert download(tenant, pushed[0]["item_id"]) == b"keep"
