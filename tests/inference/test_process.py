@@ -35,10 +35,10 @@ pytestmark = pytest.mark.timeout(180)
 
 def test_inference_runs_no_worker_its_http_processes_hear_promotions() -> None:
     """Inference's events are heard by its HTTP processes themselves: `model.promoted` is broadcast to every
-    replica (test_hot_swap.py), `prediction.labeled` is taken from the inference queue by one of them
-    (test_monitoring.py); so the service declares no worker, and none can be built for it."""
+    replica (test_hot_swap.py), `prediction.labeled` and `erasure.requested` are taken from the inference queue by
+    one of them (test_monitoring.py, test_erasure.py); so the service declares no worker, and none can be built."""
     consumed = {name: spec.broadcast_to for name, spec in CATALOG.items() if "inference" in spec.consumers}
-    assert consumed == {"model.promoted": ("inference",), "prediction.labeled": ()}
+    assert consumed == {"model.promoted": ("inference",), "prediction.labeled": (), "erasure.requested": ()}
     assert SPEC.runs_worker is False and SPEC.handlers is None and SPEC.register_tasks is None
     with pytest.raises(ValueError, match="runs no Celery worker"):
         create_worker(SPEC)

@@ -19,20 +19,19 @@ import numpy as np
 import pytest
 import torch
 
-from cli.demo_data import ENTITY_LABELS, ENTITY_TEMPLATES, HELD_OUT_ENTITY_TEMPLATES, entity_sentences
+from cli.demo_data import ENTITY_LABELS, HELD_OUT_ENTITY_TEMPLATES, entity_sentences
 from services.training.base_models import MINILM
 from services.training.text_model import load_encoder
 from services.training.token_export import export_token_model
-from services.training.token_model import TokenItem, TokenTagger, predict_entities, prepare_token_task, tag_set
-from services.training.trainer import Recipe, Trainer
+from services.training.token_model import TokenTagger, predict_entities, tag_set
 from tests.inference.support import metric_samples, png, serving_document, upload_version
+from tests.tagger import trained_tagger
 
 pytestmark = pytest.mark.timeout(300)
 
 LABELS = ["PER", "ORG", "LOC"]
 TAGS = tag_set(LABELS)
 MAX_LENGTH = 48
-TRAIN, EPOCHS = 400, 3
 """The trained test's recipe: that of tests/training/test_token_classification.py."""
 SERVED_F1_FLOOR = 0.90
 TEXTS = [
@@ -247,37 +246,9 @@ def test_a_token_package_whose_tags_do_not_match_its_labels_is_refused(
 
 @pytest.fixture(scope="module")
 def trained_package(tmp_path_factory: pytest.TempPathFactory):
-    """MiniLM fine-tuned briefly on synthetic sentences (the recipe's Trainer, CPU, one thread), exported."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    labels = list(ENTITY_LABELS)
-    sentences = [
-        TokenItem(text, spans) for text, spans in entity_sentences(TRAIN + 40, seed=1, templates=ENTITY_TEMPLATES)
-    ]
-    prepared = prepare_token_task(sentences[:TRAIN], sentences[TRAIN:], labels, {"max_length": MAX_LENGTH}, MINILM)
-    recipe = Recipe(
-        epochs=EPOCHS,
-        batch_size=16,
-        learning_rate=2e-4,
-        head_learning_rate=2e-3,
-        weight_decay=0.01,
-        warmup_ratio=0.1,
-        max_grad_norm=1.0,
-        early_stopping_patience=2,
-        seed=0,
-        num_workers=0,
-    )
-    Trainer(
-        prepared.model,
-        prepared.train_set,
-        prepared.val_set,
-        prepared.collate,
-        recipe,
-        device=torch.device("cpu"),
-        head_prefixes=prepared.head_prefixes,
-        lr_scale=prepared.lr_scale,
-    ).fit()
-    torch.set_num_threads(before)
+    """MiniLM fine-tuned briefly on synthetic sentences (tests/tagger.py, shared with training's tests), exported."""
+    tagger = trained_tagger(tmp_path_factory)
+    prepared, labels = tagger.prepared, list(ENTITY_LABELS)
     folder = tmp_path_factory.mktemp("trained-tagger")
     export_token_model(
         prepared.model,
@@ -286,7 +257,7 @@ def trained_package(tmp_path_factory: pytest.TempPathFactory):
         labels,
         MAX_LENGTH,
         folder,
-        [item.text for item in sentences[TRAIN:]],
+        tagger.validation_texts,
         model_name="news",
     )
     return folder

@@ -8,9 +8,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
-from cli.demo_data import ENTITY_LABELS, ENTITY_TEMPLATES, HELD_OUT_ENTITY_TEMPLATES, entity_sentences
+from cli.demo_data import ENTITY_LABELS, HELD_OUT_ENTITY_TEMPLATES, entity_sentences
 from services.training.base_models import MINILM, TEXT_ENCODERS
 from services.training.evaluate import entity_report
 from services.training.export import METADATA_FILE, MODEL_FILE, onnx_session
@@ -24,12 +23,11 @@ from services.training.token_model import (
     encode,
     evaluate_entities,
     predict_entities,
-    prepare_token_task,
     tag_set,
     words_of,
 )
-from services.training.trainer import Recipe, Trainer
 from shared.artifacts import ModelMetadata
+from tests.tagger import trained_tagger
 
 TAGS = tag_set(list(ENTITY_LABELS))
 MAX_LENGTH = 48
@@ -102,37 +100,10 @@ def test_entity_scores_are_strict_seqeval_per_type() -> None:
 
 
 @pytest.fixture(scope="module")
-def trained():
-    """MiniLM fine-tuned on 400 synthetic sentences for 3 epochs (the recipe's Trainer, CPU, one thread)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    sentences = [TokenItem(text, spans) for text, spans in entity_sentences(460, seed=1, templates=ENTITY_TEMPLATES)]
-    train, validation = sentences[:400], sentences[400:]
-    prepared = prepare_token_task(train, validation, list(ENTITY_LABELS), {"max_length": MAX_LENGTH}, MINILM)
-    recipe = Recipe(
-        epochs=3,
-        batch_size=16,
-        learning_rate=2e-4,
-        head_learning_rate=2e-3,
-        weight_decay=0.01,
-        warmup_ratio=0.1,
-        max_grad_norm=1.0,
-        early_stopping_patience=2,
-        seed=0,
-        num_workers=0,
-    )
-    fit = Trainer(
-        prepared.model,
-        prepared.train_set,
-        prepared.val_set,
-        prepared.collate,
-        recipe,
-        device=torch.device("cpu"),
-        head_prefixes=prepared.head_prefixes,
-        lr_scale=prepared.lr_scale,
-    ).fit()
-    yield prepared, fit
-    torch.set_num_threads(before)
+def trained(tmp_path_factory: pytest.TempPathFactory):
+    """MiniLM fine-tuned on 400 synthetic sentences for 3 epochs (tests/tagger.py, shared with inference's tests)."""
+    tagger = trained_tagger(tmp_path_factory)
+    return tagger.prepared, tagger
 
 
 @pytest.mark.slow
