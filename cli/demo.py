@@ -1,7 +1,8 @@
 """`flywheel demo` (and `make demo`): the whole loop on real data, with nobody touching a queue.
 
-Each dataset — handwritten digits (images) and standard-library docstrings (text), see demo_data.py — is
-split three ways before anything is sent, and no item moves between the parts:
+Each dataset — handwritten digits (images), standard-library docstrings (text) and synthetic sentences with
+people, companies, places and dates (entity spans), see demo_data.py — is split three ways before anything is
+sent, and no item moves between the parts:
 
 - the pool: pushed by the partner, a new share each cycle, and labeled;
 - production traffic: a separate stream of requests, a new share each cycle, predicted by the version in
@@ -28,12 +29,22 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from cli.demo_data import DIGIT_LABELS, TEXT_LABELS, digit_images, shuffled, stdlib_docstrings
+from cli.demo_data import (
+    DIGIT_LABELS,
+    ENTITY_LABELS,
+    HELD_OUT_ENTITY_TEMPLATES,
+    TEXT_LABELS,
+    digit_images,
+    entity_sentences,
+    shuffled,
+    stdlib_docstrings,
+)
 from shared.client import Flywheel, answer_or_none, wait_for
 from shared.settings import Settings
 from shared.tables import render
 
 PRODUCTION = "production"
+TOKENS = "token_classification"
 
 NOISE = 0.10
 ANNOTATORS = 3
@@ -46,7 +57,7 @@ class DatasetPlan:
     name: str
     task_type: str
     labels: tuple[str, ...]
-    items: list[tuple[Any, str]]  # (text or png bytes, true label)
+    items: list[tuple[Any, Any]]  # (text or png bytes, true label; for entity spans, the true spans)
     per_cycle: int
     """Pool items the partner pushes each cycle."""
     traffic: int
@@ -56,7 +67,13 @@ class DatasetPlan:
     retrain_threshold: int
     hyperparameters: dict[str, Any] = field(default_factory=dict)
 
+    @property
+    def spans(self) -> bool:
+        return self.task_type == TOKENS
+
     def item(self, content: Any, label: str | None = None) -> dict[str, Any]:
+        if self.spans:
+            return {"text": content}  # pushed unlabeled: the annotators mark the entities
         key = "text" if self.task_type == "text_classification" else "image"
         return {key: content, "label": label}
 
@@ -120,15 +137,21 @@ class CycleResult:
     traffic_accuracy: float | None
     feedback_sent: int
     seconds: dict[str, float]
+    entity_f1: float | None = None
+    """Token classification: the served version's entity F1 (exact offsets and type, micro) on the held-out
+    sentences, written from templates the training sentences never use; None for the classification datasets."""
+    traffic_entity_f1: float | None = None
 
 
 def default_plans(scale: float = 1.0) -> list[DatasetPlan]:
     """Sized so that the first snapshot (the retrain threshold's worth of labels) already has a test split the
     gate decides on: 10% of 500 items is 50, and fewer than the registry's default 30 happens about once in 2,000
     datasets. Pool, traffic and held-out items for two cycles: digits 1,200 + 300 + 200 of 1,797, text
-    1,160 + 200 + 150 of about 1,550."""
+    1,160 + 200 + 150 of about 1,550, entity sentences 600 + 120 + 150 (faker's names, companies, cities and dates
+    in templates of demo_data.py; the held-out ones from templates no other sentence uses)."""
     digits = shuffled(digit_images())
     texts = shuffled(stdlib_docstrings())
+    holdout_sentences = int(150 * scale)
     return [
         DatasetPlan(
             "digits",
@@ -151,6 +174,18 @@ def default_plans(scale: float = 1.0) -> list[DatasetPlan]:
             holdout=int(150 * scale),
             retrain_threshold=int(500 * scale),
             hyperparameters={"epochs": 3, "max_length": 64},
+        ),
+        DatasetPlan(
+            "people-places",
+            TOKENS,
+            ENTITY_LABELS,
+            entity_sentences(holdout_sentences, seed=11, templates=HELD_OUT_ENTITY_TEMPLATES)
+            + entity_sentences(int(720 * scale), seed=7),
+            per_cycle=int(300 * scale),
+            traffic=int(60 * scale),
+            holdout=holdout_sentences,
+            retrain_threshold=int(250 * scale),
+            hyperparameters={"epochs": 3, "max_length": 48},
         ),
     ]
 
@@ -253,7 +288,8 @@ class Demo:
         self.say(f"retrain policy fired: run {run['id']} on snapshot {run['snapshot_id']}")
         run = self._follow_run(run["id"])
         version = gate = None
-        f1 = (run.get("metrics") or {}).get("macro_f1")
+        metrics = run.get("metrics") or {}
+        f1 = metrics.get("entity_f1") if plan.spans else metrics.get("macro_f1")
         if run["status"] == "succeeded":
             version, gate = self._registered(plan, run["id"])
         serving = self._serving_version(plan, state, version, gate)
@@ -262,7 +298,17 @@ class Demo:
         started = time.monotonic()
         held_out: tuple[int, float | None] = (0, None)
         traffic: tuple[int, float | None, int] = (0, None, 0)
-        if serving is not None:
+        entity_f1 = traffic_entity_f1 = None
+        if serving is not None and plan.spans:
+            count, entity_f1 = self._score_entities(plan, state["holdout"], "held out")
+            held_out = (count, None)
+            start = state["traffic_offset"]
+            state["traffic_offset"] += plan.traffic
+            (count, traffic_entity_f1) = self._score_entities(
+                plan, state["traffic"][start : start + plan.traffic], "traffic"
+            )
+            traffic = (count, None, 0)
+        elif serving is not None:
             held_out = self._score_held_out(plan, state)
             traffic = self._serve_traffic(plan, state)
         seconds["predict_feedback"] = time.monotonic() - started
@@ -285,6 +331,8 @@ class Demo:
             traffic_accuracy=traffic[1],
             feedback_sent=traffic[2],
             seconds={k: round(v, 1) for k, v in seconds.items()},
+            entity_f1=entity_f1,
+            traffic_entity_f1=traffic_entity_f1,
         )
 
     def _open_tasks(self, dataset_id: str) -> int:
@@ -305,6 +353,13 @@ class Demo:
                     annotator.skip(task["id"])
                     continue
                 feedback += task["source"] == "feedback"
+                if plan.spans:
+                    spans = list(truth)
+                    if spans and self.random.random() < NOISE:  # an annotator's typical slip: a missed entity
+                        spans.pop(self.random.randrange(len(spans)))
+                    annotator.annotate(task["id"], spans=spans)
+                    labeled += 1
+                    continue
                 label = truth
                 if self.random.random() < NOISE:
                     label = self.random.choice([name for name in plan.labels if name != truth])
@@ -331,7 +386,12 @@ class Demo:
             if run["status"] in {"succeeded", "failed", "cancelled"}:
                 metrics = run.get("metrics") or {}
                 self.say(
-                    f"  run {run['status']}: macro-F1 {metrics.get('macro_f1')}"
+                    f"  run {run['status']}: "
+                    + (
+                        f"entity F1 {metrics['entity_f1']}"
+                        if "entity_f1" in metrics
+                        else f"macro-F1 {metrics.get('macro_f1')}"
+                    )
                     + (f" ({run.get('failure_reason')})" if run.get("failure_reason") else "")
                 )
                 return run
@@ -396,6 +456,18 @@ class Demo:
         self.say(f"  held out: {len(answers)} predictions, accuracy {_score(accuracy)} (never pushed or fed back)")
         return len(answers), accuracy
 
+    def _score_entities(self, plan: DatasetPlan, items: list[tuple[str, list[dict]]], what: str) -> tuple[int, float]:
+        """Predict sentences and score the entities found against the true spans (exact offsets and type). Span
+        corrections are not fed back yet (a token prediction is not logged), so traffic is only scored."""
+        found: list[list[dict]] = []
+        for start in range(0, len(items), 32):
+            texts = [text for text, _ in items[start : start + 32]]
+            found += [p["entities"] for p in self.partner.inference.predict(plan.name, texts=texts)["predictions"]]
+        score = entity_f1([spans for _, spans in items], found)
+        note = " (never pushed or fed back)" if what == "held out" else "; span corrections are not fed back yet"
+        self.say(f"  {what}: {len(items)} sentences, entity F1 {_score(score)}{note}")
+        return len(items), score
+
     def _serve_traffic(self, plan: DatasetPlan, state: dict[str, Any]) -> tuple[int, float | None, int]:
         """This cycle's production traffic; every wrong answer goes back as feedback, labeled in the next cycle."""
         start = state["traffic_offset"]
@@ -413,6 +485,16 @@ class Demo:
             f"  traffic: {len(answers)} predictions, accuracy {_score(accuracy)}; {sent} corrections sent as feedback"
         )
         return len(answers), accuracy, sent
+
+
+def entity_f1(truth: list[list[dict]], found: list[list[dict]]) -> float:
+    """Micro entity F1 over sentences: an entity counts when its offsets and type match exactly (seqeval's strict
+    mode on the same spans)."""
+    as_set = [{(s["start"], s["end"], s["label"]) for s in spans} for spans in truth]
+    predicted = [{(s["start"], s["end"], s["label"]) for s in spans} for spans in found]
+    hits = sum(len(t & p) for t, p in zip(as_set, predicted, strict=True))
+    guessed, actual = sum(map(len, predicted)), sum(map(len, as_set))
+    return 0.0 if hits == 0 else 2 * hits / (guessed + actual)
 
 
 def _accuracy(answers: list[tuple[dict[str, Any], str]]) -> float | None:
@@ -455,6 +537,7 @@ def summary_table(results: list[CycleResult]) -> str:
         "serving",
         "held-out",
         "held-out acc",
+        "entity_f1",
         "traffic acc",
         "feedback",
         "push s",
@@ -472,6 +555,7 @@ def summary_table(results: list[CycleResult]) -> str:
             r.serving_version,
             r.holdout_predictions,
             _score(r.holdout_accuracy),
+            _score(r.entity_f1),
             _score(r.traffic_accuracy),
             r.feedback_sent,
             r.seconds["push"],
@@ -480,7 +564,7 @@ def summary_table(results: list[CycleResult]) -> str:
         ]
         for r in results
     ]
-    return render(headers, rows, align="><>>><>>>>>>>>", rule=True)
+    return render(headers, rows, align="><>>><>>>>>>>>>", rule=True)
 
 
 def gate_table(results: list[CycleResult]) -> str:
