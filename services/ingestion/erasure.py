@@ -16,12 +16,10 @@ older than its `item_retention_days` through the same path, as an erasure of kin
 
 from __future__ import annotations
 
-import threading
 from collections import defaultdict
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from celery import bootsteps
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
@@ -30,6 +28,7 @@ from shared.errors import NotFound
 from shared.events.catalog import ERASURE_SERVICES
 from shared.events.consumer import RejectEvent
 from shared.logging import get_logger
+from shared.periodic import run_in_worker
 from shared.runtime import Runtime
 
 log = get_logger(__name__)
@@ -309,44 +308,6 @@ def report(erasure: Erasure, steps: list[ErasureStep]) -> dict[str, Any]:
 # -- the retention sweep -------------------------------------------------------------------------------------------
 
 
-class RetentionSweeper:
-    """A daemon thread of the ingestion worker: sweeps at once, then every `interval_s`."""
-
-    def __init__(self, runtime: Runtime, interval_s: float = RETENTION_SWEEP_INTERVAL_S) -> None:
-        self.runtime = runtime
-        self.interval_s = interval_s
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, name="ingestion-retention-sweep", daemon=True)
-
-    def start(self) -> None:
-        self._thread.start()
-        log.info("retention_sweep_started", interval_s=self.interval_s)
-
-    def stop(self) -> None:
-        self._stop.set()
-        if self._thread.is_alive():
-            self._thread.join(timeout=10)
-
-    def _loop(self) -> None:
-        while True:
-            try:
-                sweep_retention(self.runtime)
-            except Exception as exc:  # storage or the database may be away; the next round tries again
-                log.warning("retention_sweep_failed", error=str(exc)[:300])
-            if self._stop.wait(self.interval_s):
-                return
-
-
 def register(runtime: Runtime) -> None:
-    """The sweep, as a step of the worker's own start and stop (an HTTP process starts no worker)."""
-    sweeper = RetentionSweeper(runtime)
-
-    class RetentionSweepStep(bootsteps.StartStopStep):
-        def start(self, parent: Any) -> None:
-            sweeper.start()
-
-        def stop(self, parent: Any) -> None:
-            sweeper.stop()
-
-    runtime.celery.steps["worker"].add(RetentionSweepStep)
-    runtime.on_close(sweeper.stop)
+    """The retention sweep, every RETENTION_SWEEP_INTERVAL_S in the ingestion worker."""
+    run_in_worker(runtime, "ingestion-retention-sweep", lambda: sweep_retention(runtime), RETENTION_SWEEP_INTERVAL_S)

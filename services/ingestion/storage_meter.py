@@ -14,17 +14,15 @@ worker (a Celery bootstep), so that every worker replica runs one and no HTTP pr
 
 from __future__ import annotations
 
-import threading
 from datetime import UTC, date, datetime
-from typing import Any
 
-from celery import bootsteps
 from sqlalchemy import select
 
 from services.ingestion import metering
 from services.ingestion.models import Partner, UsageRecord
 from shared.artifacts import CHECKPOINTS_BUCKET, DATASETS_BUCKET, MODELS_BUCKET, RAW_BUCKET
 from shared.logging import get_logger
+from shared.periodic import run_in_worker
 from shared.runtime import Runtime
 
 log = get_logger(__name__)
@@ -88,44 +86,8 @@ def measure_storage(runtime: Runtime, day: date | None = None) -> int:
     return len(tenants)
 
 
-class StorageMeter:
-    """A daemon thread of the ingestion worker: measures at once, then every `interval_s`."""
-
-    def __init__(self, runtime: Runtime) -> None:
-        self.runtime = runtime
-        self.interval_s = runtime.settings.storage_meter_interval_s
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, name="ingestion-storage-meter", daemon=True)
-
-    def start(self) -> None:
-        self._thread.start()
-        log.info("storage_meter_started", interval_s=self.interval_s)
-
-    def stop(self) -> None:
-        self._stop.set()
-        if self._thread.is_alive():
-            self._thread.join(timeout=10)
-
-    def _loop(self) -> None:
-        while True:
-            try:
-                measure_storage(self.runtime)
-            except Exception as exc:  # storage or the database may be away; the next round tries again
-                log.warning("storage_measure_failed", error=str(exc)[:300])
-            if self._stop.wait(self.interval_s):
-                return
-
-
 def register(runtime: Runtime) -> None:
-    """The daily meter, as a step of the worker's own start and stop (an HTTP process starts no worker)."""
-    meter = StorageMeter(runtime)
-
-    class StorageMeterStep(bootsteps.StartStopStep):
-        def start(self, parent: Any) -> None:
-            meter.start()
-
-        def stop(self, parent: Any) -> None:
-            meter.stop()
-
-    runtime.celery.steps["worker"].add(StorageMeterStep)
-    runtime.on_close(meter.stop)
+    """The daily meter, every STORAGE_METER_INTERVAL_S in the ingestion worker."""
+    run_in_worker(
+        runtime, "ingestion-storage-meter", lambda: measure_storage(runtime), runtime.settings.storage_meter_interval_s
+    )
