@@ -21,8 +21,6 @@ Metrics per model are `evaluate.prediction_report`'s: accuracy, macro_f1, per_cl
 from __future__ import annotations
 
 import json
-import tempfile
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -32,9 +30,9 @@ from services.training.data import Example, SnapshotData
 from services.training.evaluate import input_statistics, prediction_report
 from services.training.export import MODEL_FILE, ModelPackage
 from services.training.failures import ExportError
-from services.training.production import ProductionUnscorable, fetch_production
+from services.training.production import ProductionVersion
 from services.training.runs import RunInfo
-from services.training.served import Unscorable, served_inputs, served_probabilities
+from services.training.served import Unscorable, score_production, served_inputs, served_probabilities
 from services.training.text_model import load_tokenizer
 from shared.artifacts import EvaluationReport, item_ids_sha256
 from shared.logging import get_logger
@@ -155,37 +153,22 @@ def baseline_lift(candidate: dict[str, Any], classical: dict[str, Any] | None) -
 def _production(
     runtime: Runtime, run: RunInfo, labels: list[str], examples: list[Example], y_true: np.ndarray
 ) -> tuple[dict[str, Any] | None, str | None]:
-    with tempfile.TemporaryDirectory(prefix=f"{run.id}-production-") as tmp:
-        try:
-            version = fetch_production(
-                runtime.settings,
-                runtime.storage,
-                tenant=run.tenant,
-                model_name=run.model_name,
-                task_type=run.task_type,
-                folder=Path(tmp),
-            )
-            if version is None:
-                log.info("run_production_absent", model_name=run.model_name)
-                return None, None
-            probabilities = served_probabilities(version.folder, version.metadata, examples)
-        except (ProductionUnscorable, Unscorable) as exc:
-            reason = str(exc)
-            log.warning("run_production_unscorable", model_name=run.model_name, reason=reason)
-            return None, reason
-    scored = _scored(
-        y_true,
-        probabilities,
-        version.metadata["labels"],
-        labels,
-        run_id=version.run_id,
-        sha256=version.model_sha256,
-        version=version.version,
-    )
-    unknown = sorted(set(labels) - set(version.metadata["labels"]))
-    if unknown:
-        log.info("run_production_lacks_labels", version=version.version, labels=unknown, action="counted as wrong")
-    return scored, None
+    def score(version: ProductionVersion) -> dict[str, Any]:
+        probabilities = served_probabilities(version.folder, version.metadata, examples)
+        unknown = sorted(set(labels) - set(version.metadata["labels"]))
+        if unknown:
+            log.info("run_production_lacks_labels", version=version.version, labels=unknown, action="counted as wrong")
+        return _scored(
+            y_true,
+            probabilities,
+            version.metadata["labels"],
+            labels,
+            run_id=version.run_id,
+            sha256=version.model_sha256,
+            version=version.version,
+        )
+
+    return score_production(runtime, run, score)
 
 
 def _scored(

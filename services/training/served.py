@@ -15,9 +15,10 @@ What does not fit (a spec, tokenizer or graph this cannot feed) raises `Unscorab
 
 from __future__ import annotations
 
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 import torch
@@ -26,8 +27,17 @@ from services.training.data import Example
 from services.training.evaluate import softmax
 from services.training.export import MODEL_FILE, OUTPUT_NAME, onnx_session
 from services.training.image_model import decode_rgb, eval_transform
+from services.training.production import ProductionUnscorable, ProductionVersion, fetch_production
 from services.training.text_model import TextCollator, load_tokenizer
 from shared.entities import DECODING_RULE, Words, decode_entities, tag_set, word_predictions
+from shared.logging import get_logger
+
+if TYPE_CHECKING:
+    from services.training.runs import RunInfo
+    from shared.runtime import Runtime
+
+log = get_logger(__name__)
+T = TypeVar("T")
 
 BATCH_SIZE = 32
 ORT_TYPES = {"tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(float)": np.float32}
@@ -37,6 +47,30 @@ Inputs = Callable[[list[Example]], dict[str, np.ndarray]]
 
 class Unscorable(Exception):
     """The folder's model cannot be run as it is served: the reason says why."""
+
+
+def score_production(
+    runtime: Runtime, run: RunInfo, score: Callable[[ProductionVersion], T]
+) -> tuple[T | None, str | None]:
+    """The run's production version, fetched from the registry into a temporary folder and scored by `score`
+    exactly as it is served: (None, None) when nothing is in production, (None, reason) when it cannot be scored."""
+    with tempfile.TemporaryDirectory(prefix=f"{run.id}-production-") as tmp:
+        try:
+            version = fetch_production(
+                runtime.settings,
+                runtime.storage,
+                tenant=run.tenant,
+                model_name=run.model_name,
+                task_type=run.task_type,
+                folder=Path(tmp),
+            )
+            if version is None:
+                log.info("run_production_absent", model_name=run.model_name)
+                return None, None
+            return score(version), None
+        except (ProductionUnscorable, Unscorable) as exc:
+            log.warning("run_production_unscorable", model_name=run.model_name, reason=str(exc))
+            return None, str(exc)
 
 
 def served_probabilities(

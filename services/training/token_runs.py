@@ -26,7 +26,6 @@
 from __future__ import annotations
 
 import json
-import tempfile
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -46,9 +45,8 @@ from services.training.export import (
     framework_versions,
 )
 from services.training.failures import DataError, ExportError
-from services.training.production import ProductionUnscorable, fetch_production
 from services.training.runs import RunInfo
-from services.training.served import Unscorable, served_token_predictions
+from services.training.served import Unscorable, score_production, served_token_predictions
 from services.training.spec import PreparedTask
 from services.training.token_export import export_token_model, token_export_spec
 from services.training.token_model import (
@@ -295,32 +293,19 @@ def evaluate_token_test_split(
 def _production(
     runtime: Runtime, run: RunInfo, labels: list[str], examples: list[TokenExample]
 ) -> tuple[dict[str, Any] | None, str | None]:
-    with tempfile.TemporaryDirectory(prefix=f"{run.id}-production-") as tmp:
-        try:
-            version = fetch_production(
-                runtime.settings,
-                runtime.storage,
-                tenant=run.tenant,
-                model_name=run.model_name,
-                task_type=run.task_type,
-                folder=Path(tmp),
-            )
-            if version is None:
-                log.info("run_production_absent", model_name=run.model_name)
-                return None, None
-            scored = _scored(
-                version.folder,
-                version.metadata,
-                examples,
-                labels,
-                run_id=version.run_id,
-                sha256=version.model_sha256,
-                version=version.version,
-            )
-        except (ProductionUnscorable, Unscorable) as exc:
-            log.warning("run_production_unscorable", model_name=run.model_name, reason=str(exc))
-            return None, str(exc)
-    return scored, None
+    return score_production(
+        runtime,
+        run,
+        lambda version: _scored(
+            version.folder,
+            version.metadata,
+            examples,
+            labels,
+            run_id=version.run_id,
+            sha256=version.model_sha256,
+            version=version.version,
+        ),
+    )
 
 
 def _scored(
