@@ -46,11 +46,34 @@ def _worker_redis_url(url: str) -> str:
     return f"{base}/{int(database) - int(worker[2:])}"
 
 
+def _patience() -> float:
+    """How many times longer a wait may take than its figure says: 1 in one process; 3 under pytest-xdist,
+    where a test's Celery workers share two cores with another process that may be training a model (a 60 s
+    wait for a worker-driven effect has given up there while the same test passes alone in 10 s). A wait that
+    succeeds costs nothing extra; FLYWHEEL_TEST_PATIENCE overrides."""
+    default = "3" if os.environ.get("PYTEST_XDIST_WORKER", "").startswith("gw") else "1"
+    return float(os.environ.get("FLYWHEEL_TEST_PATIENCE", default))
+
+
+PATIENCE = _patience()
 TEST_REDIS_URL = _worker_redis_url(os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/15"))
 TEST_POSTGRES_ADMIN_URL = os.environ.get("TEST_POSTGRES_ADMIN_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
 INTERNAL_TOKEN = "test-internal-token"
 
 configure_logging("tests")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Stretch each test's pytest-timeout limit by PATIENCE, so that the limit stays above the stretched waits
+    inside the test."""
+    if PATIENCE == 1:
+        return
+    default = float(config.getini("timeout") or 0)
+    for item in items:
+        marker = item.get_closest_marker("timeout")
+        limit = float(marker.args[0]) if marker and marker.args else default
+        if limit:
+            item.add_marker(pytest.mark.timeout(limit * PATIENCE), append=False)
 
 
 @pytest.fixture(scope="session")

@@ -10,7 +10,7 @@ from typing import Any, TypeVar
 import psycopg
 
 from shared.client import wait_for
-from tests.conftest import INTERNAL_TOKEN
+from tests.conftest import INTERNAL_TOKEN, PATIENCE
 
 T = TypeVar("T")
 
@@ -18,9 +18,10 @@ INTERNAL = {"Authorization": f"Bearer {INTERNAL_TOKEN}"}
 
 
 def eventually(probe: Callable[[], T], *, timeout: float = 20.0, interval: float = 0.1, what: str = "") -> T:
-    """Poll `probe` until it returns something truthy; fail with `what` after `timeout` seconds."""
+    """Poll `probe` until it returns something truthy; fail with `what` after `timeout` seconds (stretched by
+    the suite's PATIENCE under pytest-xdist)."""
     try:
-        return wait_for(probe, timeout=timeout, what=what or repr(probe), interval=interval)
+        return wait_for(probe, timeout=timeout * PATIENCE, what=what or repr(probe), interval=interval)
     except TimeoutError as exc:
         raise AssertionError(str(exc)) from None
 
