@@ -53,7 +53,7 @@ def resolve_search(task_type: str, raw: dict[str, Any] | None, *, launch: str) -
     raw = SearchRequestSchema().load(raw)
     if launch != "queue":
         errors["launch"] = ["a search runs its trials on the training queue's workers: launch must be queue"]
-    space = dict(DEFAULT_SPACES[task_type])
+    space = {name: _normalised(name, bounds) for name, bounds in DEFAULT_SPACES[task_type].items()}
     for name, override in (raw.get("space") or {}).items():
         if name not in SEARCHABLE[task_type]:
             errors[f"space.{name}"] = [f"not searchable for {task_type}; choose among {list(SEARCHABLE[task_type])}"]

@@ -8,7 +8,8 @@ from datetime import datetime
 import optuna
 import pytest
 
-from services.training.search import open_study
+from services.training.search import distributions, open_study
+from services.training.search_space import DEFAULT_SPACES, resolve_search
 from tests.helpers import INTERNAL
 from tests.training.support import (
     all_runs,
@@ -209,6 +210,26 @@ def test_an_external_launch_cannot_search_and_the_api_documents_the_search(platf
     assert {"trials", "max_seconds", "space", "pruner", "keep_winner"} == set(schemas["SearchRequest"]["properties"])
     assert "search" in schemas["RunCreate"]["properties"] and "search" in schemas["Run"]["properties"]
     assert {"params", "history", "state", "seconds"} <= set(schemas["Trial"]["properties"])
+
+
+def test_a_search_without_a_space_records_the_whole_default_space_as_trials_ask_it(platform) -> None:
+    api = platform("training")
+    body = {
+        "tenant": "acme",
+        "dataset_id": "ds_docs",
+        "snapshot_id": snapshot(api.runtime.storage, per_label=4)["snapshot_id"],
+        "search": {"trials": 2, "max_seconds": 60},
+    }
+    answer = api.client.post("/v1/runs", json=body, headers=INTERNAL)
+    assert answer.status_code in (201, 202), answer.get_json()
+    space = answer.get_json()["search"]["settings"]["space"]
+    assert set(space) == set(DEFAULT_SPACES["text_classification"])
+    for task_type in DEFAULT_SPACES:  # and the image task's default space, as a run would resolve it
+        resolved = resolve_search(task_type, {"trials": 2, "max_seconds": 60}, launch="queue")
+        space = resolved["space"] if task_type != "text_classification" else space
+        assert all("choices" in bounds or {"low", "high", "log"} <= set(bounds) for bounds in space.values()), space
+        asked = optuna.create_study().ask(distributions(space)).params  # what a trial does first
+        assert set(asked) == set(DEFAULT_SPACES[task_type])
 
 
 def _find(details, field: str):
