@@ -254,11 +254,21 @@ def _metering(r: dict[str, Any]) -> str:
         for mode, m in r["modes"].items()
     ]
     headers = ["mode", "req/s", "lost vs off (median per round)", "server CPU ms/req", "CPU vs off", "errors"]
+    profiled = all("profile" in m for m in r["modes"].values())
+    if profiled:
+        headers.append("CPU samples in metering")
+        for row, m in zip(rows, r["modes"].values(), strict=True):
+            row.append(f"{m['profile']['metering_share'] * 100:.2f}%")
     target = r["target"]
     return (
         f"{render(headers, rows, markdown=True)}\n\nTarget: metering loses at most {target['max_loss']:.0%}: "
         f"{'met' if target['met'] else '**missed**'}; the request thread's share, in process: "
         f"{r['count_us_per_request']:.2f} us per request."
+        + (
+            f" A/A control ({r['control']}) against off: {r['modes'][r['control']]['loss'] * 100:+.1f}%."
+            if "control" in r
+            else ""
+        )
     )
 
 

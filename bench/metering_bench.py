@@ -3,24 +3,31 @@
     python -m bench.metering_bench            # 9 rounds of 4 s levels: about 2.5 minutes on a 2-core machine
     python -m bench.metering_bench --quick    # 6 rounds of 1 s levels: under a minute
 
-Three inference servers (granian, `flywheel up`'s command, one process), each with its own FLYWHEEL_HOME and
+Four inference servers (granian, `flywheel up`'s command, one process), each with its own FLYWHEEL_HOME and
 database, serve the same small text model (a bag of MiniLM token embeddings and a linear head: the tokenizer, the
 HTTP layer and the request path dominate its cost, so whatever metering adds shows at its largest relative to
 the work; a real model such as MiniLM spends 16 ms of CPU per request, beside which it vanishes). The prediction
-log is off in all three, so that only metering differs:
+log is off in all four, so that only metering differs:
 
 - `off`: INFERENCE_METERING=false and no rate limits (RATE_LIMIT_INFERENCE_*=0): nothing counted, no Redis;
 - `metering`: every request counted in process (three additions under a lock), and the counters flushed as
   `usage.recorded` events through the outbox every `log_flush_interval_s` (0.25 s) by a writer thread;
 - `metering+limits`: the same, plus the per-key and per-tenant token buckets (one Redis script per request) at
-  the default rates, which this load never reaches: the cost of checking, not of refusing.
+  the default rates, which this load never reaches: the cost of checking, not of refusing;
+- `off (A/A)`: a second server configured exactly like `off`: the A/A control. Its "loss" against `off` is what
+  the bench measures between two identical servers (slot, placement and order), the floor under which no
+  difference is resolved.
 
 The load generator (C keep-alive connections, each one request at a time) measures the three in rounds, in the
 order off, metering, metering+limits and then reversed (ABBA), so that a slow moment of a shared machine falls on
 every mode alike. Each round gives each mode's ratio to the `off` level beside it; the figures are medians over
 rounds, with their spread, and the server's CPU per request. The target: metering loses at most 2% of
 throughput (the median per-round loss). Beside it, measured in this process and so undisturbed by the load, what
-the request thread pays: the cost of one `PredictionMeter.count` call. Results go to bench/results/metering.json.
+the request thread pays: the cost of one `PredictionMeter.count` call. With `--profile`, py-spy samples every
+server through the rounds (`bench/profiling.py`) and the table gains what share of each server's on-CPU samples
+fell in metering's code (`services/inference/metering.py` and all it calls: the counters, the writer thread's
+records, its transaction and publish) and in the rate-limit check: a measurement inside each process, which the
+noise between processes does not reach. Results go to bench/results/metering.json.
 """
 
 from __future__ import annotations
@@ -29,6 +36,7 @@ import argparse
 import contextlib
 import json
 import os
+import re
 import statistics
 import tempfile
 import time
@@ -37,6 +45,7 @@ from pathlib import Path
 
 from bench.common import Progress, Stats, describe_machine, machine, process_tree_cpu_seconds, write_results
 from bench.inference_bench import API_KEY, TENANT, TOKEN, drive, http_request, start_server
+from bench.profiling import Recording
 from services.inference.metering import PredictionMeter
 from shared.storage import FileStore
 from shared.tables import NUMBERS, print_table
@@ -49,6 +58,12 @@ MODES = {  # mode -> (INFERENCE_* config, other environment)
     "off": ({"log_predictions": "false", "metering": "false"}, NO_LIMITS),
     "metering": ({"log_predictions": "false"}, NO_LIMITS),
     "metering+limits": ({"log_predictions": "false"}, {}),
+    "off (A/A)": ({"log_predictions": "false", "metering": "false"}, NO_LIMITS),
+}
+CONTROL = "off (A/A)"
+CODE = {  # what a profile attributes, by the files of its frames
+    "metering": ("services/inference/metering.py",),
+    "rate limits": ("shared/ratelimit.py", "services/inference/fair_use.py"),
 }
 TARGET_LOSS = 0.02
 CONCURRENCY = 32
@@ -137,7 +152,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="6 rounds of 1 s levels (under a minute)")
     parser.add_argument("--seconds", type=float, default=4.0, help="length of one level")
-    parser.add_argument("--rounds", type=int, default=9, help="rounds of the three modes, order alternating")
+    parser.add_argument("--rounds", type=int, default=9, help="rounds of the four modes, order alternating")
+    parser.add_argument("--profile", action="store_true", help="sample each server with py-spy through the rounds")
     parser.add_argument("--redis-url", default=os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/14"))
     args = parser.parse_args(argv)
     seconds, warmup, rounds = (1.0, 0.3, 6) if args.quick else (args.seconds, 1.0, args.rounds)
@@ -155,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     with managed_processes() as processes:
         servers = {}
         for mode, (config, env) in MODES.items():
-            home = root / "homes" / mode.replace("+", "_")
+            home = root / "homes" / re.sub(r"[^a-z0-9]+", "_", mode).strip("_")
             store = FileStore(home / "objects")
             store.ensure_buckets("models", "raw")
             registry = RegistryStandIn(token=TOKEN)
@@ -178,6 +194,14 @@ def main(argv: list[str] | None = None) -> int:
             wait_until(lambda s=server: answers_ok(f"{s.url}/v2/health/ready"), timeout=120, what=f"{mode} ready")
             servers[mode] = server
             progress(f"{mode}: serving on {server.url}")
+        recordings = (
+            {
+                mode: Recording(server.pid, root / f"profile-{index}.txt")
+                for index, (mode, server) in enumerate(servers.items())
+            }
+            if args.profile
+            else {}
+        )
         for round_ in range(rounds):
             order = list(servers) if round_ % 2 == 0 else list(reversed(servers))
             level_throughput = {}
@@ -199,6 +223,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"round {round_ + 1}/{rounds} ({', '.join(order)}): "
                 + ", ".join(f"{m} {level_throughput[m]:.1f} req/s ({losses[m][-1] * 100:+.1f}%)" for m in servers)
             )
+        profiles = {mode: recording.stop() for mode, recording in recordings.items()}
     cpu_off = statistics.median(cpu_ms["off"])
     rows, results = [], {}
     for mode in MODES:
@@ -212,6 +237,11 @@ def main(argv: list[str] | None = None) -> int:
             "cpu_ratio": cpu.median / cpu_off if cpu_off else None,
             "errors": errors[mode],
         }
+        if mode in profiles:
+            results[mode]["profile"] = {
+                "samples": profiles[mode].samples,
+                **{f"{code}_share": profiles[mode].share(*files) for code, files in CODE.items()},
+            }
         rows.append(
             [
                 mode,
@@ -221,6 +251,11 @@ def main(argv: list[str] | None = None) -> int:
                 cpu.show(3),
                 f"{results[mode]['cpu_ratio']:.3f}" if results[mode]["cpu_ratio"] else "-",
                 str(errors[mode]),
+                *(
+                    [" / ".join(f"{results[mode]['profile'][f'{code}_share'] * 100:.2f}%" for code in CODE)]
+                    if profiles
+                    else []
+                ),
             ]
         )
     print_table(
@@ -232,6 +267,7 @@ def main(argv: list[str] | None = None) -> int:
             "server CPU ms/req",
             "CPU vs off",
             "errors",
+            *(["CPU samples in metering / rate limits"] if profiles else []),
         ],
         rows,
         align=NUMBERS,
@@ -241,7 +277,15 @@ def main(argv: list[str] | None = None) -> int:
     print(f"request thread's share of metering, in process: {count_us:.2f} us per request (PredictionMeter.count)")
     met = results["metering"]["loss"] <= TARGET_LOSS and not any(errors.values())
     verdict = "met" if met else "NOT met"
+    control = results[CONTROL]["loss_per_round"]
+    print(
+        f"A/A control: two identical servers differ by {control['median'] * 100:+.1f}% "
+        f"(IQR {control['q1'] * 100:+.1f}..{control['q3'] * 100:+.1f}) per round"
+    )
     print(f"target: metering on loses at most {TARGET_LOSS:.0%} (median per round), no errors: {verdict}")
+    if profiles:
+        share = results["metering"]["profile"]["metering_share"]
+        print(f"metering's share of the metering server's CPU samples: {share * 100:.2f}%")
     write_results(
         "metering",
         {
@@ -251,7 +295,8 @@ def main(argv: list[str] | None = None) -> int:
             "seconds": seconds,
             "warmup_s": warmup,
             "rounds": rounds,
-            "order": "ABBA: off, metering, metering+limits, then reversed",
+            "order": "ABBA: off, metering, metering+limits, off (A/A), then reversed",
+            "control": CONTROL,
             "modes": results,
             "count_us_per_request": count_us,
             "target": {"max_loss": TARGET_LOSS, "met": met},
