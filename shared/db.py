@@ -13,8 +13,9 @@ from typing import Any
 
 from sqlalchemy import MetaData, create_engine, event, inspect, text
 from sqlalchemy.engine import Engine, make_url
-from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import DeclarativeBase, Session, sessionmaker
+from sqlalchemy.schema import CreateIndex
 
 from shared.logging import get_logger
 
@@ -59,11 +60,13 @@ class Database:
         return self.engine.dialect.name == "sqlite"
 
     def create_all(self) -> None:
-        """Create missing tables, then add the nullable columns that a newer release declares to tables an
-        older one created. Additive changes need no migration step; anything else (a type change, a new
-        NOT NULL column) is a deliberate migration and does not belong here."""
+        """Create missing tables, then add the nullable columns and the indexes that a newer release declares
+        to tables an older one created. Additive changes need no migration step; anything else (a type change,
+        a new NOT NULL column, a new unique index over rows that break it) is a deliberate migration and does
+        not belong here."""
         self.metadata.create_all(self.engine)
         self._add_missing_columns()
+        self._add_missing_indexes()
 
     def _add_missing_columns(self) -> None:
         with self.engine.begin() as conn:
@@ -84,6 +87,27 @@ class Database:
                     guard = "IF NOT EXISTS " if self.engine.dialect.name == "postgresql" else ""
                     conn.execute(text(f'ALTER TABLE "{table.name}" ADD COLUMN {guard}"{column.name}" {kind}'))
                     log.info("schema_column_added", table=table.name, column=column.name, type=kind)
+
+    def _add_missing_indexes(self) -> None:
+        """Indexes a newer release declares on an existing table (`create_all` creates a table's indexes only
+        with the table). IF NOT EXISTS on both dialects, so two processes starting together both pass. A unique
+        index that the table's rows break is refused with the table and index named."""
+        with self.engine.begin() as conn:
+            present = inspect(conn)
+            for table in self.metadata.sorted_tables:
+                existing = {index["name"] for index in present.get_indexes(table.name)}
+                for index in sorted(table.indexes, key=lambda index: str(index.name)):
+                    if index.name in existing:
+                        continue
+                    try:
+                        with conn.begin_nested():
+                            conn.execute(CreateIndex(index, if_not_exists=True))
+                    except IntegrityError as exc:
+                        raise RuntimeError(
+                            f"table {table.name} lacks unique index {index.name}, which its rows break: "
+                            f"migrate the database first ({str(exc.orig)[:200]})"
+                        ) from exc
+                    log.info("schema_index_added", table=table.name, index=index.name)
 
     @contextmanager
     def session(self) -> Iterator[Session]:
