@@ -15,8 +15,6 @@ replica of a service shares them.
   pass the quota (then nothing is counted). A request that fails afterwards gives its reservation back
   (`release`). The counter starts from the meter store's month-to-date figure (`seed`), so a flushed Redis
   does not forgive a month's usage.
-- **Holds** (`QuotaHolds`): what long work that meters itself batch by batch (a bulk import) has still to use,
-  held against the quota for its duration so that other requests cannot take it meanwhile.
 - **A tenant's quotas** (`TenantQuotas`): the limits and month to date that ingestion keeps, asked over HTTP by
   the services that enforce them (labeling, training).
 
@@ -269,76 +267,6 @@ class QuotaCounter:
         try:
             for meter, amount in taken.items():
                 self.client.decrby(self._key(tenant, meter, month), amount)
-        except redis.RedisError as exc:
-            self._breaker.failed(exc)
-
-
-HOLD_SECONDS = 86400
-"""How long a hold outlives its holder's last move: a holder that died without releasing frees the quota then."""
-
-
-class QuotaHolds:
-    """Amounts held against a tenant's monthly quotas by long work that meters itself as it goes (a bulk import,
-    batch by batch): one Redis hash per (tenant, meter), holder -> what it still holds. Other work counts the
-    holds of every holder but itself (`held`); the holder `spend`s its hold as its usage is recorded, and
-    `release`s the rest when it ends. Fails open like the rest of this module: without Redis nothing is held."""
-
-    def __init__(self, client: redis.Redis, service: str) -> None:
-        self.client = client
-        self.service = service
-        self._breaker = _Breaker(service)
-
-    def _key(self, tenant: str, meter: str) -> str:
-        return f"{PREFIX}:hold:{tenant}:{meter}"
-
-    def hold(self, tenant: str, holder: str, amounts: dict[str, int]) -> None:
-        """Hold `amounts` (meter -> n) for `holder`, replacing what it held before."""
-        if self._breaker.open:
-            return
-        try:
-            with self.client.pipeline(transaction=True) as pipe:
-                for meter, amount in amounts.items():
-                    pipe.hset(self._key(tenant, meter), holder, max(0, int(amount)))
-                    pipe.expire(self._key(tenant, meter), HOLD_SECONDS)
-                pipe.execute()
-        except redis.RedisError as exc:
-            self._breaker.failed(exc)
-
-    def held(self, tenant: str, meters: Sequence[str], *, besides: str | None = None) -> dict[str, int]:
-        """What every holder but `besides` holds of each meter."""
-        totals = {meter: 0 for meter in meters}
-        if self._breaker.open:
-            return totals
-        try:
-            for meter in meters:
-                holds = self.client.hgetall(self._key(tenant, meter))
-                totals[meter] = sum(
-                    max(0, int(amount)) for holder, amount in holds.items() if holder.decode() != besides
-                )
-        except redis.RedisError as exc:
-            self._breaker.failed(exc)
-        return totals
-
-    def spend(self, tenant: str, holder: str, amounts: dict[str, int]) -> None:
-        """`holder`'s usage of `amounts` is now recorded (counted by the meter store): hold that much less."""
-        if self._breaker.open:
-            return
-        try:
-            with self.client.pipeline(transaction=True) as pipe:
-                for meter, amount in amounts.items():
-                    if amount > 0:
-                        pipe.hincrby(self._key(tenant, meter), holder, -int(amount))
-                        pipe.expire(self._key(tenant, meter), HOLD_SECONDS)
-                pipe.execute()
-        except redis.RedisError as exc:
-            self._breaker.failed(exc)
-
-    def release(self, tenant: str, holder: str, meters: Sequence[str]) -> None:
-        try:
-            with self.client.pipeline(transaction=True) as pipe:
-                for meter in meters:
-                    pipe.hdel(self._key(tenant, meter), holder)
-                pipe.execute()
         except redis.RedisError as exc:
             self._breaker.failed(exc)
 

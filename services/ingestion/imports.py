@@ -6,10 +6,11 @@ task is queued through the outbox in the transaction that records the import. Th
 back as a stream, in batches of `BATCH_SIZE`, through the same pipeline as a push; each batch's progress
 commits with its items, so a worker that dies resumes where the last batch ended.
 
-A tenant with a monthly items or bytes quota has its import admitted whole before anything is stored
-(`quotas.import_hold`): a first pass counts what the import would add (`_count`), the import fails with the
-quota's message and stores no item if that would pass the quota, and otherwise holds that much of it until it
-ends, so that concurrent pushes cannot take the room its later batches need.
+A tenant with an item or byte quota (daily or monthly) has its import admitted whole before anything is stored
+(`quotas.admit_import`): a first pass counts what the import would add (`_count`), the import fails with the
+quota's error and stores no item if that would pass a quota, and otherwise holds that much on its row until it
+ends, so that concurrent pushes and imports cannot take the room its later batches need. Each batch spends from
+the hold in the transaction that stores it; the transaction that finishes the import releases the rest.
 
 Zip files are checked before anything is read: entry count, total and per-entry uncompressed size and
 compression ratio (zip bombs), and every name for absolute paths or `..` (path traversal). An image's
@@ -39,7 +40,7 @@ from services.ingestion.ingest import BatchOutcome, Candidate, ingest_batch, tex
 from services.ingestion.models import Dataset, Import, Item, new_id
 from services.ingestion.schemas import MAX_TEXT_CHARS, ImportLineSchema
 from shared.artifacts import RAW_BUCKET
-from shared.errors import DomainError, PayloadTooLarge, Unprocessable
+from shared.errors import DomainError, PayloadTooLarge, Unprocessable, error_body
 from shared.logging import get_logger, log_context
 from shared.runtime import Runtime
 
@@ -152,30 +153,41 @@ def run_import(runtime: Runtime, import_id: str) -> str:
                 path = f"{workdir}/upload"
                 runtime.storage.download(RAW_BUCKET, record.object_key, path)
                 read = {"jsonl": _jsonl_entries, "zip": _zip_entries, "conll": _conll_entries}[record.format]
-                with quotas.import_hold(runtime, record.tenant, import_id) as hold:
-                    if hold.needed:  # counted, and refused whole or held, before anything is stored
-                        items, size = _count(runtime, dataset, read(path, dataset)[1], record.processed)
-                        hold.admit(items, size, resuming=record.processed > 0)
-                    _process(runtime, dataset, record, read(path, dataset), hold)
+                if _needs_admission(runtime, record):  # counted, and refused whole or held, before anything is stored
+                    items, size = _count(runtime, dataset, read(path, dataset)[1], record.processed)
+                    quotas.admit_import(runtime, import_id, items, size)
+                _process(runtime, dataset, record, read(path, dataset))
         except DomainError as exc:
-            _finish(runtime, import_id, "failed", exc.message)
+            _finish(runtime, import_id, "failed", exc)
             return "failed"
         except Exception as exc:
             log.exception("import_crashed", error=repr(exc))
-            _finish(runtime, import_id, "failed", f"the import stopped on an unexpected error: {exc}")
+            crash = DomainError(f"the import stopped on an unexpected error: {exc}", code="internal")
+            _finish(runtime, import_id, "failed", crash)
             return "failed"
     _finish(runtime, import_id, "succeeded", None)
     return "succeeded"
 
 
-def _finish(runtime: Runtime, import_id: str, status: str, failure: str | None) -> None:
+def _needs_admission(runtime: Runtime, record: Import) -> bool:
+    """Whether the import must be counted and admitted against its tenant's quotas first: it has some, and it
+    is not a resumed import (its worker died) that still holds the room it was admitted with."""
+    if not quotas.needs_hold(runtime, record.tenant):
+        return False
+    return record.processed == 0 or not quotas.resume_hold(runtime, record.id)
+
+
+def _finish(runtime: Runtime, import_id: str, status: str, failure: DomainError | None) -> None:
+    """Ends the import and, in the same transaction, releases what it still holds of its tenant's quotas."""
     with runtime.db.session() as session:
         record = session.get(Import, import_id)
         record.status = status
-        record.failure = failure
+        record.failure = failure.message if failure else None
+        record.error = None if failure is None else error_body(failure.code, failure.message, failure.details)["error"]
         record.finished_at = datetime.now(UTC)
+        quotas.release_hold(record)
         summary = {"processed": record.processed, "accepted": record.accepted, "rejected": record.rejected}
-    log.info("import_finished", status=status, failure=failure, **summary)
+    log.info("import_finished", status=status, failure=record.failure, **summary)
 
 
 # An entry is (position, candidate or None, error or None): errors are recorded against their position.
@@ -187,7 +199,6 @@ def _process(
     dataset: Dataset,
     record: Import,
     entries: tuple[int, Iterator[Entry]],
-    hold: quotas.ImportHold,
 ) -> None:
     total, stream = entries
     with runtime.db.session() as session:
@@ -204,10 +215,10 @@ def _process(
         elif candidate is not None:
             batch.append(candidate)
         if len(batch) + len(errors) >= BATCH_SIZE:
-            _commit_batch(runtime, dataset, record.id, batch, errors, position, hold)
+            _commit_batch(runtime, dataset, record.id, batch, errors, position)
             batch, errors = [], []
     if batch or errors or position > resume_from:
-        _commit_batch(runtime, dataset, record.id, batch, errors, position, hold)
+        _commit_batch(runtime, dataset, record.id, batch, errors, position)
 
 
 def _count(runtime: Runtime, dataset: Dataset, stream: Iterator[Entry], resume_from: int) -> tuple[int, int]:
@@ -235,9 +246,10 @@ def _commit_batch(
     batch: list[Candidate],
     errors: list[dict[str, Any]],
     position: int,
-    hold: quotas.ImportHold,
 ) -> None:
     def advance(session: Session, outcome: BatchOutcome) -> None:
+        # metered in this transaction: the meter store and the day's usage count it, the hold no longer
+        quotas.spend_hold(session, import_id, outcome.count("accepted"), outcome.accepted_bytes)
         record = session.get(Import, import_id)
         rejected = [{"line": r["index"], "error": r["reason"]} for r in outcome.results if r["status"] == "rejected"]
         record.processed = position
@@ -249,8 +261,7 @@ def _commit_batch(
             record.errors = [*record.errors, *sorted(errors + rejected, key=lambda e: e["line"])[:room]]
         log.info("import_progress", processed=position, total=record.total, accepted=record.accepted)
 
-    outcome = ingest_batch(runtime, dataset, batch, in_transaction=advance)
-    hold.spend(outcome.count("accepted"), outcome.accepted_bytes)  # metered now: the meter store counts it
+    ingest_batch(runtime, dataset, batch, in_transaction=advance, importing=import_id)
 
 
 def _jsonl_entries(path: str, dataset: Dataset) -> tuple[int, Iterator[Entry]]:

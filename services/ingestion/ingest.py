@@ -130,15 +130,17 @@ def ingest_batch(
     candidates: list[Candidate],
     *,
     in_transaction: Callable[[Session, BatchOutcome], None] | None = None,
+    importing: str | None = None,
 ) -> BatchOutcome:
     """Judge, store and record one batch. `in_transaction` runs inside the final transaction (imports use it
-    to move their progress forward atomically with the items)."""
+    to move their progress forward atomically with the items); `importing` names the import the batch is of,
+    whose own quota hold is the room the batch takes."""
     try:
-        return _ingest(runtime, dataset, candidates, in_transaction)
+        return _ingest(runtime, dataset, candidates, in_transaction, importing)
     except IntegrityError:
         # The same content was pushed concurrently and committed first: judged again, it is a duplicate now.
         try:
-            return _ingest(runtime, dataset, candidates, in_transaction)
+            return _ingest(runtime, dataset, candidates, in_transaction, importing)
         except IntegrityError as exc:
             raise Conflict("the same content is being pushed concurrently; retry the request") from exc
 
@@ -148,6 +150,7 @@ def _ingest(
     dataset: Dataset,
     candidates: list[Candidate],
     in_transaction: Callable[[Session, BatchOutcome], None] | None,
+    importing: str | None,
 ) -> BatchOutcome:
     outcome = BatchOutcome()
     labels = set(dataset.labels)
@@ -179,7 +182,7 @@ def _ingest(
     outcome.accepted_bytes = sum(len(c.data) for c, _ in accepted)
     if accepted:
         with runtime.db.read_session() as session:
-            quotas.check(session, partner, len(accepted), outcome.accepted_bytes)
+            quotas.check(session, partner, len(accepted), outcome.accepted_bytes, importing=importing)
 
     push_id = f"push_{uuid.uuid4().hex[:20]}"
     rows, written = _store_content(runtime, dataset, push_id, accepted)
@@ -199,6 +202,7 @@ def _ingest(
                 size=outcome.accepted_bytes,
                 duplicates=outcome.count("duplicate"),
                 rejected=outcome.count("rejected"),
+                importing=importing,
             )
             if rows:
                 metering.record(session, _push_usage(dataset, push_id, len(rows), outcome.accepted_bytes), "ingestion")

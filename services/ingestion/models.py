@@ -215,7 +215,8 @@ class IdempotencyRecord(Base):
 
 
 class Import(Base):
-    """A bulk import: the uploaded file (JSONL or zip of images) and the worker's progress through it."""
+    """A bulk import: the uploaded file (JSONL or zip of images) and the worker's progress through it, and what it
+    holds of its tenant's items and bytes quotas while it runs (services/ingestion/quotas.py)."""
 
     __tablename__ = "imports"
 
@@ -233,6 +234,15 @@ class Import(Base):
     rejected: Mapped[int] = mapped_column(Integer, default=0)
     errors: Mapped[list] = mapped_column(JSON, default=list)
     failure: Mapped[str | None] = mapped_column(Text, nullable=True)
+    error: Mapped[dict | None] = mapped_column(JSON, nullable=True)
+    """A failed import's refusal as an error answer would carry it: `{code, message, details}` (a quota's meter)."""
+    # The room a running import holds of its tenant's item and byte quotas (monthly and daily), written in the
+    # transaction that admits it, spent by each batch's transaction and nulled in the one that finishes it; it
+    # counts for every other push and import until `held_until`, which each batch moves on (a dead worker's
+    # hold lapses). Nullable: imports from before holds lived here hold nothing.
+    held_items: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    held_bytes: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    held_until: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     trace_id: Mapped[str | None] = mapped_column(String(128), nullable=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)

@@ -1,40 +1,38 @@
 """Quotas, usage and rate limits per partner: what a tenant may push and predict.
 
-- Daily quotas (`daily_item_quota`, `daily_byte_quota`), counted atomically in the same transaction as the items
-  they admit: a push that would take the partner past one is refused whole (429 with Retry-After until the next
-  UTC midnight), since partial acceptance would make retries ambiguous.
-- Monthly quotas per meter (`monthly_quotas`): `items_ingested` and `bytes_ingested` are checked here, in the
-  push's transaction, against the meter store's month to date plus what running imports hold (the partner's row
-  locked, so concurrent pushes cannot both pass); the others are enforced by the services that do the work,
-  which ask `tenant_limits` for them: `prediction_requests` and `prediction_rows` by inference, `annotations` by
-  labeling, `training_cpu_seconds` and `training_gpu_seconds` by training. An exhausted quota answers 429
-  `quota_exhausted` naming the meter, and nothing of the request is stored.
-- A bulk import is admitted whole (`import_hold`): before its first batch it counts what it would add and is
-  refused if that would pass a quota; else it holds that much (`shared.ratelimit.QuotaHolds`, in Redis) until it
-  ends, spending the hold as its batches are metered, so that no push or other import takes the room it needs.
+- Item and byte quotas, per UTC day (`daily_item_quota`, `daily_byte_quota`) and per UTC month (`monthly_quotas`
+  on `items_ingested` and `bytes_ingested`): checked here, in the push's transaction with the partner's row
+  locked, against the day's usage and the meter store's month to date plus what running imports hold, so that
+  concurrent pushes and imports cannot both pass one. A push past one is refused whole (429 with Retry-After
+  until the next UTC midnight, or month: `quota_exhausted` naming the meter), since partial acceptance would make
+  retries ambiguous; nothing of it is stored.
+- The other monthly quotas are enforced by the services that do the work, which ask `tenant_limits` for them:
+  `prediction_requests` and `prediction_rows` by inference, `annotations` by labeling, `training_cpu_seconds` and
+  `training_gpu_seconds` by training.
+- A bulk import is admitted whole (`admit_import`): before its first batch it counts what it would add and is
+  refused if that would pass a quota of either period; else it holds that much on its own row (`Import.held_*`,
+  written under the same lock), every batch's transaction spends from the hold what it meters, and the
+  transaction that finishes the import releases the rest. A hold counts until `held_until`, moved on by each
+  batch: one whose worker died and never came back lapses HOLD_SECONDS after its last move.
 - Rate limits (`rate_limits`): pushes and imports per second per API key and per tenant, a token bucket in Redis
   (`shared.ratelimit`) that every replica shares; the deployment's defaults are RATE_LIMIT_* settings.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
-from contextvars import ContextVar
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
-from flask import current_app, has_app_context
-from sqlalchemy import func, select, true, update
+from sqlalchemy import case, func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from services.ingestion import metering
-from services.ingestion.models import Partner, Usage, UsageRecord
+from services.ingestion.models import Import, Partner, Usage, UsageRecord
 from shared.auth import Principal
 from shared.errors import RateLimited
 from shared.logging import get_logger
-from shared.ratelimit import Bucket, QuotaExhausted, QuotaHolds, RateLimiter, seconds_until_next_month
+from shared.ratelimit import Bucket, QuotaExhausted, RateLimiter, seconds_until_next_month
 from shared.runtime import Runtime
 from shared.settings import Settings
 
@@ -52,6 +50,9 @@ MONTHLY_QUOTA_METERS = (
 """The meters a monthly quota can cap: checked before the work by the service that does it (training compute,
 known only after a run: no run starts once the month's compute has reached the quota)."""
 RATE_LIMITS = ("inference_per_key", "inference_per_tenant", "ingestion_per_key", "ingestion_per_tenant")
+HOLD_SECONDS = 86400
+"""How long an import's hold outlives its last move (admission or a batch): the hold of an import whose worker
+died and never came back frees its room then."""
 
 
 def today() -> date:
@@ -74,49 +75,35 @@ def _ensure_row(session: Session, tenant: str, day: date) -> None:
             pass  # a concurrent push created it first
 
 
-def check(session: Session, partner: Partner, items: int, size: int) -> None:
-    """Refuse early, before anything is stored, when the push cannot fit today's or this month's quota."""
-    _check_monthly(session, partner, items, size)
-    if partner.daily_item_quota is None and partner.daily_byte_quota is None:
-        return
-    usage = session.scalar(select(Usage).where(Usage.tenant == partner.id, Usage.day == today()))
-    used_items, used_bytes = (usage.items, usage.bytes) if usage else (0, 0)
-    _refuse_if_over(partner, used_items + items, used_bytes + size)
-
-
-def _refuse_if_over(partner: Partner, items: int, size: int) -> None:
-    if partner.daily_item_quota is not None and items > partner.daily_item_quota:
-        raise RateLimited(
-            f"daily item quota of {partner.daily_item_quota} would be exceeded",
-            {"quota": "items", "limit": partner.daily_item_quota},
-            retry_after=seconds_until_tomorrow(),
-        )
-    if partner.daily_byte_quota is not None and size > partner.daily_byte_quota:
-        raise RateLimited(
-            f"daily byte quota of {partner.daily_byte_quota} would be exceeded",
-            {"quota": "bytes", "limit": partner.daily_byte_quota},
-            retry_after=seconds_until_tomorrow(),
-        )
+def check(session: Session, partner: Partner, items: int, size: int, *, importing: str | None = None) -> None:
+    """Refuse early, before anything is stored, when the push (or a batch of the import `importing`) cannot fit
+    today's or this month's quota beside what running imports hold."""
+    if has_ingest_quota(partner):
+        _check_ingest(session, partner, items, size, held_by_imports(session, partner.id, besides=importing))
 
 
 def record(
-    session: Session, partner: Partner, *, items: int, size: int, duplicates: int, rejected: int, pushes: int = 1
+    session: Session,
+    partner: Partner,
+    *,
+    items: int,
+    size: int,
+    duplicates: int,
+    rejected: int,
+    pushes: int = 1,
+    importing: str | None = None,
 ) -> None:
-    """Count a push's outcome; the conditional update makes concurrent pushes unable to overshoot a quota."""
-    if _monthly_quotas(partner):
-        # one push at a time per tenant with a monthly quota: the month's sum and this push's are decided together
-        session.execute(select(Partner.id).where(Partner.id == partner.id).with_for_update())
-        _check_monthly(session, partner, items, size)
+    """Count a push's outcome (or a batch's of the import `importing`, checked without its own hold: that is the
+    room it was admitted with). With the partner's row locked, the day's and month's sums, the live holds and
+    this push's are decided together: concurrent pushes and imports cannot overshoot a quota."""
+    if has_ingest_quota(partner):
+        partner = _locked_partner(session, partner.id)
+        _check_ingest(session, partner, items, size, held_by_imports(session, partner.id, besides=importing))
     day = today()
     _ensure_row(session, partner.id, day)
-    within = true()
-    if partner.daily_item_quota is not None:
-        within = within & (Usage.items + items <= partner.daily_item_quota)
-    if partner.daily_byte_quota is not None:
-        within = within & (Usage.bytes + size <= partner.daily_byte_quota)
-    result = session.execute(
+    session.execute(
         update(Usage)
-        .where(Usage.tenant == partner.id, Usage.day == day, within)
+        .where(Usage.tenant == partner.id, Usage.day == day)
         .values(
             items=Usage.items + items,
             bytes=Usage.bytes + size,
@@ -125,10 +112,44 @@ def record(
             rejected=Usage.rejected + rejected,
         )
     )
-    if result.rowcount == 0:
-        usage = session.scalar(select(Usage).where(Usage.tenant == partner.id, Usage.day == day))
-        _refuse_if_over(partner, usage.items + items, usage.bytes + size)
-        raise RateLimited("daily quota exceeded", retry_after=seconds_until_tomorrow())
+
+
+def has_ingest_quota(partner: Partner) -> bool:
+    """Whether the tenant has an item or byte quota, of either period: its pushes and imports are counted."""
+    daily = partner.daily_item_quota is not None or partner.daily_byte_quota is not None
+    return daily or any(meter in INGESTED for meter in _monthly_quotas(partner))
+
+
+def _locked_partner(session: Session, tenant: str) -> Partner:
+    """The partner, its row locked to the end of the transaction: one push or import admission at a time per
+    tenant (SQLite has no row locks; its write transactions are already one at a time)."""
+    return session.scalars(
+        select(Partner).where(Partner.id == tenant).with_for_update().execution_options(populate_existing=True)
+    ).one()
+
+
+def _check_ingest(session: Session, partner: Partner, items: int, size: int, held: tuple[int, int]) -> None:
+    _check_monthly(session, partner, items, size, held)
+    _check_daily(session, partner, items, size, held)
+
+
+def _check_daily(session: Session, partner: Partner, items: int, size: int, held: tuple[int, int]) -> None:
+    """Refuse what would pass a daily quota: the day's usage, plus what running imports hold, plus its own."""
+    if partner.daily_item_quota is None and partner.daily_byte_quota is None:
+        return
+    usage = session.scalar(select(Usage).where(Usage.tenant == partner.id, Usage.day == today()))
+    used_items, used_bytes = (usage.items, usage.bytes) if usage else (0, 0)
+    for quota, limit, used, hold, amount in (
+        ("item", partner.daily_item_quota, used_items, held[0], items),
+        ("byte", partner.daily_byte_quota, used_bytes, held[1], size),
+    ):
+        if limit is not None and used + hold + amount > limit:
+            also = f", {hold} held by running imports" if hold else ""
+            raise RateLimited(
+                f"daily {quota} quota of {limit} would be exceeded ({used} used today{also})",
+                {"quota": f"{quota}s", "limit": limit},
+                retry_after=seconds_until_tomorrow(),
+            )
 
 
 def usage_by_day(session: Session, tenant: str, since: date) -> list[Usage]:
@@ -160,103 +181,91 @@ def month_to_date(session: Session, tenant: str, meters: list[str] | tuple[str, 
     return used
 
 
-def _check_monthly(
-    session: Session, partner: Partner, items: int, size: int, held: dict[str, int] | None = None
-) -> None:
-    """Refuse a push (or an import) that would pass a monthly quota: month to date, plus what running imports
-    hold (`held`; by default every import's but the one this thread ingests for), plus its own."""
+def _check_monthly(session: Session, partner: Partner, items: int, size: int, held: tuple[int, int]) -> None:
+    """Refuse what would pass a monthly quota: month to date, plus what running imports hold, plus its own."""
     limits = {m: v for m, v in _monthly_quotas(partner).items() if m in INGESTED}
     if not limits:
         return
     used = month_to_date(session, partner.id, tuple(limits))
-    held = {meter: 0 for meter in limits} | (held if held is not None else _held_by_others(partner.id, tuple(limits)))
-    for meter, amount in (("items_ingested", items), ("bytes_ingested", size)):
-        if meter in limits and used[meter] + held[meter] + amount > limits[meter]:
-            also = f", {held[meter]} held by running imports" if held[meter] else ""
+    for meter, hold, amount in (("items_ingested", held[0], items), ("bytes_ingested", held[1], size)):
+        if meter in limits and used[meter] + hold + amount > limits[meter]:
+            also = f", {hold} held by running imports" if hold else ""
             raise QuotaExhausted(
                 f"the monthly quota of {limits[meter]} {meter} would be exceeded ({used[meter]} used this month{also})",
-                {"meter": meter, "limit": limits[meter], "used": used[meter], "held": held[meter], "requested": amount},
+                {"meter": meter, "limit": limits[meter], "used": used[meter], "held": hold, "requested": amount},
                 retry_after=seconds_until_next_month(),
             )
 
 
 # -- imports, admitted whole ------------------------------------------------------------------------------
 
-_importing: ContextVar[tuple[QuotaHolds, str] | None] = ContextVar("importing", default=None)
-"""The holds and the import whose batches this thread ingests: its own hold is the room its batches use."""
+
+def _hold_deadline() -> datetime:
+    return datetime.now(UTC) + timedelta(seconds=HOLD_SECONDS)
 
 
-def _holds(runtime: Runtime) -> QuotaHolds:
-    holds = getattr(runtime, "quota_holds", None)
-    if holds is None:
-        holds = runtime.quota_holds = QuotaHolds(runtime.redis, runtime.service)  # type: ignore[attr-defined]
-    return holds
+def held_by_imports(session: Session, tenant: str, *, besides: str | None = None) -> tuple[int, int]:
+    """The items and bytes the tenant's running imports hold (their live holds), but `besides`'s."""
+    query = select(func.coalesce(func.sum(Import.held_items), 0), func.coalesce(func.sum(Import.held_bytes), 0))
+    query = query.where(Import.tenant == tenant, Import.held_until > datetime.now(UTC))
+    if besides is not None:
+        query = query.where(Import.id != besides)
+    items, size = session.execute(query).one()
+    return int(items), int(size)
 
 
-def _held_by_others(tenant: str, meters: tuple[str, ...]) -> dict[str, int]:
-    """What running imports hold of the meters, but the one this thread ingests for (a push: every import)."""
-    importing = _importing.get()
-    if importing is not None:
-        holds, holder = importing
-        return holds.held(tenant, meters, besides=holder)
-    if has_app_context() and "flywheel" in current_app.extensions:  # a push, on the HTTP path
-        return _holds(current_app.extensions["flywheel"]).held(tenant, meters)
-    return {meter: 0 for meter in meters}
+def needs_hold(runtime: Runtime, tenant: str) -> bool:
+    """Whether an import of the tenant must be counted and admitted against a quota before its first batch."""
+    with runtime.db.read_session() as session:
+        partner = session.get(Partner, tenant)
+        return partner is not None and has_ingest_quota(partner)
 
 
-class ImportHold:
-    """What one bulk import holds of its tenant's monthly items and bytes quotas while it runs."""
-
-    def __init__(self, runtime: Runtime, tenant: str, import_id: str) -> None:
-        self.runtime, self.tenant, self.holder = runtime, tenant, import_id
-        self.holds = _holds(runtime)
-        with runtime.db.read_session() as session:
-            partner = session.get(Partner, tenant)
-            quotas = _monthly_quotas(partner) if partner is not None else {}
-        self.meters = tuple(meter for meter in INGESTED if meter in quotas)
-
-    @property
-    def needed(self) -> bool:
-        """Whether the tenant has a quota the import must be counted against."""
-        return bool(self.meters)
-
-    def admit(self, items: int, size: int, *, resuming: bool) -> None:
-        """Refuse the import whole (QuotaExhausted) if its `items` and `size` would pass a quota; else hold them.
-        Decided under the partner's row lock, as a push is: a push or import decided after sees the hold. A
-        resumed import was admitted when it started: it holds what it has left, unchecked."""
-        with self.runtime.db.session() as session:
-            session.execute(select(Partner.id).where(Partner.id == self.tenant).with_for_update())
-            partner = session.get(Partner, self.tenant)
-            if not resuming:
-                held = self.holds.held(self.tenant, self.meters, besides=self.holder)
-                _check_monthly(session, partner, items, size, held)
-            self.holds.hold(self.tenant, self.holder, self._amounts(items, size))
-        log.info("import_quota_held", items=items, bytes=size, resumed=resuming)
-
-    def spend(self, items: int, size: int) -> None:
-        """A batch's items are metered now (its transaction committed): hold that much less."""
-        if self.needed:
-            self.holds.spend(self.tenant, self.holder, self._amounts(items, size))
-
-    def release(self) -> None:
-        if self.needed:
-            self.holds.release(self.tenant, self.holder, self.meters)
-
-    def _amounts(self, items: int, size: int) -> dict[str, int]:
-        return {meter: {"items_ingested": items, "bytes_ingested": size}[meter] for meter in self.meters}
+def admit_import(runtime: Runtime, import_id: str, items: int, size: int) -> None:
+    """Refuse the import whole if its `items` and `size` would pass one of its tenant's quotas, this month
+    (QuotaExhausted) or today (RateLimited); else hold them on its row. Decided under the partner's row lock,
+    as a push is, beside every other import's live hold: of two imports that fit only one at a time, the one
+    decided second sees the first's hold and is refused."""
+    with runtime.db.session() as session:
+        record = session.get(Import, import_id)
+        partner = _locked_partner(session, record.tenant)
+        _check_ingest(session, partner, items, size, held_by_imports(session, record.tenant, besides=import_id))
+        record.held_items, record.held_bytes, record.held_until = items, size, _hold_deadline()
+    log.info("import_quota_held", items=items, bytes=size)
 
 
-@contextmanager
-def import_hold(runtime: Runtime, tenant: str, import_id: str) -> Iterator[ImportHold]:
-    """For an import's whole run: its batches are checked against the quota without its own hold, which is
-    released when the block ends (succeeded, failed or crashed)."""
-    hold = ImportHold(runtime, tenant, import_id)
-    token = _importing.set((hold.holds, import_id))
-    try:
-        yield hold
-    finally:
-        _importing.reset(token)
-        hold.release()
+def resume_hold(runtime: Runtime, import_id: str) -> bool:
+    """A resumed import (its worker died) keeps its hold if it is still live, moved on: True. False when it holds
+    nothing (it lapsed, or was never taken): it is counted and admitted again."""
+    with runtime.db.session() as session:
+        moved = session.execute(
+            update(Import)
+            .where(Import.id == import_id, Import.held_until > datetime.now(UTC))
+            .values(held_until=_hold_deadline())
+        )
+        kept = moved.rowcount == 1
+    if kept:
+        log.info("import_quota_hold_kept")
+    return kept
+
+
+def spend_hold(session: Session, import_id: str, items: int, size: int) -> None:
+    """In a batch's transaction, which meters `items` and `size`: the import holds that much less (never below
+    nothing), and its hold lasts HOLD_SECONDS from now."""
+    session.execute(
+        update(Import)
+        .where(Import.id == import_id, Import.held_until.is_not(None))
+        .values(
+            held_items=case((Import.held_items > items, Import.held_items - items), else_=0),
+            held_bytes=case((Import.held_bytes > size, Import.held_bytes - size), else_=0),
+            held_until=_hold_deadline(),
+        )
+    )
+
+
+def release_hold(record: Import) -> None:
+    """In the transaction that finishes the import (succeeded or failed): it holds nothing more."""
+    record.held_items = record.held_bytes = record.held_until = None
 
 
 def rate_limits(partner: Partner | None, settings: Settings) -> dict[str, float]:

@@ -11,7 +11,7 @@ from marshmallow import Schema, ValidationError, fields, validate, validates_sch
 from services.ingestion import metering, quotas, spans
 from shared.auth import SCOPES, TENANT_ID
 from shared.events.catalog import TASK_TYPES, EntitySpan
-from shared.schemas import Timestamp
+from shared.schemas import ErrorDetailSchema, Timestamp
 
 NAME = validate.Regexp(r"^[A-Za-z0-9][A-Za-z0-9 ._-]{0,99}$", error="1-100 letters, digits, space, '.', '_' or '-'")
 MAX_TEXT_CHARS = 100_000
@@ -325,7 +325,16 @@ class ImportSchema(Schema):
     duplicates = fields.Integer()
     rejected = fields.Integer()
     errors = fields.List(fields.Dict(), metadata={"description": "the first 1,000 per-line errors"})
-    failure = fields.String(allow_none=True)
+    failure = fields.String(allow_none=True, metadata={"description": "why a failed import stopped"})
+    error = fields.Nested(
+        ErrorDetailSchema,
+        allow_none=True,
+        metadata={
+            "description": "a failed import's error, as a refused request would carry it. An import that would "
+            "pass a quota is refused before its first batch and stores nothing: `quota_exhausted` for a monthly "
+            "quota (`details.meter` names the meter), `rate_limited` for a daily one (`details.quota`)"
+        },
+    )
     created_at = Timestamp()
     finished_at = Timestamp(allow_none=True)
 

@@ -69,25 +69,26 @@ def test_an_import_past_the_bytes_quota_is_refused_whole(ingestion, tenant, work
     assert item_count(tenant) == 0 and metered(tenant, "bytes_ingested") == 0
 
 
-def test_a_running_import_holds_its_room_against_pushes_and_imports(ingestion, tenant) -> None:
+def test_a_running_import_holds_its_room_against_pushes_and_imports(ingestion, tenant, worker) -> None:
     set_limits(ingestion, tenant, monthly_quotas={"items_ingested": 10})
     assert tenant.push(tenant.text["id"], [{"text": "first"}, {"text": "second"}]).status_code == 200
-    runtime = ingestion.runtime
-    running = quotas.ImportHold(runtime, tenant.partner_id, "imp_running")  # as the worker's import takes it
-    try:
-        running.admit(7, 700, resuming=False)  # 2 used + 7 held: room for one more item
-        assert tenant.push(tenant.text["id"], [{"text": "fits beside the hold"}]).status_code == 200
-        squeezed = tenant.push(tenant.text["id"], [{"text": "would take the import's room"}])
-        assert squeezed.status_code == 429, squeezed.get_json()
-        error = squeezed.get_json()["error"]
-        assert error["code"] == "quota_exhausted" and error["details"]["meter"] == "items_ingested"
-        assert (error["details"]["used"], error["details"]["held"]) == (3, 7)
-        with quotas.import_hold(runtime, tenant.partner_id, "imp_second") as second, pytest.raises(QuotaExhausted):
-            second.admit(1, 10, resuming=False)  # another import cannot take it either
-        running.spend(4, 400)  # four of its items metered meanwhile: three still held, room for four
-        assert tenant.push(tenant.text["id"], [{"text": f"room {n}"} for n in range(4)]).status_code == 200
-        assert tenant.push(tenant.text["id"], [{"text": "still refused"}]).status_code == 429
-    finally:
-        running.release()
-    assert tenant.push(tenant.text["id"], [{"text": "the hold is released"}]).status_code == 200
-    assert item_count(tenant) == 8
+    running = upload(tenant, tenant.text["id"], jsonl([f"imported {n}" for n in range(7)]), "application/x-ndjson")
+    second = upload(tenant, tenant.text["id"], jsonl(["a second import"]), "application/x-ndjson")
+    running_id, second_id = running.get_json()["id"], second.get_json()["id"]
+    quotas.admit_import(ingestion.runtime, running_id, 7, 700)  # as the worker admits it before its first batch
+    # 2 used + 7 held: room for one more item
+    assert tenant.push(tenant.text["id"], [{"text": "fits beside the hold"}]).status_code == 200
+    squeezed = tenant.push(tenant.text["id"], [{"text": "would take the import's room"}])
+    assert squeezed.status_code == 429, squeezed.get_json()
+    error = squeezed.get_json()["error"]
+    assert error["code"] == "quota_exhausted" and error["details"]["meter"] == "items_ingested"
+    assert (error["details"]["used"], error["details"]["held"]) == (3, 7)
+    with pytest.raises(QuotaExhausted):
+        quotas.admit_import(ingestion.runtime, second_id, 1, 10)  # another import cannot take it either
+    with worker("ingestion"):
+        done = wait_finished(tenant, running_id)  # its batches take the room it holds, and fit
+        refused = wait_finished(tenant, second_id)
+    assert done["status"] == "succeeded" and done["accepted"] == 7, done
+    assert refused["status"] == "failed" and refused["error"]["details"]["meter"] == "items_ingested", refused
+    assert item_count(tenant) == 10 and metered(tenant, "items_ingested") == 10
+    assert tenant.push(tenant.text["id"], [{"text": "the month is full"}]).status_code == 429
