@@ -23,7 +23,7 @@ from flask_smorest import Blueprint as DocumentedBlueprint
 from flask_smorest.utils import prepare_response
 from marshmallow import ValidationError
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, Histogram, generate_latest
-from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import DataError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from werkzeug.exceptions import HTTPException
 from werkzeug.routing import IntegerConverter
@@ -223,6 +223,15 @@ def _install_error_handlers(app: Flask) -> None:
         response = jsonify(error_body("storage_unavailable", "object storage is unavailable; retry shortly"))
         response.headers["Retry-After"] = "5"
         return response, 503
+
+    @app.errorhandler(DataError)
+    def _unstorable(error: DataError) -> tuple[Response, int]:
+        # PostgreSQL text cannot hold NUL: a request's string that no validator looked at reaches the insert.
+        # The transaction rolled back, so nothing was written; the client sent what no column can store.
+        if "NUL" in str(error.orig):
+            message = "a text in the request contains a NUL character (\\u0000), which cannot be stored"
+            return jsonify(error_body("validation_failed", message, {"fields": {}})), 422
+        return _unexpected(error)
 
     @app.errorhandler(Exception)
     def _unexpected(error: Exception) -> tuple[Response, int]:

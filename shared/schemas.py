@@ -1,4 +1,5 @@
-"""Marshmallow pieces every service's schemas share: the error envelope and the timestamp field.
+"""Marshmallow pieces every service's schemas share: the error envelope, the timestamp field, and the rule for
+partner-given identifiers.
 
 - `ErrorSchema` is the body of every error a service answers (`shared/http.py` builds it with
   `shared.errors.error_body`); the OpenAPI documents name it for every documented error response.
@@ -11,7 +12,13 @@ from __future__ import annotations
 import datetime as dt
 from typing import Any
 
-from marshmallow import Schema, fields
+from marshmallow import Schema, fields, validate
+
+PRINTABLE = validate.Regexp(
+    r"\A[^\x00-\x1f\x7f]*\Z", error="control characters (NUL, tabs, line breaks) are not allowed in an identifier"
+)
+"""For a partner's own identifiers (a data subject's id): stored in text columns, which on PostgreSQL cannot
+hold NUL, and shown in reports, where control characters only mislead."""
 
 
 class ErrorDetailSchema(Schema):

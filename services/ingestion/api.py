@@ -74,6 +74,7 @@ from shared.errors import Conflict, NotFound, PayloadTooLarge, Unprocessable
 from shared.logging import get_logger
 from shared.ratelimit import TOO_MANY_REQUESTS
 from shared.runtime import Runtime
+from shared.schemas import PRINTABLE, ErrorSchema
 
 log = get_logger(__name__)
 
@@ -631,10 +632,19 @@ def delete_item(item_id: str) -> dict[str, Any]:
 @require_partner
 @requires_scope("admin")
 @item_routes.response(202, ErasureSchema)
+@item_routes.alt_response(
+    422,
+    schema=ErrorSchema,
+    description="Not a subject id: over 200 characters, or holding control characters (`details.fields.subject_id`).",
+)
 def erase_subject(subject_id: str) -> dict[str, Any]:
     """Erase a data subject (the `subject_id` given on push, import and `:predict`): every item of theirs, as
     `DELETE /v1/items/{id}` does, and their logged predictions and feedback at inference. A subject with
     nothing stored is an erasure too (its report counts zeros)."""
+    try:
+        PRINTABLE(subject_id)
+    except ValidationError as exc:
+        raise Unprocessable("not a subject id", {"fields": {"subject_id": exc.messages}}) from None
     if len(subject_id) > 200:
         raise Unprocessable("a subject id has at most 200 characters", {"fields": {"subject_id": ["too long"]}})
     runtime = _runtime()

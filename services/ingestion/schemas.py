@@ -11,7 +11,7 @@ from marshmallow import Schema, ValidationError, fields, validate, validates_sch
 from services.ingestion import metering, quotas, spans
 from shared.auth import SCOPES, TENANT_ID
 from shared.events.catalog import TASK_TYPES, EntitySpan
-from shared.schemas import ErrorDetailSchema, Timestamp
+from shared.schemas import PRINTABLE, ErrorDetailSchema, Timestamp
 
 NAME = validate.Regexp(r"^[A-Za-z0-9][A-Za-z0-9 ._-]{0,99}$", error="1-100 letters, digits, space, '.', '_' or '-'")
 MAX_TEXT_CHARS = 100_000
@@ -230,7 +230,7 @@ class PushItemSchema(Schema):
     subject_id = fields.String(
         load_default=None,
         allow_none=True,
-        validate=validate.Length(min=1, max=200),
+        validate=[validate.Length(min=1, max=200), PRINTABLE],
         metadata={
             "description": "The data subject the item is about, your own id for them (a customer, a user): "
             "`DELETE /v1/subjects/{subject_id}` erases every item of theirs and their logged predictions."

@@ -317,3 +317,18 @@ def test_two_deletions_of_one_item_at_once_give_202_and_404(platform, postgres_d
     assert sorted(answers) == [202, 404]
     assert len(outbox_events(tenant.service, "item.deleted")) == 1
     assert download(tenant, pushed[0]["item_id"]) == b"keep"
+
+
+def test_a_nul_character_in_an_identifier_or_a_path_answers_422_on_postgresql(platform, postgres_database) -> None:
+    # PostgreSQL text columns cannot hold NUL: the subject id is refused by its validator, naming the field, in
+    # a push and in an erasure's path.
+    tenant = make_tenant(platform("ingestion", database_url=postgres_database()), "acme")
+    refused = tenant.push(tenant.text["id"], [{"text": "about someone", "subject_id": "cus\x0042"}])
+    assert refused.status_code == 422, refused.get_json()
+    assert "subject_id" in str(refused.get_json()["error"]["details"]), refused.get_json()
+    assert item_count(tenant.service, tenant.text["id"]) == 0
+    erased = tenant.service.client.delete("/v1/subjects/cus%0042", headers=tenant.headers)
+    assert erased.status_code == 422, erased.get_json()
+    assert "control characters" in str(erased.get_json()["error"]["details"]["fields"]["subject_id"])
+    operation = tenant.service.client.get("/openapi.json").get_json()["paths"]["/v1/subjects/{subject_id}"]["delete"]
+    assert "422" in operation["responses"]

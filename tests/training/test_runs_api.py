@@ -172,3 +172,16 @@ def test_invalid_requests_answer_422_with_each_bad_field(services) -> None:
     classification = {"name", "method", "items", "accuracy", "macro_f1"}
     entities = {"entity_f1", "entity_precision", "entity_recall", "per_type"}  # a token run's dictionary baseline
     assert set(document["Baseline"]["properties"]) == classification | entities
+
+
+def test_a_nul_character_that_no_validator_checks_is_a_422_on_postgresql(platform, postgres_database) -> None:
+    """PostgreSQL text cannot hold NUL; a run's free-text reason is not an identifier, so only the database
+    refuses it: the answer is a 422 saying so, and no run is recorded."""
+    training = platform("training", database_url=postgres_database())
+    snapshot = snapshot_for(training, "acme")
+    body = {"tenant": "acme", "dataset_id": "ds_docs", "snapshot_id": snapshot["snapshot_id"], "reason": "a\x00b"}
+    answer = training.client.post("/v1/runs", json=body, headers=INTERNAL)
+    assert answer.status_code == 422, answer.get_json()
+    assert answer.get_json()["error"]["code"] == "validation_failed"
+    assert "NUL" in answer.get_json()["error"]["message"]
+    assert training.client.get("/v1/runs", headers=INTERNAL).get_json()["runs"] == []
