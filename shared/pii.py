@@ -12,7 +12,9 @@ Two detectors:
   for comparison (`bench/pii_bench.py`) and as a fallback.
 
 Each detected span is replaced by a typed placeholder (`[EMAIL]`, `[PHONE]`, `[CARD]`, `[IBAN]`, `[IP]`,
-`[NATIONAL_ID]`) and counted by kind, so what stores the text can record what was removed.
+`[NATIONAL_ID]`) and counted by kind, so what stores the text can record what was removed. The redaction also
+says where each replacement went (`Redaction.replaced`), so that offsets into the original text (entity spans)
+can be moved onto the redacted one (`moved_span`), or found to overlap what was removed.
 """
 
 from __future__ import annotations
@@ -39,10 +41,36 @@ Weaker matches (an IP-looking version string scores 0.6, so it still counts) are
 DETECTORS = ("presidio", "regex")
 
 
+Replacement = tuple[int, int, int, int]
+"""One replaced range: its `(start, end)` in the original text, then its placeholder's `(start, end)` in the
+redacted text (code points)."""
+
+
 @dataclass
 class Redaction:
     text: str
     counts: dict[str, int] = field(default_factory=dict)
+    replaced: list[Replacement] = field(default_factory=list)
+    """The replaced ranges in text order (empty: the text is unchanged)."""
+
+    def moved(self, start: int, end: int) -> tuple[int, int] | None:
+        """Where the original `text[start:end]` lies in the redacted text; None if it overlaps a replaced range."""
+        return moved_span(self.replaced, start, end)
+
+
+def moved_span(replaced: list[Replacement], start: int, end: int, *, back: bool = False) -> tuple[int, int] | None:
+    """`[start, end)` of the original text moved onto the redacted one (`back`: of the redacted text moved back onto
+    the original), or None when it overlaps a replaced range (in the direction read)."""
+    shift = 0
+    for replacement in replaced:
+        from_start, from_end, _, to_end = (*replacement[2:], *replacement[:2]) if back else replacement
+        if from_end <= start:
+            shift = to_end - from_end
+        elif from_start >= end:
+            break
+        else:
+            return None
+    return start + shift, end + shift
 
 
 @dataclass(frozen=True)
@@ -84,25 +112,61 @@ def iban_valid(candidate: str) -> bool:
 
 def redact_with_regexes(text: str) -> Redaction:
     counts: Counter[str] = Counter()
+    original = text
+    found: list[tuple[int, int, str]] = []  # replaced ranges of the original text, with their placeholders
 
     def substitute(pattern: re.Pattern[str], kind: str, placeholder: str, valid=None) -> None:
-        nonlocal text
-
-        def replace(match: re.Match[str]) -> str:
-            value = match.group(0)
-            if valid is not None and not valid(value):
-                return value
+        nonlocal text, found
+        now = _replacements(found)
+        chosen: list[tuple[int, int, str]] = []
+        for match in pattern.finditer(text):
+            if valid is not None and not valid(match.group(0)):
+                continue
             counts[kind] += 1
-            return placeholder
-
-        text = pattern.sub(replace, text)
+            # the match in the original text's offsets: a placeholder it covers is taken whole
+            start = _original_offset(now, match.start(), end=False)
+            chosen.append((start, _original_offset(now, match.end(), end=True), placeholder))
+        found = sorted([kept for kept in found if not any(kept[0] < c[1] and c[0] < kept[1] for c in chosen)] + chosen)
+        text = _rebuilt(original, found)
 
     # Order matters: IBANs and cards contain digit runs a phone pattern would also match.
     substitute(EMAIL, "email", "[EMAIL]")
     substitute(IBAN, "iban", "[IBAN]", iban_valid)
     substitute(CARD, "card", "[CARD]", lambda v: luhn_valid(re.sub(r"\D", "", v)))
     substitute(PHONE, "phone", "[PHONE]", lambda v: 7 <= len(re.sub(r"\D", "", v)) <= 15)
-    return Redaction(text=text, counts=dict(counts))
+    return Redaction(text=text, counts=dict(counts), replaced=_replacements(found))
+
+
+def _replacements(found: list[tuple[int, int, str]]) -> list[Replacement]:
+    """Replaced ranges of the original text (in order, with their placeholders) as `Replacement`s."""
+    replaced: list[Replacement] = []
+    shift = 0
+    for start, end, placeholder in found:
+        replaced.append((start, end, start + shift, start + shift + len(placeholder)))
+        shift += len(placeholder) - (end - start)
+    return replaced
+
+
+def _original_offset(replaced: list[Replacement], offset: int, *, end: bool) -> int:
+    """An offset of the redacted text in the original's; inside a placeholder, that placeholder's edge."""
+    shift = 0
+    for start, stop, new_start, new_end in replaced:
+        if new_end <= offset:
+            shift = stop - new_end
+        elif new_start < offset:
+            return stop if end else start
+        else:
+            break
+    return offset + shift
+
+
+def _rebuilt(original: str, found: list[tuple[int, int, str]]) -> str:
+    pieces, cursor = [], 0
+    for start, end, placeholder in found:
+        pieces += [original[cursor:start], placeholder]
+        cursor = end
+    pieces.append(original[cursor:])
+    return "".join(pieces)
 
 
 # -- the presidio detector -----------------------------------------------------------------------------------
@@ -195,15 +259,12 @@ def find(text: str) -> list[Finding]:
 
 def redact_with_presidio(text: str) -> Redaction:
     counts: Counter[str] = Counter()
-    pieces: list[str] = []
-    cursor = 0
+    found: list[tuple[int, int, str]] = []
     for finding in find(text):
         kind, placeholder = KINDS[finding.kind]
-        pieces += [text[cursor : finding.start], placeholder]
+        found.append((finding.start, finding.end, placeholder))
         counts[kind] += 1
-        cursor = finding.end
-    pieces.append(text[cursor:])
-    return Redaction(text="".join(pieces), counts=dict(counts))
+    return Redaction(text=_rebuilt(text, found), counts=dict(counts), replaced=_replacements(found))
 
 
 def redact(text: str, detector: str = "presidio") -> Redaction:

@@ -6,9 +6,10 @@ the model's own preprocessing (its tokenizer; decode, resize, normalise), routes
 per `request_key`), and answers each input's label, confidence and probabilities, the version that answered
 and a `prediction_id`. A token-classification model answers each text's entities instead (`{start, end, label,
 score, text}`, offsets in Unicode code points of the text sent, decoded by the package's rule in
-`shared.entities`); those predictions are not logged yet and have no `prediction_id`. Every classifier
-prediction a partner makes here is logged with its input, so any of them can receive `POST /v1/feedback`
-`{prediction_id, label}`, which emits `prediction.feedback` in the same transaction. Another service may call
+`shared.entities`). Every prediction a partner makes here is logged with its input (a token model's with its
+entities), so any of them can receive `POST /v1/feedback`: `{prediction_id, label}` for a classifier's,
+`{prediction_id, spans: [{start, end, label}, ...]}` (offsets of the text sent; `[]`: no entity) for a token
+model's, which emits `prediction.feedback` in the same transaction. Another service may call
 predict for a tenant (the internal token and `X-Flywheel-Tenant`: labeling's pre-labels); those predictions are
 neither logged nor given a `prediction_id`. Such a caller may name the tenant's stored items instead of sending
 them, `{"references": [{bucket, key, sha256, offset, length}, ...]}`: inference reads them from object storage
@@ -181,9 +182,11 @@ def predict(name: str) -> dict[str, Any]:
         server.metrics.failures.labels(tenant, name, "predict", code).inc()
         raise
     loaded = result.version
-    if loaded.tags is not None:
-        return _entity_answer(server, name, loaded, built, result.outputs["logits"], started)
-    classifications = classify(result.outputs["logits"], loaded.labels)
+    token = loaded.tags is not None
+    if token:
+        answers: list[Any] = entities(built["texts"], built["words"], result.outputs["logits"], loaded.tags or [])
+    else:
+        answers = classify(result.outputs["logits"], loaded.labels)
     elapsed = time.perf_counter() - started
     # Another service acting for the tenant (labeling's pre-labels) predicts on inputs already in storage:
     # those predictions are not partner traffic, are not logged and take no feedback.
@@ -191,7 +194,8 @@ def predict(name: str) -> dict[str, Any]:
     ids: list[str | None] = [None] * len(inputs)
     if not delegated and server.config.log_predictions:
         # The request's share of logging and sampling: ids, a cached policy and one append of references
-        # (`RequestRecord`); rows, input statistics and the sampling draw are made on the log's writer thread.
+        # (`RequestRecord`); rows, input statistics, redaction and the sampling draw are made on the log's writer
+        # thread. A token model's entities are logged the same way (never sampled, never shadowed).
         ids = new_prediction_ids(len(inputs))
         policy = server.monitor.policy(tenant, name)
         server.prediction_log.record_request(
@@ -203,7 +207,7 @@ def predict(name: str) -> dict[str, Any]:
                 model.dataset_id,
                 kind,
                 inputs,
-                classifications,
+                answers,
                 round(elapsed * 1000, 3),
                 g.get("trace_id", ""),
                 time.time(),
@@ -212,55 +216,33 @@ def predict(name: str) -> dict[str, Any]:
                 policy["sample_rate"],
                 len(loaded.labels),
                 built.get("subject_id"),
+                token,
             )
         )
-        _mirror(server, model, loaded.version, policy, inputs, ids)
+        if not token:
+            _mirror(server, model, loaded.version, policy, inputs, ids)
     if not delegated and server.config.metering:  # billable partner traffic: counted in process, sent in batches
         server.usage.count(tenant, name, loaded.version, len(inputs), elapsed)
     api = "delegated" if delegated else "predict"
     server.metrics.requests.labels(tenant, name, str(loaded.version), api, "ok").inc()
     server.metrics.latency.labels(tenant, name, api).observe(elapsed)
     annotate(model_version=loaded.version, rows=len(inputs))
-    return {
-        "model_name": name,
-        "model_version": loaded.version,
-        "predictions": [
+    if token:
+        predictions = [
+            {"prediction_id": prediction_id, "entities": text_entities}
+            for prediction_id, text_entities in zip(ids, answers, strict=True)
+        ]
+    else:
+        predictions = [
             {
                 "prediction_id": prediction_id,
                 "label": classification.label,
                 "confidence": classification.confidence,
                 "probabilities": classification.probabilities,
             }
-            for prediction_id, classification in zip(ids, classifications, strict=True)
-        ],
-    }
-
-
-def _entity_answer(
-    server: InferenceServer,
-    name: str,
-    loaded: LoadedVersion,
-    built: dict[str, Any],
-    logits: Any,
-    started: float,
-) -> dict[str, Any]:
-    """A token model's answer: each text's entities. Not written to the prediction log (its rows hold one label
-    per input), so these predictions have no `prediction_id` and take no feedback yet."""
-    found = entities(built["texts"], built["words"], logits, loaded.tags or [])
-    elapsed = time.perf_counter() - started
-    tenant = current_principal().tenant
-    delegated = current_principal().internal
-    if not delegated and server.config.metering:
-        server.usage.count(tenant, name, loaded.version, len(found), elapsed)
-    api = "delegated" if delegated else "predict"
-    server.metrics.requests.labels(tenant, name, str(loaded.version), api, "ok").inc()
-    server.metrics.latency.labels(tenant, name, api).observe(elapsed)
-    annotate(model_version=loaded.version, rows=len(found))
-    return {
-        "model_name": name,
-        "model_version": loaded.version,
-        "predictions": [{"prediction_id": None, "entities": text_entities} for text_entities in found],
-    }
+            for prediction_id, classification in zip(ids, answers, strict=True)
+        ]
+    return {"model_name": name, "model_version": loaded.version, "predictions": predictions}
 
 
 def _mirror(
@@ -279,13 +261,15 @@ def _mirror(
 @feedback.arguments(FeedbackSchema)
 @feedback.response(200, FeedbackResultSchema)
 def give_feedback(body: dict[str, Any]) -> dict[str, Any]:
-    """The correct label for one of your predictions; emits `prediction.feedback` for labeling."""
+    """The correct answer for one of your predictions: a classifier's `label`, or a token model's entity `spans`;
+    emits `prediction.feedback` for labeling."""
     server = current_server()
     tenant = current_principal().tenant
     annotate(prediction_id=body["prediction_id"])
     return server.prediction_log.give_feedback(
         tenant,
         body["prediction_id"],
-        body["label"],
         lambda model_name, version: server.known_labels(tenant, model_name, version),
+        label=body.get("label"),
+        spans=body.get("spans"),
     )

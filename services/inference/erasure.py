@@ -87,7 +87,7 @@ def erase_predictions(runtime: Runtime, session: Any, rows: list[Prediction]) ->
         counts["input_objects"] += 1
         for row in erased:
             counts["predictions_deleted"] += 1
-            counts["feedback_records"] += row.feedback_label is not None
+            counts["feedback_records"] += row.feedback_label is not None or row.feedback_spans is not None
             counts["ground_truth_records"] += row.true_label is not None
             counts["input_bytes"] += row.input_length
     erased_ids = sorted(wanted)

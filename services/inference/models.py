@@ -42,13 +42,24 @@ class Prediction(Base):
     input_offset: Mapped[int] = mapped_column(BigInteger)
     input_length: Mapped[int] = mapped_column(BigInteger)
     predicted_label: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    """A classifier's answer; null for a token-classification prediction (its answer is `entities`) and for v2."""
     confidence: Mapped[float | None] = mapped_column(Float, nullable=True)
+    """A classifier's top probability; for a token-classification prediction its least sure entity's score (null
+    when it found no entity)."""
     outputs: Mapped[dict] = mapped_column(JSON)
+    """A classifier's `probabilities`; for a token-classification prediction whose text was redacted, `redacted`:
+    per replaced range `[start, end, stored_start, stored_end]`, its offsets in the text sent then its placeholder's
+    in the stored text (how offsets move between the two)."""
+    entities: Mapped[list | None] = mapped_column(JSON, nullable=True)
+    """A token-classification prediction's entities `{start, end, label, score}` in offsets of the stored text (an
+    entity overlapping a redacted range is dropped); `[]`: none found; null for every other prediction."""
     latency_ms: Mapped[float] = mapped_column(Float)
     trace_id: Mapped[str] = mapped_column(String(128))
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     feedback_label: Mapped[str | None] = mapped_column(String(200), nullable=True)
     feedback_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    feedback_spans: Mapped[list | None] = mapped_column(JSON, nullable=True)
+    """A token-classification prediction's corrected entities `{start, end, label}` (offsets of the stored text)."""
     input_stats: Mapped[dict | None] = mapped_column(JSON, nullable=True)
     """Cheap facts about the input for drift: text `chars`, `tokens`, `unknown_rate`; image `width`, `height`,
     `brightness` (0..1)."""

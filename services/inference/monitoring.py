@@ -18,7 +18,10 @@ For each window (`window_s` long, newest last) and each version that answered in
 - **shadow**: for a staged version that shadowed production, how often it agreed with the answer that was
   returned, and its accuracy where labels arrived (beside production's on the same predictions).
 
-Only predictions with a predicted label count (the friendly API's; a v2 tensor request has none).
+Only predictions with a predicted label count: the friendly API's classifier answers. A v2 tensor request has none,
+nor has a token-classification prediction (its answer is entity spans, logged as `entities`): their rows are
+listed by the prediction log's API but left out of every figure here, which are per class or per confidence of one
+label.
 """
 
 from __future__ import annotations

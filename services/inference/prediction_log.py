@@ -4,6 +4,11 @@ kept for monitoring and later labeling, and the feedback that turns a prediction
 What is kept: every prediction of the friendly API (`/v1/models/{name}:predict`), because any of them may
 receive feedback, and feedback must hand labeling the very input; and a random `v2_log_sample_rate` share of
 v2 tensor requests, for monitoring (their input is a tensor, not a text or an image, so they take no feedback).
+A token-classification model's prediction is kept the same way, with its `entities` instead of a class label
+(`predicted_label` null, `confidence` its least sure entity's score, never sampled for labeling); where the text
+is stored redacted, the entities are moved onto the stored text (one overlapping a redacted range is dropped) and
+`outputs.redacted` records how offsets move, so that span feedback, given in offsets of the text sent, lands on
+the stored text's characters (`give_feedback`, checked there by `shared.entities.span_errors`).
 
 How it is written: requests never wait for storage or the database. A friendly-API request appends one small
 tuple to a bounded in-memory buffer (`RequestRecord`: references to what the request built anyway: its ids,
@@ -53,10 +58,13 @@ from services.inference.config import InferenceConfig
 from services.inference.metrics import InferenceMetrics
 from services.inference.models import Prediction, ShadowPrediction
 from shared.artifacts import RAW_BUCKET
+from shared.entities import canonical_spans, span_errors
 from shared.errors import Conflict, NotFound, Unprocessable
 from shared.logging import get_logger
+from shared.pii import Redaction, moved_span
 from shared.pii_policy import PiiPolicies
 from shared.runtime import Runtime
+from shared.storage import ObjectNotFound
 
 log = get_logger(__name__)
 
@@ -101,7 +109,7 @@ class RequestRecord(NamedTuple):
     dataset_id: str
     input_kind: str
     inputs: list[Any]  # texts (str) or image bytes
-    answers: list[Any]  # preprocess.Classification per input
+    answers: list[Any]  # preprocess.Classification per input; a token model's entities per text (`token`)
     latency_ms: float
     trace_id: str
     created_at: float  # time.time()
@@ -110,6 +118,7 @@ class RequestRecord(NamedTuple):
     sample_rate: float
     classes: int
     subject_id: str | None = None  # the partner-given data subject of the request
+    token: bool = False  # a token-classification model answered: `answers` are entity lists
 
     @property
     def rows(self) -> int:
@@ -124,6 +133,22 @@ class RequestRecord(NamedTuple):
         return self._replace(
             ids=self.ids[count:], inputs=self.inputs[count:], answers=self.answers[count:], feeds=feeds
         )
+
+
+def _token_answer(
+    found: list[dict[str, Any]], redaction: Redaction
+) -> tuple[None, float | None, dict[str, Any], list[dict[str, Any]]]:
+    """A token model's answer as its row keeps it: no class label; the least sure entity's score as confidence
+    (None without entities); in `outputs`, where redaction moved the text (`redacted`: per replaced range, its
+    `start, end` in the text sent, then its placeholder's in the stored text); the entities moved onto the stored
+    text, those overlapping a redacted range dropped (their characters are not there any more)."""
+    entities = []
+    for entity in found:
+        moved = redaction.moved(entity["start"], entity["end"])
+        if moved is not None:
+            entities.append({"start": moved[0], "end": moved[1], "label": entity["label"], "score": entity["score"]})
+    outputs = {"redacted": [list(replacement) for replacement in redaction.replaced]} if redaction.replaced else {}
+    return None, min((entity["score"] for entity in found), default=None), outputs, entities
 
 
 StatsFunction = Callable[[Any, list[Any], dict[str, Any] | None], list[dict[str, Any] | None]]
@@ -150,6 +175,8 @@ class LoggedPrediction:
     sampled: bool = False
     """Picked by the model's sampling policy: sent to labeling with this flush."""
     subject_id: str | None = None
+    entities: list[dict[str, Any]] | None = None
+    """A token model's entities on the stored text (None for a classifier or v2)."""
 
     def to_spool(self) -> dict[str, Any]:
         record = asdict(self)
@@ -292,11 +319,19 @@ class PredictionLog:
             except Exception as exc:  # statistics are a side dish: the predictions are logged without them
                 stats = [None] * item.rows
                 log.warning("prediction_input_stats_failed", model_name=item.model_name, error=repr(exc)[:300])
-            confidences = [answer.confidence for answer in item.answers]
-            picks = self.pick((item.tenant, item.model_name), item.sample_rate, confidences, item.classes)
             created = datetime.fromtimestamp(item.created_at, UTC)
             text = item.input_kind == "text"
-            inputs = self._stored_texts(item) if text else item.inputs
+            redactions = self._stored_texts(item) if text else [Redaction(text="")] * item.rows
+            if item.token:  # entity answers: not sampled for labeling (a sampled task takes one class label)
+                picks = [False] * item.rows
+                answers = [_token_answer(found, cut) for found, cut in zip(item.answers, redactions, strict=True)]
+            else:
+                confidences = [answer.confidence for answer in item.answers]
+                picks = self.pick((item.tenant, item.model_name), item.sample_rate, confidences, item.classes)
+                answers = [
+                    (answer.label, answer.confidence, {"probabilities": answer.probabilities}, None)
+                    for answer in item.answers
+                ]
             rows.extend(
                 LoggedPrediction(
                     id=prediction_id,
@@ -306,24 +341,25 @@ class PredictionLog:
                     dataset_id=item.dataset_id,
                     api="predict",
                     input_kind=item.input_kind,
-                    input_bytes=value.encode("utf-8") if text else value,
-                    predicted_label=answer.label,
-                    confidence=answer.confidence,
-                    outputs={"probabilities": answer.probabilities},
+                    input_bytes=redaction.text.encode("utf-8") if text else value,
+                    predicted_label=label,
+                    confidence=confidence,
+                    outputs=outputs,
                     latency_ms=item.latency_ms,
                     trace_id=item.trace_id,
                     created_at=created,
                     input_stats=item_stats,
                     sampled=pick,
                     subject_id=item.subject_id,
+                    entities=entities,
                 )
-                for prediction_id, value, answer, item_stats, pick in zip(
-                    item.ids, inputs, item.answers, stats, picks, strict=True
+                for prediction_id, value, redaction, (label, confidence, outputs, entities), item_stats, pick in zip(
+                    item.ids, item.inputs, redactions, answers, stats, picks, strict=True
                 )
             )
         return rows
 
-    def _stored_texts(self, item: RequestRecord) -> list[str]:
+    def _stored_texts(self, item: RequestRecord) -> list[Redaction]:
         """The texts as stored: redacted when the model's dataset has a PII policy on (the model saw them raw)."""
         redactions = [self.pii.apply(item.tenant, item.dataset_id, text) for text in item.inputs]
         removed: dict[str, int] = {}
@@ -338,7 +374,7 @@ class PredictionLog:
                 dataset_id=item.dataset_id,
                 redactions=removed,
             )
-        return [redaction.text for redaction in redactions]
+        return redactions
 
     # -- writing (the writer thread, or a feedback request that needs its row now) ---------------------
 
@@ -424,6 +460,7 @@ class PredictionLog:
                         "input_stats": prediction.input_stats,
                         "sampled": prediction.sampled or None,
                         "subject_id": prediction.subject_id,
+                        "entities": prediction.entities,
                     }
                 )
         with self.runtime.db.session() as session:
@@ -539,62 +576,144 @@ class PredictionLog:
             time.sleep(0.1)
 
     def give_feedback(
-        self, tenant: str, prediction_id: str, label: str, labels_for: Callable[[str, int], list[str] | None]
+        self,
+        tenant: str,
+        prediction_id: str,
+        labels_for: Callable[[str, int], list[str] | None],
+        *,
+        label: str | None = None,
+        spans: list[dict[str, Any]] | None = None,
     ) -> dict[str, Any]:
-        """Record the correct label and emit `prediction.feedback` in the same transaction.
+        """Record the correct answer and emit `prediction.feedback` in the same transaction: a class `label` for a
+        classifier's prediction, the entity `spans` (offsets of the text sent; `[]`: no entity) for a token
+        model's.
 
-        One feedback per prediction: repeating the same label is answered again without a new event; a
-        different label is a conflict. The label is checked against the model's labels while that model
-        is loaded here (`labels_for`).
+        One feedback per prediction: repeating the same answer is answered again without a new event; a
+        different one is a conflict. Labels are checked against the model's labels while that model is loaded
+        here (`labels_for`); spans against the logged text too (`shared.entities.span_errors`).
         """
-        if self._find(tenant, prediction_id) is None:
+        found = self._find(tenant, prediction_id)
+        if found is None:
             raise NotFound(f"prediction {prediction_id} does not exist")
-        with self.runtime.db.session() as session:
-            row = session.get(Prediction, prediction_id, with_for_update=not self.runtime.db.is_sqlite)
-            if row is None or row.tenant != tenant:
-                raise NotFound(f"prediction {prediction_id} does not exist")
-            if row.input_kind not in ("text", "image"):
-                raise Conflict(
-                    "this prediction's input is a raw tensor; feedback needs a prediction made through "
-                    "POST /v1/models/{name}:predict, whose text or image is kept"
+        if found.input_kind not in ("text", "image"):
+            raise Conflict(
+                "this prediction's input is a raw tensor; feedback needs a prediction made through "
+                "POST /v1/models/{name}:predict, whose text or image is kept"
+            )
+        known_labels = labels_for(found.model_name, found.model_version)
+        if found.entities is None:
+            if spans is not None or label is None:
+                raise Unprocessable(
+                    "this prediction is a classifier's: send its correct `label`, not `spans`",
+                    {"fields": {"spans": ["spans are for a token-classification model's predictions"]}},
                 )
-            known_labels = labels_for(row.model_name, row.model_version)
             if known_labels is not None and label not in known_labels:
                 raise Unprocessable(
                     f"label {label!r} is not one of the model's labels", {"fields": {"label": ["unknown label"]}}
                 )
+            return self._record_feedback(tenant, prediction_id, label=label)
+        if label is not None or spans is None:
+            raise Unprocessable(
+                "this prediction is a token-classification model's: send the correct entity `spans`, not `label`",
+                {
+                    "fields": {
+                        "label": ["not accepted here: send `spans` ({start, end, label} per entity; [] for none)"]
+                    }
+                },
+            )
+        stored = self._stored_spans(found, spans, known_labels)
+        return self._record_feedback(tenant, prediction_id, spans=stored, sent_spans=canonical_spans(spans))
+
+    def _stored_spans(
+        self, row: Prediction, spans: list[dict[str, Any]], known_labels: list[str] | None
+    ) -> list[dict[str, Any]]:
+        """Spans given in offsets of the text sent, moved onto the logged (perhaps redacted) text and checked there:
+        422 naming each span that does not fit (`details.fields.spans.<i>.<field>`)."""
+        try:
+            data = self.runtime.storage.get_range(row.input_bucket, row.input_key, row.input_offset, row.input_length)
+        except ObjectNotFound:
+            data = b""
+        if hashlib.sha256(data).hexdigest() != row.input_sha256:
+            raise Conflict(f"the logged text of prediction {row.id} is gone (erased, or past retention)")
+        text = data.decode("utf-8")
+        replaced = [tuple(replacement) for replacement in (row.outputs or {}).get("redacted", [])]
+        errors: dict[str, Any] = {}
+
+        def add(index: int, name: str, message: str) -> None:
+            errors.setdefault(str(index), {}).setdefault(name, []).append(message)
+
+        moved: dict[int, dict[str, Any]] = {}
+        for index, span in enumerate(spans):
+            start, end = span["start"], span["end"]
+            place = moved_span(replaced, start, end) if start < end else (start, end)
+            if place is None:
+                add(index, "start", "covers text that was redacted from the log (PII): leave that entity out")
+                continue
+            moved[index] = {"start": place[0], "end": place[1], "label": span["label"]}
+        if not errors:  # offsets in `moved` are those of the stored text, its indices those of `spans`
+            errors = span_errors(text, [moved[index] for index in range(len(spans))])
+        for index, span in enumerate(spans):
+            if known_labels is not None and span["label"] not in known_labels:
+                add(index, "label", f"{span['label']!r} is not one of the model's entity labels {sorted(known_labels)}")
+        if errors:
+            raise Unprocessable(
+                "the spans do not fit the prediction's text; see details.fields for each bad span",
+                {"fields": {"spans": errors}},
+                code="validation_failed",
+            )
+        return canonical_spans(moved.values())
+
+    def _record_feedback(
+        self,
+        tenant: str,
+        prediction_id: str,
+        *,
+        label: str | None = None,
+        spans: list[dict[str, Any]] | None = None,
+        sent_spans: list[dict[str, Any]] | None = None,
+    ) -> dict[str, Any]:
+        with self.runtime.db.session() as session:
+            row = session.get(Prediction, prediction_id, with_for_update=not self.runtime.db.is_sqlite)
+            if row is None or row.tenant != tenant:
+                raise NotFound(f"prediction {prediction_id} does not exist")
+            token = row.entities is not None
+            predicted_spans = canonical_spans(row.entities) if token else None
+            replaced = [tuple(replacement) for replacement in (row.outputs or {}).get("redacted", [])]
             result = {
                 "prediction_id": row.id,
                 "model_name": row.model_name,
                 "model_version": row.model_version,
                 "predicted_label": row.predicted_label,
                 "correct_label": label,
+                "predicted_spans": None if predicted_spans is None else _sent_offsets(predicted_spans, replaced),
+                "correct_spans": sent_spans,
                 "event_id": None,
             }
-            if row.feedback_label is not None:
-                if row.feedback_label != label:
-                    raise Conflict(
-                        f"prediction {prediction_id} already has feedback {row.feedback_label!r}",
-                        {"feedback_label": row.feedback_label},
-                    )
+            given = row.feedback_spans if token else row.feedback_label
+            if given is not None:
+                if given != (spans if token else label):
+                    field = "feedback_spans" if token else "feedback_label"
+                    shown = _sent_offsets(given, replaced) if token else given
+                    raise Conflict(f"prediction {prediction_id} already has feedback {shown!r}", {field: shown})
                 return result
-            row.feedback_label = label
+            if token:
+                row.feedback_spans = spans
+            else:
+                row.feedback_label = label
             row.feedback_at = datetime.now(UTC)
-            envelope = self.runtime.bus.publish(
-                session,
-                "prediction.feedback",
-                {
-                    "prediction_id": row.id,
-                    "model_name": row.model_name,
-                    "model_version": row.model_version,
-                    "dataset_id": row.dataset_id,
-                    "input": row.input_ref(),
-                    "predicted_label": row.predicted_label or "",
-                    "correct_label": label,
-                    "confidence": row.confidence,
-                },
-                tenant=tenant,
-            )
+            payload = {
+                "prediction_id": row.id,
+                "model_name": row.model_name,
+                "model_version": row.model_version,
+                "dataset_id": row.dataset_id,
+                "input": row.input_ref(),
+                "predicted_label": None if token else row.predicted_label or "",
+                "correct_label": label,
+                "confidence": row.confidence,
+            }
+            if token:
+                payload.update(predicted_spans=predicted_spans, correct_spans=spans)
+            envelope = self.runtime.bus.publish(session, "prediction.feedback", payload, tenant=tenant)
             result["event_id"] = envelope.event_id
         log.info(
             "prediction_feedback_recorded",
@@ -603,6 +722,16 @@ class PredictionLog:
             model_version=result["model_version"],
             predicted_label=result["predicted_label"],
             correct_label=label,
+            correct_entities=None if spans is None else len(spans),
             event_id=result["event_id"],
         )
         return result
+
+
+def _sent_offsets(spans: list[dict[str, Any]], replaced: list[tuple[int, ...]]) -> list[dict[str, Any]]:
+    """Spans of the stored text in offsets of the text sent (they never overlap a redacted range)."""
+    moved = []
+    for span in spans:
+        start, end = moved_span(replaced, span["start"], span["end"], back=True) or (span["start"], span["end"])
+        moved.append({"start": start, "end": end, "label": span["label"]})
+    return moved

@@ -7,7 +7,7 @@ from typing import Any
 from marshmallow import EXCLUDE, Schema, ValidationError, fields, validate, validates_schema
 
 from shared.artifacts import RAW_BUCKET
-from shared.events.catalog import TASK_TYPES, ObjectRef
+from shared.events.catalog import TASK_TYPES, EntitySpan, ObjectRef
 from shared.storage import validate_key
 
 # -- the registry's serving document (GET /v1/internal/serving[/<tenant>/<model_name>]) -----------------------
@@ -139,10 +139,14 @@ class EntitySchema(Schema):
 
 class PredictionSchema(Schema):
     """A classifier answers `label`, `confidence` and `probabilities`; a token-classification model answers
-    `entities` (and, for now, no `prediction_id`: its predictions are not logged and take no feedback)."""
+    `entities`. Both carry the `prediction_id` that feedback names."""
 
     prediction_id = fields.String(
-        allow_none=True, metadata={"description": "For feedback; null for a service acting for the tenant."}
+        allow_none=True,
+        metadata={
+            "description": "For feedback (`POST /v1/feedback`: `label` for a classifier, `spans` for a token model); "
+            "null for a service acting for the tenant."
+        },
     )
     label = fields.String()
     confidence = fields.Float()
@@ -159,17 +163,56 @@ class PredictResponseSchema(Schema):
     predictions = fields.List(fields.Nested(PredictionSchema))
 
 
+MAX_FEEDBACK_SPANS = 1000
+
+
 class FeedbackSchema(Schema):
+    """The correct answer for one logged prediction: exactly one of `label` (a classifier's prediction) and `spans`
+    (a token-classification model's); the other kind answers 422 naming the field."""
+
     prediction_id = fields.String(required=True, validate=validate.Length(min=1, max=40))
-    label = fields.String(required=True, validate=validate.Length(min=1, max=200))
+    label = fields.String(
+        validate=validate.Length(min=1, max=200), metadata={"description": "A classifier's prediction: its label."}
+    )
+    spans = fields.List(
+        fields.Nested(EntitySpan),
+        validate=validate.Length(max=MAX_FEEDBACK_SPANS),
+        metadata={
+            "description": "A token-classification model's prediction: every entity of the text, `{start, end, "
+            "label}` in Unicode code points of the text sent (as the prediction's `entities`), no overlaps, on "
+            "whole characters, labels among the model's; `[]`: the text has no entity. A span over text that was "
+            "redacted from the log (the dataset's PII policy) is refused."
+        },
+    )
+
+    @validates_schema
+    def _exactly_one(self, data: dict[str, Any], **_: Any) -> None:
+        if ("label" in data) == ("spans" in data):
+            raise ValidationError(
+                "send exactly one of `label` (a classifier's prediction) or `spans` (a token model's)",
+                field_name="_schema",
+            )
 
 
 class FeedbackResultSchema(Schema):
     prediction_id = fields.String()
     model_name = fields.String()
     model_version = fields.Integer()
-    predicted_label = fields.String(allow_none=True)
-    correct_label = fields.String()
+    predicted_label = fields.String(allow_none=True, metadata={"description": "Null for a token model's."})
+    correct_label = fields.String(allow_none=True, metadata={"description": "Null for span feedback."})
+    predicted_spans = fields.List(
+        fields.Nested(EntitySpan),
+        allow_none=True,
+        metadata={
+            "description": "A token model's prediction: the entities it answered, as logged (offsets of the text "
+            "sent; an entity over redacted text is not kept); null for a classifier's."
+        },
+    )
+    correct_spans = fields.List(
+        fields.Nested(EntitySpan),
+        allow_none=True,
+        metadata={"description": "The spans given, in text order (offsets of the text sent); null for a label."},
+    )
     event_id = fields.String(
         allow_none=True, metadata={"description": "The prediction.feedback event, if emitted now."}
     )
@@ -316,13 +359,32 @@ class LoggedPredictionSchema(Schema):
     api = fields.String()
     input_kind = fields.String()
     input = fields.Dict(metadata={"description": "The input by reference: {bucket, key, sha256, offset, length}."})
-    predicted_label = fields.String(allow_none=True)
-    confidence = fields.Float(allow_none=True)
-    outputs = fields.Dict()
+    predicted_label = fields.String(allow_none=True, metadata={"description": "Null for a token model's (and v2)."})
+    confidence = fields.Float(
+        allow_none=True,
+        metadata={"description": "A token model's: its least sure entity's score (null without entities)."},
+    )
+    outputs = fields.Dict(
+        metadata={
+            "description": "A classifier's `probabilities`; a token model's `redacted` (where the stored text was "
+            "redacted: `[start, end, stored_start, stored_end]` per replaced range)."
+        }
+    )
+    entities = fields.List(
+        fields.Dict(),
+        allow_none=True,
+        metadata={
+            "description": "A token model's entities `{start, end, label, score}` on the stored text (null for a "
+            "classifier's)."
+        },
+    )
     latency_ms = fields.Float()
     input_stats = fields.Dict(allow_none=True)
     sampled = fields.Boolean()
     feedback_label = fields.String(allow_none=True)
+    feedback_spans = fields.List(
+        fields.Nested(EntitySpan), allow_none=True, metadata={"description": "Span feedback, on the stored text."}
+    )
     true_label = fields.String(allow_none=True, metadata={"description": "Ground truth settled by labeling."})
     true_label_source = fields.String(allow_none=True)
     subject_id = fields.String(allow_none=True, metadata={"description": "The request's data subject, if given."})

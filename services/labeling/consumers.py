@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from typing import Any
 
 from sqlalchemy import select
@@ -9,7 +10,7 @@ from sqlalchemy import select
 from services.labeling import assist, erasure, redaction, snapshots
 from services.labeling.models import Annotation, LabelingDataset, Task
 from services.labeling.queue import BUILD_SNAPSHOT_TASK, apply_consensus, queue_snapshot
-from services.labeling.spans import canonical, is_span_dataset
+from services.labeling.spans import canonical, is_span_dataset, span_errors
 from shared.events.consumer import EventContext, EventHandlers, RejectEvent
 from shared.logging import get_logger, log_context
 from shared.runtime import Runtime
@@ -161,7 +162,7 @@ def _prediction_task(
         item_id=item_id,
         tenant=dataset.tenant,
         dataset_id=dataset.id,
-        kind="text" if dataset.task_type == "text_classification" else "image",
+        kind="image" if dataset.task_type == "image_classification" else "text",
         bucket=content["bucket"],
         object_key=content["key"],
         sha256=content["sha256"],
@@ -182,15 +183,23 @@ def _prediction_task(
 
 @handlers.on("prediction.feedback")
 def on_prediction_feedback(ctx: EventContext) -> None:
-    """A user's correction becomes a high-priority task, pre-labeled with what was served and the fix."""
+    """A user's correction becomes a high-priority task: a class label's pre-labeled with what was served and the
+    fix; corrected entity spans' (token classification) pre-labeled with the corrected spans."""
     payload = ctx.payload
     dataset = ctx.session.get(LabelingDataset, payload["dataset_id"])
     if dataset is None or dataset.tenant != ctx.envelope.tenant:
         raise RejectEvent(f"feedback names dataset {payload['dataset_id']}, unknown for this tenant")
-    if payload["correct_label"] not in dataset.labels:
+    spans = payload.get("correct_spans")
+    if (spans is not None) != is_span_dataset(dataset.task_type):
+        given = "entity spans" if spans is not None else "a class label"
+        raise RejectEvent(f"feedback gives {given} for {dataset.task_type} dataset {dataset.id}")
+    if spans is None and payload["correct_label"] not in dataset.labels:
         raise RejectEvent(f"feedback label {payload['correct_label']!r} is not in the dataset's label set")
     item_id = f"fb_{payload['prediction_id']}"[:60]
     if ctx.session.scalar(select(Task.id).where(Task.item_id == item_id)) is not None:
+        return
+    if spans is not None:
+        _span_feedback_task(ctx, dataset, item_id, payload)
         return
     if dataset.task_type == "text_classification":  # the dataset's PII policy, if inference's log predates it
         reference = redaction.feedback_input(
@@ -203,6 +212,50 @@ def on_prediction_feedback(ctx: EventContext) -> None:
     task.feedback = {"correct_label": payload["correct_label"], "prediction_id": payload["prediction_id"]}
     ctx.session.add(task)
     log.info("feedback_task_created", dataset_id=dataset.id, prediction_id=payload["prediction_id"])
+
+
+def _span_feedback_task(ctx: EventContext, dataset: LabelingDataset, item_id: str, payload: dict[str, Any]) -> None:
+    """A span task pre-labeled with the corrected entities, checked against the fed-back text and the dataset's
+    entity labels (a span that does not fit dead-letters the event); where the dataset's PII policy makes labeling
+    redact the text, the spans are moved onto the redacted text (one over a redacted range is dropped)."""
+    reference = payload["input"]
+    data = redaction.read_bytes(ctx.runtime, reference)
+    if hashlib.sha256(data).hexdigest() != reference["sha256"]:
+        raise RejectEvent(f"the input of prediction {payload['prediction_id']} does not match its sha256 (erased?)")
+    text = data.decode("utf-8")
+    errors = span_errors(text, payload["correct_spans"], dataset.labels)
+    if errors:
+        raise RejectEvent(f"the feedback's spans do not fit the text or the dataset's entity labels: {errors}")
+    stored, redacted = redaction.span_feedback_input(
+        ctx.runtime, dataset.tenant, dataset.id, payload["prediction_id"], reference, text
+    )
+
+    def on_task_text(spans: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        if redacted is None:
+            return canonical(spans)
+        moved = [(redacted.moved(span["start"], span["end"]), span["label"]) for span in spans]
+        return canonical({"start": at[0], "end": at[1], "label": label} for at, label in moved if at is not None)
+
+    correct = on_task_text(payload["correct_spans"])
+    predicted = on_task_text(payload.get("predicted_spans") or [])
+    task = _prediction_task(
+        dataset,
+        item_id,
+        {**payload, "input": stored},
+        payload["model_name"],
+        source="feedback",
+        priority=FEEDBACK_PRIORITY,
+    )
+    task.prelabel_spans = correct
+    task.feedback = {"correct_spans": correct, "predicted_spans": predicted, "prediction_id": payload["prediction_id"]}
+    ctx.session.add(task)
+    log.info(
+        "feedback_task_created",
+        dataset_id=dataset.id,
+        prediction_id=payload["prediction_id"],
+        entities=len(correct),
+        dropped=len(payload["correct_spans"]) - len(correct),
+    )
 
 
 @handlers.on("prediction.sampled")

@@ -6,13 +6,15 @@ the policy was off (or by a replica that could not yet know it) is redacted here
 task. When the policy is on and the referenced text holds PII, the redacted text is written as its own object
 (`raw/<tenant>/feedback/<prediction_id>.txt`, the same key on a redelivery) and the task points at it; otherwise
 the task keeps the event's reference. Only text is redacted (images carry no text; their metadata is stripped at
-ingestion).
+ingestion). Span feedback's offsets name the event's text: when the text is redacted here, they are moved onto the
+redacted text, and an entity overlapping a redacted range is dropped (`Redaction.moved`).
 """
 
 from __future__ import annotations
 
 from shared.artifacts import RAW_BUCKET
 from shared.logging import get_logger
+from shared.pii import Redaction
 from shared.pii_policy import PiiPolicies
 from shared.runtime import Runtime
 
@@ -32,15 +34,40 @@ def feedback_input(runtime: Runtime, tenant: str, dataset_id: str, prediction_id
     lookup = policies(runtime)
     if lookup.policy(tenant, dataset_id) != "redact":
         return reference
+    return _redacted(runtime, tenant, dataset_id, prediction_id, reference, read_text(runtime, reference))[0]
+
+
+def span_feedback_input(
+    runtime: Runtime, tenant: str, dataset_id: str, prediction_id: str, reference: dict, text: str
+) -> tuple[dict, Redaction | None]:
+    """For span feedback on `text` (the event's input, read by the caller to check the spans): the reference the
+    task should hold and, when labeling redacted the text here, the redaction, whose `moved` puts the event's
+    offsets on the redacted text."""
+    if policies(runtime).policy(tenant, dataset_id) != "redact":
+        return reference, None
+    return _redacted(runtime, tenant, dataset_id, prediction_id, reference, text)
+
+
+def read_bytes(runtime: Runtime, reference: dict) -> bytes:
+    """The bytes an event's input reference names (a byte range of a packed object, or a whole object)."""
     if reference.get("offset") is not None:
-        data = runtime.storage.get_range(
+        return runtime.storage.get_range(
             reference["bucket"], reference["key"], reference["offset"], reference["length"]
         )
-    else:
-        data = runtime.storage.get_bytes(reference["bucket"], reference["key"], verify=False)
-    redaction = lookup.apply(tenant, dataset_id, data.decode("utf-8", errors="replace"))
+    return runtime.storage.get_bytes(reference["bucket"], reference["key"], verify=False)
+
+
+def read_text(runtime: Runtime, reference: dict) -> str:
+    return read_bytes(runtime, reference).decode("utf-8", errors="replace")
+
+
+def _redacted(
+    runtime: Runtime, tenant: str, dataset_id: str, prediction_id: str, reference: dict, text: str
+) -> tuple[dict, Redaction | None]:
+    redaction = policies(runtime).apply(tenant, dataset_id, text)
     if not redaction.counts:
-        return reference
+        return reference, None
     stored = runtime.storage.put(RAW_BUCKET, f"{tenant}/feedback/{prediction_id}.txt", redaction.text.encode("utf-8"))
     log.info("feedback_input_redacted", dataset_id=dataset_id, prediction_id=prediction_id, redactions=redaction.counts)
-    return {"bucket": RAW_BUCKET, "key": stored.key, "sha256": stored.sha256, "offset": None, "length": None}
+    moved = {"bucket": RAW_BUCKET, "key": stored.key, "sha256": stored.sha256, "offset": None, "length": None}
+    return moved, redaction

@@ -242,8 +242,19 @@ class InferenceClient(ServiceClient):
             body["request_key"] = request_key
         return self.post(f"/v1/models/{model}:predict", json=body)
 
-    def feedback(self, prediction_id: str, label: str) -> dict[str, Any]:
-        return self.post("/v1/feedback", json={"prediction_id": prediction_id, "label": label})
+    def feedback(
+        self, prediction_id: str, label: str | None = None, *, spans: list[dict[str, Any]] | None = None
+    ) -> dict[str, Any]:
+        """The correct answer for a prediction: a classifier's `label`, or a token model's entity `spans`
+        (`[{start, end, label}, ...]` in code points of the text sent; `[]`: no entity). Exactly one of them."""
+        if (label is None) == (spans is None):
+            raise ValueError("give exactly one of label (a classifier's prediction) and spans (a token model's)")
+        body: dict[str, Any] = {"prediction_id": prediction_id}
+        if spans is not None:
+            body["spans"] = spans
+        else:
+            body["label"] = label
+        return self.post("/v1/feedback", json=body)
 
     def model(self, name: str) -> dict[str, Any]:
         return self.get(f"/v2/models/{name}")

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from marshmallow import Schema, fields, validate
+from marshmallow import Schema, ValidationError, fields, validate, validates_schema
 
 TASK_TYPES = ("text_classification", "image_classification", "token_classification")
 
@@ -195,14 +195,25 @@ class ModelPromoted(Schema):
 
 
 class PredictionFeedback(Schema):
+    """A user's correction of one logged prediction: a classifier's `correct_label`, or a token-classification
+    model's `correct_spans` (every entity of the text, `[]` for none; offsets of the text at `input`), exactly one
+    of them; the labels of a token prediction are null and its answer is in `predicted_spans`."""
+
     prediction_id = fields.String(required=True)
     model_name = fields.String(required=True)
     model_version = fields.Integer(required=True)
     dataset_id = fields.String(required=True)
     input = fields.Nested(ObjectRef, required=True)
-    predicted_label = fields.String(required=True)
-    correct_label = fields.String(required=True)
+    predicted_label = fields.String(required=True, allow_none=True)
+    correct_label = fields.String(required=True, allow_none=True)
     confidence = fields.Float(load_default=None, allow_none=True)
+    predicted_spans = fields.List(fields.Nested(EntitySpan), load_default=None, allow_none=True)
+    correct_spans = fields.List(fields.Nested(EntitySpan), load_default=None, allow_none=True)
+
+    @validates_schema
+    def _one_correction(self, data: dict, **_: object) -> None:
+        if (data.get("correct_label") is None) == (data.get("correct_spans") is None):
+            raise ValidationError("exactly one of correct_label and correct_spans", field_name="correct_label")
 
 
 class SampledPrediction(Schema):

@@ -108,7 +108,8 @@ def test_every_word_comes_back_with_offsets_that_slice_the_text_sent(inference, 
     ]
     assert [e["text"] for e in found[2]] == ["İstanbul", ",", "🇨🇭", "and", "Müller", "GmbH"]
     assert found[1][2] == {"start": 13, "end": 15, "label": "PER", "score": found[1][2]["score"], "text": "👍🏽"}
-    assert all(prediction["prediction_id"] is None for prediction in body["predictions"])
+    ids = [prediction["prediction_id"] for prediction in body["predictions"]]  # logged: each takes span feedback
+    assert all(i.startswith("prd_") for i in ids) and len(set(ids)) == len(ids)
 
 
 def test_the_service_answers_what_the_torch_tagger_finds(inference, store, registry, tenants, taggers) -> None:

@@ -320,3 +320,51 @@ def test_a_token_models_entities_are_pre_label_spans_and_order_the_queue(harness
         assert first["prelabel_spans"] == by_item[unsure]["prelabel_spans"]
     finally:
         stop()
+
+
+def test_span_feedback_becomes_a_span_task_prelabeled_with_the_corrected_spans(harness) -> None:
+    dataset = span_dataset(harness)
+    stored = harness.ingestion.runtime.storage.put("raw", f"{harness.tenant}/predictions/p1.txt", TEXT.encode())
+    feedback = {
+        "prediction_id": "prd_span1",
+        "model_name": "news",
+        "model_version": 2,
+        "dataset_id": dataset,
+        "input": {"bucket": "raw", "key": stored.key, "sha256": stored.sha256},
+        "predicted_label": None,
+        "correct_label": None,
+        "confidence": 0.6,
+        "predicted_spans": [ZOE],
+        "correct_spans": [CAFE, ZOE, JOSE],
+    }
+    harness.send("prediction.feedback", feedback)
+    harness.send("prediction.feedback", feedback)  # a redelivery (another event id): still one task
+    beyond = {"start": TOKYO["start"], "end": len(TEXT) + 1, "label": "LOC"}
+    harness.send("prediction.feedback", feedback | {"prediction_id": "prd_span2", "correct_spans": [ZOE, beyond]})
+    unknown = {**ZOE, "label": "DATE"}
+    harness.send("prediction.feedback", feedback | {"prediction_id": "prd_span3", "correct_spans": [unknown]})
+    as_label = {"prediction_id": "prd_span4", "correct_spans": None, "correct_label": "PER"}
+    harness.send("prediction.feedback", feedback | as_label)
+
+    def dead_letters():
+        found = harness.labeling.client.get("/v1/admin/dead-letters", headers=INTERNAL).get_json()["dead_letters"]
+        return found if len(found) >= 3 else None
+
+    # The worker's first feedback builds the PII analyzer (its policy lookup fails closed here): be patient.
+    errors = sorted(letter["error"] for letter in eventually(dead_letters, timeout=90, what="three dead letters"))
+    assert any("past the end of the text" in error for error in errors)
+    assert any("'DATE' is not one of the dataset's entity labels" in error for error in errors)
+    assert any("a class label for token_classification dataset" in error for error in errors)
+    eventually(lambda: harness.task_count(dataset) >= 1, timeout=90, what="the feedback task")
+    assert harness.task_count(dataset) == 1
+    alice = harness.annotator("alice", dataset)
+    task = harness.next(alice, dataset)
+    assert task["source"] == "feedback" and task["priority"] >= 100 and task["task_type"] == "token_classification"
+    assert task["text"] == TEXT and task["prelabel"] is None
+    assert task["prelabel_spans"] == [ZOE, JOSE, CAFE]
+    assert task["feedback"] == {
+        "prediction_id": "prd_span1",
+        "correct_spans": [ZOE, JOSE, CAFE],
+        "predicted_spans": [ZOE],
+    }
+    assert mark(harness, alice, task["id"], [ZOE, JOSE, CAFE]).status_code == 201
