@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import describe_machine, machine
+from bench.model_memory_bench import section as model_memory_section
 from shared.tables import render
 
 RESULTS = Path(__file__).parent / "results"
@@ -28,6 +29,7 @@ MODULES = {  # benchmark name -> the module `python -m` runs
     "metering_bench": "bench.metering_bench",
     "flywheel_bench": "bench.flywheel_bench",
     "quality_bench": "bench.quality_bench",
+    "model_memory_bench": "bench.model_memory_bench",
 }
 BENCHMARKS = tuple(MODULES)
 RESULT_FILES = {
@@ -39,6 +41,7 @@ RESULT_FILES = {
     "metering_bench": "metering",
     "flywheel_bench": "flywheel",
     "quality_bench": "quality",
+    "model_memory_bench": "model_memory",
 }
 
 
@@ -300,6 +303,7 @@ SECTIONS = {
     "inference_floor": ("Inference: the floor of a Python front end", _inference_floor),
     "flywheel_bench": ("The flywheel: retrain threshold to serving", _flywheel),
     "quality_bench": ("Quality: fine-tuned model against a classical baseline", _quality),
+    "model_memory_bench": ("Many tenants' models per replica: a memory budget", model_memory_section),
 }
 
 

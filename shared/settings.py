@@ -120,6 +120,16 @@ class Settings:
     """INFERENCE_LOG_PREDICTIONS: log the friendly API's predictions (off only to measure what logging costs)."""
     inference_metering: bool = True
     """INFERENCE_METERING: count predictions for usage metering (off only to measure what metering costs)."""
+    inference_model_memory_budget_mb: float = 0.0
+    """INFERENCE_MODEL_MEMORY_BUDGET_MB: memory one process may spend on loaded model versions (MiB, accounted);
+    versions then load on first request and idle ones are evicted least recently used. 0: load all, eagerly."""
+    inference_cold_start_policy: str = "wait"
+    """INFERENCE_COLD_START_POLICY: a request for a version not loaded `wait`s for it (up to
+    INFERENCE_COLD_START_WAIT_S) or is `reject`ed at once (503 + Retry-After) while it loads."""
+    inference_cold_start_wait_s: float = 10.0
+    """INFERENCE_COLD_START_WAIT_S: longest wait for a cold start under the `wait` policy, then 503."""
+    inference_pinned_tenants: str = ""
+    """INFERENCE_PINNED_TENANTS: comma-separated tenants whose production versions stay loaded (never evicted)."""
     price_list: str = ""
     """PRICE_LIST: the price list invoices are made from, a JSON object or the path of a JSON file (see
     docs/metering.md); prices it omits keep their defaults. Empty: the default price list."""

@@ -41,7 +41,7 @@ from services.inference.schemas import (
     PredictRequestSchema,
     PredictResponseSchema,
 )
-from services.inference.server import Inference, InferenceServer, current_server
+from services.inference.server import UNAVAILABLE, Inference, InferenceServer, current_server
 from services.inference.traffic import ShadowJob
 from shared.auth import current_principal, require_partner, require_partner_or_delegated, requires_scope
 from shared.errors import BadRequest, DomainError, Forbidden, Unprocessable
@@ -165,6 +165,7 @@ def _infer_stored(
 @models.doc(requestBody=PREDICT_BODY)
 @models.response(200, PredictResponseSchema)
 @models.alt_response(429, **TOO_MANY_REQUESTS)
+@models.alt_response(503, **UNAVAILABLE)
 def predict(name: str) -> dict[str, Any]:
     """Labels and probabilities for raw texts or images, with the model's own preprocessing."""
     started = time.perf_counter()

@@ -4,6 +4,10 @@ The defaults below serve a local run. `shared/settings.py` is the one reader of 
 carries `inference_*` fields (INFERENCE_MAX_BATCH_SIZE and friends), `InferenceConfig.from_settings` picks up
 whichever of them exist and falls back to these constants, so adding the fields there needs no change here.
 
+Memory: without `model_memory_budget_mb` a process loads every version the registry serves, eagerly (the
+behaviour of a replica that serves a few models). With it, versions load on first request and the least
+recently used idle ones are evicted to stay under the budget (see `repository.py` and `residency.py`).
+
 Batching is also configurable per model, like Triton's `dynamic_batching` block: a version's registry metadata
 may carry `"serving": {"max_batch_size": 8, "max_queue_delay_us": 500, "max_queue_size": 64}`, which overrides
 the service defaults for that version only.
@@ -64,6 +68,23 @@ METERING = True
 measures what metering costs (bench/metering_bench.py): a deployment that bills needs it on."""
 LABEL_LISTENER = True
 """Consume `prediction.labeled` from the inference queue in this process (ground truth for live accuracy)."""
+MODEL_MEMORY_BUDGET_MB: float | None = None
+"""Memory this process may spend on loaded model versions, in MiB (accounted, see MODEL_MEMORY_FACTOR); None or 0:
+no budget, every served version is loaded eagerly. With a budget, versions load on first request."""
+MODEL_MEMORY_FACTOR = 2.0
+"""A loaded version is accounted as this many times the bytes of its artifacts (graph, tokenizer files)..."""
+MODEL_MEMORY_OVERHEAD_MB = 4.0
+"""...plus this much for what every loaded version holds whatever its size (session, thread pool, batcher)."""
+COLD_START_POLICIES = ("wait", "reject")
+COLD_START_POLICY = "wait"
+"""A request for a version that is not loaded: `wait` for the load (up to COLD_START_WAIT_S, then 503), or
+`reject` (503 with Retry-After at once, while the version loads in the background)."""
+COLD_START_WAIT_S = 10.0
+COLD_START_THREADS = 2
+"""Versions loading on first request at once (beside the loader thread, which applies promotions)."""
+PINNED_TENANTS: tuple[str, ...] = ()
+"""Tenants whose production versions are loaded eagerly and never evicted (a comma-separated list in the
+environment: INFERENCE_PINNED_TENANTS)."""
 
 
 @dataclass(frozen=True)
@@ -108,6 +129,31 @@ class InferenceConfig:
     label_listener: bool = LABEL_LISTENER
     log_predictions: bool = LOG_PREDICTIONS
     metering: bool = METERING
+    model_memory_budget_mb: float | None = MODEL_MEMORY_BUDGET_MB
+    model_memory_factor: float = MODEL_MEMORY_FACTOR
+    model_memory_overhead_mb: float = MODEL_MEMORY_OVERHEAD_MB
+    cold_start_policy: str = COLD_START_POLICY
+    cold_start_wait_s: float = COLD_START_WAIT_S
+    cold_start_threads: int = COLD_START_THREADS
+    pinned_tenants: tuple[str, ...] = PINNED_TENANTS
+
+    def __post_init__(self) -> None:
+        if isinstance(self.pinned_tenants, str):  # the environment's comma-separated list
+            pinned = tuple(t.strip() for t in self.pinned_tenants.split(",") if t.strip())
+            object.__setattr__(self, "pinned_tenants", pinned)
+        else:
+            object.__setattr__(self, "pinned_tenants", tuple(self.pinned_tenants))
+        if self.cold_start_policy not in COLD_START_POLICIES:
+            raise ValueError(f"cold_start_policy must be one of {COLD_START_POLICIES}, not {self.cold_start_policy!r}")
+        if self.model_memory_budget_mb is not None and self.model_memory_budget_mb < 0:
+            raise ValueError("model_memory_budget_mb must be positive (or 0 / unset: no budget)")
+
+    @property
+    def memory_budget_bytes(self) -> int | None:
+        """The budget in bytes; None when versions load eagerly without one."""
+        if not self.model_memory_budget_mb:
+            return None
+        return int(self.model_memory_budget_mb * 1024 * 1024)
 
     @classmethod
     def from_settings(

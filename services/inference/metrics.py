@@ -5,6 +5,10 @@ queued for a batch, time in ONNX Runtime, the batch-size histogram, queue depth 
 prediction log (written, buffered, shed by reason); monitoring (live accuracy, drift, alerts, shadow traffic,
 sampling to labeling) and resource use per version (queue rejections, session memory; rows and compute
 seconds are the sums of the batch-size and compute histograms).
+
+Residency (what is loaded under the memory budget, and why): the resident versions with their reason (`pinned`,
+`recent`, or `eager` without a budget), accounted bytes in use against the budget, loads by trigger, evictions,
+cold starts by outcome with their latency, and lookups that found their version loaded (hit) or not (miss).
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ import contextlib
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+COLD_START_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 QUEUE_BUCKETS = (0.0001, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
@@ -159,6 +164,62 @@ class InferenceMetrics:
             "model.promoted events received by this process",
             registry=registry,
         )
+        self.resident_versions = Gauge(
+            "flywheel_inference_resident_versions",
+            "Model versions loaded in this process, by why they are: pinned (a pinned tenant's production version, "
+            "never evicted), recent (loaded on demand, evicted least recently used) or eager (no memory budget)",
+            ["tenant", "model", "version", "reason"],
+            registry=registry,
+        )
+        self.memory_used = Gauge(
+            "flywheel_inference_model_memory_bytes",
+            "Accounted bytes of the loaded model versions (and of loads in progress) in this process",
+            registry=registry,
+        )
+        self.memory_peak = Gauge(
+            "flywheel_inference_model_memory_peak_bytes",
+            "The most accounted bytes of loaded and loading model versions this process has held at once",
+            registry=registry,
+        )
+        self.memory_budget = Gauge(
+            "flywheel_inference_model_memory_budget_bytes",
+            "The memory budget for loaded model versions in this process (0: no budget, everything loaded)",
+            registry=registry,
+        )
+        self.version_loads = Counter(
+            "flywheel_inference_version_loads_total",
+            "Model versions loaded, by trigger: eager (no budget), pinned, hot_swap (the old version was loaded), "
+            "cold_start (a request asked for it)",
+            ["tenant", "model", "trigger"],
+            registry=registry,
+        )
+        self.evictions = Counter(
+            "flywheel_inference_evictions_total",
+            "Loaded versions evicted (least recently used, idle, unpinned) to make room under the memory budget",
+            ["tenant", "model"],
+            registry=registry,
+        )
+        self.cold_starts = Counter(
+            "flywheel_inference_cold_starts_total",
+            "Requests that found their version not loaded, by outcome: loaded (served after the wait), rejected "
+            "(policy reject: 503 at once), timed_out (still loading after the wait), failed (the load failed), "
+            "over_budget (nothing could be evicted)",
+            ["tenant", "model", "outcome"],
+            registry=registry,
+        )
+        self.cold_start_time = Histogram(
+            "flywheel_inference_cold_start_seconds",
+            "Time to load a version on first request (fetch, verify, session, warm-up, evictions)",
+            ["tenant", "model"],
+            buckets=COLD_START_BUCKETS,
+            registry=registry,
+        )
+        self.lookups = Counter(
+            "flywheel_inference_version_lookups_total",
+            "Requests by whether their version was loaded (hit) or had to be loaded first (miss)",
+            ["tenant", "model", "result"],
+            registry=registry,
+        )
 
     def batch_observer(self, tenant: str, model: str, version: int) -> VersionObserver:
         return VersionObserver(self, tenant, model, str(version))
@@ -173,6 +234,7 @@ class VersionObserver:
         self._queue = metrics.queue_time.labels(*self._labels)
         self._compute = metrics.compute_time.labels(*self._labels)
         self._depth = metrics.queue_depth.labels(*self._labels)
+        self._hits = metrics.lookups.labels(tenant, model, "hit")
         self._metrics = metrics
         self.totals = {"batches": 0, "rows": 0, "compute_seconds": 0.0, "queue_rejections": 0}
         """This process's running totals for the version (the monitoring API's resource block)."""
@@ -188,6 +250,10 @@ class VersionObserver:
 
     def queue_depth(self, depth: int) -> None:
         self._depth.set(depth)
+
+    def hit(self) -> None:
+        """A request found this version loaded."""
+        self._hits.inc()
 
     def queue_rejected(self) -> None:
         self._metrics.queue_rejections.labels(*self._labels).inc()

@@ -7,6 +7,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
+from typing import Any
 
 from flask import current_app
 
@@ -26,10 +27,21 @@ from services.inference.traffic import Sampler, ShadowRunner, input_stats
 from shared.errors import NotFound, ServiceUnavailable
 from shared.logging import get_logger
 from shared.runtime import Runtime
+from shared.schemas import ErrorSchema
 
 log = get_logger(__name__)
 
 PICK_ATTEMPTS = 3
+UNAVAILABLE: dict[str, Any] = {
+    "schema": ErrorSchema,
+    "description": "The model cannot answer now; retry after `Retry-After` seconds. `error.code` says why: "
+    "`model_loading` (a cold start under the replica's memory budget: the version is loading; with the wait "
+    "policy, it did not load within the wait), `memory_budget_full` (no room to load it: the budget is held by "
+    "pinned versions and versions serving requests), or `unavailable` (the version's queue is full, it did not "
+    "answer in time, no version is ready to serve, or it failed to load).",
+    "headers": {"Retry-After": {"description": "seconds to wait before retrying", "schema": {"type": "integer"}}},
+}
+"""The 503 answer of the predict and infer operations, for their OpenAPI documents."""
 
 
 @dataclass(frozen=True)
@@ -117,7 +129,7 @@ class InferenceServer:
         """Route to a version (pinned, or by the canary weights), build its feeds, run them batched."""
         for _ in range(PICK_ATTEMPTS):
             loaded = self._pick(model, version, request_key)
-            if not loaded.acquire():
+            if loaded is None or not loaded.acquire():
                 continue  # retired a moment ago: the new state is in place, pick again
             try:
                 return Inference(loaded, self._run(model, loaded, make_feeds))
@@ -152,16 +164,22 @@ class InferenceServer:
                 f"model {model.name!r} did not answer within {self.config.request_timeout_s:.0f}s", retry_after=1
             ) from exc
 
-    def _pick(self, model: ServedModel, version: int | None, request_key: str | None) -> LoadedVersion:
+    def _pick(self, model: ServedModel, version: int | None, request_key: str | None) -> LoadedVersion | None:
+        """The version to run (None: the state changed while picking, pick again); one that is not loaded is the
+        repository's to find: NotFound, or a cold start under a memory budget."""
         state = model.state
+        routed = version is None
         if version is None:
             if state.routing is None:
                 raise ServiceUnavailable(f"model {model.name!r} has no version ready to serve", retry_after=5)
             version = choose_version(state.routing, tenant=model.tenant, model_name=model.name, request_key=request_key)
         loaded = state.versions.get(version)
-        if loaded is None:
-            raise NotFound(f"version {version} of model {model.name!r} is not loaded")
-        return loaded
+        if loaded is not None:
+            loaded.observer.hit()
+            return loaded
+        if routed and model.state is not state:
+            return None
+        return self.repository.lookup(model, version, routed=routed)
 
     def known_labels(self, tenant: str, name: str, version: int) -> list[str] | None:
         model = self.repository.get(tenant, name)
@@ -169,7 +187,10 @@ class InferenceServer:
             return None
         versions = model.state.versions
         loaded = versions.get(version) or next(iter(versions.values()), None)
-        return loaded.labels if loaded else None
+        if loaded is not None:
+            return loaded.labels
+        labels = model.declared(version).get("labels") or model.declared().get("labels")  # none loaded (a budget)
+        return list(labels) if labels else None
 
 
 def current_server() -> InferenceServer:

@@ -3,8 +3,10 @@
 - `GET /v2`, `/v2/health/live`, `/v2/health/ready` (no credentials: probes use them). Ready means the
   registry has answered once and every model it serves has had its first load attempt; a 4xx answers false.
 - `GET /v2/models/{name}[/versions/{v}]`: metadata (versions, platform, inputs, outputs as the graph declares
-  them), plus a `flywheel` block: which routing serves, which the registry wants, and every version's state
-  (ready, loading, or failed with its reason).
+  them, or as registered while no version is loaded under a memory budget), plus a `flywheel` block: which
+  routing serves, which the registry wants, and every version's state (ready, loading, or failed with its
+  reason; under a memory budget also unloaded, evicted or not requested yet, and why a ready one is loaded:
+  pinned or recent).
 - `GET /v2/models/{name}[/versions/{v}]/ready`, `GET /v2/models/{name}/config` (Triton's model configuration
   extension: batching, inputs, outputs).
 - `POST /v2/models/{name}[/versions/{v}]/infer`: JSON tensors or the binary tensor data extension, gzip or
@@ -47,7 +49,7 @@ from services.inference.schemas import (
     V2ReadySchema,
     V2ServerMetadataSchema,
 )
-from services.inference.server import current_server
+from services.inference.server import UNAVAILABLE, current_server
 from services.inference.tensors import (
     HEADER_LENGTH,
     InferRequest,
@@ -142,11 +144,23 @@ def _model(name: str) -> ServedModel:
     return model
 
 
-def _version(model: ServedModel, version: str) -> LoadedVersion:
+def _number(model: ServedModel, version: str) -> int:
     try:
-        number = int(version)
+        return int(version)
     except ValueError as exc:
         raise NotFound(f"version {version!r} of model {model.name!r} does not exist") from exc
+
+
+def _pinned(model: ServedModel, version: str) -> int:
+    """The version a request names: a loaded one, or (under a memory budget) one the model loads on demand."""
+    number = _number(model, version)
+    if not model.loads_on_demand(number):
+        _version(model, version)
+    return number
+
+
+def _version(model: ServedModel, version: str) -> LoadedVersion:
+    number = _number(model, version)
     loaded = model.state.versions.get(number)
     if loaded is None:
         failure = model.failures.get(number)
@@ -165,13 +179,14 @@ def _metadata(model: ServedModel, loaded: LoadedVersion | None) -> dict[str, Any
         loaded = state.versions.get(state.routing.version)
     if loaded is None and state.versions:
         loaded = next(iter(state.versions.values()))
+    declared = model.declared() if loaded is None else {}  # not loaded (a memory budget): as registered
     body: dict[str, Any] = {
         "name": model.name,
-        "versions": [str(v) for v in sorted(state.versions)],
+        "versions": [str(v) for v in sorted({*state.versions, *(model.version_docs if model.on_demand else ())})],
         "platform": PLATFORM,
-        "inputs": _tensors(loaded.inputs) if loaded else [],
-        "outputs": _tensors(loaded.outputs) if loaded else [],
-        "flywheel": {**model.describe(), "labels": loaded.labels if loaded else []},
+        "inputs": _tensors(loaded.inputs) if loaded else list(declared.get("inputs") or []),
+        "outputs": _tensors(loaded.outputs) if loaded else list(declared.get("outputs") or []),
+        "flywheel": {**model.describe(), "labels": loaded.labels if loaded else list(declared.get("labels") or [])},
     }
     if loaded is not None and loaded.tags is not None:  # a token model: the logits' last axis, in order
         body["flywheel"]["tags"] = loaded.tags
@@ -328,7 +343,7 @@ def _infer(name: str, version: str | None) -> Response:
     server = current_server()
     tenant = current_principal().tenant
     model = _model(name)
-    pinned = _version(model, version).version if version is not None else None
+    pinned = _pinned(model, version) if version is not None else None
     try:
         inferred = parse_infer_request(_body(), request.headers.get(HEADER_LENGTH))
         rows = next(iter(inferred.inputs.values())).shape[0] if inferred.inputs else 1
@@ -412,6 +427,8 @@ INFER_DOC = {
     }
 }
 TOO_MANY_V2 = TOO_MANY_REQUESTS | {"schema": V2ErrorSchema}
+UNAVAILABLE_V2 = UNAVAILABLE | {"schema": V2ErrorSchema}
+"""The model cannot answer now (cold start, memory budget, full queue...), in the protocol's shape."""
 """A rate limit or a monthly quota (the message names the meter) refused the request, in the protocol's shape."""
 INFERRED = "The outputs: JSON, or (binary outputs asked for) the JSON header followed by the outputs' bytes."
 BINARY_HEADER = {
@@ -427,6 +444,7 @@ BINARY_HEADER = {
 @blp.alt_response(200, success=True, schema=V2InferResponseSchema, description=INFERRED, headers=BINARY_HEADER)
 @blp.alt_response(200, success=True, schema=BINARY_BODY, content_type="application/octet-stream", description=INFERRED)
 @blp.alt_response(429, **TOO_MANY_V2)
+@blp.alt_response(503, **UNAVAILABLE_V2)
 @require_partner
 @requires_scope("predict")
 def infer(name: str) -> Response:
@@ -438,6 +456,7 @@ def infer(name: str) -> Response:
 @blp.alt_response(200, success=True, schema=V2InferResponseSchema, description=INFERRED, headers=BINARY_HEADER)
 @blp.alt_response(200, success=True, schema=BINARY_BODY, content_type="application/octet-stream", description=INFERRED)
 @blp.alt_response(429, **TOO_MANY_V2)
+@blp.alt_response(503, **UNAVAILABLE_V2)
 @require_partner
 @requires_scope("predict")
 def infer_version(name: str, version: str) -> Response:
