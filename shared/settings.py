@@ -120,6 +120,8 @@ class Settings:
     """INFERENCE_LOG_PREDICTIONS: log the friendly API's predictions (off only to measure what logging costs)."""
     inference_metering: bool = True
     """INFERENCE_METERING: count predictions for usage metering (off only to measure what metering costs)."""
+    inference_usage_flush_interval_s: float = 5.0
+    """INFERENCE_USAGE_FLUSH_INTERVAL_S: how often counted predictions are published as usage records."""
     inference_model_memory_budget_mb: float = 0.0
     """INFERENCE_MODEL_MEMORY_BUDGET_MB: memory one process may spend on loaded model versions (MiB, accounted);
     versions then load on first request and idle ones are evicted least recently used. 0: load all, eagerly."""

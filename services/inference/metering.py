@@ -1,5 +1,5 @@
 """Usage metering of predictions, off the request path: a request adds to in-process counters per (tenant, model,
-version) under a lock (three additions, no I/O); a thread, every `log_flush_interval_s`, turns the counters into
+version) under a lock (three additions, no I/O); a thread, every `usage_flush_interval_s` (5 s), turns the counters into
 usage records (`prediction_requests`, `prediction_rows`, `prediction_compute_seconds`) and publishes them as
 `usage.recorded` events through the outbox, in one transaction. Ingestion keeps the meters.
 

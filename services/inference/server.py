@@ -69,7 +69,7 @@ class InferenceServer:
         self.prediction_log = PredictionLog(
             runtime, config, self.metrics, input_stats=input_stats, pick=self.sampler.pick
         )
-        self.usage = PredictionMeter(runtime, config.log_flush_interval_s)
+        self.usage = PredictionMeter(runtime, config.usage_flush_interval_s)
         self.promotions = PromotionListener(runtime, self.repository, self.metrics)
         self.reconciler = Reconciler(self.repository, config.reconcile_interval_s)
         self.monitor = Monitor(runtime, self.repository, self.metrics, config.monitor_interval_s)

@@ -77,7 +77,7 @@ def test_a_monthly_prediction_quota_refuses_before_any_work(
             "dimensions": {"model": "reviews", "version": "1"},
         }
         metering.record(session, [earlier], "inference")
-    replica = inference(log_flush_interval_s=300.0)
+    replica = inference(log_flush_interval_s=300.0, usage_flush_interval_s=300.0)
     assert predict(replica, tenants.alice, ["a", "b", "c"]).status_code == 200  # 2 + 3 = 5: the quota, exactly
     refused = predict(replica, tenants.alice, ["one more"])
     assert refused.status_code == 429, refused.get_json()

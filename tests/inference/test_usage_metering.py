@@ -45,7 +45,7 @@ def prediction_meters(client: Any, headers: dict[str, str]) -> dict[str, float]:
 def test_predictions_are_counted_in_process_and_match_the_meters_exactly(
     inference, tenants, two_tenants_served, platform, worker
 ) -> None:
-    replica = inference(log_flush_interval_s=300.0)  # the test flushes by hand
+    replica = inference(log_flush_interval_s=300.0, usage_flush_interval_s=300.0)  # the test flushes by hand
     alice_batches = [["a wonderful film"], ["terrible", "ordinary", "wonderful"], ["fine"] * 5]
     for texts in alice_batches:
         response = replica.client.post(
@@ -91,7 +91,7 @@ def test_predictions_are_counted_in_process_and_match_the_meters_exactly(
 def test_a_failed_flush_keeps_its_records_and_their_ids(inference, tenants, two_tenants_served, monkeypatch) -> None:
     """A flush whose transaction fails is retried with the very same record ids: if it had in fact reached the
     bus, ingestion's (tenant, id) constraint still counts it once."""
-    replica = inference(log_flush_interval_s=300.0)
+    replica = inference(log_flush_interval_s=300.0, usage_flush_interval_s=300.0)
     meter, bus = replica.server.usage, replica.runtime.bus
     meter.count(tenants.alice.tenant, "reviews", 1, rows=4, seconds=0.5)
     attempted: list[str] = []
