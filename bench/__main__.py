@@ -30,6 +30,7 @@ MODULES = {  # benchmark name -> the module `python -m` runs
     "flywheel_bench": "bench.flywheel_bench",
     "quality_bench": "bench.quality_bench",
     "model_memory_bench": "bench.model_memory_bench",
+    "peer_bench": "bench.peer_bench",
 }
 BENCHMARKS = tuple(MODULES)
 RESULT_FILES = {
@@ -42,6 +43,7 @@ RESULT_FILES = {
     "flywheel_bench": "flywheel",
     "quality_bench": "quality",
     "model_memory_bench": "model_memory",
+    "peer_bench": "peer",
 }
 
 
@@ -294,6 +296,33 @@ def _monitoring(r: dict[str, Any]) -> str:
     )
 
 
+def _peer(r: dict[str, Any]) -> str:
+    peer = r["settings"]["peer"]["server"]
+    rows = []
+    for form, m in r["forms"].items():
+        mine, theirs, ratio = m.get("flywheel"), m.get("mlserver"), m.get("ratio_per_round")
+        rows.append(
+            [
+                f"v2 {form}",
+                _shown(mine["goodput_per_s"], 1) if mine else "n/a",
+                _shown(theirs["goodput_per_s"], 1) if theirs else "n/a",
+                _shown(ratio, 2) if ratio else "n/a",
+                " / ".join(f"{x['p99_ms']:.0f}" if x else "n/a" for x in (mine, theirs)),
+                " / ".join(f"{_median(x['server_cpu_ms_per_request']):.2f}" if x else "n/a" for x in (mine, theirs)),
+                " / ".join(str(x["errors"]) if x else "n/a" for x in (mine, theirs)),
+                " / ".join(f"{x['mean_batch']:.1f}" if x and x.get("mean_batch") else "-" for x in (mine, theirs)),
+            ]
+        )
+    headers = ["concurrency 32", "Flywheel good-put/s", f"{peer} good-put/s", "Flywheel / peer (per round)"]
+    headers += ["p99 ms F / P", "server CPU ms/req F / P", "errors F / P", "mean batch F / P"]
+    loads = r.get("load_average_per_round") or []
+    load = f" Load average (1 min) over the rounds: {min(loads):.1f} to {max(loads):.1f}." if loads else ""
+    return (
+        f"{render(headers, rows, markdown=True)}\n\nThe same mobilenet_v3_small graph and request bytes; rounds in "
+        f"alternating order, the ratio is the median of the per-round ratios.{load}"
+    )
+
+
 SECTIONS = {
     "monitoring_bench": ("Monitoring: the hot path with the prediction log, sampling and shadow traffic", _monitoring),
     "metering_bench": ("Metering: the hot path with usage metering on and off", _metering),
@@ -304,6 +333,7 @@ SECTIONS = {
     "flywheel_bench": ("The flywheel: retrain threshold to serving", _flywheel),
     "quality_bench": ("Quality: fine-tuned model against a classical baseline", _quality),
     "model_memory_bench": ("Many tenants' models per replica: a memory budget", model_memory_section),
+    "peer_bench": ("Beside a peer: Flywheel and MLServer on the same graph", _peer),
 }
 
 

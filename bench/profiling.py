@@ -6,24 +6,24 @@ says what share of one server's on-CPU samples fell in the code under test. For 
 bounds what the code costs in throughput.
 
 py-spy is a tool of the benchmark, not of the project: it is installed on first use into a virtualenv of its own
-under `~/.cache/flywheel/bench-tools` (from the configured package index), never into the project's.
+under `~/.cache/flywheel/bench-tools` (from the configured package index, `bench/tools.py`), never into the
+project's.
 """
 
 from __future__ import annotations
 
-import os
 import shutil
 import signal
 import subprocess
 import sys
-import venv
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
+from bench.tools import tool_venv
+
 PY_SPY = "py-spy==0.4.3"
 WAITS = ("Condition.wait", "Event.wait", "_epoll.poll", "select", "sleep", "_wait_for_tstate_lock")
-TOOLS = Path(os.environ.get("FLYWHEEL_BENCH_TOOLS", Path.home() / ".cache" / "flywheel" / "bench-tools"))
 
 
 def py_spy() -> str:
@@ -31,11 +31,7 @@ def py_spy() -> str:
     found = shutil.which("py-spy")
     if found:
         return found
-    binary = TOOLS / "py-spy" / "bin" / "py-spy"
-    if not binary.exists():
-        venv.EnvBuilder(with_pip=True, clear=True).create(TOOLS / "py-spy")
-        subprocess.run([str(TOOLS / "py-spy" / "bin" / "pip"), "install", "-q", PY_SPY], check=True)
-    return str(binary)
+    return str(tool_venv("py-spy", [PY_SPY]) / "bin" / "py-spy")
 
 
 class Recording:
