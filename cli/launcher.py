@@ -53,6 +53,7 @@ from cli.supervisor import (
     stop_processes,
     tail,
 )
+from services.inference.config import MAX_BATCH_SIZE
 from shared.auth import generate_internal_token
 from shared.client.api import service_urls
 from shared.logging import configure_logging, get_logger
@@ -147,8 +148,11 @@ def service_env(settings: Settings, redis_url: str, token: str, ports: dict[str,
     return env
 
 
-INFERENCE_THREADS = 16
-"""Requests inference handles at once: in-flight requests bound how large a dynamic batch can grow."""
+INFERENCE_THREADS = 2 * MAX_BATCH_SIZE
+"""Requests inference handles at once (granian's blocking threads). Under WSGI a request holds its thread while it
+waits for its batch, so in-flight requests bound how large a dynamic batch can grow: with 16, at most 16 requests
+reached a batcher and batches of 8 formed while the previous 8 ran. Two full batches' worth (64 for the default
+max_batch_size of 32) lets one batch run while the next fills; an idle thread costs a stack, not CPU."""
 
 
 def http_command(service: str, port: int) -> list[str]:

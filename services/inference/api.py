@@ -29,9 +29,8 @@ from flask_smorest import Blueprint
 from marshmallow import ValidationError
 
 from services.inference import fair_use
-from services.inference.batcher import Feeds
 from services.inference.prediction_log import RequestRecord, new_prediction_ids
-from services.inference.preprocess import TokenPreprocessor, as_model_inputs, classify, entities, read_stored_inputs
+from services.inference.preprocess import as_model_inputs, classify, entities, read_stored_inputs
 from services.inference.repository import LoadedVersion, ServedModel
 from services.inference.request_log import annotate, install_request_annotations
 from services.inference.schemas import (
@@ -41,7 +40,7 @@ from services.inference.schemas import (
     PredictRequestSchema,
     PredictResponseSchema,
 )
-from services.inference.server import UNAVAILABLE, Inference, InferenceServer, current_server
+from services.inference.server import UNAVAILABLE, Inference, InferenceServer, ModelInputs, RawInputs, current_server
 from services.inference.traffic import ShadowJob
 from shared.auth import current_principal, require_partner, require_partner_or_delegated, requires_scope
 from shared.errors import BadRequest, DomainError, Forbidden, Unprocessable
@@ -119,26 +118,34 @@ def _infer(server: InferenceServer, model: ServedModel, built: dict[str, Any]) -
     kind = field.removesuffix("s")
     inputs: list[Any] = body[field]
 
-    def feeds(loaded: LoadedVersion) -> Feeds:
+    def feeds(loaded: LoadedVersion) -> ModelInputs:
         if loaded.preprocessor.kind != kind:
             raise Unprocessable(
                 f"model {model.name!r} takes {loaded.preprocessor.kind}s, not {kind}s",
                 {"fields": {field: ["wrong kind"]}},
             )
-        built["feeds"] = _preprocess(loaded, inputs, built)
-        return built["feeds"]
+        return _model_inputs(loaded, inputs, built)
 
     result = server.infer(model, version=body["version"], request_key=body["request_key"], make_feeds=feeds)
-    return kind, inputs, result
+    return kind, inputs, _kept(result, built)
 
 
-def _preprocess(loaded: LoadedVersion, inputs: list[Any], built: dict[str, Any]) -> Feeds:
-    """The version's feeds for the inputs; a token model's texts and words are kept in `built` for decoding."""
-    if isinstance(loaded.preprocessor, TokenPreprocessor):
-        feeds, built["words"] = loaded.preprocessor.encode(inputs)
+def _model_inputs(loaded: LoadedVersion, inputs: list[Any], built: dict[str, Any]) -> ModelInputs:
+    """A text model's texts go to its batcher as sent, to be tokenized with the other texts of their batch in one
+    call; images are decoded and normalised here, on the request's own thread. `built` keeps the texts (a token
+    model decodes its entities from them) or the image feeds (for the input statistics)."""
+    if loaded.preprocessor.kind == "text":
         built["texts"] = inputs
-        return feeds
-    return loaded.preprocessor(inputs)
+        return RawInputs(inputs, loaded.preprocessor.prepare)
+    built["feeds"] = loaded.preprocessor(inputs)
+    return built["feeds"]
+
+
+def _kept(result: Inference, built: dict[str, Any]) -> Inference:
+    """Keep what the batcher prepared for this request in `built`: its feeds, and each text's words (a token model)."""
+    if result.feeds is not None:
+        built["feeds"], built["words"] = result.feeds, result.extras
+    return result
 
 
 def _infer_stored(
@@ -152,11 +159,11 @@ def _infer_stored(
         server.runtime.storage, principal.tenant, body["references"], server.runtime.settings.max_request_bytes
     )
 
-    def feeds(loaded: LoadedVersion) -> Feeds:
-        return _preprocess(loaded, as_model_inputs(contents, loaded.preprocessor.kind), built)
+    def feeds(loaded: LoadedVersion) -> ModelInputs:
+        return _model_inputs(loaded, as_model_inputs(contents, loaded.preprocessor.kind), built)
 
     result = server.infer(model, version=body["version"], request_key=body["request_key"], make_feeds=feeds)
-    return result.version.preprocessor.kind, contents, result
+    return result.version.preprocessor.kind, contents, _kept(result, built)
 
 
 @models.post("/<name>:predict")

@@ -15,6 +15,13 @@ token inputs is padded (ids 0, attention mask 0, which the mask makes inert), so
 batch; a token model's per-token logits (`padded_outputs`) come back cut to each request's own length. If a
 batch fails, its requests are retried one by one, so one bad request fails alone.
 
+A request may also send its raw inputs with the version's `prepare` step (`submit_inputs`: a text model's texts and
+its tokenizer). Then the batch's inputs are prepared together right before the run, in one call (the fast
+tokenizer's `encode_batch`, padded to the batch's longest text), instead of each request tokenizing alone on its
+own thread; each request gets back its own rows of the feeds (cut to its own length) and of whatever else the
+step made per input (a token model's words), beside its outputs (`Answer`). A preparation that fails is one more
+way for a batch to fail: its requests are prepared and run one by one, and only the bad one fails.
+
 `max_batch_size=1` turns batching off: requests still queue (bounded) and run one at a time.
 """
 
@@ -26,7 +33,7 @@ from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -37,6 +44,29 @@ log = get_logger(__name__)
 
 Feeds = dict[str, np.ndarray]
 RunFn = Callable[[Feeds], Feeds]
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """Raw inputs prepared as the graph takes them: the feeds (padded to the longest input), each input's own
+    length along the padded axis, and what the step made per input besides (a token model's words, else None)."""
+
+    feeds: Feeds
+    lengths: list[int]
+    extras: list[Any]
+
+
+PrepareFn = Callable[[list[Any]], Prepared]
+
+
+@dataclass(frozen=True)
+class Answer:
+    """A request's share of a batch that prepared its raw inputs: its outputs, its own rows of the feeds and its
+    inputs' extras."""
+
+    outputs: Feeds
+    feeds: Feeds
+    extras: list[Any]
 
 
 class QueueFull(Exception):
@@ -55,9 +85,11 @@ class BatchObserver(Protocol):
 
 @dataclass
 class _Pending:
-    feeds: Feeds
+    feeds: Feeds | None  # None: raw inputs, prepared with the rest of the batch
     rows: int
     signature: tuple
+    inputs: list[Any] | None = None
+    prepare: PrepareFn | None = None
     enqueued: float = field(default_factory=time.monotonic)
     future: Future = field(default_factory=Future)
 
@@ -102,8 +134,17 @@ class DynamicBatcher:
             self._cond.notify_all()
 
     def submit(self, feeds: Feeds, *, announced: bool = False) -> Future:
+        """Queue a request's feeds; its future answers its rows of the outputs."""
         rows = next(iter(feeds.values())).shape[0]
-        pending = _Pending(feeds=feeds, rows=rows, signature=self._signature(feeds))
+        return self._enqueue(_Pending(feeds=feeds, rows=rows, signature=self._signature(feeds)), announced)
+
+    def submit_inputs(self, inputs: list[Any], prepare: PrepareFn, *, announced: bool = False) -> Future:
+        """Queue a request's raw inputs, to be prepared with the other raw inputs of its batch by `prepare`; its
+        future answers an `Answer`."""
+        pending = _Pending(feeds=None, rows=len(inputs), signature=("prepare", prepare), inputs=inputs, prepare=prepare)
+        return self._enqueue(pending, announced)
+
+    def _enqueue(self, pending: _Pending, announced: bool) -> Future:
         with self._cond:
             if announced:
                 self._arriving -= 1
@@ -178,7 +219,8 @@ class DynamicBatcher:
     def _execute(self, batch: list[_Pending]) -> None:
         started = time.monotonic()
         try:
-            outputs = self.run(self._concatenate(batch))
+            prepared = self._prepare(batch)
+            outputs = self.run(prepared.feeds if prepared is not None else self._concatenate(batch))
         except Exception as exc:
             if len(batch) > 1:
                 log.warning("batch_failed_retrying_alone", batcher=self.name, requests=len(batch), error=str(exc)[:300])
@@ -192,28 +234,47 @@ class DynamicBatcher:
         self.observer.batch_ran(rows, [started - item.enqueued for item in batch], compute)
         start = 0
         for item in batch:
-            item.future.set_result({name: self._own(item, name, array, start) for name, array in outputs.items()})
+            item.future.set_result(self._answer(item, outputs, prepared, start))
             start += item.rows
 
-    def _own(self, item: _Pending, name: str, array: np.ndarray, start: int) -> np.ndarray:
-        """The request's rows of a batch output, cut back to its own sequence length where the batch padded it."""
-        rows = array[start : start + item.rows]
-        if name in self.padded_outputs and self.padded_inputs:
-            width = next(
-                item.feeds[input_name].shape[1] for input_name in self.padded_inputs if input_name in item.feeds
-            )
-            rows = rows[:, :width]
-        return rows
+    def _prepare(self, batch: list[_Pending]) -> Prepared | None:
+        """The batch's raw inputs prepared in one call (None: its requests sent feeds)."""
+        prepare = batch[0].prepare
+        if prepare is None:
+            return None
+        return prepare([value for item in batch for value in item.inputs or []])
+
+    def _answer(self, item: _Pending, outputs: Feeds, prepared: Prepared | None, start: int) -> Feeds | Answer:
+        """The request's share of the batch: its rows of the outputs, cut back to its own sequence length where
+        the batch padded them; with its rows of the feeds and extras where the batch prepared its inputs."""
+        stop = start + item.rows
+        if prepared is None:
+            feeds = item.feeds or {}
+            width = next((feeds[n].shape[1] for n in self.padded_inputs if n in feeds), None)
+            return {name: self._cut(name, array[start:stop], width) for name, array in outputs.items()}
+        width = max(prepared.lengths[start:stop])
+        return Answer(
+            outputs={name: self._cut(name, array[start:stop], width) for name, array in outputs.items()},
+            feeds={
+                name: array[start:stop, :width] if name in self.padded_inputs else array[start:stop]
+                for name, array in prepared.feeds.items()
+            },
+            extras=prepared.extras[start:stop],
+        )
+
+    def _cut(self, name: str, rows: np.ndarray, width: int | None) -> np.ndarray:
+        return rows[:, :width] if width is not None and name in self.padded_outputs else rows
 
     def _execute_alone(self, item: _Pending) -> None:
         started = time.monotonic()
         try:
-            outputs = self.run(item.feeds)
+            prepared = self._prepare([item])
+            outputs = self.run(prepared.feeds if prepared is not None else item.feeds or {})
         except Exception as exc:
             item.future.set_exception(exc)
             return
         self.observer.batch_ran(item.rows, [started - item.enqueued], time.monotonic() - started)
-        item.future.set_result(outputs)
+        item.future.set_result(outputs if prepared is None else self._answer(item, outputs, prepared, 0))
 
     def _concatenate(self, batch: list[_Pending]) -> Feeds:
         if len(batch) == 1:

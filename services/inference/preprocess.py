@@ -16,8 +16,9 @@ from typing import Any
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
-from tokenizers import Tokenizer
+from tokenizers import Encoding, Tokenizer
 
+from services.inference.batcher import Prepared
 from services.inference.sessions import ModelRefused, TensorSpec
 from shared.entities import Words, decode_entities, words_from
 from shared.errors import NotFound, PayloadTooLarge, Unprocessable
@@ -45,8 +46,27 @@ class TextPreprocessor:
                 raise ModelRefused("contract_mismatch", f"a text model needs an '{required}' input")
 
     def __call__(self, texts: list[str]) -> dict[str, np.ndarray]:
-        encodings = self.tokenizer.encode_batch([text.lower() if self.lowercase else text for text in texts])
-        return self._feeds([encoding.ids for encoding in encodings])
+        return self.prepare(texts).feeds
+
+    def prepare(self, texts: list[str]) -> Prepared:
+        """The texts as the graph's feeds, tokenized in one call (the batcher calls it once for all the texts of a
+        batch), with each text's token count."""
+        encodings = self._encode([text.lower() if self.lowercase else text for text in texts])
+        rows = [encoding.ids for encoding in encodings]
+        return Prepared(self._feeds(rows), [len(row) for row in rows], [None] * len(rows))
+
+    def _encode(self, texts: list[str]) -> list[Encoding]:
+        """The fast tokenizer's batch encode; a text it cannot take (a lone surrogate: not encodable as UTF-8)
+        is refused (422), named by its place in `texts` (the batcher retries a failed batch request by request,
+        so the place is the request's own)."""
+        try:
+            return self.tokenizer.encode_batch(texts)
+        except (TypeError, ValueError) as exc:
+            bad = next((index for index, text in enumerate(texts) if not _encodable(text)), 0)
+            raise Unprocessable(
+                f"text {bad} could not be tokenized (it is not valid Unicode)",
+                {"fields": {"texts": {str(bad): ["not tokenizable"]}}},
+            ) from exc
 
     def _feeds(self, rows: list[list[int]]) -> dict[str, np.ndarray]:
         """The token ids padded to the longest row, with the attention mask (and zero type ids if the graph
@@ -69,13 +89,20 @@ class TokenPreprocessor(TextPreprocessor):
     lower-cased here: the tokenizer's own normalizer does that, and its offsets must index the original text
     (`str.lower` can change a text's length, `İ` becomes two code points)."""
 
-    def encode(self, texts: list[str]) -> tuple[dict[str, np.ndarray], list[Words]]:
-        encodings = self.tokenizer.encode_batch(texts)
+    def prepare(self, texts: list[str]) -> Prepared:
+        """The feeds, each text's token count, and each text's words as the extras."""
+        encodings = self._encode(texts)
+        rows = [encoding.ids for encoding in encodings]
         words = [words_from(encoding.word_ids, encoding.offsets) for encoding in encodings]
-        return self._feeds([encoding.ids for encoding in encodings]), words
+        return Prepared(self._feeds(rows), [len(row) for row in rows], words)
 
-    def __call__(self, texts: list[str]) -> dict[str, np.ndarray]:
-        return self.encode(texts)[0]
+
+def _encodable(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 class ImagePreprocessor:

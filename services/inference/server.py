@@ -12,7 +12,7 @@ from typing import Any
 from flask import current_app
 
 from services.inference import erasure  # noqa: F401  (its handler joins the listener's: erasure.requested)
-from services.inference.batcher import BatcherClosed, Feeds, QueueFull
+from services.inference.batcher import Answer, BatcherClosed, Feeds, PrepareFn, QueueFull
 from services.inference.canary import choose_version
 from services.inference.config import InferenceConfig
 from services.inference.ground_truth import EventListener
@@ -45,9 +45,25 @@ UNAVAILABLE: dict[str, Any] = {
 
 
 @dataclass(frozen=True)
+class RawInputs:
+    """A request's inputs as sent, for its version's batcher to prepare with the rest of the batch (a text model's
+    texts and its tokenizer's `prepare`: one tokenizer call per batch, not one per request)."""
+
+    values: list[Any]
+    prepare: PrepareFn
+
+
+ModelInputs = Feeds | RawInputs
+
+
+@dataclass(frozen=True)
 class Inference:
     version: LoadedVersion
     outputs: Feeds
+    feeds: Feeds | None = None
+    """The request's own feeds, where the batcher prepared them (raw inputs)."""
+    extras: list[Any] | None = None
+    """What preparing each input made besides the feeds (a token model's words), where the batcher prepared them."""
 
 
 class InferenceServer:
@@ -124,31 +140,40 @@ class InferenceServer:
         *,
         version: int | None,
         request_key: str | None,
-        make_feeds: Callable[[LoadedVersion], Feeds],
+        make_feeds: Callable[[LoadedVersion], ModelInputs],
     ) -> Inference:
-        """Route to a version (pinned, or by the canary weights), build its feeds, run them batched."""
+        """Route to a version (pinned, or by the canary weights), build its feeds (or hand over the raw inputs for
+        its batcher to prepare), run them batched."""
         for _ in range(PICK_ATTEMPTS):
             loaded = self._pick(model, version, request_key)
             if loaded is None or not loaded.acquire():
                 continue  # retired a moment ago: the new state is in place, pick again
             try:
-                return Inference(loaded, self._run(model, loaded, make_feeds))
+                answer = self._run(model, loaded, make_feeds)
+                if isinstance(answer, Answer):
+                    return Inference(loaded, answer.outputs, answer.feeds, answer.extras)
+                return Inference(loaded, answer)
             except BatcherClosed:
                 continue
             finally:
                 loaded.release()
         raise ServiceUnavailable(f"model {model.name!r} is being swapped; retry", retry_after=1)
 
-    def _run(self, model: ServedModel, loaded: LoadedVersion, make_feeds: Callable[[LoadedVersion], Feeds]) -> Feeds:
+    def _run(
+        self, model: ServedModel, loaded: LoadedVersion, make_feeds: Callable[[LoadedVersion], ModelInputs]
+    ) -> Feeds | Answer:
         batcher = loaded.batcher
         batcher.announce()
         try:
-            feeds = make_feeds(loaded)
+            inputs = make_feeds(loaded)
         except BaseException:
             batcher.withdraw()
             raise
         try:
-            future = batcher.submit(feeds, announced=True)
+            if isinstance(inputs, RawInputs):
+                future = batcher.submit_inputs(inputs.values, inputs.prepare, announced=True)
+            else:
+                future = batcher.submit(inputs, announced=True)
         except QueueFull as exc:
             loaded.observer.queue_rejected()
             raise ServiceUnavailable(

@@ -43,7 +43,7 @@ GUNICORN_OPTIONS = {
 GRANIAN_OPTIONS = {
     "--interface": "wsgi",
     "--workers": "1",
-    "--blocking-threads": "16",
+    "--blocking-threads": "64",
     "--log-config": IMAGE_GRANIAN_LOG_CONFIG,
 }
 GRANIAN_SERVICES = {"inference"}  # the partners' hot path; the others run under gunicorn

@@ -17,6 +17,7 @@ from services.inference.config import BatchingConfig
 from services.inference.preprocess import TextPreprocessor
 from services.inference.repository import TOKEN_INPUTS
 from services.inference.sessions import create_session, graph_io
+from shared.errors import Unprocessable
 from tests.helpers import eventually
 from tests.inference.support import TEXT_LABELS, metric_samples, png, serving_document, upload_version
 
@@ -131,6 +132,118 @@ def test_concurrent_texts_keep_their_own_answers(inference, store, registry, ten
         assert all(pool.map(caller, range(8)))
     _, rows, _ = batch_sizes(replica, "reviews")
     assert rows == 32
+
+
+def test_concurrent_text_requests_are_tokenized_as_one_batch_and_answer_as_alone(
+    inference, store, registry, tenants, model_folders
+) -> None:
+    """The friendly API hands a text model's texts to its batcher as sent: the batch's texts are tokenized together
+    (padded to the longest) and run as one batch, and every request still gets the answer it gets alone."""
+    folder = model_folders["text"]
+    serving = {"max_batch_size": 32, "max_queue_delay_us": 200_000}
+    version = upload_version(store, tenants.alice.tenant, folder, 1, serving=serving)
+    registry.serve(serving_document(tenants.alice.tenant, folder, {1: version}, 1))
+    replica = inference()
+    texts = ["wonderful", "a long and terrible and dull and slow film", "terrible terrible", "so wonderful, really"] * 3
+
+    def predict(text: str):
+        return replica.client.post("/v1/models/reviews:predict", json={"texts": [text]}, headers=tenants.alice.headers)
+
+    alone = {}
+    for text in dict.fromkeys(texts):
+        response = predict(text)
+        assert response.status_code == 200, response.get_json()
+        alone[text] = response.get_json()["predictions"][0]
+    before_batches, before_rows, _ = batch_sizes(replica, "reviews")
+    start = threading.Barrier(len(texts))
+
+    def caller(text: str):
+        start.wait()
+        return predict(text)
+
+    with ThreadPoolExecutor(len(texts)) as pool:
+        responses = list(pool.map(caller, texts))
+    batches, rows, _ = batch_sizes(replica, "reviews")
+    assert rows - before_rows == len(texts)
+    assert (rows - before_rows) / (batches - before_batches) > 1.5, "the concurrent texts did not share batches"
+    for text, response in zip(texts, responses, strict=True):
+        assert response.status_code == 200, response.get_json()
+        prediction = response.get_json()["predictions"][0]
+        assert prediction["label"] == alone[text]["label"]
+        for label, probability in prediction["probabilities"].items():
+            assert probability == pytest.approx(alone[text]["probabilities"][label], abs=1e-5)
+
+
+def test_a_batch_of_texts_is_tokenized_in_one_call_and_a_text_the_tokenizer_refuses_fails_alone(
+    model_folders,
+) -> None:
+    folder = model_folders["text"]
+    session = create_session(folder / "model.onnx", intra_op_threads=1, allow_spinning=False, prefer_gpu=False)
+    inputs, _ = graph_io(session)
+    metadata = json.loads((folder / "metadata.json").read_text())
+    tokenizer = TextPreprocessor(folder, metadata["preprocessing"], inputs)
+    calls: list[int] = []
+
+    def prepare(texts):
+        calls.append(len(texts))
+        return tokenizer.prepare(texts)
+
+    texts = ["wonderful", "a long and terrible and dull and slow film", "bad \ud800 text", "so wonderful, really"]
+    alone = [session.run(["logits"], tokenizer([text]))[0] for text in texts if text != texts[2]]
+    observer = Observer()
+    batcher = DynamicBatcher(
+        lambda feeds: {"logits": session.run(["logits"], feeds)[0]},
+        BatchingConfig(8, 5_000_000, 8),
+        name="text",
+        observer=observer,
+        padded_inputs=TOKEN_INPUTS,
+    )
+    try:
+        for _ in range(2):
+            batcher.announce()
+        good = [batcher.submit_inputs([text], prepare, announced=True) for text in texts[:2]]
+        answers = [future.result(5) for future in good]
+        assert calls == [2] and observer.batches == [2]  # two requests, one tokenizer call, one run
+        for answer, text in zip(answers, texts[:2], strict=True):
+            own = tokenizer([text])
+            assert answer.feeds["input_ids"].tolist() == own["input_ids"].tolist()  # its own rows, its own length
+        calls.clear()
+        for _ in texts:
+            batcher.announce()
+        futures = [batcher.submit_inputs([text], prepare, announced=True) for text in texts]
+        with pytest.raises(Unprocessable, match="text 0 could not be tokenized"):
+            futures[2].result(5)
+        batched = [future.result(5).outputs["logits"] for i, future in enumerate(futures) if i != 2]
+    finally:
+        batcher.close()
+    assert calls == [4, 1, 1, 1, 1]  # the batch's call failed; each request was then tokenized alone
+    for one, together in zip(alone, batched, strict=True):
+        np.testing.assert_allclose(together, one, atol=1e-6)
+
+
+def test_a_text_the_tokenizer_refuses_is_a_422_and_its_batch_answers(
+    inference, store, registry, tenants, model_folders
+) -> None:
+    folder = model_folders["text"]
+    version = upload_version(store, tenants.alice.tenant, folder, 1, serving={"max_queue_delay_us": 200_000})
+    registry.serve(serving_document(tenants.alice.tenant, folder, {1: version}, 1))
+    replica = inference()
+    texts = ["wonderful", "bad \ud800 text", "terrible terrible", "so wonderful"]
+    start = threading.Barrier(len(texts))
+
+    def caller(text: str):
+        start.wait()
+        return replica.client.post(
+            "/v1/models/reviews:predict", json={"texts": ["fine", text]}, headers=tenants.alice.headers
+        )
+
+    with ThreadPoolExecutor(len(texts)) as pool:
+        responses = list(pool.map(caller, texts))
+    assert [response.status_code for response in responses] == [200, 422, 200, 200]
+    error = responses[1].get_json()["error"]
+    assert error["code"] == "unprocessable"
+    assert error["details"] == {"fields": {"texts": {"1": ["not tokenizable"]}}}
+    assert [len(response.get_json()["predictions"]) for i, response in enumerate(responses) if i != 1] == [2, 2, 2]
 
 
 def test_a_full_queue_answers_503_with_retry_after(inference, store, registry, tenants, model_folders) -> None:
