@@ -2,6 +2,8 @@
 
 - `X-Request-ID` (or a new id) becomes the request's `trace_id`, is bound to every log line, travels in the
   envelopes of the events the request causes, and is echoed back in the response.
+- One `http_request` line per request (not for probes and `/metrics`); a view adds its own facts to that line
+  with `add_to_request_line` (a model, its version, rows), without binding them to the thread's log context.
 - Every error leaves as `{"error": {"code", "message", "details"}}` with the right status: domain errors,
   marshmallow validation (422 with field paths), malformed JSON (400), unknown routes (404), and anything
   unexpected (500, logged with its traceback, never leaking it).
@@ -15,8 +17,10 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
+from types import FunctionType
 from typing import TYPE_CHECKING, Any
 
+import structlog
 from flask import Blueprint, Flask, Response, g, jsonify, request
 from flask_smorest import Api
 from flask_smorest import Blueprint as DocumentedBlueprint
@@ -30,7 +34,7 @@ from werkzeug.routing import IntegerConverter
 
 from shared.db import DatabaseUnavailable
 from shared.errors import DomainError, error_body
-from shared.logging import TRACE_HEADER, get_logger, log_context, new_trace_id
+from shared.logging import TRACE_HEADER, get_logger, new_trace_id
 from shared.schemas import ErrorSchema
 from shared.storage import StorageError
 
@@ -99,6 +103,25 @@ class ProtocolBlueprint(DocumentedBlueprint):
         return doc
 
 
+class FlywheelFlask(Flask):
+    """Flask, remembering `ensure_sync` per function. Flask (and flask-smorest's response decorators) ask it for
+    every hook and view of every request, and each answer costs an `inspect.iscoroutinefunction`; whether a
+    plain function is a coroutine function never changes. Bound methods (a class-based view's, made anew per
+    request) are not remembered, so the table holds the app's own functions only."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._sync: dict[Callable[..., Any], Callable[..., Any]] = {}
+
+    def ensure_sync(self, func: Callable[..., Any]) -> Callable[..., Any]:
+        found = self._sync.get(func)
+        if found is None:
+            found = super().ensure_sync(func)
+            if type(func) is FunctionType:
+                self._sync[func] = found
+        return found
+
+
 class BoundedIntConverter(IntegerConverter):
     """`<int:...>` path segments beyond a 64-bit integer match no route (404) instead of overflowing the DB."""
 
@@ -109,7 +132,7 @@ class BoundedIntConverter(IntegerConverter):
 
 def create_flask_app(runtime: Runtime, title: str, blueprints: list[Any]) -> Flask:
     settings = runtime.settings
-    app = Flask(runtime.service)
+    app = FlywheelFlask(runtime.service)
     app.url_map.converters["int"] = BoundedIntConverter
     app.config.update(
         API_TITLE=title,
@@ -145,6 +168,16 @@ def create_flask_app(runtime: Runtime, title: str, blueprints: list[Any]) -> Fla
     return app
 
 
+UNLOGGED_ENDPOINTS = frozenset({"/healthz", "/readyz", "/metrics"})
+REQUEST_LINE_FIELDS = "request_line_fields"
+
+
+def add_to_request_line(**fields: Any) -> None:
+    """Facts of this request for its one `http_request` line (a model, its version, rows). They go on that line
+    only: lines logged during the request carry the bound context (trace_id, tenant), not these."""
+    g.setdefault(REQUEST_LINE_FIELDS, {}).update(fields)
+
+
 def _install_request_hooks(app: Flask, runtime: Runtime) -> None:
     requests_total = Counter(
         "flywheel_http_requests_total",
@@ -158,38 +191,52 @@ def _install_request_hooks(app: Flask, runtime: Runtime) -> None:
         ["service", "method", "endpoint"],
         registry=runtime.metrics,
     )
+    # The series of each (method, endpoint, status), looked up once: `.labels()` validates and locks per call.
+    # Endpoints are the app's routes (or "unmatched"), so the dict stays as small as the metric's own series.
+    series: dict[tuple[str, str, int], tuple[Any, Any]] = {}
+
+    def observe(method: str, endpoint: str, status: int, elapsed: float) -> None:
+        key = (method, endpoint, status)
+        found = series.get(key)
+        if found is None:
+            found = series[key] = (
+                requests_total.labels(runtime.service, method, endpoint, status),
+                latency.labels(runtime.service, method, endpoint),
+            )
+        found[0].inc()
+        found[1].observe(elapsed)
 
     @app.before_request
     def _start() -> None:
+        state = g._get_current_object()  # one context lookup per hook, not one per attribute
         presented = (request.headers.get(TRACE_HEADER) or "").strip()
         trace_id = presented[:128] if presented and presented.isprintable() else new_trace_id()
-        g.trace_id = trace_id
-        g.started = time.perf_counter()
-        g.log_context = log_context(trace_id=trace_id, service=runtime.service)
-        g.log_context.__enter__()
+        state.trace_id = trace_id
+        state.started = time.perf_counter()
+        # Bound here, restored at teardown (the same as `shared.logging.log_context` around the request).
+        state.log_tokens = structlog.contextvars.bind_contextvars(trace_id=trace_id, service=runtime.service)
 
     @app.after_request
     def _finish(response: Response) -> Response:
-        response.headers[TRACE_HEADER] = g.get("trace_id", "")
-        elapsed = time.perf_counter() - g.get("started", time.perf_counter())
-        endpoint = request.url_rule.rule if request.url_rule else "unmatched"
-        requests_total.labels(runtime.service, request.method, endpoint, response.status_code).inc()
-        latency.labels(runtime.service, request.method, endpoint).observe(elapsed)
-        if endpoint not in {"/healthz", "/readyz", "/metrics"}:
-            log.info(
-                "http_request",
-                method=request.method,
-                path=request.path,
-                status=response.status_code,
-                duration_ms=round(elapsed * 1000, 2),
-            )
+        state, current = g._get_current_object(), request._get_current_object()
+        response.headers[TRACE_HEADER] = state.get("trace_id", "")
+        elapsed = time.perf_counter() - state.get("started", time.perf_counter())
+        rule = current.url_rule
+        endpoint = rule.rule if rule is not None else "unmatched"
+        method, status = current.method, response.status_code
+        observe(method, endpoint, status, elapsed)
+        if endpoint not in UNLOGGED_ENDPOINTS:
+            fields = state.get(REQUEST_LINE_FIELDS)
+            line = {**fields} if fields else {}
+            line.update(method=method, path=current.path, status=status, duration_ms=round(elapsed * 1000, 2))
+            log.info("http_request", **line)
         return response
 
     @app.teardown_request
     def _unbind(_exc: BaseException | None) -> None:
-        ctx = g.pop("log_context", None)
-        if ctx is not None:
-            ctx.__exit__(None, None, None)
+        tokens = g.pop("log_tokens", None)
+        if tokens is not None:
+            structlog.contextvars.reset_contextvars(**tokens)
 
 
 def _install_error_handlers(app: Flask) -> None:

@@ -14,6 +14,7 @@ cold starts by outcome with their latency, and lookups that found their version 
 from __future__ import annotations
 
 import contextlib
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
@@ -220,6 +221,22 @@ class InferenceMetrics:
             ["tenant", "model", "result"],
             registry=registry,
         )
+
+        self._answered: dict[tuple[str, str, int, str], tuple[Any, Any]] = {}
+
+    def answered(self, tenant: str, model: str, version: int, api: str, seconds: float) -> None:
+        """One request answered: its count (outcome ok) and its latency. The two series of each (tenant, model,
+        version, api) are looked up once and kept: `.labels()` per request validates and locks every time. The
+        series are never removed, so a kept one is the registry's own (a dict write is atomic under the GIL)."""
+        key = (tenant, model, version, api)
+        series = self._answered.get(key)
+        if series is None:
+            series = self._answered[key] = (
+                self.requests.labels(tenant, model, str(version), api, "ok"),
+                self.latency.labels(tenant, model, api),
+            )
+        series[0].inc()
+        series[1].observe(seconds)
 
     def batch_observer(self, tenant: str, model: str, version: int) -> VersionObserver:
         return VersionObserver(self, tenant, model, str(version))

@@ -49,7 +49,7 @@ from services.inference.schemas import (
     V2ReadySchema,
     V2ServerMetadataSchema,
 )
-from services.inference.server import UNAVAILABLE, current_server
+from services.inference.server import UNAVAILABLE, InferenceServer, current_server
 from services.inference.tensors import (
     HEADER_LENGTH,
     InferRequest,
@@ -57,7 +57,7 @@ from services.inference.tensors import (
     parse_infer_request,
     v2_datatype,
 )
-from shared.auth import current_principal, require_partner, requires_scope
+from shared.auth import Principal, current_principal, require_partner, requires_scope
 from shared.errors import BadRequest, DomainError, NotFound, PayloadTooLarge
 from shared.http import ProtocolBlueprint
 from shared.logging import get_logger
@@ -138,8 +138,8 @@ def ready() -> tuple[Response, int]:
 # -- models ---------------------------------------------------------------------------------------------------
 
 
-def _model(name: str) -> ServedModel:
-    model = current_server().model(current_principal().tenant, name)
+def _model(name: str, server: InferenceServer | None = None, principal: Principal | None = None) -> ServedModel:
+    model = (server or current_server()).model((principal or current_principal()).tenant, name)
     annotate(model=name)
     return model
 
@@ -279,12 +279,13 @@ def _metadata_version(model: ServedModel) -> LoadedVersion | None:
 # -- inference ------------------------------------------------------------------------------------------------
 
 
-def _body() -> bytes:
-    data = request.get_data(cache=False)
-    encoding = (request.headers.get("Content-Encoding") or "").lower()
-    limit = current_server().runtime.settings.max_request_bytes
+def _body(server: InferenceServer) -> bytes:
+    current = request._get_current_object()
+    data = current.get_data(cache=False)
+    encoding = (current.headers.get("Content-Encoding") or "").lower()
     if encoding in ("", "identity"):
         return data
+    limit = server.runtime.settings.max_request_bytes
     try:
         if encoding == "gzip":
             stream = gzip.GzipFile(fileobj=io.BytesIO(data))
@@ -341,14 +342,16 @@ def check_inputs(loaded: LoadedVersion, inferred: InferRequest, max_rows: int) -
 def _infer(name: str, version: str | None) -> Response:
     started = time.perf_counter()
     server = current_server()
-    tenant = current_principal().tenant
-    model = _model(name)
+    principal = current_principal()
+    tenant = principal.tenant
+    asked = request.headers
+    model = _model(name, server, principal)
     pinned = _pinned(model, version) if version is not None else None
     try:
-        inferred = parse_infer_request(_body(), request.headers.get(HEADER_LENGTH))
+        inferred = parse_infer_request(_body(server), asked.get(HEADER_LENGTH))
         rows = next(iter(inferred.inputs.values())).shape[0] if inferred.inputs else 1
-        reservation = fair_use.of(server).admit(current_principal(), int(rows))
-        key = inferred.parameters.get("request_key") or request.headers.get("X-Request-Key")
+        reservation = fair_use.of(server).admit(principal, int(rows))
+        key = inferred.parameters.get("request_key") or asked.get("X-Request-Key")
 
         def feeds(loaded: LoadedVersion) -> Feeds:
             known = {spec.name for spec in loaded.outputs}
@@ -374,17 +377,21 @@ def _infer(name: str, version: str | None) -> Response:
         model_name=name, model_version=loaded.version, request=inferred, outputs=result.outputs, labels=loaded.labels
     )
     elapsed = time.perf_counter() - started
-    server.metrics.requests.labels(tenant, name, str(loaded.version), "v2", "ok").inc()
-    server.metrics.latency.labels(tenant, name, "v2").observe(elapsed)
-    if not current_principal().internal and server.config.metering:  # billable: counted in process, sent in batches
+    server.metrics.answered(tenant, name, loaded.version, "v2", elapsed)
+    if not principal.internal and server.config.metering:  # billable: counted in process, sent in batches
         server.usage.count(tenant, name, loaded.version, int(rows), elapsed)
     if random.random() < server.config.v2_log_sample_rate:  # noqa: S311 - sampling, not security
-        _log_sample(model, loaded, inferred, result.outputs, elapsed)
+        _log_sample(server, model, loaded, inferred, result.outputs, elapsed)
     return Response(body, status=200, headers=headers)
 
 
 def _log_sample(
-    model: ServedModel, loaded: LoadedVersion, inferred: InferRequest, outputs: Feeds, elapsed: float
+    server: InferenceServer,
+    model: ServedModel,
+    loaded: LoadedVersion,
+    inferred: InferRequest,
+    outputs: Feeds,
+    elapsed: float,
 ) -> None:
     buffer = io.BytesIO()
     np.savez(buffer, **{name: np.asarray(array) for name, array in inferred.inputs.items()})
@@ -392,7 +399,7 @@ def _log_sample(
     logits = outputs.get("logits")
     if logits is not None and logits.ndim == 2 and logits.shape[1] == len(loaded.labels):
         summary = {"labels": [c.label for c in classify(logits, loaded.labels)]}
-    current_server().prediction_log.record(
+    server.prediction_log.record(
         [
             LoggedPrediction(
                 id=new_prediction_id(),
