@@ -17,6 +17,8 @@ lift (mean - baseline) and the training seconds per seed.
 `--set name=value` overrides a hyper-parameter of every configuration; `--ablate` also runs the recipe with each
 documented option flipped (docs/training.md gives the measured figures), the differential-privacy rows included:
 `--skip-recipe --ablate 'frozen head' 'dp eps 8' 'dp eps 1'` (the head alone, without and with DP-SGD).
+`--search TRIALS` adds a row for runs with a recipe search (`search_once`: the service's default space, sampler
+and pruner; trials see the train and validation splits only, and the winner is scored on the test split).
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import optuna
 import torch
 from torch.utils.data import DataLoader
 
@@ -40,7 +43,9 @@ from services.training.baselines import fit_classical
 from services.training.data import Example, SnapshotData
 from services.training.evaluate import macro_f1
 from services.training.schemas import resolve_hyperparameters
-from services.training.trainer import Recipe, Trainer, predict, seed_everything
+from services.training.search import TrialStopped, distributions, pruner_named
+from services.training.search_space import resolve_search
+from services.training.trainer import EpochReport, Recipe, Trainer, TrainerHooks, predict, seed_everything
 from shared.storage.filesystem import FileStore
 from shared.tables import render
 
@@ -76,10 +81,18 @@ ABLATIONS: dict[str, dict[str, dict[str, Any]]] = {
         "pooling cls": {"pooling": "cls"},
         "learning_rate 2e-5": {"learning_rate": 2e-5},
         "learning_rate 1e-4": {"learning_rate": 1e-4},
+        "epochs 2": {"epochs": 2},
+        "epochs 6": {"epochs": 6},
+        "batch_size 16": {"batch_size": 16},
+        "warmup_ratio 0": {"warmup_ratio": 0.0},
+        "warmup_ratio 0.2": {"warmup_ratio": 0.2},
     },
     IMAGE: {
         "label_smoothing 0.1": {"label_smoothing": 0.1},
         "augment off": {"augment": False},
+        "epochs 20": {"epochs": 20},
+        "batch_size 32": {"batch_size": 32},
+        "warmup_ratio 0": {"warmup_ratio": 0.0},
     },
 }
 for _task_type, _rows in PRIVACY_ABLATIONS.items():
@@ -148,9 +161,7 @@ def _test_batches(task: Task, prepared: Any, batch_size: int) -> DataLoader:
     return DataLoader(items, batch_size=batch_size, collate_fn=prepared.eval_collate, shuffle=False)
 
 
-def train_once(task: Task, hp: dict[str, Any]) -> dict[str, Any]:
-    """One run of the service's recipe: its test macro-F1, the epoch kept and the seconds it took."""
-    started = time.perf_counter()
+def _trainer(task: Task, hp: dict[str, Any], hooks: TrainerHooks | None = None) -> tuple[Any, Trainer]:
     seed_everything(hp["seed"])
     prepared = _prepare(task, hp)
     trainer = Trainer(
@@ -159,11 +170,19 @@ def train_once(task: Task, hp: dict[str, Any]) -> dict[str, Any]:
         prepared.val_set,
         prepared.train_collate,
         Recipe.from_hyperparameters(hp, task.data.train_label_counts()),
+        hooks=hooks,
         eval_collate=prepared.eval_collate,
         head_prefixes=prepared.head_prefixes,
         lr_scale=prepared.lr_scale,
         embedding_parameter=prepared.embedding_parameter,
     )
+    return prepared, trainer
+
+
+def train_once(task: Task, hp: dict[str, Any]) -> dict[str, Any]:
+    """One run of the service's recipe: its test macro-F1, the epoch kept and the seconds it took."""
+    started = time.perf_counter()
+    prepared, trainer = _trainer(task, hp)
     fit = trainer.fit()
     seconds = time.perf_counter() - started
     logits, labels = predict(trainer.core, _test_batches(task, prepared, 64), trainer.device)
@@ -176,6 +195,53 @@ def train_once(task: Task, hp: dict[str, Any]) -> dict[str, Any]:
         "chosen": prepared.chosen,
         "privacy": fit.privacy,
     }
+
+
+class _TrialHooks(TrainerHooks):
+    """The service's trial hooks without its database: each epoch's validation macro-F1 goes to optuna, and the
+    trial stops when the pruner says so (`services.training.search.TrialHooks`)."""
+
+    def __init__(self, trial: optuna.Trial) -> None:
+        self.trial = trial
+        self.history: list[float] = []
+
+    def on_epoch_end(self, report: EpochReport, checkpoint: dict[str, Any], best_state: dict | None) -> None:
+        self.history.append(round(report.macro_f1, 4))
+        self.trial.report(report.macro_f1, report.epoch)
+        if not report.finished and self.trial.should_prune():
+            raise TrialStopped(f"pruned after epoch {report.epoch}")
+
+
+def search_once(task: Task, base: dict[str, Any], seed: int, trials: int, pruner: str) -> dict[str, Any]:
+    """A run with a recipe search, as the service runs it: `trials` optuna trials (TPE, the task's default space,
+    the named pruner) trained on the train split and scored on validation only; the winner (best validation
+    macro-F1) is trained again with the run's seed and scored on the held-out test split."""
+    started = time.perf_counter()
+    space = resolve_search(task.task_type, {"trials": trials, "max_seconds": 86400, "pruner": pruner}, launch="queue")[
+        "space"
+    ]
+    study = optuna.create_study(
+        direction="maximize", sampler=optuna.samplers.TPESampler(seed=seed), pruner=pruner_named(pruner)
+    )
+    records = []
+    for _ in range(trials):
+        trial = study.ask(distributions(space))
+        hooks = _TrialHooks(trial)
+        hp = resolve_hyperparameters(task.task_type, {**base, **trial.params, "seed": seed})
+        _, trainer = _trainer(task, hp, hooks)
+        try:
+            value: float | None = trainer.fit().best_macro_f1
+            study.tell(trial, value)
+            state = "complete"
+        except TrialStopped:
+            value, state = None, "pruned"
+            study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+        records.append({"params": trial.params, "state": state, "validation_macro_f1": value, "history": hooks.history})
+        print(f"      trial {trial.number}: {state} {hooks.history} {trial.params}", flush=True)
+    chosen = study.best_trial.params
+    result = train_once(task, resolve_hyperparameters(task.task_type, {**base, **chosen, "seed": seed}))
+    result["train_seconds"] = round(time.perf_counter() - started, 1)
+    return {**result, "chosen_params": chosen, "trials": records}
 
 
 def wide_alone(task: Task, hp: dict[str, Any]) -> dict[str, Any]:
@@ -207,11 +273,20 @@ def classical(task: Task) -> dict[str, Any]:
     }
 
 
-def measure(task: Task, overrides: dict[str, Any], seeds: list[int], baseline: dict[str, Any]) -> dict[str, Any]:
+def measure(
+    task: Task,
+    overrides: dict[str, Any],
+    seeds: list[int],
+    baseline: dict[str, Any],
+    search: tuple[int, str] | None = None,
+) -> dict[str, Any]:
     runs = []
     for seed in seeds:
-        hp = resolve_hyperparameters(task.task_type, {**overrides, "seed": seed})
-        runs.append({"seed": seed, **train_once(task, hp)})
+        if search:
+            runs.append({"seed": seed, **search_once(task, overrides, seed, *search)})
+        else:
+            hp = resolve_hyperparameters(task.task_type, {**overrides, "seed": seed})
+            runs.append({"seed": seed, **train_once(task, hp)})
         spent = f", epsilon {runs[-1]['privacy']['epsilon']:.3f}" if runs[-1]["privacy"] else ""
         print(
             f"    seed {seed}: macro-F1 {runs[-1]['macro_f1']:.4f} in {runs[-1]['train_seconds']}s{spent}", flush=True
@@ -268,6 +343,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--skip-recipe", action="store_true", help="run only the ablations (the recipe's own row measured elsewhere)"
     )
+    parser.add_argument(
+        "--search",
+        type=int,
+        default=0,
+        metavar="TRIALS",
+        help="also run the recipe search with TRIALS trials per seed (the winner scored on the test split)",
+    )
+    parser.add_argument("--pruner", default="median", choices=("median", "successive_halving", "none"))
     parser.add_argument("--results", default="quality", help="bench/results/<RESULTS>.json (default quality)")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     args = parser.parse_args(argv)
@@ -303,6 +386,10 @@ def main(argv: list[str] | None = None) -> int:
         for name, config in configurations.items():
             print(f"  {name}", flush=True)
             results[name] = measure(task, config, seeds, baseline)
+        if args.search:
+            name = f"search {args.search} trials ({args.pruner})"
+            print(f"  {name}", flush=True)
+            results[name] = measure(task, base, seeds, baseline, search=(args.search, args.pruner))
         report[task_type] = {"baseline": baseline, "configurations": results}
         tables.append(table(task_type, results))
     print("\n" + "\n\n".join(tables))

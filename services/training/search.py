@@ -87,7 +87,7 @@ def _storage(runtime: Runtime) -> optuna.storages.RDBStorage:
         return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs)
 
 
-def _pruner(name: str) -> optuna.pruners.BasePruner:
+def pruner_named(name: str) -> optuna.pruners.BasePruner:
     if name == "successive_halving":
         return optuna.pruners.SuccessiveHalvingPruner(min_resource=1, reduction_factor=2)
     if name == "median":
@@ -105,7 +105,7 @@ def open_study(runtime: Runtime, run: RunInfo, slot: int = 0) -> optuna.Study:
         study_name=f"flywheel-{run.id}",
         direction="maximize",
         sampler=optuna.samplers.TPESampler(seed=seed, constant_liar=True),
-        pruner=_pruner(settings["pruner"]),
+        pruner=pruner_named(settings["pruner"]),
         load_if_exists=True,
     )
 
