@@ -13,6 +13,18 @@ looks for them (presidio's person recognizer needs a trained spaCy NER model, wh
 their recall is the figure that says so. The regex detector's spans are its four patterns run on the original text
 in its order (e-mail, IBAN, card, phone), a later match overlapping an earlier one skipped, which is what its
 successive substitutions do. Results go to bench/results/pii.json.
+
+    python -m bench.pii_bench --ner          # the tenant-NER detector instead (minutes on CPU: it trains a tagger)
+    python -m bench.pii_bench --ner --quick
+
+`--ner` measures a dataset policy's `pii_entities` (a tenant's token model as the PII detector): one MiniLM tagger
+trained as tests/tagger.py trains it (the recipe's Trainer, 400 of cli/demo_data.py's faker sentences from
+`ENTITY_TEMPLATES`, seed 1, 60 for validation, 3 epochs, max length 48, CPU), then every entity type it predicts
+(PER, ORG, LOC, DATE) taken as PII and its entities redacted by `shared.pii.redact_entities` on sentences from the
+held-out templates (`HELD_OUT_ENTITY_TEMPLATES`, faker seed 7: no template seen in training). Scored on the
+redaction itself: a gold entity counts as redacted when the replaced ranges cover it entirely (recall; `typed`:
+covered by ranges of its own type), a replaced range counts as right when a gold entity lies under it (precision;
+`typed`: one of its own type), else a false positive. Results go to bench/results/pii_ner.json.
 """
 
 from __future__ import annotations
@@ -146,10 +158,165 @@ def score(sentences: list[tuple[str, list[tuple[int, int, str]]]], detect: Any) 
     return table
 
 
+# -- the tenant's NER model as the detector (`--ner`) -------------------------------------------------------------
+
+NER_TRAIN, NER_VALIDATION, NER_EPOCHS, NER_MAX_LENGTH = 400, 60, 3, 48
+
+
+def train_tagger() -> Any:
+    """The tagger tests/tagger.py trains (same data, seeds and recipe): what `prepare_token_task` returns."""
+    import torch
+
+    from cli.demo_data import ENTITY_LABELS, ENTITY_TEMPLATES, entity_sentences
+    from services.training.base_models import MINILM
+    from services.training.token_model import TokenItem, prepare_token_task
+    from services.training.trainer import Recipe, Trainer
+
+    sentences = [
+        TokenItem(text, spans)
+        for text, spans in entity_sentences(NER_TRAIN + NER_VALIDATION, seed=1, templates=ENTITY_TEMPLATES)
+    ]
+    train, validation = sentences[:NER_TRAIN], sentences[NER_TRAIN:]
+    prepared = prepare_token_task(train, validation, list(ENTITY_LABELS), {"max_length": NER_MAX_LENGTH}, MINILM)
+    recipe = Recipe(
+        epochs=NER_EPOCHS,
+        batch_size=16,
+        learning_rate=2e-4,
+        head_learning_rate=2e-3,
+        weight_decay=0.01,
+        warmup_ratio=0.1,
+        max_grad_norm=1.0,
+        early_stopping_patience=2,
+        seed=0,
+        num_workers=0,
+    )
+    Trainer(
+        prepared.model,
+        prepared.train_set,
+        prepared.val_set,
+        prepared.collate,
+        recipe,
+        device=torch.device("cpu"),
+        head_prefixes=prepared.head_prefixes,
+        lr_scale=prepared.lr_scale,
+    ).fit()
+    prepared.model.eval()
+    return prepared
+
+
+def redacted_ranges(text: str, detections: list[tuple[int, int, str]]) -> list[tuple[int, int, str]]:
+    """What `shared.pii` replaces for these detections: `(start, end, type)` in the original text."""
+    redaction = pii.redact_entities(text, detections)
+    return [
+        (start, end, redaction.text[to_start + 1 : to_end - 1]) for start, end, to_start, to_end in redaction.replaced
+    ]
+
+
+def score_redaction(
+    sentences: list[tuple[str, list[dict[str, Any]]]], ranges: list[list[tuple[int, int, str]]], types: list[str]
+) -> dict[str, dict[str, Any]]:
+    table: dict[str, dict[str, Any]] = {}
+    for kind in [*types, "all"]:
+        gold = covered = covered_typed = detected = right = right_typed = 0
+        for (_text, spans), replaced in zip(sentences, ranges, strict=True):
+            for span in spans:
+                if kind not in ("all", span["label"]):
+                    continue
+                gold += 1
+                covered += _covered(span, replaced)
+                covered_typed += _covered(span, [r for r in replaced if r[2] == span["label"]])
+            for start, end, label in replaced:
+                if kind not in ("all", label):
+                    continue
+                detected += 1
+                under = [s for s in spans if s["start"] < end and start < s["end"]]
+                right += bool(under)
+                right_typed += any(s["label"] == label for s in under)
+        table[kind] = {
+            "gold": gold,
+            "redacted_ranges": detected,
+            "precision": round(right / detected, 3) if detected else None,
+            "recall": round(covered / gold, 3) if gold else None,
+            "precision_typed": round(right_typed / detected, 3) if detected else None,
+            "recall_typed": round(covered_typed / gold, 3) if gold else None,
+        }
+    return table
+
+
+def _covered(span: dict[str, Any], replaced: list[tuple[int, int, str]]) -> bool:
+    """Whether the replaced ranges cover every character of the span."""
+    cursor = span["start"]
+    for start, end, _label in sorted(replaced):
+        if start <= cursor < end:
+            cursor = end
+    return cursor >= span["end"]
+
+
+def main_ner(quick: bool) -> None:
+    import torch
+
+    from cli.demo_data import ENTITY_LABELS, HELD_OUT_ENTITY_TEMPLATES, entity_sentences
+    from services.training.token_model import predict_entities
+
+    torch.set_num_threads(max(1, min(4, torch.get_num_threads())))
+    held_out = entity_sentences(100 if quick else 500, seed=7, templates=HELD_OUT_ENTITY_TEMPLATES)
+    started = time.perf_counter()
+    prepared = train_tagger()
+    train_s = time.perf_counter() - started
+    texts = [text for text, _spans in held_out]
+    started = time.perf_counter()
+    found = predict_entities(prepared.model, prepared.tokenizer, texts, prepared.tags, NER_MAX_LENGTH)
+    predict_ms = (time.perf_counter() - started) / len(texts) * 1000
+    ranges = [
+        redacted_ranges(text, [(e["start"], e["end"], e["label"]) for e in entities])
+        for text, entities in zip(texts, found, strict=True)
+    ]
+    types = list(ENTITY_LABELS)
+    table = score_redaction(held_out, ranges, types)
+    results = {
+        "sentences": len(held_out),
+        "templates": "HELD_OUT_ENTITY_TEMPLATES (faker seed 7)",
+        "tagger": {
+            "base": "all-MiniLM-L6-v2",
+            "train": NER_TRAIN,
+            "validation": NER_VALIDATION,
+            "epochs": NER_EPOCHS,
+            "max_length": NER_MAX_LENGTH,
+            "train_s": round(train_s, 1),
+            "predict_ms_per_sentence": round(predict_ms, 2),
+            "device": "cpu",
+        },
+        "pii_labels": types,
+        "by_type": table,
+    }
+    print(f"{len(held_out)} held-out sentences; tagger trained in {train_s:.0f} s; {predict_ms:.1f} ms per sentence")
+    print_table(
+        ["entity", "gold", "redacted ranges", "precision", "recall", "precision (typed)", "recall (typed)"],
+        [
+            [
+                kind,
+                t["gold"],
+                t["redacted_ranges"],
+                t["precision"],
+                t["recall"],
+                t["precision_typed"],
+                t["recall_typed"],
+            ]
+            for kind, t in table.items()
+        ],
+        markdown=True,
+    )
+    write_results("pii_ner", results)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="400 sentences instead of 2,000")
+    parser.add_argument("--quick", action="store_true", help="400 sentences instead of 2,000 (--ner: 100, not 500)")
+    parser.add_argument("--ner", action="store_true", help="the tenant-NER detector (trains a MiniLM tagger)")
     args = parser.parse_args()
+    if args.ner:
+        main_ner(args.quick)
+        return
     sentences = sample(400 if args.quick else 2000)
     started = time.perf_counter()
     pii.analyzer()

@@ -15,6 +15,13 @@ Each detected span is replaced by a typed placeholder (`[EMAIL]`, `[PHONE]`, `[C
 `[NATIONAL_ID]`) and counted by kind, so what stores the text can record what was removed. The redaction also
 says where each replacement went (`Redaction.replaced`), so that offsets into the original text (entity spans)
 can be moved onto the redacted one (`moved_span`), or found to overlap what was removed.
+
+A third source joins presidio's patterns where a dataset's policy names one: the entities a token-classification
+model of the tenant's found in the text (`redact(text, entities=[(start, end, label), ...])`), each replaced by its
+label as a placeholder (`[PER]`, `[LOC]` ...) and counted under its label. Overlapping detections are merged into
+one replaced range covering all of them (no character of any detection survives), typed by the detection that
+covers the most characters of it (a pattern's on a tie: it was validated, a Luhn or mod-97 check, say).
+`withheld` is what stores a text no detector could scan when the policy needed one: nothing of it.
 """
 
 from __future__ import annotations
@@ -22,6 +29,7 @@ from __future__ import annotations
 import re
 import threading
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -39,6 +47,12 @@ SCORE_THRESHOLD = 0.4
 Weaker matches (an IP-looking version string scores 0.6, so it still counts) are kept out below this."""
 
 DETECTORS = ("presidio", "regex")
+
+WITHHELD = "[WITHHELD]"
+"""The whole stored text when the detector the policy needs (the tenant's model) could not run on it."""
+
+Detection = tuple[int, int, str]
+"""An entity a tenant's token model found: `(start, end, label)` in code points of the text."""
 
 
 Replacement = tuple[int, int, int, int]
@@ -257,19 +271,59 @@ def find(text: str) -> list[Finding]:
     return sorted(chosen, key=lambda finding: finding.start)
 
 
-def redact_with_presidio(text: str) -> Redaction:
+def redact_with_presidio(text: str, entities: Sequence[Detection] = ()) -> Redaction:
+    """Presidio's findings and the given entities, merged where they overlap, each range replaced once."""
+    detected = [(f.start, f.end, *KINDS[f.kind], 1) for f in find(text)]
+    detected += [(start, end, label, f"[{label}]", 0) for start, end, label in entities if 0 <= start < end]
+    return _redacted(text, detected)
+
+
+def redact_entities(text: str, entities: Sequence[Detection]) -> Redaction:
+    """Only the given entities replaced (what `bench/pii_bench.py --ner` scores alone)."""
+    return _redacted(text, [(start, end, label, f"[{label}]", 0) for start, end, label in entities if start < end])
+
+
+def _redacted(text: str, detected: list[tuple[int, int, str, str, int]]) -> Redaction:
+    """`detected`: `(start, end, kind, placeholder, rank)`; overlapping ones become one range (their union), typed by
+    the one covering most of it, the higher rank on a tie."""
     counts: Counter[str] = Counter()
     found: list[tuple[int, int, str]] = []
-    for finding in find(text):
-        kind, placeholder = KINDS[finding.kind]
-        found.append((finding.start, finding.end, placeholder))
+    for group in _overlapping(sorted(detected)):
+        start, end = group[0][0], max(d[1] for d in group)
+        _, _, kind, placeholder, _ = max(group, key=lambda d: (min(d[1], end) - d[0], d[4]))
+        found.append((start, end, placeholder))
         counts[kind] += 1
     return Redaction(text=_rebuilt(text, found), counts=dict(counts), replaced=_replacements(found))
 
 
-def redact(text: str, detector: str = "presidio") -> Redaction:
+def _overlapping(detected: list[tuple[int, int, str, str, int]]) -> list[list[tuple[int, int, str, str, int]]]:
+    """Sorted detections grouped into runs that overlap one another (transitively)."""
+    groups: list[list[tuple[int, int, str, str, int]]] = []
+    reach = -1
+    for detection in detected:
+        if groups and detection[0] < reach:
+            groups[-1].append(detection)
+            reach = max(reach, detection[1])
+        else:
+            groups.append([detection])
+            reach = detection[1]
+    return groups
+
+
+def withheld(text: str) -> Redaction:
+    """Nothing of the text: what is stored when the policy's model could not scan it (fail closed)."""
+    if not text:
+        return Redaction(text=text)
+    return Redaction(text=WITHHELD, counts={"withheld": 1}, replaced=[(0, len(text), 0, len(WITHHELD))])
+
+
+def redact(text: str, detector: str = "presidio", entities: Sequence[Detection] = ()) -> Redaction:
+    """The text with its PII replaced: `detector`'s patterns, and the `entities` a tenant's model found (presidio
+    only: the regex detector is kept for comparison)."""
     if detector == "regex":
+        if entities:
+            raise ValueError("entities combine with the presidio detector only")
         return redact_with_regexes(text)
     if detector != "presidio":
         raise ValueError(f"unknown PII detector {detector!r}; one of {DETECTORS}")
-    return redact_with_presidio(text)
+    return redact_with_presidio(text, entities)

@@ -61,8 +61,8 @@ from shared.artifacts import RAW_BUCKET
 from shared.entities import canonical_spans, span_errors
 from shared.errors import Conflict, NotFound, Unprocessable
 from shared.logging import get_logger
-from shared.pii import Redaction, moved_span
-from shared.pii_policy import PiiPolicies
+from shared.pii import Redaction, moved_span, withheld
+from shared.pii_policy import EntitiesUnavailable, PiiPolicies
 from shared.runtime import Runtime
 from shared.storage import ObjectNotFound
 
@@ -360,8 +360,24 @@ class PredictionLog:
         return rows
 
     def _stored_texts(self, item: RequestRecord) -> list[Redaction]:
-        """The texts as stored: redacted when the model's dataset has a PII policy on (the model saw them raw)."""
-        redactions = [self.pii.apply(item.tenant, item.dataset_id, text) for text in item.inputs]
+        """The texts as stored: redacted when the model's dataset has a PII policy on (the model saw them raw). A
+        policy naming a token model (`pii_entities`) takes the entities this very prediction found when it is that
+        model's, else asks inference's `:predict` for them; when that model cannot answer, the texts are withheld
+        (fail closed: `[WITHHELD]`, counted `withheld`), since the policy forbids storing them unscanned."""
+        served = (item.model_name, item.answers) if item.token else None
+        try:
+            redactions = self.pii.apply_many(item.tenant, item.dataset_id, item.inputs, served=served)
+        except EntitiesUnavailable as exc:
+            log.warning(
+                "prediction_inputs_withheld",
+                tenant=item.tenant,
+                model_name=item.model_name,
+                dataset_id=item.dataset_id,
+                pii_model=exc.model,
+                reason=exc.reason,
+                rows=item.rows,
+            )
+            redactions = [withheld(text) for text in item.inputs]
         removed: dict[str, int] = {}
         for redaction in redactions:
             for kind, count in redaction.counts.items():

@@ -14,11 +14,12 @@ from marshmallow import ValidationError
 from sqlalchemy import or_, select, update
 from sqlalchemy.exc import IntegrityError
 
-from services.ingestion import erasure, idempotency, imports, invoices, items, metering, model_cost, quotas
+from services.ingestion import erasure, idempotency, imports, invoices, items, metering, model_cost, pii, quotas
 from services.ingestion.images import InvalidImage, prepare_image
 from services.ingestion.ingest import Candidate, ingest_batch, text_candidate
 from services.ingestion.models import ApiKey, Dataset, Import, Partner, utcnow
 from services.ingestion.schemas import (
+    PII_MODEL_UNAVAILABLE,
     ApiKeySchema,
     DatasetCreateSchema,
     DatasetListQuery,
@@ -309,6 +310,7 @@ def lookup_key(runtime: Runtime, key_hash: str) -> Principal | None:
 def create_dataset(body: dict[str, Any]) -> Dataset:
     runtime = _runtime()
     tenant = _tenant()
+    pii.check_entity_labels(runtime, tenant, body["pii_entities"])
     try:
         with runtime.db.session() as session:
             dataset = Dataset(tenant=tenant, **body)
@@ -371,6 +373,8 @@ def update_dataset(body: dict[str, Any], dataset_id: str) -> Dataset:
     if "labels" in body and not set(dataset.labels) <= set(body["labels"]):
         removed = sorted(set(dataset.labels) - set(body["labels"]))
         raise Unprocessable("labels can be added, not removed", {"fields": {"labels": [f"missing: {removed}"]}})
+    if body.get("pii_entities"):
+        pii.check_entity_labels(runtime, dataset.tenant, body["pii_entities"])
     with runtime.db.session() as session:
         dataset = session.get(Dataset, dataset_id)
         for field, value in body.items():
@@ -411,6 +415,7 @@ PUSH_BODY = {
 )
 @datasets.response(200, PushResultSchema)
 @datasets.alt_response(429, **TOO_MANY_REQUESTS)
+@datasets.alt_response(503, **PII_MODEL_UNAVAILABLE)
 def push_items(dataset_id: str) -> Any:
     """Push items. Each one comes back `accepted` (with its id), `duplicate` (with the existing id) or
     `rejected` (with the reason). With an `Idempotency-Key`, a retry returns the first response."""
@@ -456,6 +461,7 @@ def _candidates_from_request(dataset: Dataset) -> list[Candidate]:
                     index,
                     item["text"],
                     pii_policy=dataset.pii_policy,
+                    pii_entities=dataset.pii_entities,
                     label=item["label"],
                     metadata=item["metadata"],
                     entity_spans=item["spans"],

@@ -29,7 +29,7 @@ from sqlalchemy.orm import Session
 
 from services.ingestion import metering, quotas, spans
 from services.ingestion.models import Dataset, Item, Partner
-from services.ingestion.pii import redact
+from services.ingestion.pii import Redaction, redact, redact_with_entities
 from shared.artifacts import RAW_BUCKET
 from shared.errors import Conflict
 from shared.logging import get_logger
@@ -58,6 +58,9 @@ class Candidate:
     """Why the candidate must be rejected before it is judged further (spans moved by PII redaction)."""
     subject_id: str | None = None
     """The partner-given data subject the item is about (erasable by it: services/ingestion/erasure.py)."""
+    unscanned: str | None = None
+    """The raw text while it awaits the tenant's PII model (the dataset's `pii_entities`): the batch's texts are
+    scanned together (`pii.redact_with_entities`) before anything is judged or stored."""
 
 
 @dataclass
@@ -86,27 +89,34 @@ def text_candidate(
     metadata: dict,
     entity_spans: list[dict[str, Any]] | None = None,
     subject_id: str | None = None,
+    pii_entities: dict[str, Any] | None = None,
 ) -> Candidate:
-    redactions: dict[str, int] = {}
-    problem = None
-    if pii_policy == "redact":
-        redacted = redact(text)
-        if entity_spans and redacted.text != text:
-            # Placeholders change the text's length: the partner's offsets would name other characters.
-            problem = "spans: PII redaction changed the text, which would move the entity offsets"
-        text, redactions = redacted.text, redacted.counts
-    return Candidate(
+    """A text item; with `pii_policy: redact`, redacted now by the patterns, or (the policy naming a model of the
+    tenant's, `pii_entities`) left `unscanned` for the batch's one call to that model."""
+    candidate = Candidate(
         index=index,
         kind="text",
         data=text.encode("utf-8"),
         content_type="text/plain; charset=utf-8",
         label=label,
         metadata=metadata,
-        redactions=redactions,
         spans=spans.canonical(entity_spans),
-        problem=problem,
         subject_id=subject_id,
     )
+    if pii_policy == "redact":
+        if pii_entities:
+            candidate.unscanned = text
+        else:
+            redacted(candidate, text, redact(text))
+    return candidate
+
+
+def redacted(candidate: Candidate, text: str, redaction: Redaction) -> None:
+    """The candidate's content made the redacted text."""
+    if candidate.spans and redaction.text != text:
+        # Placeholders change the text's length: the partner's offsets would name other characters.
+        candidate.problem = "spans: PII redaction changed the text, which would move the entity offsets"
+    candidate.data, candidate.redactions, candidate.unscanned = redaction.text.encode("utf-8"), redaction.counts, None
 
 
 def _rejection(candidate: Candidate, dataset: Dataset, labels: set[str]) -> str | None:
@@ -134,7 +144,9 @@ def ingest_batch(
 ) -> BatchOutcome:
     """Judge, store and record one batch. `in_transaction` runs inside the final transaction (imports use it
     to move their progress forward atomically with the items); `importing` names the import the batch is of,
-    whose own quota hold is the room the batch takes."""
+    whose own quota hold is the room the batch takes. Texts awaiting the tenant's PII model are scanned first
+    (`ServiceUnavailable` when it cannot answer: nothing of the batch is stored)."""
+    _redact_unscanned(runtime, dataset, candidates)
     try:
         return _ingest(runtime, dataset, candidates, in_transaction, importing)
     except IntegrityError:
@@ -143,6 +155,17 @@ def ingest_batch(
             return _ingest(runtime, dataset, candidates, in_transaction, importing)
         except IntegrityError as exc:
             raise Conflict("the same content is being pushed concurrently; retry the request") from exc
+
+
+def _redact_unscanned(runtime: Runtime, dataset: Dataset, candidates: list[Candidate]) -> None:
+    waiting = [candidate for candidate in candidates if candidate.unscanned is not None]
+    if not waiting:
+        return
+    texts = [candidate.unscanned or "" for candidate in waiting]
+    for candidate, text, redaction in zip(
+        waiting, texts, redact_with_entities(runtime, dataset.tenant, dataset.pii_entities, texts), strict=True
+    ):
+        redacted(candidate, text, redaction)
 
 
 def _ingest(

@@ -83,6 +83,8 @@ class Dataset(Base):
     task_type: Mapped[str] = mapped_column(String(40))
     labels: Mapped[list[str]] = mapped_column(JSON)
     pii_policy: Mapped[str] = mapped_column(String(10), default="off")
+    pii_entities: Mapped[dict | None] = mapped_column(JSON, nullable=True)
+    """The tenant's token model whose entities of these labels are PII too (`{"model", "labels"}`), None: none."""
     overlap: Mapped[int] = mapped_column(Integer, default=1)
     retrain_threshold: Mapped[int | None] = mapped_column(Integer, nullable=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)

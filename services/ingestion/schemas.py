@@ -11,7 +11,7 @@ from marshmallow import Schema, ValidationError, fields, validate, validates_sch
 from services.ingestion import metering, quotas, spans
 from shared.auth import SCOPES, TENANT_ID
 from shared.events.catalog import TASK_TYPES, EntitySpan
-from shared.schemas import PRINTABLE, ErrorDetailSchema, Timestamp
+from shared.schemas import PRINTABLE, ErrorDetailSchema, ErrorSchema, Timestamp
 
 NAME = validate.Regexp(r"^[A-Za-z0-9][A-Za-z0-9 ._-]{0,99}$", error="1-100 letters, digits, space, '.', '_' or '-'")
 MAX_TEXT_CHARS = 100_000
@@ -166,11 +166,45 @@ def _validate_labels(labels: list[str]) -> None:
 LABEL = fields.String(validate=validate.Length(min=1, max=100))
 
 
+class PiiEntitiesSchema(Schema):
+    model = fields.String(
+        required=True,
+        validate=validate.Length(min=1, max=200),
+        metadata={"description": "a token_classification model of yours; its production version scans the text"},
+    )
+    labels = fields.List(
+        LABEL,
+        required=True,
+        validate=[validate.Length(min=1, max=100), _validate_labels],
+        metadata={"description": "its entity labels that are PII: each found entity becomes `[LABEL]`"},
+    )
+
+
+PII_ENTITIES_DOC = (
+    "With `pii_policy: redact`, the entities of these labels that this token model of yours finds are redacted too "
+    "(`[PER]` ...), besides the patterns; null: patterns only. While the model cannot answer, pushes are refused "
+    "(503, Retry-After) rather than stored unscanned."
+)
+
+
+PII_MODEL_UNAVAILABLE: dict[str, Any] = {
+    "schema": ErrorSchema,
+    "description": "The dataset's PII policy names a model of yours (`pii_entities`) that cannot scan the text now "
+    "(`details.pii_entities.reason`: `unreachable`, `not_served` (no production version loaded), `refused`); "
+    "nothing of the push was stored. Retry after `Retry-After` seconds.",
+    "headers": {"Retry-After": {"description": "seconds to wait before retrying", "schema": {"type": "integer"}}},
+}
+"""The 503 answer of a push, for its OpenAPI document."""
+
+
 class DatasetCreateSchema(Schema):
     name = fields.String(required=True, validate=NAME)
     task_type = fields.String(required=True, validate=validate.OneOf(TASK_TYPES))
     labels = fields.List(LABEL, required=True, validate=[validate.Length(min=2, max=1000), _validate_labels])
     pii_policy = fields.String(load_default="off", validate=validate.OneOf(("off", "redact")))
+    pii_entities = fields.Nested(
+        PiiEntitiesSchema, load_default=None, allow_none=True, metadata={"description": PII_ENTITIES_DOC}
+    )
     overlap = fields.Integer(load_default=1, validate=validate.Range(min=1, max=5))
     retrain_threshold = fields.Integer(load_default=None, allow_none=True, validate=validate.Range(min=1))
 
@@ -178,6 +212,7 @@ class DatasetCreateSchema(Schema):
 class DatasetUpdateSchema(Schema):
     labels = fields.List(LABEL, validate=[validate.Length(min=2, max=1000), _validate_labels])
     pii_policy = fields.String(validate=validate.OneOf(("off", "redact")))
+    pii_entities = fields.Nested(PiiEntitiesSchema, allow_none=True, metadata={"description": PII_ENTITIES_DOC})
     overlap = fields.Integer(validate=validate.Range(min=1, max=5))
     retrain_threshold = fields.Integer(allow_none=True, validate=validate.Range(min=1))
 
@@ -189,6 +224,7 @@ class DatasetSchema(Schema):
     task_type = fields.String()
     labels = fields.List(fields.String())
     pii_policy = fields.String()
+    pii_entities = fields.Nested(PiiEntitiesSchema, allow_none=True, metadata={"description": PII_ENTITIES_DOC})
     overlap = fields.Integer()
     retrain_threshold = fields.Integer(allow_none=True)
     created_at = Timestamp()

@@ -8,6 +8,11 @@ task. When the policy is on and the referenced text holds PII, the redacted text
 the task keeps the event's reference. Only text is redacted (images carry no text; their metadata is stripped at
 ingestion). Span feedback's offsets name the event's text: when the text is redacted here, they are moved onto the
 redacted text, and an entity overlapping a redacted range is dropped (`Redaction.moved`).
+
+A policy naming a token model of the tenant's (`pii_entities`) has its entities redacted too, asked of inference's
+`:predict` for the tenant (`shared.pii_policy.EntityFinder`). When that model cannot answer, `EntitiesUnavailable`
+leaves the consumer: the event is retried with backoff, then dead-lettered (listable, replayable), so no task ever
+shows the text unscanned.
 """
 
 from __future__ import annotations
