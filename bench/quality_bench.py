@@ -62,13 +62,20 @@ FROZEN_HEAD: dict[str, dict[str, Any]] = {
 """The non-private reference of the differential-privacy rows: what DP-SGD trains (the head alone, no wide layer,
 no class weights, a fixed max_length), without clipping and noise; every DP row trains at the same head rate."""
 DP_HEAD_RATE = {"head_learning_rate": 1e-2}
+DP_TOP_LAYERS = {TEXT: 2, IMAGE: 1}
+"""The DP rows with more than the head: MiniLM's top 2 layers; images the last stage (ResNet-18's layer4, 8.4M
+parameters, already a per-item gradient of 34 MB), with the non-private reference training the same layers."""
 PRIVACY_ABLATIONS: dict[str, dict[str, dict[str, Any]]] = {
     task_type: {
         "frozen head": {**frozen, **DP_HEAD_RATE},
         "dp eps 8": {**frozen, **DP_HEAD_RATE, "dp_epsilon": 8},
         "dp eps 1": {**frozen, **DP_HEAD_RATE, "dp_epsilon": 1},
+        f"top {top} (no DP)": {**frozen, **DP_HEAD_RATE, "trainable_layers": top},
+        f"dp eps 8 top {top}": {**frozen, **DP_HEAD_RATE, "trainable_layers": top, "dp_epsilon": 8},
+        f"dp eps 1 top {top}": {**frozen, **DP_HEAD_RATE, "trainable_layers": top, "dp_epsilon": 1},
     }
     for task_type, frozen in FROZEN_HEAD.items()
+    for top in [DP_TOP_LAYERS[task_type]]
 }
 ABLATIONS: dict[str, dict[str, dict[str, Any]]] = {
     TEXT: {

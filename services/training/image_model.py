@@ -4,6 +4,8 @@ Base weights come from the `base-models` bucket (see `base_models.py`); without 
 random initialisation and the run's record says so. Every image is decoded to RGB (grayscale, palette and
 alpha images included) and resized to `image_size` (small images are scaled up); training adds random
 resized crops, optional horizontal flips and colour jitter, validation and serving only resize and normalise.
+A frozen backbone (`freeze_encoder`) trains its head alone, or with its last `trainable_layers` stages
+(`BACKBONE_STAGES`), their BatchNorm layers frozen (`ImageClassifier` says why).
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ from torchvision import transforms
 
 from services.training.base_models import (
     IMAGE_ARCHITECTURES,
+    MOBILENET_V3_SMALL,
+    RESNET18,
     BaseWeights,
     imported_record,
     load_base_weights,
@@ -34,18 +38,53 @@ IMAGENET_STD = [0.229, 0.224, 0.225]
 INPUT_NAME = "pixels"
 
 
+BACKBONE_STAGES: dict[str, tuple[tuple[str, ...], ...]] = {
+    RESNET18: (("layer1",), ("layer2",), ("layer3",), ("layer4",)),
+    MOBILENET_V3_SMALL: (
+        ("features.1",),
+        ("features.2", "features.3"),
+        tuple(f"features.{i}" for i in range(4, 9)),
+        (*(f"features.{i}" for i in range(9, 13)), "classifier.0"),
+    ),
+}
+"""Each backbone's stages, bottom first, by the modules they hold: one per feature resolution (ResNet-18's four
+layers; MobileNetV3's blocks at strides 4, 8, 16 and 32, the last with the classifier's first linear layer, which
+sits between it and the head). The stem stays frozen. `trainable_layers` trains the last N; see `ImageClassifier`."""
+
+
 class ImageClassifier(nn.Module):
-    def __init__(self, backbone: nn.Module, *, freeze_backbone: bool, head_prefixes: tuple[str, ...]) -> None:
+    """The backbone, whose last layer is the head. Frozen (`freeze_backbone`), only the head trains, and the modules
+    named in `trained_blocks` (the last stages, `BACKBONE_STAGES`) except their BatchNorm layers: those stay frozen
+    in eval mode, a fixed per-channel affine map of the statistics they were loaded with. Trained, BatchNorm would
+    mix statistics across the batch, and its running statistics, a plain average of the train split's activations,
+    would learn from the data outside DP-SGD; frozen, the stage trains its convolutions with per-item gradients as
+    exact as a head's, private or not, and a private and a non-private run train the same parameters."""
+
+    def __init__(
+        self,
+        backbone: nn.Module,
+        *,
+        freeze_backbone: bool,
+        head_prefixes: tuple[str, ...],
+        trained_blocks: tuple[str, ...] = (),
+        trained_description: str = "",
+    ) -> None:
         super().__init__()
         self.backbone = backbone
         self.freeze_backbone = freeze_backbone
+        self.trained_blocks = list(trained_blocks) if freeze_backbone else []
+        self.trained_description = trained_description
         if freeze_backbone:
+            trained = tuple(f"{block}." for block in self.trained_blocks)
             for name, param in self.named_parameters():
-                param.requires_grad_(name.startswith(head_prefixes))
+                param.requires_grad_(name.startswith(head_prefixes + trained))
+            for module in self.backbone.modules():
+                if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                    module.requires_grad_(False)
 
     def train(self, mode: bool = True) -> ImageClassifier:
         super().train(mode)
-        if self.freeze_backbone:  # frozen layers keep their BatchNorm statistics too
+        if self.freeze_backbone:  # frozen layers keep their BatchNorm statistics too, in trained stages as well
             for module in self.backbone.modules():
                 if isinstance(module, nn.modules.batchnorm._BatchNorm):
                     module.eval()
@@ -53,6 +92,17 @@ class ImageClassifier(nn.Module):
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         return self.backbone(pixels)
+
+
+def trained_stages(base_model: str, count: int) -> tuple[tuple[str, ...], str]:
+    """The modules (named as the classifier names them) of a backbone's last `count` stages, and how to say so."""
+    if count <= 0:
+        return (), ""
+    stages = BACKBONE_STAGES.get(base_model, ())
+    if count > len(stages):
+        raise DataError(f"trainable_layers is {count}, but {base_model} has {len(stages)} stages")
+    blocks = tuple(f"backbone.{name}" for stage in stages[len(stages) - count :] for name in stage)
+    return blocks, f"last {count} backbone stage{'s' if count > 1 else ''} (BatchNorm frozen)"
 
 
 def decode_rgb(example: Example) -> Image.Image:
@@ -133,10 +183,13 @@ def prepare_image_task(
     architecture = IMAGE_ARCHITECTURES[base_model]
     weights = load_base_weights(store, base_model)
     head_prefixes = tuple(f"backbone.{prefix}" for prefix in architecture.classifier_prefixes)
+    trained_blocks, trained_description = trained_stages(base_model, hyperparameters.get("trainable_layers", 0))
     model = ImageClassifier(
         build_backbone(base_model, len(data.labels), weights),
         freeze_backbone=hyperparameters["freeze_encoder"],
         head_prefixes=head_prefixes,
+        trained_blocks=trained_blocks,
+        trained_description=trained_description,
     )
     size = hyperparameters["image_size"]
     train_images = [decode_rgb(example) for example in data.train]

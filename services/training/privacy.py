@@ -1,18 +1,25 @@
-"""Differential privacy as a training option: DP-SGD (Abadi et al., 2016) on the classification head, with opacus.
+"""Differential privacy as a training option: DP-SGD (Abadi et al., 2016) with opacus, on the classification head
+and, with `trainable_layers`, the top layers of the encoder or backbone.
 
-With `dp_epsilon` set, the run trains its head alone (the encoder or backbone is frozen, `schemas.py` sees to it)
-and every step of it is private with respect to the train split:
+With `dp_epsilon` set, the encoder or backbone is frozen (`schemas.py` sees to it) except its top
+`trainable_layers` transformer layers (text) or last stages (images, their BatchNorm layers kept frozen in eval
+mode: `image_model.ImageClassifier` says why); the model names them (`trained_blocks`), and every step that trains
+them and the head is private with respect to the train split:
 
 - batches are drawn by Poisson sampling (opacus's `DPDataLoader`: each item joins each batch independently with
   probability q = 1 / steps per epoch), which is the sampling the accountant assumes;
 - per-sample gradients come from opacus's `GradSampleModule` (hooks on the trainable layers: the head's linear
-  layers; the frozen layers are not hooked and, frozen in eval mode, mix no statistics across the batch);
-- `DPOptimizer` clips each item's gradient to `dp_max_grad_norm` (L2, over all trainable parameters), sums them,
-  adds Gaussian noise of standard deviation noise multiplier x clipping norm and divides by the expected batch;
+  layers, and the trained blocks' linear, LayerNorm and convolution layers; the frozen layers are not hooked and,
+  frozen in eval mode, mix no statistics across the batch; a trainable BatchNorm is refused, `check_trainable`);
+- `DPOptimizer` clips each item's gradient to `dp_max_grad_norm` (L2, over all trainable parameters together),
+  sums them, adds Gaussian noise of standard deviation noise multiplier x clipping norm and divides by the expected
+  batch;
 - the noise multiplier is the smallest one for which the RDP accountant, over all the run's planned steps, stays
-  within (`dp_epsilon`, `dp_delta`) (`opacus.accountants.utils.get_noise_multiplier`, tolerance 0.01);
+  within (`dp_epsilon`, `dp_delta`) (`opacus.accountants.utils.get_noise_multiplier`, tolerance 0.01): it does not
+  depend on how many layers train, only the signal per coordinate does (the same clipping norm is spread over more
+  parameters);
 - the epsilon spent is the accountant's over the steps actually taken (early stopping takes fewer), recorded on
-  the run and in the model's metadata (`privacy_record`).
+  the run and in the model's metadata (`privacy_record`), with what was trained (`trained`, `trained_modules`).
 
 The validation split picks the epoch kept and stops the run early: it is not the train split, so that costs the
 train split no privacy (choosing among private iterates is post-processing), but the validation items themselves
@@ -42,6 +49,20 @@ def default_delta(train_items: int) -> float:
 
 
 @dataclass(frozen=True)
+class TrainedPart:
+    """What a private run trains: the head, and the blocks of the body its model names (`trained_blocks`)."""
+
+    head: tuple[str, ...] = ("head",)
+    blocks: tuple[str, ...] = ()
+    description: str = ""
+    parameters: int = 0
+
+    @property
+    def summary(self) -> str:
+        return f"head + {self.description}" if self.blocks else "head"
+
+
+@dataclass(frozen=True)
 class PrivacyBudget:
     epsilon: float
     delta: float | None
@@ -59,8 +80,17 @@ class PrivateSGD:
     """DP-SGD for one training run: the noise for its budget, and opacus's wrappers of its model, optimizer and
     train loader."""
 
-    def __init__(self, budget: PrivacyBudget, *, train_items: int, steps_per_epoch: int, epochs: int) -> None:
+    def __init__(
+        self,
+        budget: PrivacyBudget,
+        *,
+        train_items: int,
+        steps_per_epoch: int,
+        epochs: int,
+        trained: TrainedPart | None = None,
+    ) -> None:
         self.budget = budget
+        self.trained = trained or TrainedPart()
         self.train_items = train_items
         self.steps_per_epoch = steps_per_epoch
         self.sample_rate = 1.0 / steps_per_epoch
@@ -83,19 +113,44 @@ class PrivateSGD:
             )
 
     @staticmethod
-    def check_trainable(model: nn.Module, head_prefixes: tuple[str, ...], distributed: bool) -> None:
-        """DP-SGD here trains the head alone, on one process."""
+    def check_trainable(model: nn.Module, head_prefixes: tuple[str, ...], distributed: bool) -> TrainedPart:
+        """DP-SGD here trains, on one process, the head and the blocks the model names in `trained_blocks` (the text
+        and image classifiers set them from `trainable_layers`), never a BatchNorm layer."""
         if distributed:
             raise ValueError("differential privacy trains on one process; launch the run on the queue")
-        body = [name for name, p in model.named_parameters() if p.requires_grad and not name.startswith(head_prefixes)]
+        blocks = tuple(getattr(model, "trained_blocks", ()))
+        allowed = head_prefixes + tuple(f"{block}." for block in blocks)
+        trainable = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+        body = [name for name, _ in trainable if not name.startswith(allowed)]
         if body:
-            raise ValueError(f"differential privacy trains the head only; {body[0]} is trainable")
+            raise ValueError(f"differential privacy trains the head and the named blocks only; {body[0]} is trainable")
+        for name, module in model.named_modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm) and any(
+                p.requires_grad for p in module.parameters()
+            ):
+                raise ValueError(f"DP-SGD cannot train BatchNorm ({name}): it mixes statistics across the batch")
+        description = getattr(model, "trained_description", "") if blocks else ""
+        return TrainedPart(
+            head=tuple(prefix.rstrip(".") for prefix in head_prefixes),
+            blocks=blocks,
+            description=description,
+            parameters=sum(p.numel() for _, p in trainable),
+        )
 
     def wrap_model(self, model: nn.Module) -> nn.Module:
-        """Per-sample gradients on every trainable layer (the head's); `strict=False` because the frozen body may
-        hold buffers (BatchNorm statistics in eval mode), which opacus's strict check refuses even when frozen."""
+        """Per-sample gradients on every trainable layer (the head's and the trained blocks'); `strict=False` because
+        the frozen body may hold buffers (BatchNorm statistics in eval mode), which opacus's strict check refuses
+        even when frozen (`check_trainable` has refused a trainable BatchNorm)."""
         from opacus import GradSampleModule
 
+        # The lowest trained block's input needs no gradient (the frozen layers below it made it): torch says its
+        # backward hooks then see the outputs' gradients only, which is all opacus's per-sample gradients need.
+        warnings.filterwarnings("ignore", message="Full backward hook is firing", category=UserWarning)
+        for module in model.modules():
+            # An in-place activation on a hooked layer's output (MobileNet's Hardswish after its first classifier
+            # layer) breaks the backward hooks; out of place, it computes the same values.
+            if getattr(module, "inplace", False) is True:
+                module.inplace = False
         return GradSampleModule(model, batch_first=True, loss_reduction="mean", strict=False)
 
     def wrap_optimizer(self, optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
@@ -142,5 +197,7 @@ class PrivateSGD:
             "expected_batch_size": self.expected_batch_size,
             "steps": steps,
             "train_items": self.train_items,
-            "trained": "head",
+            "trained": self.trained.summary,
+            "trained_modules": [*self.trained.blocks, *self.trained.head],
+            "trainable_parameters": self.trained.parameters,
         }

@@ -43,6 +43,12 @@ POOLINGS = ("mean", "cls")
 IMAGE_ONLY = ("image_size", "augment", "horizontal_flip")
 TOKEN_OPTIONS = ("max_length", "layer_decay", "reinit_layers")
 """The text options a token_classification run takes; the others shape a classifier's head or graph."""
+CLASSIFIER_ONLY = ("trainable_layers",)
+TEXT_ENCODER_LAYERS = 6
+"""all-MiniLM-L6-v2's transformer layers: what `trainable_layers` counts for text."""
+IMAGE_BACKBONE_STAGES = 4
+"""The stages of the image backbones (ResNet-18's layer1..layer4, MobileNetV3's four resolutions; `image_model.py`
+names them): what `trainable_layers` counts for images."""
 DP_ONLY = ("dp_delta", "dp_max_grad_norm")
 DP_MAX_LENGTH = 128
 """Text under differential privacy, when `max_length` is not given: a fixed length, because the default one is a
@@ -81,7 +87,19 @@ class HyperparametersSchema(Schema):
     seed = fields.Integer(validate=validate.Range(min=0, max=2**31 - 1))
     class_weighted_loss = fields.Boolean()
     freeze_encoder = fields.Boolean(
-        metadata={"description": "Train only the classification head; the encoder (or backbone) stays as loaded."}
+        metadata={
+            "description": "Train only the classification head (and the top trainable_layers layers); the rest of "
+            "the encoder (or backbone) stays as loaded."
+        }
+    )
+    trainable_layers = fields.Integer(
+        validate=validate.Range(min=0, max=TEXT_ENCODER_LAYERS),
+        metadata={
+            "description": "text and image classification, with freeze_encoder true or dp_epsilon: the top encoder "
+            f"layers (text, 0..{TEXT_ENCODER_LAYERS}) or last backbone stages (images, 0..{IMAGE_BACKBONE_STAGES}) "
+            "that train too, at learning_rate; 0 trains the head alone. An image stage's BatchNorm layers stay "
+            "frozen in eval mode (DP-SGD cannot train them; frozen, they mix no statistics across a batch)"
+        },
     )
     dropout = fields.Float(validate=validate.Range(min=0, max=0.9))
     num_workers = fields.Integer(
@@ -150,8 +168,9 @@ class HyperparametersSchema(Schema):
         validate=validate.Range(min=0.1, max=100),
         metadata={
             "description": "differential privacy (DP-SGD with opacus) with this target epsilon over the run; null "
-            "turns it off. Only the classification head trains (the encoder or backbone is frozen), without class "
-            "weights; text runs need wide false and a fixed max_length (128 unless given)"
+            "turns it off. The classification head trains, and the top trainable_layers layers (the rest of the "
+            "encoder or backbone is frozen), without class weights; text runs need wide false and a fixed "
+            "max_length (128 unless given)"
         },
     )
     dp_delta = fields.Float(
@@ -200,6 +219,7 @@ TASK_DEFAULTS: dict[str, dict[str, Any]] = {
         "pooling": "mean",
         "wide": True,
         "wide_c": 10.0,
+        "trainable_layers": 0,
     },
     # The recipe tests/training/test_token_classification.py measured (docs/ner.md, "Training runs"): 3 epochs,
     # batch 16, 2e-4 / head 2e-3, no class weights (balanced weights over tags over-predicted entities). Long
@@ -226,6 +246,7 @@ TASK_DEFAULTS: dict[str, dict[str, Any]] = {
         "image_size": 224,
         "augment": True,
         "horizontal_flip": True,
+        "trainable_layers": 0,
     },
 }
 
@@ -251,19 +272,40 @@ def resolve_hyperparameters(task_type: str, raw: dict[str, Any] | None) -> dict[
     _resolve_privacy(task_type, raw, resolved)
     if resolved.get("adversarial", "none") != "none" and resolved["freeze_encoder"]:
         raise ValidationError({"adversarial": ["needs a trainable encoder: freeze_encoder is true"]})
+    _check_trainable_layers(task_type, resolved)
     return resolved
 
 
+def _check_trainable_layers(task_type: str, resolved: dict[str, Any]) -> None:
+    """`trainable_layers` unfreezes the top of a frozen encoder: without a frozen one every layer trains already."""
+    layers = resolved.get("trainable_layers", 0)
+    if not layers:
+        return
+    if not resolved["freeze_encoder"]:
+        raise ValidationError(
+            {"trainable_layers": ["applies with freeze_encoder true or dp_epsilon only: otherwise every layer trains"]}
+        )
+    if task_type == IMAGE and layers > IMAGE_BACKBONE_STAGES:
+        raise ValidationError(
+            {"trainable_layers": [f"the image backbones have {IMAGE_BACKBONE_STAGES} stages: at most that many"]}
+        )
+
+
 def _resolve_privacy(task_type: str, raw: dict[str, Any], resolved: dict[str, Any]) -> None:
-    """With `dp_epsilon`, only the head trains, privately (`privacy.py`): what would learn from the train split
-    outside DP-SGD is refused when asked for, and turned off when it is only a default."""
+    """With `dp_epsilon`, only the head (and the top `trainable_layers` layers) trains, privately (`privacy.py`):
+    what would learn from the train split outside DP-SGD is refused when asked for, and turned off when it is only
+    a default."""
     if resolved["dp_epsilon"] is None:
         errors = {name: ["applies with dp_epsilon only"] for name in DP_ONLY if name in raw}
         if errors:
             raise ValidationError(errors)
         return
     refused = {
-        "freeze_encoder": (False, "differential privacy trains the classification head only: the encoder is frozen"),
+        "freeze_encoder": (
+            False,
+            "differential privacy trains the classification head and the top trainable_layers layers only: the "
+            "rest of the encoder is frozen",
+        ),
         "class_weighted_loss": (True, "class weights are the train split's label counts, which DP-SGD does not cover"),
         "wide": (True, "the wide layer's logistic regression is fitted on the train split without privacy"),
     }
@@ -301,6 +343,7 @@ def _foreign_options(task_type: str) -> dict[str, str]:
     foreign.update(
         {name: "applies to text classification models only" for name in TEXT_ONLY if name not in TOKEN_OPTIONS}
     )
+    foreign.update({name: "applies to text and image classification models only" for name in CLASSIFIER_ONLY})
     return foreign
 
 

