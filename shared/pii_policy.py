@@ -3,8 +3,9 @@
 
 Ingestion owns datasets and their `pii_policy`; the other services ask it (`GET /v1/datasets/{id}` with the
 internal token acting for the tenant) and keep each answer for `KEY_CACHE_SECONDS` (like the key cache), so a
-policy turned on reaches them within that time. Never asked on a request's path: inference asks on its prediction
-log's writer thread, labeling in its event consumer.
+policy turned on reaches them within that time; a consumer of `dataset.changed`, which carries the policy, takes it
+at once (`PiiPolicies.learn`). Never asked on a request's path: inference asks on its prediction log's writer
+thread, labeling in its event consumer.
 
 Fail closed: when ingestion cannot answer (down, timing out), the text is redacted, and the unknown answer is
 cached only briefly (`UNKNOWN_TTL_S`), so a policy that is on is never skipped. A dataset ingestion does not know
@@ -68,6 +69,11 @@ class PiiRule:
 
     redact: bool
     entities: EntityPolicy | None = None
+
+    @classmethod
+    def of(cls, pii_policy: str | None, pii_entities: dict[str, Any] | None) -> PiiRule:
+        """From a dataset's `pii_policy` and `pii_entities`."""
+        return cls(redact=True, entities=EntityPolicy.of(pii_entities)) if pii_policy == "redact" else OFF
 
 
 OFF = PiiRule(redact=False)
@@ -142,11 +148,7 @@ class PiiPolicies:
             return found
         try:
             body = self.client.get(f"/v1/datasets/{dataset_id}", headers={TENANT_HEADER: tenant})
-            found = (
-                PiiRule(redact=True, entities=EntityPolicy.of(body.get("pii_entities")))
-                if body.get("pii_policy") == "redact"
-                else OFF
-            )
+            found = PiiRule.of(body.get("pii_policy"), body.get("pii_entities"))
             cache = self._known
         except ApiError as exc:
             if exc.status != 404:
@@ -157,6 +159,14 @@ class PiiPolicies:
         with self._lock:
             cache[key] = found
         return found
+
+    def learn(self, tenant: str, dataset_id: str, pii_policy: str, pii_entities: dict[str, Any] | None) -> PiiRule:
+        """What a `dataset.changed` event says the policy now is, taken ahead of the cache's expiry."""
+        rule = PiiRule.of(pii_policy, pii_entities)
+        with self._lock:
+            self._unknown.pop((tenant, dataset_id), None)
+            self._known[(tenant, dataset_id)] = rule
+        return rule
 
     def _unknown_policy(self, key: tuple[str, str], exc: Exception) -> PiiRule:
         log.warning("pii_policy_unavailable", tenant=key[0], dataset_id=key[1], error=str(exc)[:200])

@@ -98,6 +98,8 @@ class Dataset(Base):
             "labels": list(self.labels),
             "overlap": self.overlap,
             "retrain_threshold": self.retrain_threshold,
+            "pii_policy": self.pii_policy,
+            "pii_entities": self.pii_entities,
         }
 
 

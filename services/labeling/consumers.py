@@ -47,8 +47,13 @@ def _upsert_dataset(ctx: EventContext, config: dict[str, Any]) -> LabelingDatase
 
 @handlers.on("dataset.changed")
 def on_dataset_changed(ctx: EventContext) -> None:
-    _upsert_dataset(ctx, ctx.payload["dataset"])
-    log.info("dataset_configured", dataset_id=ctx.payload["dataset"]["dataset_id"])
+    """The dataset's settings; a PII policy turned on (or naming other entities) redacts the text of its production
+    tasks without consensus (`redaction.on_policy_changed`)."""
+    config = ctx.payload["dataset"]
+    dataset = _upsert_dataset(ctx, config)
+    if config.get("pii_policy") is not None:  # an event from before the policy was carried says nothing of it
+        redaction.on_policy_changed(ctx.runtime, ctx.session, dataset, config["pii_policy"], config.get("pii_entities"))
+    log.info("dataset_configured", dataset_id=config["dataset_id"])
 
 
 @handlers.on("item.ingested")
@@ -230,14 +235,8 @@ def _span_feedback_task(ctx: EventContext, dataset: LabelingDataset, item_id: st
         ctx.runtime, dataset.tenant, dataset.id, payload["prediction_id"], reference, text
     )
 
-    def on_task_text(spans: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        if redacted is None:
-            return canonical(spans)
-        moved = [(redacted.moved(span["start"], span["end"]), span["label"]) for span in spans]
-        return canonical({"start": at[0], "end": at[1], "label": label} for at, label in moved if at is not None)
-
-    correct = on_task_text(payload["correct_spans"])
-    predicted = on_task_text(payload.get("predicted_spans") or [])
+    correct = redaction.moved_spans(redacted, payload["correct_spans"])
+    predicted = redaction.moved_spans(redacted, payload.get("predicted_spans") or [])
     task = _prediction_task(
         dataset,
         item_id,
@@ -269,12 +268,15 @@ def on_prediction_sampled(ctx: EventContext) -> None:
     items = payload["items"]
     item_ids = {f"sp_{item['prediction_id']}"[:60]: item for item in items}
     known = set(ctx.session.scalars(select(Task.item_id).where(Task.item_id.in_(list(item_ids)))))
-    for item_id, item in item_ids.items():
-        if item_id in known:
-            continue
-        ctx.session.add(
-            _prediction_task(dataset, item_id, item, payload["model_name"], source="sample", priority=SAMPLE_PRIORITY)
-        )
+    created = [
+        _prediction_task(dataset, item_id, item, payload["model_name"], source="sample", priority=SAMPLE_PRIORITY)
+        for item_id, item in item_ids.items()
+        if item_id not in known
+    ]
+    ctx.session.add_all(created)
+    ctx.session.flush()
+    if dataset.pii_redacted_with is not None:  # sampled before the policy was on, queued after labeling applied it
+        redaction.redact_tasks(ctx.runtime, ctx.session, dataset, [t for t in created if t.kind == "text"])
     log.info("sampled_tasks_created", dataset_id=dataset.id, created=len(item_ids) - len(known), received=len(items))
 
 

@@ -38,6 +38,9 @@ class LabelingDataset(Base):
     # The model serving this dataset in production, learned from `model.promoted`.
     production_model: Mapped[str | None] = mapped_column(String(200), nullable=True)
     production_version: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    # The PII rule its production tasks' text was last redacted with (`{"entities": ...}`, redaction.py), learned
+    # from `dataset.changed`; None while the policy is off (or not yet carried by the event).
+    pii_redacted_with: Mapped[dict | None] = mapped_column(JSON(none_as_null=True), nullable=True)
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, onupdate=utcnow)
 
 

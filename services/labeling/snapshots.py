@@ -231,8 +231,12 @@ def export_rows(runtime: Runtime, snapshot: Snapshot) -> Iterator[dict[str, Any]
         row = {"item_id": line["item_id"], "label": line["label"], "split": line["split"], "sha256": content["sha256"]}
         if "spans" in line:
             row["spans"] = line["spans"]
-        if line["kind"] == "text":
-            data = runtime.storage.get_range(content["bucket"], content["key"], content["offset"], content["length"])
+        if line["kind"] == "text":  # a byte range of a packed object, or a whole one (labeling's redacted copy)
+            bucket, key = content["bucket"], content["key"]
+            if content.get("offset") is not None:
+                data = runtime.storage.get_range(bucket, key, content["offset"], content["length"])
+            else:
+                data = runtime.storage.get_bytes(bucket, key, verify=False)
             row["text"] = data.decode("utf-8") if hashlib.sha256(data).hexdigest() == content["sha256"] else None
         else:
             row["object"] = f"{content['bucket']}/{content['key']}"

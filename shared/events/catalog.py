@@ -44,6 +44,10 @@ class DatasetConfig(Schema):
     labels = fields.List(fields.String(), required=True, validate=validate.Length(min=2))
     overlap = fields.Integer(required=True, validate=validate.Range(min=1, max=5))
     retrain_threshold = fields.Integer(required=True, allow_none=True, validate=validate.Range(min=1))
+    # The PII policy (None: sent by a release from before it was carried); labeling redacts its queue when it
+    # turns on (services/labeling/redaction.py).
+    pii_policy = fields.String(load_default=None, allow_none=True, validate=validate.OneOf(("off", "redact")))
+    pii_entities = fields.Dict(load_default=None, allow_none=True)
 
 
 class IngestedItem(Schema):
