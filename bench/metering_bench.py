@@ -27,7 +27,8 @@ the request thread pays: the cost of one `PredictionMeter.count` call. With `--p
 server through the rounds (`bench/profiling.py`) and the table gains what share of each server's on-CPU samples
 fell in metering's code (`services/inference/metering.py` and all it calls: the counters, the writer thread's
 records, its transaction and publish) and in the rate-limit check: a measurement inside each process, which the
-noise between processes does not reach. Results go to bench/results/metering.json.
+noise between processes does not reach (py-spy pauses each server to sample it, so a profiled run's throughput
+rows are not comparable). Results go to bench/results/metering.json.
 """
 
 from __future__ import annotations
