@@ -165,7 +165,10 @@ def test_concurrent_text_requests_are_tokenized_as_one_batch_and_answer_as_alone
         responses = list(pool.map(caller, texts))
     batches, rows, _ = batch_sizes(replica, "reviews")
     assert rows - before_rows == len(texts)
-    assert (rows - before_rows) / (batches - before_batches) > 1.5, "the concurrent texts did not share batches"
+    # How many share a batch depends on when each thread reaches the batcher (a batch stops waiting once no other
+    # request has announced itself), so the test asks only that some did: fewer runs than requests. The batcher's
+    # own test below shows the one encode_batch call per batch deterministically.
+    assert batches - before_batches < rows - before_rows, "the concurrent texts did not share batches"
     for text, response in zip(texts, responses, strict=True):
         assert response.status_code == 200, response.get_json()
         prediction = response.get_json()["predictions"][0]
