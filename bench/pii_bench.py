@@ -160,46 +160,14 @@ def score(sentences: list[tuple[str, list[tuple[int, int, str]]]], detect: Any) 
 
 # -- the tenant's NER model as the detector (`--ner`) -------------------------------------------------------------
 
-NER_TRAIN, NER_VALIDATION, NER_EPOCHS, NER_MAX_LENGTH = 400, 60, 3, 48
-
 
 def train_tagger() -> Any:
-    """The tagger tests/tagger.py trains (same data, seeds and recipe): what `prepare_token_task` returns."""
-    import torch
+    """The tagger tests/tagger.py trains (`testkit.tagger`: same data, seeds and recipe): what
+    `prepare_token_task` returns, trained."""
+    from testkit.tagger import fit_tagger, prepare_tagger, tagger_sentences
 
-    from cli.demo_data import ENTITY_LABELS, ENTITY_TEMPLATES, entity_sentences
-    from services.training.base_models import MINILM
-    from services.training.token_model import TokenItem, prepare_token_task
-    from services.training.trainer import Recipe, Trainer
-
-    sentences = [
-        TokenItem(text, spans)
-        for text, spans in entity_sentences(NER_TRAIN + NER_VALIDATION, seed=1, templates=ENTITY_TEMPLATES)
-    ]
-    train, validation = sentences[:NER_TRAIN], sentences[NER_TRAIN:]
-    prepared = prepare_token_task(train, validation, list(ENTITY_LABELS), {"max_length": NER_MAX_LENGTH}, MINILM)
-    recipe = Recipe(
-        epochs=NER_EPOCHS,
-        batch_size=16,
-        learning_rate=2e-4,
-        head_learning_rate=2e-3,
-        weight_decay=0.01,
-        warmup_ratio=0.1,
-        max_grad_norm=1.0,
-        early_stopping_patience=2,
-        seed=0,
-        num_workers=0,
-    )
-    Trainer(
-        prepared.model,
-        prepared.train_set,
-        prepared.val_set,
-        prepared.collate,
-        recipe,
-        device=torch.device("cpu"),
-        head_prefixes=prepared.head_prefixes,
-        lr_scale=prepared.lr_scale,
-    ).fit()
+    prepared = prepare_tagger(*tagger_sentences())
+    fit_tagger(prepared)
     prepared.model.eval()
     return prepared
 
@@ -257,6 +225,7 @@ def main_ner(quick: bool) -> None:
 
     from cli.demo_data import ENTITY_LABELS, HELD_OUT_ENTITY_TEMPLATES, entity_sentences
     from services.training.token_model import predict_entities
+    from testkit import tagger
 
     torch.set_num_threads(max(1, min(4, torch.get_num_threads())))
     held_out = entity_sentences(100 if quick else 500, seed=7, templates=HELD_OUT_ENTITY_TEMPLATES)
@@ -265,7 +234,7 @@ def main_ner(quick: bool) -> None:
     train_s = time.perf_counter() - started
     texts = [text for text, _spans in held_out]
     started = time.perf_counter()
-    found = predict_entities(prepared.model, prepared.tokenizer, texts, prepared.tags, NER_MAX_LENGTH)
+    found = predict_entities(prepared.model, prepared.tokenizer, texts, prepared.tags, tagger.MAX_LENGTH)
     predict_ms = (time.perf_counter() - started) / len(texts) * 1000
     ranges = [
         redacted_ranges(text, [(e["start"], e["end"], e["label"]) for e in entities])
@@ -278,10 +247,10 @@ def main_ner(quick: bool) -> None:
         "templates": "HELD_OUT_ENTITY_TEMPLATES (faker seed 7)",
         "tagger": {
             "base": "all-MiniLM-L6-v2",
-            "train": NER_TRAIN,
-            "validation": NER_VALIDATION,
-            "epochs": NER_EPOCHS,
-            "max_length": NER_MAX_LENGTH,
+            "train": tagger.TRAIN,
+            "validation": tagger.VALIDATION,
+            "epochs": tagger.EPOCHS,
+            "max_length": tagger.MAX_LENGTH,
             "train_s": round(train_s, 1),
             "predict_ms_per_sentence": round(predict_ms, 2),
             "device": "cpu",
