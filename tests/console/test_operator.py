@@ -170,6 +170,7 @@ def test_an_operator_watches_a_run_train_and_promotes_its_version(console: dict[
         expect(page.locator(f"#{chart}-chart canvas")).to_have_count(1)
     picture(page, "monitoring")
     page.click("nav a[href='#/datasets']")
+    expect(page.locator("#page h1")).to_have_text("Datasets")  # the monitoring page's chart legends are gone
     expect(page.locator("#page table")).to_be_visible()
     picture(page, "datasets")
     assert errors == []
