@@ -30,10 +30,11 @@ def push_one(tenant, text: str, key: str | None = None):
 
 def test_a_key_rate_limit_trips_at_its_rate_and_recovers(ingestion, tenant) -> None:
     other = make_tenant(ingestion, "globex")
-    body = set_limits(ingestion, tenant, rate_limits={"ingestion_per_key": 1, "ingestion_per_tenant": 0})
-    assert body["rate_limits"]["ingestion_per_key"] == 1
-    # 1 per second with a burst of 2: two pushes at once pass, the third is refused whole
-    assert [push_one(tenant, f"burst {n}").status_code for n in range(2)] == [200, 200]
+    body = set_limits(ingestion, tenant, rate_limits={"ingestion_per_key": 0.5, "ingestion_per_tenant": 0})
+    assert body["rate_limits"]["ingestion_per_key"] == 0.5
+    # one push per 2 s (a burst of one): the first passes, the next one within 2 s is refused whole. The slow rate
+    # keeps the test true on a loaded machine, where one push can take over a second.
+    assert push_one(tenant, "first").status_code == 200
     refused = push_one(tenant, "one too many")
     assert refused.status_code == 429, refused.get_json()
     error = refused.get_json()["error"]
@@ -46,15 +47,14 @@ def test_a_key_rate_limit_trips_at_its_rate_and_recovers(ingestion, tenant) -> N
     assert push_one(tenant, "after the wait").status_code == 200  # recovered
     listed = ingestion.client.get(f"/v1/datasets/{tenant.text['id']}/items", headers=tenant.headers).get_json()
     assert "one too many" not in {item.get("text") for item in listed["items"]}
-    assert len(listed["items"]) == 3
+    assert len(listed["items"]) == 2
 
 
 def test_a_tenant_rate_limit_counts_all_its_keys(ingestion, tenant) -> None:
     second_key = ingestion.client.post(f"/v1/partners/{tenant.partner_id}/keys", headers=INTERNAL).get_json()
-    set_limits(ingestion, tenant, rate_limits={"ingestion_per_key": 0, "ingestion_per_tenant": 1})
+    set_limits(ingestion, tenant, rate_limits={"ingestion_per_key": 0, "ingestion_per_tenant": 0.5})
     assert push_one(tenant, "first").status_code == 200
-    assert push_one(tenant, "second", key=second_key["api_key"]).status_code == 200
-    refused = push_one(tenant, "third", key=second_key["api_key"])
+    refused = push_one(tenant, "second", key=second_key["api_key"])  # another key, the same tenant's bucket
     assert refused.status_code == 429 and refused.get_json()["error"]["details"]["limit"] == "tenant"
 
 
