@@ -1,4 +1,5 @@
-"""The v2 JSON tensor path in process: parse and encode cost, before (standard library) and after (orjson).
+"""The v2 JSON tensor path in process: parse and encode cost, before (standard library), orjson, and after
+(simdjson's fast read of numeric data, orjson for the rest).
 
     python -m bench.v2_json_bench            # 15 interleaved rounds
     python -m bench.v2_json_bench --quick    # 5 shorter rounds: well under a minute
@@ -9,8 +10,10 @@ in its nested `data` layout (rows of lists, as `tensor.tolist()` writes it) and 
 
 - before: what the previous `parse_infer_request` did per numeric tensor: the standard library's `json.loads`
   into Python lists, then `np.asarray(data, dtype)` and the shape check;
-- after: the service's own `services.inference.tensors.parse_infer_request` on the same body (orjson, then
-  numpy in one call), every check included;
+- orjson: the service's general path alone (orjson, then numpy in one call), every check included: what the
+  service did before simdjson's fast read;
+- after: the service's own `services.inference.tensors.parse_infer_request` on the same body (simdjson reading
+  the numeric `data` straight into one buffer, the rest of the request as Python objects), every check included;
 - binary: the same function on the binary tensor data extension's form of the same tensor, the floor the JSON
   path is compared with;
 - encoding an answer as JSON: the previous writer (`tolist()` and `json.dumps`) against the service's own
@@ -22,11 +25,12 @@ them; medians over rounds, ratios per round.
 
 With `--served`, two copies of the real inference app run side by side under granian (`flywheel up`'s command,
 1 worker x 16 threads, batching max 32 / 2 ms, the stand-ins of `bench.inference_bench`), serving
-mobilenet_v3_small at 64x64: "after" as it is, "before" with `orjson` shadowed by a stand-in module that
-does the same calls with the standard library's `json` (so its JSON path is the previous one: `json.loads`
-into Python lists, `tolist()` and `json.dumps` for answers; everything else is the same code). The bounded
-load generator of `bench.inference_bench` sends the same tensors at concurrency 32 as v2 JSON to both and as
-v2 binary to "after", in rotating rounds: good-put (200 answers per second), the server's CPU per request,
+mobilenet_v3_small at 64x64: "after" as it is, "orjson" with `simdjson` shadowed by a stand-in whose parser
+declines every body (so the general path reads it), and "before" with that stand-in and `orjson` shadowed by a
+module that does the same calls with the standard library's `json` (so its JSON path is the first one:
+`json.loads` into Python lists, `tolist()` and `json.dumps` for answers; everything else is the same code). The
+bounded load generator of `bench.inference_bench` sends the same tensors at concurrency 32 as v2 JSON to all
+three and as v2 binary to "after", in rotating rounds: good-put (200 answers per second), the server's CPU per request,
 and the ratios. Raw in-process ONNX Runtime at batch 32 on the same tensors (`CeilingProbe`) is sampled before
 each round, so each form's good-put is also given as a share of the ceiling measured beside it.
 
@@ -80,6 +84,7 @@ from bench.inference_bench import (
     start_server,
 )
 from bench.profiling import Profile, Recording
+from services.inference import tensors
 from services.inference.tensors import V2_TO_NUMPY, InferRequest, encode_infer_response, parse_infer_request
 from shared.storage import FileStore
 from shared.tables import print_table
@@ -118,6 +123,15 @@ def stdlib_parse(body: bytes) -> dict[str, np.ndarray]:
     return inputs
 
 
+def general_parse(body: bytes) -> Any:
+    """The service's parser with simdjson's fast read declined: its general path (orjson, then numpy)."""
+    original, tensors._loads_numeric = tensors._loads_numeric, lambda _body: None
+    try:
+        return parse_infer_request(body, None)
+    finally:
+        tensors._loads_numeric = original
+
+
 def stdlib_encode(outputs: dict[str, np.ndarray]) -> bytes:
     """The previous writer: each output's values through `tolist()`, the header through `json.dumps`."""
     tensors = [
@@ -142,9 +156,11 @@ def variants() -> tuple[dict[str, Callable[[], Any]], dict[str, int]]:
     pixels = rng.standard_normal(SHAPE, dtype=np.float32)
     nested, flat = json_body(pixels, flat=False), json_body(pixels, flat=True)
     binary, header_length = binary_body(pixels)
-    for body in (nested, flat):  # both parsers read the same tensor out of each body
+    for body in (nested, flat):  # every parser reads the same tensor out of each body, the fast read taken
+        assert tensors._loads_numeric(body) is not None
         after = parse_infer_request(body, None).inputs["pixels"]
         assert np.array_equal(stdlib_parse(body)["pixels"], after) and np.array_equal(after, pixels)
+        assert np.array_equal(general_parse(body).inputs["pixels"], after)
     assert np.array_equal(parse_infer_request(binary, header_length).inputs["pixels"], pixels)
     request = InferRequest(id=None, parameters={}, inputs={}, datatypes={}, outputs=None)
     answers = {
@@ -153,8 +169,10 @@ def variants() -> tuple[dict[str, Callable[[], Any]], dict[str, int]]:
     }
     calls: dict[str, Callable[[], Any]] = {
         "parse_nested_before": lambda: stdlib_parse(nested),
+        "parse_nested_orjson": lambda: general_parse(nested),
         "parse_nested_after": lambda: parse_infer_request(nested, None),
         "parse_flat_before": lambda: stdlib_parse(flat),
+        "parse_flat_orjson": lambda: general_parse(flat),
         "parse_flat_after": lambda: parse_infer_request(flat, None),
         "parse_binary": lambda: parse_infer_request(binary, header_length),
     }
@@ -187,6 +205,7 @@ def served_workloads(count: int = 32) -> dict[str, Workload]:
     }
 
 
+MODES = ("before", "orjson", "after")
 STDLIB_ORJSON = """\"\"\"The bench's "before" server: orjson's calls done by the standard library's json.\"\"\"
 import json
 
@@ -200,6 +219,22 @@ def loads(data):
 
 def dumps(value, option=0):
     return json.dumps(value, separators=(",", ":"), default=lambda array: array.tolist()).encode()
+"""
+
+NO_SIMDJSON = """\"\"\"The bench's "before" and "orjson" servers: a simdjson whose parser declines every body.\"\"\"
+
+
+class Object:
+    pass
+
+
+class Array:
+    pass
+
+
+class Parser:
+    def parse(self, body):
+        raise ValueError("simdjson is shadowed by the bench: the general path reads this body")
 """
 
 
@@ -311,15 +346,23 @@ def served(
     try:
         folder = export_image_model(root / "models")
         registries = {}
-        for mode in ("before", "after"):  # each server has its own FLYWHEEL_HOME, object store and stand-in
+        for mode in MODES:  # each server has its own FLYWHEEL_HOME, object store and stand-in
             store = FileStore(root / "homes" / mode / "objects")
             store.ensure_buckets("models", "raw")
             registries[mode] = stand_in(store, {"image": folder}, {"mobilenet": {"max_batch_size": 32}})
         loads = served_workloads()
-        shim = root / "stdlib-orjson"
-        shim.mkdir()
-        (shim / "orjson.py").write_text(STDLIB_ORJSON)
-        runs = {"json_before": ("before", "json"), "json_after": ("after", "json"), "binary_after": ("after", "binary")}
+        shims = {"before": root / "stdlib-orjson", "orjson": root / "no-simdjson"}
+        for mode, shim in shims.items():
+            shim.mkdir()
+            (shim / "simdjson.py").write_text(NO_SIMDJSON)
+            if mode == "before":
+                (shim / "orjson.py").write_text(STDLIB_ORJSON)
+        runs = {
+            "json_before": ("before", "json"),
+            "json_orjson": ("orjson", "json"),
+            "json_after": ("after", "json"),
+            "binary_after": ("after", "binary"),
+        }
         samples: dict[str, list[dict[str, Any]]] = {name: [] for name in runs}
         probe = CeilingProbe(folder / "model.onnx", loads["binary"].feeds, CEILING_BATCH, seconds=1.0)
         ceilings: list[float] = []
@@ -327,7 +370,8 @@ def served(
         try:
             with managed_processes() as processes:
                 servers, children = {}, {}
-                for mode, extra_env in (("before", {"PYTHONPATH": str(shim)}), ("after", {})):
+                for mode in MODES:
+                    extra_env = {"PYTHONPATH": str(shims[mode])} if mode in shims else {}
                     servers[mode], children[mode] = start_server(
                         processes,
                         mode=mode,
@@ -343,12 +387,15 @@ def served(
                 for mode, server in servers.items():
                     ready = f"{server.url}/v2/health/ready"
                     wait_until(lambda url=ready: answers_ok(url), timeout=240, what=mode, child=children[mode])
-                progress(f"inference before ({servers['before'].url}) and after ({servers['after'].url}) ready")
+                progress(
+                    "inference " + ", ".join(f"{mode} ({server.url})" for mode, server in servers.items()) + " ready"
+                )
                 same_answer_different_writer(servers["before"].url, servers["after"].url)
+                same_answer_different_writer(servers["before"].url, servers["orjson"].url)
                 names = list(runs)
                 for index in range(rounds):
                     ceilings.append(probe.sample())
-                    for name in names[index % 3 :] + names[: index % 3]:
+                    for name in names[index % len(names) :] + names[: index % len(names)]:
                         mode, form = runs[name]
                         samples[name].append(measure(servers[mode], loads[form], 32, warmup, seconds))
                 if profile:
@@ -382,6 +429,7 @@ def served(
         return Stats.of([n / d for n, d in zip(top, bottom, strict=True)])
 
     result["json_after_over_before"] = per_round("json_after", "json_before")
+    result["json_after_over_orjson"] = per_round("json_after", "json_orjson")
     result["json_over_binary_after"] = per_round("json_after", "binary_after")
     return result
 
@@ -538,26 +586,38 @@ def main(argv: list[str] | None = None) -> int:
 
     rows, figures = [], {}
     for subject in ("parse_nested", "parse_flat", "encode_logits_1000", "encode_output_12288"):
+        orjson_only = stats.get(f"{subject}_orjson")
         figures[subject] = {
             "before_ms": stats[f"{subject}_before"],
             "after_ms": stats[f"{subject}_after"],
             "speedup": speedup(subject),
         }
+        if orjson_only is not None:
+            figures[subject]["orjson_ms"] = orjson_only
+            figures[subject]["orjson_over_after"] = Stats.of(
+                [o / a for o, a in zip(samples[f"{subject}_orjson"], samples[f"{subject}_after"], strict=True)]
+            )
         rows.append(
             [
                 subject,
                 stats[f"{subject}_before"].show(3),
+                orjson_only.show(3) if orjson_only is not None else "(same)",
                 stats[f"{subject}_after"].show(3),
                 figures[subject]["speedup"].show(2) + "x",
+                figures[subject]["orjson_over_after"].show(2) + "x" if orjson_only is not None else "",
             ]
         )
-    rows.append(["parse_binary (same tensor)", "", stats["parse_binary"].show(3), ""])
-    print_table(["ms per call (median ±IQR)", "before (json)", "after (orjson)", "before/after"], rows, rule=True)
+    rows.append(["parse_binary (same tensor)", "", "", stats["parse_binary"].show(3), "", ""])
+    print_table(
+        ["ms per call (median ±IQR)", "before (json)", "orjson", "after", "before/after", "orjson/after"],
+        rows,
+        rule=True,
+    )
     figures["parse_binary_ms"] = stats["parse_binary"]
     if args.served:
         serve_rounds, serve_seconds, warmup = (2, 3.0, 1.0) if args.quick else (6, 10.0, 2.0)
         serve_rounds = args.serve_rounds or serve_rounds
-        progress("served: two servers (before, after), concurrency 32, rotating rounds")
+        progress("served: three servers (before, orjson, after), concurrency 32, rotating rounds")
         figures["served_c32"] = served(
             args.redis_url,
             serve_rounds,
@@ -585,7 +645,7 @@ def main(argv: list[str] | None = None) -> int:
                     f"{figures['served_c32'][form]['mean_batch']:.1f}",
                     figures["served_c32"][form]["errors"],
                 ]
-                for form in ("json_before", "json_after", "binary_after")
+                for form in ("json_before", "json_orjson", "json_after", "binary_after")
             ],
             rule=True,
         )
@@ -607,6 +667,7 @@ def main(argv: list[str] | None = None) -> int:
             )
         progress(
             f"JSON good-put after / before: {figures['served_c32']['json_after_over_before'].show(2)}; "
+            f"after / orjson: {figures['served_c32']['json_after_over_orjson'].show(2)}; "
             f"JSON / binary (after): {figures['served_c32']['json_over_binary_after'].show(2)}"
         )
     if args.request_cost:

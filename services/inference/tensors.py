@@ -7,12 +7,16 @@ output asks for `binary_data: true` or the request sets `binary_data_output: tru
 default); then the response carries `Inference-Header-Content-Length` too. An output may ask for
 `classification: k`: the top k classes as BYTES `"<score>:<index>:<label>"`, as Triton answers.
 
-JSON goes through orjson both ways, so a numeric tensor costs no per-element Python work: orjson parses the
-body in C and numpy converts its `data` (nested rows or one flat list, row-major) in one call; answers are
-written from the numpy arrays themselves (`OPT_SERIALIZE_NUMPY`), FP32 values in float32's shortest
-round-trip form. Whatever orjson refuses is handed to the standard library's parser or writer, so what was
-accepted before still is (NaN and Infinity literals, integers past 64 bits, UTF-16 bodies) and a malformed body
-gets the standard parser's message as before. After parsing, the JSON and binary forms are one `InferRequest`.
+A JSON request is read by simdjson first: each numeric input's `data` (nested rows or one flat list,
+row-major) goes from the text into one numpy buffer, with no Python float per value, and only the rest of the
+request becomes Python objects. That fast read is taken only when it is certainly what the general path would
+give: the nesting must be exactly the declared shape (counted, so a ragged or over-nested `data` is not
+flattened into acceptance), narrow integers must fit their type, and any doubt sends the body down the general
+path. There orjson parses the body in C and numpy converts each `data` in one call. Whatever orjson refuses is
+handed to the standard library's parser, so what was accepted before still is (NaN and Infinity literals,
+integers past 64 bits, UTF-16 bodies) and a malformed body gets the standard parser's message as before.
+Answers are written by orjson from the numpy arrays themselves (`OPT_SERIALIZE_NUMPY`), FP32 values in
+float32's shortest round-trip form. After parsing, the JSON and binary forms are one `InferRequest`.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from typing import Any
 
 import numpy as np
 import orjson
+import simdjson
 
 from shared.errors import BadRequest
 
@@ -94,7 +99,8 @@ def parse_infer_request(body: bytes, header_length: str | None) -> InferRequest:
         header_bytes, binary = body[:json_size], memoryview(body)[json_size:]
     else:
         header_bytes, binary = body, memoryview(b"")
-    header = _object(_loads(header_bytes), "the inference request")
+    fast = _loads_numeric(header_bytes) if header_length is None else None
+    header = _object(fast if fast is not None else _loads(header_bytes), "the inference request")
     parameters = _object(header.get("parameters") or {}, "'parameters'")
     raw_inputs = header.get("inputs")
     if not isinstance(raw_inputs, list) or not raw_inputs:
@@ -147,6 +153,105 @@ def _loads(header_bytes: bytes) -> Any:
         raise BadRequest(f"the inference request is not valid JSON: {exc}") from exc
 
 
+# The buffer simdjson fills for each datatype it reads straight into numpy: doubles, signed or unsigned 64-bit
+# integers; the cast to the declared type follows. BOOL and BYTES take the general path.
+_BUFFER_OF = {
+    **dict.fromkeys(("FP16", "FP32", "FP64"), ("d", np.float64)),
+    **dict.fromkeys(("INT8", "INT16", "INT32", "INT64"), ("i", np.int64)),
+    **dict.fromkeys(("UINT8", "UINT16", "UINT32", "UINT64"), ("u", np.uint64)),
+}
+
+
+def _loads_numeric(body: bytes) -> dict[str, Any] | None:
+    """The request as `_loads` would read it, but with each numeric input's `data` already a flat numpy array;
+    None whenever that is not certain (the caller then takes the general path)."""
+    try:
+        document = simdjson.Parser().parse(body)  # a fresh parser: its documents die with its next parse
+        if not isinstance(document, simdjson.Object) or not isinstance(document.get("inputs"), simdjson.Array):
+            return None
+        # keys() then each value: items() would build every value as Python objects, `data` included
+        header = {key: _plain(document[key]) for key in document.keys() if key != "inputs"}  # noqa: SIM118
+        inputs: list[Any] = []
+        arrays = 1 + _brackets(header)  # every '[' of the body, counted from what was read
+        for raw in document["inputs"]:
+            if not isinstance(raw, simdjson.Object):
+                inputs.append(_plain(raw))
+                arrays += _brackets(inputs[-1])
+                continue
+            tensor = {key: _plain(raw[key]) for key in raw.keys() if key != "data"}  # noqa: SIM118
+            arrays += _brackets(tensor)
+            if "data" in raw:
+                data = raw["data"]
+                read = _numeric_data(data, tensor) if isinstance(data, simdjson.Array) else None
+                if read is None:
+                    tensor["data"] = _plain(data)
+                    arrays += _brackets(tensor["data"])
+                else:
+                    tensor["data"], nested = read
+                    arrays += nested
+            inputs.append(tensor)
+        header["inputs"] = inputs
+    except Exception:  # any doubt: the general path reads the body and names what is wrong
+        return None
+    # A '[' that was not counted (a ragged or over-nested `data`, a '[' written as an escape): the general path
+    # decides, with its own message.
+    return header if body.count(b"[") == arrays else None
+
+
+def _numeric_data(data: simdjson.Array, tensor: dict[str, Any]) -> tuple[np.ndarray, int] | None:
+    """The values of a numeric `data` in one flat array, and how many JSON arrays its shape nests them in."""
+    kind = _BUFFER_OF.get(tensor.get("datatype"))  # type: ignore[arg-type]
+    shape = tensor.get("shape")
+    if kind is None or not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
+        return None
+    of_type, buffer_dtype = kind
+    values = np.frombuffer(data.as_buffer(of_type=of_type), dtype=buffer_dtype)
+    if values.size != math.prod(shape):
+        return None
+    if len(data) and isinstance(data[0], simdjson.Array):  # nested rows: one array per row of every level
+        if not shape or not _nests(data, shape):
+            return None
+        arrays, rows = 1, 1
+        for dim in shape[:-1]:
+            rows *= dim
+            arrays += rows
+    else:
+        arrays = 1
+    target = np.dtype(V2_TO_NUMPY[tensor["datatype"]])
+    if target.kind in "iu" and target.itemsize < 8 and values.size:
+        limits = np.iinfo(target)
+        if values.min() < limits.min or values.max() > limits.max:
+            return None  # the general path refuses it, naming the value that does not fit
+    return values, arrays
+
+
+def _nests(array: simdjson.Array, shape: list[int]) -> bool:
+    if len(array) != shape[0]:
+        return False
+    if len(shape) == 1:
+        return True
+    return all(isinstance(row, simdjson.Array) and _nests(row, shape[1:]) for row in array)
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, simdjson.Object):
+        return value.as_dict()
+    if isinstance(value, simdjson.Array):
+        return value.as_list()
+    return value
+
+
+def _brackets(value: Any) -> int:
+    """How many '[' the JSON text of a read value holds: one per list, and those inside strings and keys."""
+    if isinstance(value, list):
+        return 1 + sum(_brackets(item) for item in value)
+    if isinstance(value, dict):
+        return sum(key.count("[") + _brackets(item) for key, item in value.items())
+    if isinstance(value, str):
+        return value.count("[")
+    return 0
+
+
 def _requested_outputs(raw: Any) -> list[RequestedOutput] | None:
     if raw is None:
         return None
@@ -172,6 +277,8 @@ def _from_json(data: Any, datatype: str, shape: tuple[int, ...], name: str) -> n
             flat = np.asarray(
                 [item.encode() if isinstance(item, str) else bytes(item) for item in _flatten(data)], dtype=object
             )
+        elif isinstance(data, np.ndarray):  # read by simdjson: already flat, in range, in a 64-bit type
+            flat = data.astype(V2_TO_NUMPY[datatype], copy=False)
         else:
             flat = np.asarray(data, dtype=V2_TO_NUMPY[datatype]).reshape(-1)
     except (ValueError, TypeError, OverflowError, RecursionError) as exc:

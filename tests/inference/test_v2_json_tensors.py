@@ -1,5 +1,6 @@
-"""v2 JSON tensors, parsed with orjson straight into numpy: the same answers as the binary form of the same
-tensors, both `data` layouts, and the same 4xx answers as before for bad bodies."""
+"""v2 JSON tensors, read by simdjson (or orjson) straight into numpy: the same answers as the binary form of the
+same tensors, both `data` layouts, the fast read bit for bit the general path's, and the same 4xx answers as
+before for bad bodies."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from typing import Any
 import numpy as np
 import pytest
 
+from shared.errors import BadRequest
 from shared.settings import Settings
 from tests.inference.support import serving_document, upload_version
 
@@ -208,3 +210,83 @@ def test_oversized_bodies_still_get_413(replica, tenants) -> None:
     error_of(post(replica, tenants, "/v2/models/colours/infer", body), 413)
     bomb = post(replica, tenants, "/v2/models/colours/infer", gzip.compress(body), {"Content-Encoding": "gzip"})
     assert "larger than" in error_of(bomb, 413)
+
+
+def fast_read(body: bytes) -> tuple[str, Any]:
+    """What `parse_infer_request` makes of a JSON body that simdjson's fast read takes (checked that it does)."""
+    from services.inference import tensors
+
+    assert tensors._loads_numeric(body) is not None, "the fast read declined this body"
+    return outcome(lambda: tensors.parse_infer_request(body, None))
+
+
+def general(body: bytes) -> tuple[str, Any]:
+    """What the general path alone (orjson, then numpy) makes of the same body."""
+    from services.inference import tensors
+
+    original, tensors._loads_numeric = tensors._loads_numeric, lambda _body: None
+    try:
+        return outcome(lambda: tensors.parse_infer_request(body, None))
+    finally:
+        tensors._loads_numeric = original
+
+
+def outcome(parse) -> tuple[str, Any]:
+    try:
+        request = parse()
+    except BadRequest as exc:
+        return "refused", str(exc)
+    return "read", {name: (a.dtype.str, a.shape, a.tobytes()) for name, a in request.inputs.items()}
+
+
+@pytest.mark.parametrize(
+    ("datatype", "values"),
+    [
+        ("FP32", [0.1, -2.5e-7, 3, -0.0, 1e39, 65504.0]),  # an integer literal and float32 overflow among them
+        ("FP16", [0.1, 70000.0, -1, 2.5, 0.0, 1e-8]),
+        ("FP64", [0.1, 1e308, -5e-324, 7, 0.5, 2.0]),
+        ("INT64", [-(2**63), 2**63 - 1, 0, 1, -1, 42]),
+        ("INT8", [-128, 127, 0, 1, -1, 5]),
+        ("UINT64", [2**64 - 1, 0, 1, 2**63, 7, 9]),
+        ("UINT16", [65535, 0, 1, 2, 3, 4]),
+    ],
+)
+def test_the_fast_read_gives_the_general_paths_tensor_bit_for_bit(datatype, values) -> None:
+    for shape, data in (([2, 3], [values[:3], values[3:]]), ([6], values), ([1, 2, 3], [[values[:3], values[3:]]])):
+        body = json.dumps(
+            {"id": "r[1]", "inputs": [{"name": "x[0]", "datatype": datatype, "shape": shape, "data": data}]}
+        )
+        fast = fast_read(body.encode())
+        assert fast[0] == "read" and fast == general(body.encode()), (shape, fast)
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        [[1.0, 2.0], [3.0]],  # ragged, with the right count of values
+        [[1.0, [2.0]], [3.0, 4.0]],  # a value wrapped in its own array
+        [[1.0, 2.0, []], [3.0, 4.0]],  # an empty array among the values
+        [1.0, [2.0], 3.0, 4.0],  # flat, with one value nested
+    ],
+)
+def test_data_that_does_not_nest_as_its_shape_is_refused_as_before(data) -> None:
+    shape = [2, 2] if data != [1.0, [2.0], 3.0, 4.0] else [4]
+    body = json.dumps({"inputs": [{"name": "pixels", "datatype": "FP32", "shape": shape, "data": data}]}).encode()
+    from services.inference import tensors
+
+    before = general(body)
+    assert before[0] == "refused" and before[1].startswith("input 'pixels': ")
+    assert outcome(lambda: tensors.parse_infer_request(body, None)) == before
+
+
+def test_integers_out_of_their_types_range_are_refused_as_before() -> None:
+    from services.inference import tensors
+
+    for datatype, value in (("INT8", 128), ("INT32", -(2**31) - 1), ("UINT8", 256), ("UINT32", -1), ("INT64", 2**63)):
+        body = json.dumps(
+            {"inputs": [{"name": "ids", "datatype": datatype, "shape": [2], "data": [1, value]}]}
+        ).encode()
+        with pytest.raises(BadRequest) as raised:
+            tensors.parse_infer_request(body, None)
+        assert str(raised.value) == general(body)[1]
+        assert str(raised.value).startswith(f"input 'ids': data does not hold {datatype} values"), raised.value
