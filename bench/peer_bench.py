@@ -21,7 +21,8 @@ What it does:
    loop goes on reading requests (MLServer's own default, 1, moves inference to a worker process: about 30%
    less good-put here);
 4. starts Flywheel's inference app under granian (`flywheel up`'s command, 1 worker x 16 threads, ONNX Runtime
-   on one intra-op thread, batching max 32 / 2 ms) against `bench.inference_bench`'s stand-ins, and the peer
+   on one intra-op thread, batching max 32 / 2 ms; `--workers 2` for two processes) against
+   `bench.inference_bench`'s stand-ins, and the peer
    (`mlserver start`), side by side;
 5. the correctness gate: both servers answer the same inputs with the logits in-process ONNX Runtime gives
    (same argmax, values within 1e-4), or the bench stops before measuring anything;
@@ -298,6 +299,12 @@ def main(argv: list[str] | None = None) -> int:
         default=0,
         help="MLServer's parallel_workers: 0 (the model in the REST process; the faster here) or its default, 1",
     )
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="Flywheel's granian worker processes (16 threads and one ONNX Runtime intra-op thread each)",
+    )
     parser.add_argument("--redis-url", default=os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/14"))
     args = parser.parse_args(argv)
     rounds, seconds, warmup = (4, 2.0, 0.5) if args.quick else (args.rounds, args.seconds, 1.0)
@@ -325,7 +332,7 @@ def main(argv: list[str] | None = None) -> int:
                 stand_in_url=registry.url,
                 redis_url=args.redis_url,
                 config={"intra_op_threads": 1},
-                workers=1,
+                workers=args.workers,
                 threads=16,
                 server="granian",
             )
@@ -390,7 +397,9 @@ def main(argv: list[str] | None = None) -> int:
                 "concurrency": CONCURRENCY,
                 "model": "mobilenet_v3_small, 64x64, untrained, ONNX",
                 "request": f"POST {PATH}, one 1x3x64x64 FP32 tensor",
-                "flywheel": "granian, 1 worker x 16 threads, ONNX Runtime 1 intra-op thread, batching max 32 / 2 ms",
+                "flywheel": f"granian, {args.workers} worker(s) x 16 threads, ONNX Runtime 1 intra-op thread each, "
+                "batching max 32 / 2 ms",
+                "flywheel_workers": args.workers,
                 "peer": {
                     "server": f"{PEER}=={PEER_VERSION}",
                     "install": peer_requirements(),
