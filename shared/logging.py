@@ -67,6 +67,9 @@ class LineWriter(logging.Handler):
     one call, so a busy process makes fewer, larger writes. Context (`trace_id`, bound values) is read at
     format time on the logging thread, as before.
 
+    The standard library's `QueueHandler` formats under the same handler lock, and its `QueueListener` writes a
+    record per call and has no thread in a forked child, hence this class.
+
     `flush` waits until every line queued before it is written; `logging.shutdown` calls it at exit. After a
     fork (Celery's prefork pool) the child gets its own queue and writer thread: the parent's queued lines
     stay the parent's to write.
