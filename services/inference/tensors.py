@@ -11,9 +11,10 @@ A JSON request is read by simdjson first: each numeric input's `data` (nested ro
 row-major) goes from the text into one numpy buffer, with no Python float per value, and only the rest of the
 request becomes Python objects. That fast read is taken only when it is certainly what the general path would
 give: the nesting must be exactly the declared shape (counted, so a ragged or over-nested `data` is not
-flattened into acceptance), narrow integers must fit their type, and any doubt sends the body down the general
-path. There orjson parses the body in C and numpy converts each `data` in one call. Whatever orjson refuses is
-handed to the standard library's parser, so what was accepted before still is (NaN and Infinity literals,
+flattened into acceptance; a body with a '[' inside a string is not counted and takes the general path), narrow
+integers must fit their type, and any doubt sends the body down the general path. There orjson parses the
+body in C and numpy converts each `data` in one call. Whatever orjson refuses is handed to the standard
+library's parser, so what was accepted before still is (NaN and Infinity literals,
 integers past 64 bits, UTF-16 bodies) and a malformed body gets the standard parser's message as before.
 Answers are written by orjson from the numpy arrays themselves (`OPT_SERIALIZE_NUMPY`), FP32 values in
 float32's shortest round-trip form. After parsing, the JSON and binary forms are one `InferRequest`.
@@ -193,8 +194,8 @@ def _loads_numeric(body: bytes) -> dict[str, Any] | None:
         header["inputs"] = inputs
     except Exception:  # any doubt: the general path reads the body and names what is wrong
         return None
-    # A '[' that was not counted (a ragged or over-nested `data`, a '[' written as an escape): the general path
-    # decides, with its own message.
+    # No string holds a '[', so every '[' of the body opens an array. One that was not counted (a ragged or
+    # over-nested `data`): the general path decides, with its own message.
     return header if body.count(b"[") == arrays else None
 
 
@@ -242,13 +243,14 @@ def _plain(value: Any) -> Any:
 
 
 def _brackets(value: Any) -> int:
-    """How many '[' the JSON text of a read value holds: one per list, and those inside strings and keys."""
+    """How many '[' the JSON text of a read value holds: one per list. A string or key holding '[' raises: it may
+    have been written raw or as an escape, so the text's count could no longer be checked against the lists."""
     if isinstance(value, list):
         return 1 + sum(_brackets(item) for item in value)
     if isinstance(value, dict):
-        return sum(key.count("[") + _brackets(item) for key, item in value.items())
-    if isinstance(value, str):
-        return value.count("[")
+        return sum(_brackets(key) + _brackets(item) for key, item in value.items())
+    if isinstance(value, str) and "[" in value:
+        raise ValueError("a '[' inside a string: the general path reads this body")
     return 0
 
 

@@ -248,9 +248,7 @@ def outcome(parse) -> tuple[str, Any]:
 )
 def test_the_fast_read_gives_the_general_paths_tensor_bit_for_bit(datatype, values) -> None:
     for shape, data in (([2, 3], [values[:3], values[3:]]), ([6], values), ([1, 2, 3], [[values[:3], values[3:]]])):
-        body = json.dumps(
-            {"id": "r[1]", "inputs": [{"name": "x[0]", "datatype": datatype, "shape": shape, "data": data}]}
-        )
+        body = json.dumps({"id": "r1", "inputs": [{"name": "x0", "datatype": datatype, "shape": shape, "data": data}]})
         fast = fast_read(body.encode())
         assert fast[0] == "read" and fast == general(body.encode()), (shape, fast)
 
@@ -269,6 +267,17 @@ def test_data_that_does_not_nest_as_its_shape_is_refused_as_before(shape, data) 
     before = general(body)
     assert before[0] == "refused" and before[1].startswith("input 'pixels': ")
     assert outcome(lambda: tensors.parse_infer_request(body, None)) == before
+
+
+def test_a_bracket_inside_a_string_cannot_hide_one_too_many_in_the_data() -> None:
+    # The name's '[' is written as an escape, so the text holds one '[' fewer than the strings read: it would
+    # make up for the extra '[' of the over-nested value if strings were counted.
+    body = b'{"inputs": [{"name": "ids\\u005b0]", "datatype": "INT32", "shape": [2], "data": [128, [40000]]}]}'
+    before = general(body)
+    assert before[0] == "refused" and before[1].startswith("input 'ids[0]': data does not hold INT32 values")
+    assert outcome(lambda: tensors.parse_infer_request(body, None)) == before
+    named = json.dumps({"inputs": [{"name": "ids[0]", "datatype": "INT32", "shape": [2], "data": [1, 2]}]})
+    assert outcome(lambda: tensors.parse_infer_request(named.encode(), None)) == general(named.encode())
 
 
 def test_integers_out_of_their_types_range_are_refused_as_before() -> None:
