@@ -283,9 +283,18 @@ def redact_entities(text: str, entities: Sequence[Detection]) -> Redaction:
     return _redacted(text, [(start, end, label, f"[{label}]", 0) for start, end, label in entities if start < end])
 
 
+PLACEHOLDER = re.compile(r"\[[A-Z][A-Z0-9_]*\]")
+"""What a redaction writes in place of PII (`[EMAIL]`, `[PER]`, `[WITHHELD]`...)."""
+
+
 def _redacted(text: str, detected: list[tuple[int, int, str, str, int]]) -> Redaction:
     """`detected`: `(start, end, kind, placeholder, rank)`; overlapping ones become one range (their union), typed by
-    the one covering most of it, the higher rank on a tie."""
+    the one covering most of it, the higher rank on a tie. A detection inside a placeholder of an earlier redaction
+    is not one: a tagger may call `[PER]` a name, and redacting a redacted text again must change nothing (a task
+    redacted when it was made, then again when the policy's change reaches the queue)."""
+    placeholders = [match.span() for match in PLACEHOLDER.finditer(text)]
+    if placeholders:
+        detected = [d for d in detected if not any(start <= d[0] and d[1] <= end for start, end in placeholders)]
     counts: Counter[str] = Counter()
     found: list[tuple[int, int, str]] = []
     for group in _overlapping(sorted(detected)):

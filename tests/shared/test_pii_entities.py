@@ -3,6 +3,8 @@ placeholders, counts by label, overlapping detections merged into one range, off
 
 from __future__ import annotations
 
+import re
+
 from shared.pii import WITHHELD, redact, redact_entities, withheld
 
 TEXT = "Zoë Ruiz wrote to jane.doe@example.com from Paris"
@@ -36,3 +38,18 @@ def test_a_withheld_text_keeps_nothing() -> None:
     assert withheld(TEXT).text == WITHHELD
     assert withheld(TEXT).counts == {"withheld": 1}
     assert withheld(TEXT).moved(0, 3) is None
+
+
+def every_word(text: str) -> list[tuple[int, int, str]]:
+    """What a tagger that calls every word a name answers: "[", "PER" and "]" are words to it too."""
+    return [(m.start(), m.end(), "PER") for m in re.finditer(r"\w+|[^\w\s]", text)]
+
+
+def test_redacting_a_redacted_text_again_changes_nothing() -> None:
+    once = redact(TEXT, entities=[(0, 3, "PER"), (4, 8, "PER"), (9, 14, "PER"), (44, 49, "PER")])
+    assert once.text == "[PER] [PER] [PER] to [EMAIL] from [PER]"
+    again = redact(once.text, entities=every_word(once.text))
+    assert again.text == "[PER] [PER] [PER] [PER] [EMAIL] [PER] [PER]"  # the two words left, not the placeholders
+    assert again.counts == {"PER": 2}
+    third = redact(again.text, entities=every_word(again.text))
+    assert (third.text, third.counts, third.replaced) == (again.text, {}, [])
