@@ -8,8 +8,10 @@ replica of a service shares them.
   replicas. A rate of 0 is no limit. So that a busy replica does not pay a Redis round trip per request, it takes
   a lease of several tokens per call and spends it locally within `LEASE_SECONDS`: a lease starts at one token and
   doubles each time the last one was spent in time, up to `LEASE_SECONDS` of the slowest bucket's rate (at most
-  `MAX_LEASE`); a lease that lapsed unspent makes the next one a single token again, so that quiet replicas do
-  not drain a bucket with tokens they never use. A replica may run ahead of the bucket by one lease at most.
+  `MAX_LEASE`); a lease that lapsed unspent makes the next one half as large, so that quiet replicas do not
+  drain a bucket with tokens they never use. One request thread at a time asks for the next lease; the others
+  wait for its answer (one round trip) and spend from it, so a replica runs ahead of the bucket by one lease at
+  most.
 - **Quotas** (`QuotaCounter.reserve`): a month's count per (tenant, meter), in one Redis key that expires after
   the month; a request reserves what it will use before any work is done, and is refused whole if that would
   pass the quota (then nothing is counted). A request that fails afterwards gives its reservation back
@@ -49,6 +51,8 @@ PREFIX = "flywheel:ratelimit"
 OPEN_SECONDS = 5.0
 LEASE_SECONDS = 0.05
 MAX_LEASE = 50
+REFILL_WAIT_S = 1.0
+"""How long a request waits for another's lease refill before it asks Redis itself (a refill is one round trip)."""
 
 # KEYS: the buckets; ARGV: the lease wanted, then (rate, burst) per bucket. Takes as many whole tokens as every
 # bucket has, up to the lease, at least one. Returns {tokens taken (0: refused), wait seconds as a string, index of
@@ -146,41 +150,70 @@ class _Breaker:
         log.warning("ratelimit_unavailable", service=self.service, error=str(exc)[:200], skip_s=OPEN_SECONDS)
 
 
+@dataclass
+class _Lease:
+    """Tokens this replica took from a set of buckets and spends locally until `until`."""
+
+    left: int = 0
+    until: float = 0.0
+    size: int = 0
+    refill: threading.Event | None = None
+    """Set while one request thread asks Redis for the next lease; the others wait for it instead of asking too."""
+
+
 class RateLimiter:
     def __init__(self, client: redis.Redis, service: str) -> None:
         self.client = client
         self.service = service
         self._script = client.register_script(_BUCKET_SCRIPT)
         self._breaker = _Breaker(service)
-        self._leases: dict[tuple[str, ...], tuple[int, float, int]] = {}  # buckets -> (left, good until, size)
+        self._leases: dict[tuple[str, ...], _Lease] = {}
         self._lock = threading.Lock()
 
-    def _spend_lease(self, keys: tuple[str, ...], most: int) -> int:
-        """Spend a token of this replica's lease (returns 0), or say how large the next lease is."""
+    def _spend_or_refill(self, keys: tuple[str, ...], most: int) -> tuple[int, threading.Event | None]:
+        """Spend a token of this replica's lease: (0, None). Or, when it is spent or lapsed: (the size of the next
+        lease, None) for the one thread that is to ask Redis for it, and (0, the refill to wait for) for the rest."""
         now = time.monotonic()
         with self._lock:
-            left, until, size = self._leases.get(keys, (0, 0.0, 0))
-            if left > 0 and now < until:
-                self._leases[keys] = (left - 1, until, size)
-                return 0
-        spent_in_time = size > 0 and left == 0 and now < until
-        return min(most, size * 2) if spent_in_time else 1
+            lease = self._leases.get(keys)
+            if lease is None:
+                if len(self._leases) > 10_000:  # forget the lapsed ones
+                    self._leases = {k: v for k, v in self._leases.items() if v.until > now or v.refill}
+                lease = self._leases[keys] = _Lease()
+            if lease.left > 0 and now < lease.until:
+                lease.left -= 1
+                return 0, None
+            if lease.refill is not None:
+                return 0, lease.refill
+            lease.refill = threading.Event()
+            spent_in_time = lease.size > 0 and now < lease.until
+            return (min(most, lease.size * 2) if spent_in_time else max(1, lease.size // 2)), None
 
-    def _keep_lease(self, keys: tuple[str, ...], tokens: int, size: int) -> None:
-        now = time.monotonic()
+    def _refilled(self, keys: tuple[str, ...], taken: int) -> None:
+        """The refill landed (`taken` tokens, 0: refused or failed): the asking request spends one of them."""
         with self._lock:
-            if len(self._leases) > 10_000:  # forget the lapsed ones
-                self._leases = {k: v for k, v in self._leases.items() if v[1] > now}
-            self._leases[keys] = (tokens, now + LEASE_SECONDS, size)
+            lease = self._leases.setdefault(keys, _Lease())
+            if taken:
+                lease.left, lease.until, lease.size = taken - 1, time.monotonic() + LEASE_SECONDS, taken
+            refill, lease.refill = lease.refill, None
+        if refill is not None:
+            refill.set()
 
     def acquire(self, buckets: Sequence[Bucket]) -> None:
         """Take a token from every bucket (from this replica's lease if it holds one), or raise RateLimited
         (429, Retry-After) and take none."""
         limited = [bucket for bucket in buckets if bucket.rate > 0]
-        if not limited or self._breaker.open:
+        if not limited:
             return
         keys = tuple(f"{PREFIX}:{self.service}:{b.scope}:{b.identity}" for b in limited)
-        lease = self._spend_lease(keys, max(1, min(MAX_LEASE, int(min(b.rate for b in limited) * LEASE_SECONDS))))
+        most = max(1, min(MAX_LEASE, int(min(b.rate for b in limited) * LEASE_SECONDS)))
+        while True:
+            if self._breaker.open:
+                return
+            lease, pending = self._spend_or_refill(keys, most)
+            if pending is None:
+                break
+            pending.wait(REFILL_WAIT_S)  # then spend from the new lease, or be the one to ask for the next
         if not lease:
             return
         args: list[Any] = [lease]
@@ -190,9 +223,12 @@ class RateLimiter:
             taken, wait, refused = self._script(keys=list(keys), args=args)
         except redis.RedisError as exc:
             self._breaker.failed(exc)
+            self._refilled(keys, 0)
             return
-        if int(taken):
-            self._keep_lease(keys, int(taken) - 1, int(taken))  # this request spends one; the others wait here
+        except BaseException:
+            self._refilled(keys, 0)
+            raise
+        self._refilled(keys, int(taken))  # this request spends one; the others wait here
         if not int(taken):
             bucket = limited[int(refused) - 1]
             seconds = float(wait)

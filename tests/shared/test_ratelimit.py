@@ -4,6 +4,7 @@ that does not answer lets requests through (fail open) without being asked again
 
 from __future__ import annotations
 
+import threading
 import time
 
 import pytest
@@ -92,3 +93,33 @@ def test_a_busy_replica_takes_leases_and_spends_them_locally(client) -> None:
     with pytest.raises(RateLimited):
         limiter.acquire([tight])
     assert evalsha_calls(client) - before == 3
+
+
+def test_request_threads_share_one_lease_and_lose_no_tokens(client) -> None:
+    """32 threads, as one busy replica runs them: under the limit, none is refused, the tokens taken are the
+    requests' own plus one lease, and the lease is asked for once at a time, not by every thread that found it
+    spent (which took one lease per thread and dropped all but the last: 429s well under the limit)."""
+    limiter = RateLimiter(client, "tests")
+    bucket = Bucket.per_second("key", "threads", rate=200.0)  # burst 400, leases of up to 10 tokens
+    key = "flywheel:ratelimit:tests:key:threads"
+    refused: list[RateLimited] = []
+    start = threading.Barrier(32)
+
+    def requests() -> None:
+        start.wait()
+        for _ in range(10):
+            try:
+                limiter.acquire([bucket])
+            except RateLimited as exc:
+                refused.append(exc)
+
+    before = evalsha_calls(client)
+    threads = [threading.Thread(target=requests) for _ in range(32)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert refused == []
+    taken = 400 - float(client.hget(key, "tokens"))  # refill over the run aside
+    assert taken <= 320 + 10
+    assert evalsha_calls(client) - before <= 320 // 2
