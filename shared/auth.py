@@ -19,7 +19,8 @@ import hmac
 import re
 import secrets
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from functools import wraps
@@ -104,6 +105,8 @@ def internal_token_digest(settings: Any) -> str:
 
 
 KeyLookup = Callable[[str], Principal | None]
+Headers = Mapping[str, str]
+"""A request's headers: anything with a case-insensitive `get` (werkzeug's `Headers`, `EnvironHeaders`)."""
 
 
 class KeyVerifier:
@@ -183,37 +186,43 @@ def principal_from_verification(body: dict[str, Any]) -> Principal:
     )
 
 
-def _bearer() -> str | None:
-    header = request.headers.get("Authorization", "")
+def _bearer(headers: Headers) -> str | None:
+    header = headers.get("Authorization", "")
     scheme, _, value = header.partition(" ")
     if scheme.lower() == "bearer" and value.strip():
         return value.strip()
-    return request.headers.get("X-API-Key") or None
+    return headers.get("X-API-Key") or None
 
 
-def _is_internal(presented: str) -> bool:
-    expected = internal_token_digest(current_app.extensions["flywheel"].settings)
+def _is_internal(runtime: Any, presented: str) -> bool:
+    expected = internal_token_digest(runtime.settings)
     return bool(expected) and hmac.compare_digest(hash_internal_token(presented).encode(), expected.encode())
 
 
 TENANT_HEADER = "X-Flywheel-Tenant"
 
 
-def authenticate(*, partner: bool, internal: bool, delegated: bool = False) -> Principal:
-    presented = _bearer()
+def authenticate(
+    *, partner: bool, internal: bool, delegated: bool = False, headers: Headers | None = None, runtime: Any = None
+) -> Principal:
+    """The caller's principal from its request's headers (the current Flask request's, unless given) and the
+    service's runtime (the current app's, unless given)."""
+    headers = request.headers if headers is None else headers
+    runtime = current_app.extensions["flywheel"] if runtime is None else runtime
+    presented = _bearer(headers)
     if presented is None:
         raise Unauthorized("missing credentials: send 'Authorization: Bearer <key>'")
-    if delegated and _is_internal(presented):
-        tenant = (request.headers.get(TENANT_HEADER) or "").strip()
+    if delegated and _is_internal(runtime, presented):
+        tenant = (headers.get(TENANT_HEADER) or "").strip()
         if not tenant:
             raise Unauthorized(f"the internal token acts for a tenant here: send the {TENANT_HEADER} header")
         if not re.match(TENANT_PATTERN, tenant):
             raise BadRequest(f"{TENANT_HEADER} must be {TENANT_ERROR}")
         return Principal(tenant=tenant, internal=True)
-    if internal and _is_internal(presented):
+    if internal and _is_internal(runtime, presented):
         return INTERNAL
     if partner and presented.startswith(KEY_PREFIX):
-        return current_app.extensions["flywheel"].keys.verify(presented)
+        return runtime.keys.verify(presented)
     raise Unauthorized("this endpoint needs the internal token" if not partner else "invalid credentials")
 
 
@@ -227,6 +236,16 @@ def check_scope(principal: Principal, scope: str) -> None:
         {"missing_scope": scope, "key_scopes": sorted(principal.scopes), "key_id": principal.key_id},
         code="missing_scope",
     )
+
+
+@contextmanager
+def scoped(principal: Principal, scope: str | None) -> Iterator[None]:
+    """The work a principal does on a route: its tenant bound to every log line inside, once its key is known to
+    hold the route's scope (None: a route that checks none)."""
+    with log_context(tenant=principal.tenant if principal.tenant != "*" else None):
+        if scope is not None:
+            check_scope(principal, scope)
+        yield
 
 
 def requires_scope(scope: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
@@ -255,9 +274,7 @@ def _guard(
         def wrapper(*args: Any, **kwargs: Any) -> Any:
             principal = authenticate(partner=partner, internal=internal, delegated=delegated)
             g.principal = principal
-            with log_context(tenant=principal.tenant if principal.tenant != "*" else None):
-                if scope is not None:
-                    check_scope(principal, scope)
+            with scoped(principal, scope):
                 return view(*args, **kwargs)
 
         wrapper._flywheel_auth = {  # type: ignore[attr-defined]

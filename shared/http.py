@@ -178,43 +178,66 @@ def add_to_request_line(**fields: Any) -> None:
     g.setdefault(REQUEST_LINE_FIELDS, {}).update(fields)
 
 
-def _install_request_hooks(app: Flask, runtime: Runtime) -> None:
-    requests_total = Counter(
-        "flywheel_http_requests_total",
-        "HTTP requests by endpoint and status",
-        ["service", "method", "endpoint", "status"],
-        registry=runtime.metrics,
-    )
-    latency = Histogram(
-        "flywheel_http_request_seconds",
-        "HTTP request latency by endpoint",
-        ["service", "method", "endpoint"],
-        registry=runtime.metrics,
-    )
-    # The series of each (method, endpoint, status), looked up once: `.labels()` validates and locks per call.
-    # Endpoints are the app's routes (or "unmatched"), so the dict stays as small as the metric's own series.
-    series: dict[tuple[str, str, int], tuple[Any, Any]] = {}
+class RequestRecorder:
+    """What every request leaves behind, the same whichever path served it (Flask's hooks, or inference's plain
+    WSGI route for v2 inference): its trace id bound to the log context, its series in the request metrics, and
+    its one `http_request` line. One per app, in `app.extensions["flywheel_requests"]`."""
 
-    def observe(method: str, endpoint: str, status: int, elapsed: float) -> None:
+    def __init__(self, runtime: Runtime) -> None:
+        self.service = runtime.service
+        self.requests_total = Counter(
+            "flywheel_http_requests_total",
+            "HTTP requests by endpoint and status",
+            ["service", "method", "endpoint", "status"],
+            registry=runtime.metrics,
+        )
+        self.latency = Histogram(
+            "flywheel_http_request_seconds",
+            "HTTP request latency by endpoint",
+            ["service", "method", "endpoint"],
+            registry=runtime.metrics,
+        )
+        # The series of each (method, endpoint, status), looked up once: `.labels()` validates and locks per
+        # call. Endpoints are the app's routes (or "unmatched"), so the dict stays as small as the metric's own.
+        self._series: dict[tuple[str, str, int], tuple[Any, Any]] = {}
+
+    def begin(self, presented: str | None) -> tuple[str, dict[str, Any]]:
+        """The request's trace id (the caller's `X-Request-ID` when it is printable, else a new one), bound to the
+        log context; the tokens `end` restores it with."""
+        presented = (presented or "").strip()
+        trace_id = presented[:128] if presented and presented.isprintable() else new_trace_id()
+        return trace_id, structlog.contextvars.bind_contextvars(trace_id=trace_id, service=self.service)
+
+    def end(self, tokens: dict[str, Any]) -> None:
+        structlog.contextvars.reset_contextvars(**tokens)
+
+    def record(
+        self, method: str, endpoint: str, path: str, status: int, elapsed: float, fields: dict[str, Any] | None
+    ) -> None:
+        """The request's metrics and (unless a probe or `/metrics`) its `http_request` line."""
         key = (method, endpoint, status)
-        found = series.get(key)
+        found = self._series.get(key)
         if found is None:
-            found = series[key] = (
-                requests_total.labels(runtime.service, method, endpoint, status),
-                latency.labels(runtime.service, method, endpoint),
+            found = self._series[key] = (
+                self.requests_total.labels(self.service, method, endpoint, status),
+                self.latency.labels(self.service, method, endpoint),
             )
         found[0].inc()
         found[1].observe(elapsed)
+        if endpoint not in UNLOGGED_ENDPOINTS:
+            line = {**fields} if fields else {}
+            line.update(method=method, path=path, status=status, duration_ms=round(elapsed * 1000, 2))
+            log.info("http_request", **line)
+
+
+def _install_request_hooks(app: Flask, runtime: Runtime) -> None:
+    recorder = app.extensions["flywheel_requests"] = RequestRecorder(runtime)
 
     @app.before_request
     def _start() -> None:
         state = g._get_current_object()  # one context lookup per hook, not one per attribute
-        presented = (request.headers.get(TRACE_HEADER) or "").strip()
-        trace_id = presented[:128] if presented and presented.isprintable() else new_trace_id()
-        state.trace_id = trace_id
+        state.trace_id, state.log_tokens = recorder.begin(request.headers.get(TRACE_HEADER))
         state.started = time.perf_counter()
-        # Bound here, restored at teardown (the same as `shared.logging.log_context` around the request).
-        state.log_tokens = structlog.contextvars.bind_contextvars(trace_id=trace_id, service=runtime.service)
 
     @app.after_request
     def _finish(response: Response) -> Response:
@@ -223,20 +246,16 @@ def _install_request_hooks(app: Flask, runtime: Runtime) -> None:
         elapsed = time.perf_counter() - state.get("started", time.perf_counter())
         rule = current.url_rule
         endpoint = rule.rule if rule is not None else "unmatched"
-        method, status = current.method, response.status_code
-        observe(method, endpoint, status, elapsed)
-        if endpoint not in UNLOGGED_ENDPOINTS:
-            fields = state.get(REQUEST_LINE_FIELDS)
-            line = {**fields} if fields else {}
-            line.update(method=method, path=current.path, status=status, duration_ms=round(elapsed * 1000, 2))
-            log.info("http_request", **line)
+        recorder.record(
+            current.method, endpoint, current.path, response.status_code, elapsed, state.get(REQUEST_LINE_FIELDS)
+        )
         return response
 
     @app.teardown_request
     def _unbind(_exc: BaseException | None) -> None:
         tokens = g.pop("log_tokens", None)
         if tokens is not None:
-            structlog.contextvars.reset_contextvars(**tokens)
+            recorder.end(tokens)
 
 
 def _install_error_handlers(app: Flask) -> None:

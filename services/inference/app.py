@@ -12,7 +12,7 @@ from typing import Any
 
 from flask import Flask
 
-from services.inference import api, monitoring_api, v2
+from services.inference import api, monitoring_api, v2, v2_wsgi
 from services.inference.config import InferenceConfig
 from services.inference.models import Base
 from services.inference.server import InferenceServer
@@ -37,6 +37,8 @@ def create_app(settings: Settings | None = None, config: InferenceConfig | dict[
     runtime = app.extensions["flywheel"]
     server = InferenceServer(runtime, InferenceConfig.from_settings(runtime.settings, config))
     app.extensions["inference"] = server
+    if server.config.v2_wsgi_route:  # v2 inference answered before Flask's dispatch, identically (see v2_wsgi)
+        v2_wsgi.install(app, server)
     server.start()
     runtime.on_close(server.close)
     # Write the buffered prediction log when the process ends. granian's workers leave through

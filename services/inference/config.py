@@ -70,6 +70,10 @@ to measure what monitoring costs: feedback needs the log."""
 METERING = True
 """Count partner predictions for usage metering (services/inference/metering.py); off only in the benchmark that
 measures what metering costs (bench/metering_bench.py): a deployment that bills needs it on."""
+V2_WSGI_ROUTE = True
+"""Answer `POST /v2/models/.../infer` in a plain WSGI route before Flask's dispatch (services/inference/v2_wsgi.py):
+the same answers at less CPU per request. Off only to measure what it saves (bench.inference_bench --wsgi-route),
+or to rule it out."""
 LABEL_LISTENER = True
 """Consume `prediction.labeled` from the inference queue in this process (ground truth for live accuracy)."""
 MODEL_MEMORY_BUDGET_MB: float | None = None
@@ -134,6 +138,7 @@ class InferenceConfig:
     label_listener: bool = LABEL_LISTENER
     log_predictions: bool = LOG_PREDICTIONS
     metering: bool = METERING
+    v2_wsgi_route: bool = V2_WSGI_ROUTE
     model_memory_budget_mb: float | None = MODEL_MEMORY_BUDGET_MB
     model_memory_factor: float = MODEL_MEMORY_FACTOR
     model_memory_overhead_mb: float = MODEL_MEMORY_OVERHEAD_MB

@@ -13,6 +13,7 @@ from typing import Any
 
 from flask import Blueprint, Response, g
 
+from shared.auth import Principal
 from shared.http import REQUEST_LINE_FIELDS, add_to_request_line
 
 
@@ -20,10 +21,16 @@ def annotate(**fields: Any) -> None:
     add_to_request_line(**fields)
 
 
+def add_tenant(line: dict[str, Any], principal: Principal | None) -> None:
+    """The caller's tenant on its request's line (not the internal token's "*")."""
+    if principal is not None and principal.tenant != "*":
+        line.setdefault("tenant", principal.tenant)
+
+
 def install_request_annotations(blueprint: Blueprint) -> None:
     @blueprint.after_request
     def _tenant(response: Response) -> Response:
         principal = g.get("principal")
-        if principal is not None and principal.tenant != "*":
-            g.setdefault(REQUEST_LINE_FIELDS, {}).setdefault("tenant", principal.tenant)
+        if principal is not None:
+            add_tenant(g.setdefault(REQUEST_LINE_FIELDS, {}), principal)
         return response

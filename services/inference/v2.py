@@ -24,6 +24,7 @@ import io
 import random
 import time
 import zlib
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -57,9 +58,9 @@ from services.inference.tensors import (
     parse_infer_request,
     v2_datatype,
 )
-from shared.auth import Principal, current_principal, require_partner, requires_scope
+from shared.auth import Headers, Principal, current_principal, require_partner, requires_scope
 from shared.errors import BadRequest, DomainError, NotFound, PayloadTooLarge
-from shared.http import ProtocolBlueprint
+from shared.http import REQUEST_LINE_FIELDS, ProtocolBlueprint
 from shared.logging import get_logger
 from shared.ratelimit import TOO_MANY_REQUESTS
 
@@ -80,17 +81,20 @@ PLATFORM = "onnxruntime_onnx"
 EXTENSIONS = ["binary_tensor_data", "classification", "model_configuration"]
 
 
-def v2_error(error: Exception) -> tuple[Response, int]:
-    headers: dict[str, str] = {}
+def error_parts(error: Exception) -> tuple[int, str, dict[str, str]]:
+    """An error's status, message and headers in the protocol's terms (an unexpected one is logged: a 500)."""
     if isinstance(error, DomainError):
-        status, message, headers = error.status, error.message, error.headers()
-    elif isinstance(error, HTTPException):
-        status, message = error.code or 500, error.description or error.name
-    elif isinstance(error, ValidationError):
-        status, message = 400, f"the request does not validate: {error.normalized_messages()}"
-    else:
-        log.exception("unhandled_error", error=repr(error))
-        status, message = 500, "an unexpected error occurred; it has been logged"
+        return error.status, error.message, error.headers()
+    if isinstance(error, HTTPException):
+        return error.code or 500, error.description or error.name, {}
+    if isinstance(error, ValidationError):
+        return 400, f"the request does not validate: {error.normalized_messages()}", {}
+    log.exception("unhandled_error", error=repr(error))
+    return 500, "an unexpected error occurred; it has been logged", {}
+
+
+def v2_error(error: Exception) -> tuple[Response, int]:
+    status, message, headers = error_parts(error)
     response = jsonify(error=message)
     response.headers.update(headers)
     return response, status
@@ -138,8 +142,8 @@ def ready() -> tuple[Response, int]:
 # -- models ---------------------------------------------------------------------------------------------------
 
 
-def _model(name: str, server: InferenceServer | None = None, principal: Principal | None = None) -> ServedModel:
-    model = (server or current_server()).model((principal or current_principal()).tenant, name)
+def _model(name: str) -> ServedModel:
+    model = current_server().model(current_principal().tenant, name)
     annotate(model=name)
     return model
 
@@ -279,10 +283,9 @@ def _metadata_version(model: ServedModel) -> LoadedVersion | None:
 # -- inference ------------------------------------------------------------------------------------------------
 
 
-def _body(server: InferenceServer) -> bytes:
-    current = request._get_current_object()
-    data = current.get_data(cache=False)
-    encoding = (current.headers.get("Content-Encoding") or "").lower()
+def decode_body(server: InferenceServer, data: bytes, headers: Headers) -> bytes:
+    """The request's body as sent, or decompressed (gzip, deflate) within the request size limit."""
+    encoding = (headers.get("Content-Encoding") or "").lower()
     if encoding in ("", "identity"):
         return data
     limit = server.runtime.settings.max_request_bytes
@@ -340,18 +343,42 @@ def check_inputs(loaded: LoadedVersion, inferred: InferRequest, max_rows: int) -
 
 
 def _infer(name: str, version: str | None) -> Response:
+    body, headers = infer_tensors(
+        current_server(),
+        current_principal(),
+        name,
+        version,
+        request.headers,
+        lambda: request.get_data(cache=False),
+        g.setdefault(REQUEST_LINE_FIELDS, {}),
+        g.get("trace_id", ""),
+    )
+    return Response(body, status=200, headers=headers)
+
+
+def infer_tensors(
+    server: InferenceServer,
+    principal: Principal,
+    name: str,
+    version: str | None,
+    headers: Headers,
+    read_body: Callable[[], bytes],
+    line: dict[str, Any],
+    trace_id: str,
+) -> tuple[bytes, dict[str, str]]:
+    """One inference request of an authorised principal: the answer's body and headers, or a raised error. The one
+    request path of both v2 inference routes, Flask's and the plain WSGI one in front of it (`v2_wsgi`); `line`
+    receives the request's facts for its `http_request` line."""
     started = time.perf_counter()
-    server = current_server()
-    principal = current_principal()
     tenant = principal.tenant
-    asked = request.headers
-    model = _model(name, server, principal)
+    model = server.model(tenant, name)
+    line["model"] = name
     pinned = _pinned(model, version) if version is not None else None
     try:
-        inferred = parse_infer_request(_body(server), asked.get(HEADER_LENGTH))
+        inferred = parse_infer_request(decode_body(server, read_body(), headers), headers.get(HEADER_LENGTH))
         rows = next(iter(inferred.inputs.values())).shape[0] if inferred.inputs else 1
         reservation = fair_use.of(server).admit(principal, int(rows))
-        key = inferred.parameters.get("request_key") or asked.get("X-Request-Key")
+        key = inferred.parameters.get("request_key") or headers.get("X-Request-Key")
 
         def feeds(loaded: LoadedVersion) -> Feeds:
             known = {spec.name for spec in loaded.outputs}
@@ -372,8 +399,8 @@ def _infer(name: str, version: str | None) -> Response:
         raise
     loaded = result.version
     rows = next(iter(inferred.inputs.values())).shape[0]
-    annotate(model_version=loaded.version, rows=rows)
-    body, headers = encode_infer_response(
+    line.update(model_version=loaded.version, rows=rows)
+    body, answer_headers = encode_infer_response(
         model_name=name, model_version=loaded.version, request=inferred, outputs=result.outputs, labels=loaded.labels
     )
     elapsed = time.perf_counter() - started
@@ -381,8 +408,8 @@ def _infer(name: str, version: str | None) -> Response:
     if not principal.internal and server.config.metering:  # billable: counted in process, sent in batches
         server.usage.count(tenant, name, loaded.version, int(rows), elapsed)
     if random.random() < server.config.v2_log_sample_rate:  # noqa: S311 - sampling, not security
-        _log_sample(server, model, loaded, inferred, result.outputs, elapsed)
-    return Response(body, status=200, headers=headers)
+        _log_sample(server, model, loaded, inferred, result.outputs, elapsed, trace_id)
+    return body, answer_headers
 
 
 def _log_sample(
@@ -392,6 +419,7 @@ def _log_sample(
     inferred: InferRequest,
     outputs: Feeds,
     elapsed: float,
+    trace_id: str,
 ) -> None:
     buffer = io.BytesIO()
     np.savez(buffer, **{name: np.asarray(array) for name, array in inferred.inputs.items()})
@@ -414,7 +442,7 @@ def _log_sample(
                 confidence=None,
                 outputs=summary,
                 latency_ms=round(elapsed * 1000, 3),
-                trace_id=g.get("trace_id", ""),
+                trace_id=trace_id,
             )
         ]
     )
