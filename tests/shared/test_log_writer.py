@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from shared.logging import LineWriter, json_formatter, log_context
+from shared.logging import DirectLine, LineWriter, configure_logging, get_logger, json_formatter, log_context
 
 
 def writer_logger(stream) -> tuple[logging.Logger, LineWriter]:
@@ -106,3 +106,36 @@ def test_a_forked_child_writes_its_own_lines_once(tmp_path: Path) -> None:
         handler.flush()
     events = [json.loads(line)["event"] for line in path.read_text().splitlines()]
     assert events == ["before the fork", "from the child", "after the fork"]
+
+
+def test_a_direct_line_is_the_line_logging_writes() -> None:
+    """`DirectLine` (the request line) skips the standard library's records, not its output: where the root's one
+    handler is this process's `LineWriter` it writes the very line `logging` would, context included; with any
+    other handler present it logs through `logging`, so that handler sees the line."""
+    configure_logging("tests")
+    root = logging.getLogger()
+    saved = root.handlers[:]
+    stream = io.StringIO()
+    handler = LineWriter(stream)
+    handler.setFormatter(json_formatter("tests"))
+    root.handlers[:] = [handler]
+    name = f"tests.direct.{uuid.uuid4().hex}"
+    try:
+        with log_context(trace_id="trace-direct", tenant="acme"):
+            get_logger(name).info("http_request", model="m", rows=2, status=200)
+            DirectLine(name).info("http_request", model="m", rows=2, status=200)
+        handler.flush()
+        through_logging, direct = (json.loads(line) for line in stream.getvalue().splitlines())
+        assert list(direct) == list(through_logging)  # the same keys, in the same order
+        assert {k: v for k, v in direct.items() if k != "timestamp"} == {
+            k: v for k, v in through_logging.items() if k != "timestamp"
+        }
+        assert direct["trace_id"] == "trace-direct" and direct["tenant"] == "acme" and direct["rows"] == 2
+        records: list[logging.LogRecord] = []
+        capture = logging.Handler()
+        capture.emit = records.append  # type: ignore[method-assign]
+        root.addHandler(capture)
+        DirectLine(name).info("http_request", status=404)
+        assert [record.msg["status"] for record in records] == [404]  # type: ignore[index]
+    finally:
+        root.handlers[:] = saved
