@@ -25,6 +25,7 @@ MODULES = {  # benchmark name -> the module `python -m` runs
     "training_bench": "bench.training_bench",
     "inference_bench": "bench.inference_bench",
     "inference_floor": "bench.inference_floor",
+    "v2_route_bench": "bench.v2_route_bench",
     "monitoring_bench": "bench.monitoring_bench",
     "metering_bench": "bench.metering_bench",
     "flywheel_bench": "bench.flywheel_bench",
@@ -38,6 +39,7 @@ RESULT_FILES = {
     "training_bench": "training",
     "inference_bench": "inference",
     "inference_floor": "inference_floor",
+    "v2_route_bench": "v2_route",
     "monitoring_bench": "monitoring",
     "metering_bench": "metering",
     "flywheel_bench": "flywheel",
@@ -215,6 +217,19 @@ def _inference_floor(r: dict[str, Any]) -> str:
     return f"{table}\n\nBest floor {r['best_speedup']:.2f}x against the {r['target']:.0f}x target."
 
 
+def _v2_route(r: dict[str, Any]) -> str:
+    from bench.v2_route_bench import HEADERS, table_rows
+
+    target = r.get("target") or {}
+    verdict = "met" if target.get("met") else "**missed**"
+    share = 100 * target.get("share", 0.0)
+    return (
+        f"{render(HEADERS, table_rows(r['deployments']), markdown=True)}\n\n"
+        f"Image at concurrency 32, best deployment: {share:.1f}% of the ceiling beside it, target ≥ "
+        f"{100 * target.get('share_of_ceiling', 0.4):.0f}%: {verdict}."
+    )
+
+
 def _flywheel(r: dict[str, Any]) -> str:
     stages = r["stages"]
     rows = [[name, _shown(stat, 1)] for name, stat in stages.items()]
@@ -330,6 +345,7 @@ SECTIONS = {
     "training_bench": ("Training", _training),
     "inference_bench": ("Inference", _inference),
     "inference_floor": ("Inference: the floor of a Python front end", _inference_floor),
+    "v2_route_bench": ("Inference: the image path, WSGI route and Flask, beside the ceiling", _v2_route),
     "flywheel_bench": ("The flywheel: retrain threshold to serving", _flywheel),
     "quality_bench": ("Quality: fine-tuned model against a classical baseline", _quality),
     "model_memory_bench": ("Many tenants' models per replica: a memory budget", model_memory_section),

@@ -209,6 +209,23 @@ def workloads(models: dict[str, Path], count: int = 64) -> dict[str, Workload]:
         http_request("/v1/models/minilm:predict", json.dumps({"texts": [t]}).encode(), "application/json")
         for t in texts
     ]
+    image_requests, image_feeds = binary_image_requests(count)
+    return {
+        "text": Workload(
+            "text (MiniLM, 64 tokens)", "minilm", "POST /v1/models/minilm:predict", text_requests, text_feeds
+        ),
+        "image": Workload(
+            "image (mobilenet_v3_small, 64x64)",
+            "mobilenet",
+            "POST /v2/models/mobilenet/infer (binary)",
+            image_requests,
+            image_feeds,
+        ),
+    }
+
+
+def binary_image_requests(count: int) -> tuple[list[bytes], list[dict[str, np.ndarray]]]:
+    """`count` v2 binary requests of one random 1x3x64x64 image each (binary logits asked for), and their feeds."""
     rng = np.random.default_rng(7)
     image_feeds, image_requests = [], []
     for _ in range(count):
@@ -235,18 +252,7 @@ def workloads(models: dict[str, Path], count: int = 64) -> dict[str, Workload]:
             )
         )
         image_feeds.append({"pixels": pixels})
-    return {
-        "text": Workload(
-            "text (MiniLM, 64 tokens)", "minilm", "POST /v1/models/minilm:predict", text_requests, text_feeds
-        ),
-        "image": Workload(
-            "image (mobilenet_v3_small, 64x64)",
-            "mobilenet",
-            "POST /v2/models/mobilenet/infer (binary)",
-            image_requests,
-            image_feeds,
-        ),
-    }
+    return image_requests, image_feeds
 
 
 # -- the ceiling: raw in-process ONNX Runtime ----------------------------------------------------------------------

@@ -120,15 +120,27 @@ def app(environ: dict[str, Any], start_response: Any) -> list[bytes]:
 # -- the measurement -----------------------------------------------------------------------------------------
 
 
-def serve(processes: Any, server: str, graph: Path, threads: int, max_batch: int, logs: Path) -> tuple[int, int]:
-    """The floor app in its own server process; its port and pid once it answers."""
+def serve(
+    processes: Any,
+    server: str,
+    graph: Path,
+    threads: int,
+    max_batch: int,
+    logs: Path,
+    *,
+    workers: int = 1,
+    request_threads: int = 16,
+) -> tuple[int, int]:
+    """The floor app in its own server process (`workers` of them, `request_threads` each); its port and pid
+    once it answers."""
     port = free_port()
     if server == "gunicorn":
-        command = ["-m", "gunicorn", "--bind", f"127.0.0.1:{port}", "--worker-class", "gthread", "--threads", "16"]
+        command = ["-m", "gunicorn", "--bind", f"127.0.0.1:{port}", "--worker-class", "gthread"]
+        command += ["--threads", str(request_threads)]
     else:
         command = ["-m", "granian", "--interface", "wsgi", "--host", "127.0.0.1", "--port", str(port)]
-        command += ["--blocking-threads", "16"]
-    command = [sys.executable, *command, "--workers", "1", "bench.inference_floor:app"]
+        command += ["--blocking-threads", str(request_threads)]
+    command = [sys.executable, *command, "--workers", str(workers), "bench.inference_floor:app"]
     env = {**os.environ, "FLOOR_GRAPH": str(graph), "FLOOR_THREADS": str(threads), "FLOOR_MAX_BATCH": str(max_batch)}
     child = processes.spawn(f"floor-{server}", command, env=env, log_path=logs / f"{server}.log", cwd=REPO)
     wait_until(lambda: answers_ok(f"http://127.0.0.1:{port}/"), timeout=60, what=f"{server} floor app", child=child)
