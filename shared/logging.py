@@ -80,9 +80,9 @@ class LineWriter(logging.Handler):
     MAX_BATCH = 512
     LINGER_S = 0.05
     """After a write, the writer waits this long for more lines before it writes again. Woken for every line, it
-    took the interpreter lock once per line from the request threads of a busy process: at 2,600 small v2
-    requests/s, no request line at all served 17% more (docs/performance.md). A line is written at most this
-    much later; `flush` (and so `logging.shutdown` at exit) waits for it."""
+    took the interpreter lock once per line from the request threads of a busy process (at 2,600 small v2
+    requests/s, one run served 17% more with no request lines at all; within its round-to-round spread). A line
+    is written at most this much later; `flush` (and so `logging.shutdown` at exit) waits for it."""
 
     def __init__(self, stream: TextIO) -> None:
         super().__init__()
@@ -109,7 +109,7 @@ class LineWriter(logging.Handler):
         except Exception:
             self.handleError(record)
             return
-        self._lines.put(line)
+        self.put(line)
 
     def put(self, line: str) -> None:
         """A line formatted elsewhere (`DirectLine`), written like the rest."""
@@ -202,17 +202,16 @@ class DirectLine:
 
     def info(self, event: str, **fields: Any) -> None:
         writer = self._writer(logging.INFO)
-        if writer is None:
+        chain = structlog.get_config()["processors"]
+        if (
+            writer is None
+            or not isinstance(writer.formatter, structlog.stdlib.ProcessorFormatter)
+            or not chain
+            or chain[-1] is not structlog.stdlib.ProcessorFormatter.wrap_for_formatter
+        ):  # no LineWriter to hand the line to, or not `configure_logging`'s chain: nothing here to mirror
             self.fallback.info(event, **fields)
             return
         formatter = writer.formatter
-        if not isinstance(formatter, structlog.stdlib.ProcessorFormatter):
-            self.fallback.info(event, **fields)
-            return
-        chain = structlog.get_config()["processors"]
-        if not chain or chain[-1] is not structlog.stdlib.ProcessorFormatter.wrap_for_formatter:
-            self.fallback.info(event, **fields)  # not `configure_logging`'s chain: nothing here to mirror
-            return
         fields["event"] = event  # what structlog's bound logger builds: the call's keywords, then the event
         try:
             for processor in chain[:-1]:  # the last wraps the event for `ProcessorFormatter`: rendered here instead

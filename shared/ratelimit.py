@@ -52,7 +52,7 @@ OPEN_SECONDS = 5.0
 LEASE_SECONDS = 0.05
 MAX_LEASE = 50
 REFILL_WAIT_S = 1.0
-"""How long a request waits for another's lease refill before it asks Redis itself (a refill is one round trip)."""
+"""How long a request waits at a time for another thread's lease refill (one round trip) before it looks again."""
 
 # KEYS: the buckets; ARGV: the lease wanted, then (rate, burst) per bucket. Takes as many whole tokens as every
 # bucket has, up to the lease, at least one. Returns {tokens taken (0: refused), wait seconds as a string, index of
@@ -219,17 +219,16 @@ class RateLimiter:
         args: list[Any] = [lease]
         for bucket in limited:
             args += [bucket.rate, bucket.burst]
+        taken = 0
         try:
-            taken, wait, refused = self._script(keys=list(keys), args=args)
+            answer, wait, refused = self._script(keys=list(keys), args=args)
+            taken = int(answer)
         except redis.RedisError as exc:
             self._breaker.failed(exc)
-            self._refilled(keys, 0)
             return
-        except BaseException:
-            self._refilled(keys, 0)
-            raise
-        self._refilled(keys, int(taken))  # this request spends one; the others wait here
-        if not int(taken):
+        finally:
+            self._refilled(keys, taken)  # this request spends one; the others waited for it
+        if not taken:
             bucket = limited[int(refused) - 1]
             seconds = float(wait)
             raise RateLimited(

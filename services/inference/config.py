@@ -72,8 +72,8 @@ METERING = True
 measures what metering costs (bench/metering_bench.py): a deployment that bills needs it on."""
 V2_WSGI_ROUTE = True
 """Answer `POST /v2/models/.../infer` in a plain WSGI route before Flask's dispatch (services/inference/v2_wsgi.py):
-the same answers at less CPU per request. Off only to measure what it saves (bench.inference_bench --wsgi-route),
-or to rule it out."""
+the same answers at less CPU per request. Off only to measure what it saves (bench/v2_route_bench.py), or to
+rule it out."""
 LABEL_LISTENER = True
 """Consume `prediction.labeled` from the inference queue in this process (ground truth for live accuracy)."""
 MODEL_MEMORY_BUDGET_MB: float | None = None

@@ -30,7 +30,5 @@ def add_tenant(line: dict[str, Any], principal: Principal | None) -> None:
 def install_request_annotations(blueprint: Blueprint) -> None:
     @blueprint.after_request
     def _tenant(response: Response) -> Response:
-        principal = g.get("principal")
-        if principal is not None:
-            add_tenant(g.setdefault(REQUEST_LINE_FIELDS, {}), principal)
+        add_tenant(g.setdefault(REQUEST_LINE_FIELDS, {}), g.get("principal"))
         return response

@@ -90,6 +90,7 @@ class V2InferRoute:
         trace_id, tokens = self.recorder.begin(headers.get(TRACE_HEADER))
         line: dict[str, Any] = {}
         principal: Principal | None = None
+        refused = None
         try:
             try:
                 principal = authenticate(**GUARD, headers=headers, runtime=self.runtime)
@@ -99,15 +100,16 @@ class V2InferRoute:
                     )
             except Exception as error:
                 status, message, extra = v2.error_parts(error)
-                response = self.app.json.response(error=message)
-                response.status_code = status
-                response.headers.update(extra)
-                response.headers[TRACE_HEADER] = trace_id
-                add_tenant(line, principal)
-                self._record(version, path, status, started, line)
-                return response(environ, start_response)
+                refused = self.app.json.response(error=message)
+                refused.status_code = status
+                refused.headers.update(extra)
+                refused.headers[TRACE_HEADER] = trace_id
             add_tenant(line, principal)
-            self._record(version, path, 200, started, line)
+            elapsed = time.perf_counter() - started
+            status = 200 if refused is None else refused.status_code
+            self.recorder.record("POST", self.endpoints[version is not None], path, status, elapsed, line)
+            if refused is not None:
+                return refused(environ, start_response)
             start_response("200 OK", [*answer.items(), ("Content-Length", str(len(body))), (TRACE_HEADER, trace_id)])
             return [body]
         finally:
@@ -128,10 +130,6 @@ class V2InferRoute:
                 raise ClientDisconnected()
             return data
         return get_input_stream(environ, max_content_length=self.max_bytes).read()
-
-    def _record(self, version: str | None, path: str, status: int, started: float, line: dict[str, Any]) -> None:
-        elapsed = time.perf_counter() - started
-        self.recorder.record("POST", self.endpoints[version is not None], path, status, elapsed, line)
 
 
 def install(app: Flask, server: InferenceServer) -> V2InferRoute:
