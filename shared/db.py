@@ -11,7 +11,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import MetaData, create_engine, event, inspect, text
+from sqlalchemy import MetaData, create_engine, event, insert, inspect, text
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import DeclarativeBase, Session, sessionmaker
@@ -145,6 +146,22 @@ class Database:
 
     def dispose(self) -> None:
         self.engine.dispose()
+
+
+def insert_if_absent(session: Session, entity: Any, values: dict[str, Any]) -> None:
+    """Insert the row unless one with the same primary key or unique values exists, without failing the caller's
+    transaction: two consumers creating the same row at once both go on, neither retries."""
+    dialect = session.get_bind().dialect.name
+    if dialect == "postgresql":
+        session.execute(postgresql.insert(entity).values(**values).on_conflict_do_nothing())
+    elif dialect == "sqlite":
+        session.execute(sqlite.insert(entity).values(**values).on_conflict_do_nothing())
+    else:  # another backend: a savepoint absorbs the duplicate
+        try:
+            with session.begin_nested():
+                session.execute(insert(entity).values(**values))
+        except IntegrityError:
+            pass
 
 
 def _create_engine(url: str) -> Engine:

@@ -3,9 +3,11 @@
 
 Ingestion owns datasets and their `pii_policy`; the other services ask it (`GET /v1/datasets/{id}` with the
 internal token acting for the tenant) and keep each answer for `KEY_CACHE_SECONDS` (like the key cache), so a
-policy turned on reaches them within that time; a consumer of `dataset.changed`, which carries the policy, takes it
-at once (`PiiPolicies.learn`). Never asked on a request's path: inference asks on its prediction log's writer
-thread, labeling in its event consumer.
+policy turned on reaches them within that time. Of two answers for one dataset the cache keeps the one of the newer
+`revision`, whichever came back last. Labeling, which consumes `dataset.changed` (it carries the policy), keeps the
+newest policy on its own dataset row and asks here only while no event has carried one; it passes the row's rule to
+`apply_many(rule=...)`. Never asked on a request's path: inference asks on its prediction log's writer thread,
+labeling in its event consumer.
 
 Fail closed: when ingestion cannot answer (down, timing out), the text is redacted, and the unknown answer is
 cached only briefly (`UNKNOWN_TTL_S`), so a policy that is on is never skipped. A dataset ingestion does not know
@@ -131,7 +133,8 @@ class PiiPolicies:
         self.client = ServiceClient(settings.ingestion_url, settings.internal_token, timeout=2.0)
         self.finder = finder or EntityFinder(settings.inference_url, settings.internal_token)
         ttl = max(1.0, settings.key_cache_seconds)
-        self._known: TTLCache[tuple[str, str], PiiRule] = TTLCache(maxsize=100_000, ttl=ttl)
+        self._known: TTLCache[tuple[str, str], tuple[int, PiiRule]] = TTLCache(maxsize=100_000, ttl=ttl)
+        """(revision, rule): ingestion's answer, the revision it was of (0 for a 404, or an answer without one)."""
         self._unknown: TTLCache[tuple[str, str], PiiRule] = TTLCache(maxsize=10_000, ttl=UNKNOWN_TTL_S)
         self._lock = threading.Lock()
 
@@ -143,30 +146,26 @@ class PiiPolicies:
         """The dataset's rule (patterns only, redacting, while ingestion cannot say)."""
         key = (tenant, dataset_id)
         with self._lock:
-            found = self._known.get(key) or self._unknown.get(key)
+            known = self._known.get(key)
+            found = known[1] if known is not None else self._unknown.get(key)
         if found is not None:
             return found
         try:
             body = self.client.get(f"/v1/datasets/{dataset_id}", headers={TENANT_HEADER: tenant})
             found = PiiRule.of(body.get("pii_policy"), body.get("pii_entities"))
-            cache = self._known
+            revision = int(body.get("revision") or 0)
         except ApiError as exc:
             if exc.status != 404:
                 return self._unknown_policy(key, exc)
-            found, cache = OFF, self._known
+            revision, found = 0, OFF
         except Exception as exc:  # ingestion unreachable: fail closed
             return self._unknown_policy(key, exc)
         with self._lock:
-            cache[key] = found
+            held = self._known.get(key)
+            if held is not None and held[0] > revision:  # a newer answer came back while this one was on its way
+                return held[1]
+            self._known[key] = (revision, found)
         return found
-
-    def learn(self, tenant: str, dataset_id: str, pii_policy: str, pii_entities: dict[str, Any] | None) -> PiiRule:
-        """What a `dataset.changed` event says the policy now is, taken ahead of the cache's expiry."""
-        rule = PiiRule.of(pii_policy, pii_entities)
-        with self._lock:
-            self._unknown.pop((tenant, dataset_id), None)
-            self._known[(tenant, dataset_id)] = rule
-        return rule
 
     def _unknown_policy(self, key: tuple[str, str], exc: Exception) -> PiiRule:
         log.warning("pii_policy_unavailable", tenant=key[0], dataset_id=key[1], error=str(exc)[:200])
@@ -186,10 +185,12 @@ class PiiPolicies:
         texts: Sequence[str],
         *,
         served: tuple[str, Sequence[Sequence[dict[str, Any]]]] | None = None,
+        rule: PiiRule | None = None,
     ) -> list[Redaction]:
         """`apply` for several texts, the policy's model asked once per 64. `served`: a token model's name and the
-        entities it already found in these very texts (inference's own answers), used when the policy names it."""
-        rule = self.rule(tenant, dataset_id)
+        entities it already found in these very texts (inference's own answers), used when the policy names it.
+        `rule`: the dataset's rule where the caller knows it (labeling's row), else asked of ingestion."""
+        rule = rule or self.rule(tenant, dataset_id)
         if not rule.redact:
             return [Redaction(text=text) for text in texts]
         if rule.entities is None:

@@ -376,9 +376,11 @@ def update_dataset(body: dict[str, Any], dataset_id: str) -> Dataset:
     if body.get("pii_entities"):
         pii.check_entity_labels(runtime, dataset.tenant, body["pii_entities"])
     with runtime.db.session() as session:
-        dataset = session.get(Dataset, dataset_id)
+        # Locked, so that two changes at once get two revisions, in the order they commit.
+        dataset = session.get(Dataset, dataset_id, with_for_update=not runtime.db.is_sqlite)
         for field, value in body.items():
             setattr(dataset, field, value)
+        dataset.revision = dataset.current_revision + 1
         runtime.bus.publish(session, "dataset.changed", {"dataset": dataset.config()}, tenant=dataset.tenant)
     log.info("dataset_updated", dataset_id=dataset_id, fields=sorted(body))
     return dataset

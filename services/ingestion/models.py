@@ -87,7 +87,14 @@ class Dataset(Base):
     """The tenant's token model whose entities of these labels are PII too (`{"model", "labels"}`), None: none."""
     overlap: Mapped[int] = mapped_column(Integer, default=1)
     retrain_threshold: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    revision: Mapped[int | None] = mapped_column(Integer, nullable=True, default=1)
+    """1 when created, one more at every change; `dataset.changed` carries it, so a consumer keeps the newest
+    settings whatever order events arrive in. Nullable: a dataset from before it counts as revision 1."""
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+    @property
+    def current_revision(self) -> int:
+        return self.revision or 1
 
     def config(self) -> dict:
         """The dataset as the event catalog's DatasetConfig: what labeling needs to know of it."""
@@ -100,6 +107,7 @@ class Dataset(Base):
             "retrain_threshold": self.retrain_threshold,
             "pii_policy": self.pii_policy,
             "pii_entities": self.pii_entities,
+            "revision": self.current_revision,
         }
 
 

@@ -227,6 +227,10 @@ class DatasetSchema(Schema):
     pii_entities = fields.Nested(PiiEntitiesSchema, allow_none=True, metadata={"description": PII_ENTITIES_DOC})
     overlap = fields.Integer()
     retrain_threshold = fields.Integer(allow_none=True)
+    revision = fields.Integer(
+        attribute="current_revision",
+        metadata={"description": "1 when created, one more at every change (`dataset.changed` carries it too)"},
+    )
     created_at = Timestamp()
 
 

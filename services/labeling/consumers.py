@@ -11,6 +11,7 @@ from services.labeling import assist, erasure, redaction, snapshots
 from services.labeling.models import Annotation, LabelingDataset, Task
 from services.labeling.queue import BUILD_SNAPSHOT_TASK, apply_consensus, queue_snapshot
 from services.labeling.spans import canonical, is_span_dataset, span_errors
+from shared.db import insert_if_absent
 from shared.events.consumer import EventContext, EventHandlers, RejectEvent
 from shared.logging import get_logger, log_context
 from shared.runtime import Runtime
@@ -25,41 +26,70 @@ SAMPLE_PRIORITY = 50
 fresh test data, and live accuracy waits for it."""
 
 
-def _upsert_dataset(ctx: EventContext, config: dict[str, Any]) -> LabelingDataset:
-    dataset = ctx.session.get(LabelingDataset, config["dataset_id"])
-    if dataset is None:
-        dataset = LabelingDataset(
-            id=config["dataset_id"],
-            tenant=ctx.envelope.tenant,
-            labels_since_snapshot=0,
-            min_agreement=0.5,
-            max_extra_annotations=2,
-        )
-        ctx.session.add(dataset)
+def _locked_dataset(ctx: EventContext, dataset_id: str) -> LabelingDataset | None:
+    """The dataset's row, locked until the event's transaction ends: a consumer that applies its settings (above
+    all its PII policy) runs one at a time with those that change them, so a task made meanwhile is either made
+    under the new policy or there when the change scans the queue."""
+    return ctx.session.get(LabelingDataset, dataset_id, with_for_update=not ctx.runtime.db.is_sqlite)
+
+
+def _upsert_dataset(ctx: EventContext, config: dict[str, Any]) -> tuple[LabelingDataset, bool]:
+    """The dataset, its settings (PII policy included) taken from the event's `config` unless the row already
+    holds a newer revision (events arrive out of order: a retry, two workers). Returns the row, locked, and whether
+    the config was applied."""
+    insert_if_absent(
+        ctx.session,
+        LabelingDataset,
+        {
+            "id": config["dataset_id"],
+            "tenant": ctx.envelope.tenant,
+            "name": config["name"],
+            "task_type": config["task_type"],
+            "labels": list(config["labels"]),
+            "overlap": config["overlap"],
+            "retrain_threshold": config["retrain_threshold"],
+            "labels_since_snapshot": 0,
+            "min_agreement": 0.5,
+            "max_extra_annotations": 2,
+        },
+    )
+    dataset = _locked_dataset(ctx, config["dataset_id"])
+    if dataset is None or dataset.tenant != ctx.envelope.tenant:
+        raise RejectEvent(f"dataset {config['dataset_id']} is not tenant {ctx.envelope.tenant}'s")
+    revision = config.get("revision")
+    if revision is not None and dataset.config_revision is not None and revision < dataset.config_revision:
+        log.info("dataset_config_superseded", dataset_id=dataset.id, revision=revision, held=dataset.config_revision)
+        return dataset, False
     dataset.name = config["name"]
     dataset.task_type = config["task_type"]
     dataset.labels = list(config["labels"])
     dataset.overlap = config["overlap"]
     dataset.retrain_threshold = config["retrain_threshold"]
+    if revision is not None:
+        dataset.config_revision = revision
+    if config.get("pii_policy") is not None:  # an event from before the policy was carried says nothing of it
+        dataset.pii_policy = config["pii_policy"]
+        dataset.pii_entities = config.get("pii_entities")
     ctx.session.flush()
-    return dataset
+    return dataset, True
 
 
 @handlers.on("dataset.changed")
 def on_dataset_changed(ctx: EventContext) -> None:
-    """The dataset's settings; a PII policy turned on (or naming other entities) redacts the text of its production
-    tasks without consensus (`redaction.on_policy_changed`)."""
+    """The dataset's settings (`_upsert_dataset`: an event older than the settings held changes nothing); a PII
+    policy turned on (or naming other entities) redacts the text of its production tasks without consensus
+    (`redaction.on_policy_changed`)."""
     config = ctx.payload["dataset"]
-    dataset = _upsert_dataset(ctx, config)
-    if config.get("pii_policy") is not None:  # an event from before the policy was carried says nothing of it
-        redaction.on_policy_changed(ctx.runtime, ctx.session, dataset, config["pii_policy"], config.get("pii_entities"))
-    log.info("dataset_configured", dataset_id=config["dataset_id"])
+    dataset, applied = _upsert_dataset(ctx, config)
+    if applied and config.get("pii_policy") is not None:
+        redaction.on_policy_changed(ctx.runtime, ctx.session, dataset)
+    log.info("dataset_configured", dataset_id=config["dataset_id"], revision=config.get("revision"), applied=applied)
 
 
 @handlers.on("item.ingested")
 def on_item_ingested(ctx: EventContext) -> None:
     """One task per new item; a partner's label (or entity spans) counts as one annotation (source `partner`)."""
-    dataset = _upsert_dataset(ctx, ctx.payload["dataset"])
+    dataset, _ = _upsert_dataset(ctx, ctx.payload["dataset"])
     items = ctx.payload["items"]
     known = set(ctx.session.scalars(select(Task.item_id).where(Task.item_id.in_([i["item_id"] for i in items]))))
     created: list[Task] = []
@@ -191,7 +221,7 @@ def on_prediction_feedback(ctx: EventContext) -> None:
     """A user's correction becomes a high-priority task: a class label's pre-labeled with what was served and the
     fix; corrected entity spans' (token classification) pre-labeled with the corrected spans."""
     payload = ctx.payload
-    dataset = ctx.session.get(LabelingDataset, payload["dataset_id"])
+    dataset = _locked_dataset(ctx, payload["dataset_id"])
     if dataset is None or dataset.tenant != ctx.envelope.tenant:
         raise RejectEvent(f"feedback names dataset {payload['dataset_id']}, unknown for this tenant")
     spans = payload.get("correct_spans")
@@ -207,9 +237,7 @@ def on_prediction_feedback(ctx: EventContext) -> None:
         _span_feedback_task(ctx, dataset, item_id, payload)
         return
     if dataset.task_type == "text_classification":  # the dataset's PII policy, if inference's log predates it
-        reference = redaction.feedback_input(
-            ctx.runtime, dataset.tenant, dataset.id, payload["prediction_id"], payload["input"]
-        )
+        reference = redaction.feedback_input(ctx.runtime, dataset, payload["prediction_id"], payload["input"])
         payload = {**payload, "input": reference}
     task = _prediction_task(
         dataset, item_id, payload, payload["model_name"], source="feedback", priority=FEEDBACK_PRIORITY
@@ -231,9 +259,7 @@ def _span_feedback_task(ctx: EventContext, dataset: LabelingDataset, item_id: st
     errors = span_errors(text, payload["correct_spans"], dataset.labels)
     if errors:
         raise RejectEvent(f"the feedback's spans do not fit the text or the dataset's entity labels: {errors}")
-    stored, redacted = redaction.span_feedback_input(
-        ctx.runtime, dataset.tenant, dataset.id, payload["prediction_id"], reference, text
-    )
+    stored, redacted = redaction.span_feedback_input(ctx.runtime, dataset, payload["prediction_id"], reference, text)
 
     correct = redaction.moved_spans(redacted, payload["correct_spans"])
     predicted = redaction.moved_spans(redacted, payload.get("predicted_spans") or [])
@@ -262,7 +288,7 @@ def on_prediction_sampled(ctx: EventContext) -> None:
     """Production predictions the model's sampling policy picked become tasks tagged with the version that made
     them; their consensus goes back to inference as ground truth (`prediction.labeled`)."""
     payload = ctx.payload
-    dataset = ctx.session.get(LabelingDataset, payload["dataset_id"])
+    dataset = _locked_dataset(ctx, payload["dataset_id"])
     if dataset is None or dataset.tenant != ctx.envelope.tenant:
         raise RejectEvent(f"sampled predictions name dataset {payload['dataset_id']}, unknown for this tenant")
     items = payload["items"]

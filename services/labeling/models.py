@@ -41,6 +41,11 @@ class LabelingDataset(Base):
     # The PII rule its production tasks' text was last redacted with (`{"entities": ...}`, redaction.py), learned
     # from `dataset.changed`; None while the policy is off (or not yet carried by the event).
     pii_redacted_with: Mapped[dict | None] = mapped_column(JSON(none_as_null=True), nullable=True)
+    # Ingestion's settings as of this revision of the dataset (the newest an event carried; None: an event from
+    # before revisions were carried), and its PII policy then (None: no event carried it yet; ask ingestion).
+    config_revision: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    pii_policy: Mapped[str | None] = mapped_column(String(10), nullable=True)
+    pii_entities: Mapped[dict | None] = mapped_column(JSON(none_as_null=True), nullable=True)
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, onupdate=utcnow)
 
 

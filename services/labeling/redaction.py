@@ -54,23 +54,30 @@ def policies(runtime: Runtime) -> PiiPolicies:
     return lookup
 
 
-def feedback_input(runtime: Runtime, tenant: str, dataset_id: str, prediction_id: str, reference: dict) -> dict:
+def dataset_rule(runtime: Runtime, dataset: LabelingDataset) -> PiiRule:
+    """The rule for the dataset's text: the policy the newest `dataset.changed` carried, kept on the row (so every
+    worker process agrees at once); ingestion's answer while no event has carried one."""
+    if dataset.pii_policy is not None:
+        return PiiRule.of(dataset.pii_policy, dataset.pii_entities)
+    return policies(runtime).rule(dataset.tenant, dataset.id)
+
+
+def feedback_input(runtime: Runtime, dataset: LabelingDataset, prediction_id: str, reference: dict) -> dict:
     """The reference the feedback task should hold: the event's, or a redacted copy's."""
-    lookup = policies(runtime)
-    if lookup.policy(tenant, dataset_id) != "redact":
+    if not dataset_rule(runtime, dataset).redact:
         return reference
-    return _redacted(runtime, tenant, dataset_id, prediction_id, reference, read_text(runtime, reference))[0]
+    return _redacted(runtime, dataset, prediction_id, reference, read_text(runtime, reference))[0]
 
 
 def span_feedback_input(
-    runtime: Runtime, tenant: str, dataset_id: str, prediction_id: str, reference: dict, text: str
+    runtime: Runtime, dataset: LabelingDataset, prediction_id: str, reference: dict, text: str
 ) -> tuple[dict, Redaction | None]:
     """For span feedback on `text` (the event's input, read by the caller to check the spans): the reference the
     task should hold and, when labeling redacted the text here, the redaction, whose `moved` puts the event's
     offsets on the redacted text."""
-    if policies(runtime).policy(tenant, dataset_id) != "redact":
+    if not dataset_rule(runtime, dataset).redact:
         return reference, None
-    return _redacted(runtime, tenant, dataset_id, prediction_id, reference, text)
+    return _redacted(runtime, dataset, prediction_id, reference, text)
 
 
 def read_bytes(runtime: Runtime, reference: dict) -> bytes:
@@ -87,13 +94,14 @@ def read_text(runtime: Runtime, reference: dict) -> str:
 
 
 def _redacted(
-    runtime: Runtime, tenant: str, dataset_id: str, prediction_id: str, reference: dict, text: str
+    runtime: Runtime, dataset: LabelingDataset, prediction_id: str, reference: dict, text: str
 ) -> tuple[dict, Redaction | None]:
-    redaction = policies(runtime).apply(tenant, dataset_id, text)
+    tenant = dataset.tenant
+    (redaction,) = policies(runtime).apply_many(tenant, dataset.id, [text], rule=dataset_rule(runtime, dataset))
     if not redaction.counts:
         return reference, None
     stored = runtime.storage.put(RAW_BUCKET, f"{tenant}/feedback/{prediction_id}.txt", redaction.text.encode("utf-8"))
-    log.info("feedback_input_redacted", dataset_id=dataset_id, prediction_id=prediction_id, redactions=redaction.counts)
+    log.info("feedback_input_redacted", dataset_id=dataset.id, prediction_id=prediction_id, redactions=redaction.counts)
     moved = {"bucket": RAW_BUCKET, "key": stored.key, "sha256": stored.sha256, "offset": None, "length": None}
     return moved, redaction
 
@@ -120,13 +128,10 @@ def applied_rule(rule: PiiRule) -> dict[str, Any] | None:
     return {"entities": None if entities is None else {"model": entities.model, "labels": list(entities.labels)}}
 
 
-def on_policy_changed(
-    runtime: Runtime, session: Session, dataset: LabelingDataset, pii_policy: str, pii_entities: dict | None
-) -> dict[str, int] | None:
-    """`dataset.changed` said what the policy is now: when it turned on, or names other entities, redact the
+def on_policy_changed(runtime: Runtime, session: Session, dataset: LabelingDataset) -> dict[str, int] | None:
+    """`dataset.changed` put the dataset's policy on its row: when it turned on, or names other entities, redact the
     queue's production tasks with it. Returns the counts, None when the queue was already redacted so."""
-    rule = policies(runtime).learn(dataset.tenant, dataset.id, pii_policy, pii_entities)
-    applied = applied_rule(rule)
+    applied = applied_rule(dataset_rule(runtime, dataset))
     if applied == dataset.pii_redacted_with:
         return None
     counts = {"tasks_scanned": 0, "tasks_redacted": 0}
@@ -170,7 +175,8 @@ def redact_tasks(runtime: Runtime, session: Session, dataset: LabelingDataset, t
         except (ServiceUnavailable, UnicodeDecodeError) as exc:
             log.warning("task_text_unreadable", task_id=task.id, error=str(exc)[:200])
     texts = [text for _, text in readable]
-    redactions = policies(runtime).apply_many(dataset.tenant, dataset.id, texts) if texts else []
+    rule = dataset_rule(runtime, dataset)
+    redactions = policies(runtime).apply_many(dataset.tenant, dataset.id, texts, rule=rule) if texts else []
     redacted = 0
     for (task, _), redaction in zip(readable, redactions, strict=True):
         if redaction.counts:

@@ -25,8 +25,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import insert, select
-from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from services.registry.aliases import Publish, lock_model
@@ -41,6 +40,7 @@ from services.registry.models import (
 )
 from services.registry.promotion import gate_new_version
 from shared.artifacts import ModelMetadata
+from shared.db import insert_if_absent
 from shared.logging import get_logger
 from shared.storage import ObjectNotFound, ObjectStore, sha256_stream
 
@@ -186,22 +186,7 @@ def _create_model_if_absent(session: Session, tenant: str, payload: dict[str, An
         "created_at": utcnow(),
         "updated_at": utcnow(),
     }
-    dialect = session.get_bind().dialect.name
-    if dialect == "postgresql":
-        statement = postgresql.insert(RegisteredModel).values(**values).on_conflict_do_nothing()
-    elif dialect == "sqlite":
-        statement = sqlite.insert(RegisteredModel).values(**values).on_conflict_do_nothing()
-    else:  # another backend: a savepoint absorbs the duplicate
-        with session.begin_nested():
-            if session.scalar(
-                select(RegisteredModel.id).where(
-                    RegisteredModel.tenant == tenant, RegisteredModel.name == payload["model_name"]
-                )
-            ):
-                return
-            session.execute(insert(RegisteredModel).values(**values))
-        return
-    session.execute(statement)
+    insert_if_absent(session, RegisteredModel, values)
 
 
 def register_training_run(

@@ -48,6 +48,9 @@ class DatasetConfig(Schema):
     # turns on (services/labeling/redaction.py).
     pii_policy = fields.String(load_default=None, allow_none=True, validate=validate.OneOf(("off", "redact")))
     pii_entities = fields.Dict(load_default=None, allow_none=True)
+    # The dataset's revision at ingestion (1 when created, one more at every change; None: sent by a release from
+    # before it was carried). Events can arrive out of order (a retry, two workers): a consumer keeps the newest.
+    revision = fields.Integer(load_default=None, allow_none=True, validate=validate.Range(min=1))
 
 
 class IngestedItem(Schema):

@@ -1,6 +1,8 @@
 """A PII policy turned on after production traffic became tasks reaches those tasks: `dataset.changed` carries the
 policy, and labeling's worker redacts the text of the dataset's sampled and fed-back tasks that have no consensus
-yet (their spans moved onto the redacted text), once; the next snapshot holds the redacted text."""
+yet (their spans moved onto the redacted text), once; the next snapshot holds the redacted text. Changes can reach
+labeling out of order (a retry that lost a race, a second worker, a redelivery): each carries the dataset's revision
+at ingestion, and labeling keeps the newest."""
 
 from __future__ import annotations
 
@@ -11,7 +13,7 @@ from typing import Any
 import pytest
 from sqlalchemy import select
 
-from services.labeling.models import Annotation, Task
+from services.labeling.models import Annotation, LabelingDataset, Task
 from tests.helpers import create_partner, eventually
 from tests.labeling.conftest import Harness
 
@@ -153,3 +155,72 @@ def test_a_policy_turned_on_moves_a_span_tasks_entities_onto_the_redacted_text(h
     with harness.worker.db.read_session() as session:
         (annotation,) = session.scalars(select(Annotation).where(Annotation.task_id == task.id))
     assert annotation.spans == [zoe, moved_paris]
+
+
+def ingestion_dataset(harness, dataset_id: str) -> dict:
+    response = harness.ingestion.client.get(f"/v1/datasets/{dataset_id}", headers=harness.partner)
+    assert response.status_code == 200, response.get_json()
+    return response.get_json()
+
+
+def labeling_row(harness, dataset_id: str) -> LabelingDataset:
+    with harness.worker.db.read_session() as session:
+        return session.scalar(select(LabelingDataset).where(LabelingDataset.id == dataset_id))
+
+
+def test_an_older_change_handled_after_a_newer_one_changes_nothing(harness, logs) -> None:
+    dataset = harness.dataset(overlap=1)
+    created = ingestion_dataset(harness, dataset)
+    assert (created["revision"], created["pii_policy"], created["labels"]) == (1, "off", ["neg", "pos"])
+
+    change = {"pii_policy": "redact", "labels": ["neg", "pos", "meh"]}
+    changed = harness.ingestion.client.patch(f"/v1/datasets/{dataset}", json=change, headers=harness.partner)
+    assert changed.status_code == 200, changed.get_json()
+    assert changed.get_json()["revision"] == 2
+    eventually(lambda: labeling_row(harness, dataset).config_revision == 2, what="labeling to take revision 2")
+
+    # The creation's event again, handled after the change: what a retry that lost its race delivers.
+    stale = {
+        "dataset_id": dataset,
+        "name": created["name"],
+        "task_type": created["task_type"],
+        "labels": created["labels"],
+        "overlap": created["overlap"],
+        "retrain_threshold": created["retrain_threshold"],
+        "pii_policy": "off",
+        "pii_entities": None,
+        "revision": 1,
+    }
+    harness.send("dataset.changed", {"dataset": stale})
+    eventually(
+        lambda: len(logs.find(event="dataset_configured", dataset_id=dataset, revision=1)) == 2,
+        what="labeling to handle revision 1 again",
+    )
+    row = labeling_row(harness, dataset)
+    assert (row.config_revision, row.pii_policy, row.labels) == (2, "redact", ["neg", "pos", "meh"])
+    assert row.pii_redacted_with == {"entities": None}
+
+    # Feedback on a prediction logged while the policy was off, with the label only revision 2 has.
+    (reference,) = logged(harness, "fb1", [TEXT])
+    harness.send(
+        "prediction.feedback",
+        {
+            "prediction_id": "prd_fb1",
+            "model_name": "reviews",
+            "model_version": 3,
+            "dataset_id": dataset,
+            "input": reference,
+            "predicted_label": "pos",
+            "correct_label": "meh",
+        },
+    )
+    task = eventually(lambda: task_row(harness, "fb_prd_fb1"), what="the feedback task")
+    alice = harness.annotator("alice", dataset)
+    assert content(harness, alice, task.id) == REDACTED
+    assert task.feedback["correct_label"] == "meh"
+
+    # A change made after it still applies: revisions only ever move forward.
+    off = harness.ingestion.client.patch(f"/v1/datasets/{dataset}", json={"pii_policy": "off"}, headers=harness.partner)
+    assert off.status_code == 200 and off.get_json()["revision"] == 3
+    eventually(lambda: labeling_row(harness, dataset).pii_policy == "off", what="labeling to take revision 3")
+    assert labeling_row(harness, dataset).pii_redacted_with is None
