@@ -26,11 +26,14 @@ SAMPLE_PRIORITY = 50
 fresh test data, and live accuracy waits for it."""
 
 
-def _locked_dataset(ctx: EventContext, dataset_id: str) -> LabelingDataset | None:
-    """The dataset's row, locked until the event's transaction ends: a consumer that applies its settings (above
-    all its PII policy) runs one at a time with those that change them, so a task made meanwhile is either made
-    under the new policy or there when the change scans the queue."""
-    return ctx.session.get(LabelingDataset, dataset_id, with_for_update=not ctx.runtime.db.is_sqlite)
+def _locked_dataset(ctx: EventContext, dataset_id: str, *, share: bool = False) -> LabelingDataset | None:
+    """The dataset's row, locked until the event's transaction ends (`share`: against changes only, for a consumer
+    that reads the settings and never writes the row): a consumer that applies the dataset's PII policy runs one at
+    a time with those that change it, so a task made meanwhile is either made under the new policy or there when
+    the change scans the queue."""
+    if ctx.runtime.db.is_sqlite:  # one writer at a time already
+        return ctx.session.get(LabelingDataset, dataset_id)
+    return ctx.session.get(LabelingDataset, dataset_id, with_for_update={"read": share})
 
 
 def _upsert_dataset(ctx: EventContext, config: dict[str, Any]) -> tuple[LabelingDataset, bool]:
@@ -221,7 +224,7 @@ def on_prediction_feedback(ctx: EventContext) -> None:
     """A user's correction becomes a high-priority task: a class label's pre-labeled with what was served and the
     fix; corrected entity spans' (token classification) pre-labeled with the corrected spans."""
     payload = ctx.payload
-    dataset = _locked_dataset(ctx, payload["dataset_id"])
+    dataset = _locked_dataset(ctx, payload["dataset_id"], share=True)
     if dataset is None or dataset.tenant != ctx.envelope.tenant:
         raise RejectEvent(f"feedback names dataset {payload['dataset_id']}, unknown for this tenant")
     spans = payload.get("correct_spans")
@@ -288,7 +291,7 @@ def on_prediction_sampled(ctx: EventContext) -> None:
     """Production predictions the model's sampling policy picked become tasks tagged with the version that made
     them; their consensus goes back to inference as ground truth (`prediction.labeled`)."""
     payload = ctx.payload
-    dataset = _locked_dataset(ctx, payload["dataset_id"])
+    dataset = _locked_dataset(ctx, payload["dataset_id"], share=True)
     if dataset is None or dataset.tenant != ctx.envelope.tenant:
         raise RejectEvent(f"sampled predictions name dataset {payload['dataset_id']}, unknown for this tenant")
     items = payload["items"]
