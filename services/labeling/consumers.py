@@ -27,54 +27,77 @@ fresh test data, and live accuracy waits for it."""
 
 
 def _locked_dataset(ctx: EventContext, dataset_id: str, *, share: bool = False) -> LabelingDataset | None:
-    """The dataset's row, locked until the event's transaction ends (`share`: against changes only, for a consumer
-    that reads the settings and never writes the row): a consumer that applies the dataset's PII policy runs one at
-    a time with those that change it, so a task made meanwhile is either made under the new policy or there when
-    the change scans the queue."""
+    """The dataset's row, read again and locked until the event's transaction ends (`share`: against changes only,
+    for a consumer that reads the settings and never writes the row): a consumer that applies the dataset's PII
+    policy runs one at a time with those that change it, so a task made meanwhile is either made under the new
+    policy or there when the change scans the queue."""
     if ctx.runtime.db.is_sqlite:  # one writer at a time already
-        return ctx.session.get(LabelingDataset, dataset_id)
-    return ctx.session.get(LabelingDataset, dataset_id, with_for_update={"read": share})
+        return ctx.session.get(LabelingDataset, dataset_id, populate_existing=True)
+    return ctx.session.get(LabelingDataset, dataset_id, with_for_update={"read": share}, populate_existing=True)
 
 
-def _upsert_dataset(ctx: EventContext, config: dict[str, Any]) -> tuple[LabelingDataset, bool]:
+def _upsert_dataset(ctx: EventContext, config: dict[str, Any], *, lock: bool) -> tuple[LabelingDataset, bool]:
     """The dataset, its settings (PII policy included) taken from the event's `config` unless the row already
-    holds a newer revision (events arrive out of order: a retry, two workers). Returns the row, locked, and whether
-    the config was applied."""
+    holds a newer revision (events arrive out of order: a retry, two workers). `lock`: hold the row exclusively
+    to the end of the transaction whatever the config says (a change of settings); otherwise it is locked only
+    when the config changes it, so that pushes to one dataset are not handled one at a time. Returns the row and
+    whether its settings are the config's."""
+    settings = _settings(config)
     insert_if_absent(
         ctx.session,
         LabelingDataset,
         {
             "id": config["dataset_id"],
             "tenant": ctx.envelope.tenant,
-            "name": config["name"],
-            "task_type": config["task_type"],
-            "labels": list(config["labels"]),
-            "overlap": config["overlap"],
-            "retrain_threshold": config["retrain_threshold"],
+            **settings,
             "labels_since_snapshot": 0,
             "min_agreement": 0.5,
             "max_extra_annotations": 2,
         },
     )
-    dataset = _locked_dataset(ctx, config["dataset_id"])
+    dataset = (
+        _locked_dataset(ctx, config["dataset_id"]) if lock else ctx.session.get(LabelingDataset, config["dataset_id"])
+    )
     if dataset is None or dataset.tenant != ctx.envelope.tenant:
         raise RejectEvent(f"dataset {config['dataset_id']} is not tenant {ctx.envelope.tenant}'s")
-    revision = config.get("revision")
-    if revision is not None and dataset.config_revision is not None and revision < dataset.config_revision:
-        log.info("dataset_config_superseded", dataset_id=dataset.id, revision=revision, held=dataset.config_revision)
+    if not _superseded(dataset, config) and not lock and any(getattr(dataset, k) != v for k, v in settings.items()):
+        dataset = _locked_dataset(ctx, dataset.id) or dataset  # about to write: exclusive from here, read again
+    if _superseded(dataset, config):
+        log.info(
+            "dataset_config_superseded",
+            dataset_id=dataset.id,
+            revision=config["revision"],
+            held=dataset.config_revision,
+        )
         return dataset, False
-    dataset.name = config["name"]
-    dataset.task_type = config["task_type"]
-    dataset.labels = list(config["labels"])
-    dataset.overlap = config["overlap"]
-    dataset.retrain_threshold = config["retrain_threshold"]
-    if revision is not None:
-        dataset.config_revision = revision
-    if config.get("pii_policy") is not None:  # an event from before the policy was carried says nothing of it
-        dataset.pii_policy = config["pii_policy"]
-        dataset.pii_entities = config.get("pii_entities")
+    for column, value in settings.items():
+        if getattr(dataset, column) != value:
+            setattr(dataset, column, value)
     ctx.session.flush()
     return dataset, True
+
+
+def _superseded(dataset: LabelingDataset, config: dict[str, Any]) -> bool:
+    """The row holds a newer revision than the event's."""
+    revision = config.get("revision")
+    return revision is not None and dataset.config_revision is not None and revision < dataset.config_revision
+
+
+def _settings(config: dict[str, Any]) -> dict[str, Any]:
+    """The dataset columns an event's config sets."""
+    settings = {
+        "name": config["name"],
+        "task_type": config["task_type"],
+        "labels": list(config["labels"]),
+        "overlap": config["overlap"],
+        "retrain_threshold": config["retrain_threshold"],
+    }
+    if config.get("revision") is not None:
+        settings["config_revision"] = config["revision"]
+    if config.get("pii_policy") is not None:  # an event from before the policy was carried says nothing of it
+        settings["pii_policy"] = config["pii_policy"]
+        settings["pii_entities"] = config.get("pii_entities")
+    return settings
 
 
 @handlers.on("dataset.changed")
@@ -83,7 +106,7 @@ def on_dataset_changed(ctx: EventContext) -> None:
     policy turned on (or naming other entities) redacts the text of its production tasks without consensus
     (`redaction.on_policy_changed`)."""
     config = ctx.payload["dataset"]
-    dataset, applied = _upsert_dataset(ctx, config)
+    dataset, applied = _upsert_dataset(ctx, config, lock=True)
     if applied and config.get("pii_policy") is not None:
         redaction.on_policy_changed(ctx.runtime, ctx.session, dataset)
     log.info("dataset_configured", dataset_id=config["dataset_id"], revision=config.get("revision"), applied=applied)
@@ -92,7 +115,7 @@ def on_dataset_changed(ctx: EventContext) -> None:
 @handlers.on("item.ingested")
 def on_item_ingested(ctx: EventContext) -> None:
     """One task per new item; a partner's label (or entity spans) counts as one annotation (source `partner`)."""
-    dataset, _ = _upsert_dataset(ctx, ctx.payload["dataset"])
+    dataset, _ = _upsert_dataset(ctx, ctx.payload["dataset"], lock=False)
     items = ctx.payload["items"]
     known = set(ctx.session.scalars(select(Task.item_id).where(Task.item_id.in_([i["item_id"] for i in items]))))
     created: list[Task] = []

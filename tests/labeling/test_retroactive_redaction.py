@@ -11,7 +11,7 @@ import json
 from typing import Any
 
 import pytest
-from sqlalchemy import select
+from sqlalchemy import select, text
 
 from services.labeling.models import Annotation, LabelingDataset, Task
 from tests.helpers import create_partner, eventually
@@ -168,7 +168,14 @@ def labeling_row(harness, dataset_id: str) -> LabelingDataset:
         return session.scalar(select(LabelingDataset).where(LabelingDataset.id == dataset_id))
 
 
-def test_an_older_change_handled_after_a_newer_one_changes_nothing(harness, logs) -> None:
+@pytest.fixture
+def pg_harness(postgres_database, harness_factory) -> Harness:
+    """The same harness on PostgreSQL, where the consumers lock the dataset's row (SQLite has one writer anyway)."""
+    return harness_factory(database_url=postgres_database())
+
+
+def test_an_older_change_handled_after_a_newer_one_changes_nothing(pg_harness, logs) -> None:
+    harness = pg_harness
     dataset = harness.dataset(overlap=1)
     created = ingestion_dataset(harness, dataset)
     assert (created["revision"], created["pii_policy"], created["labels"]) == (1, "off", ["neg", "pos"])
@@ -224,3 +231,15 @@ def test_an_older_change_handled_after_a_newer_one_changes_nothing(harness, logs
     assert off.status_code == 200 and off.get_json()["revision"] == 3
     eventually(lambda: labeling_row(harness, dataset).pii_policy == "off", what="labeling to take revision 3")
     assert labeling_row(harness, dataset).pii_redacted_with is None
+
+
+def test_a_push_is_handled_while_a_consumer_holds_the_dataset_for_its_policy(pg_harness) -> None:
+    """The feedback and sampled consumers hold a shared lock on the dataset's row while they apply its PII policy;
+    a push that changes none of the dataset's settings needs no lock of its own, so its tasks are made meanwhile."""
+    harness = pg_harness
+    dataset = harness.dataset(overlap=1)
+    with harness.worker.db.engine.connect() as held:
+        held.execute(text("SELECT id FROM datasets WHERE id = :id FOR SHARE"), {"id": dataset})
+        harness.push(dataset, ["a film made while the row was held"])
+        harness.wait_tasks(dataset, 1)
+        held.rollback()
