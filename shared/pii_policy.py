@@ -138,10 +138,6 @@ class PiiPolicies:
         self._unknown: TTLCache[tuple[str, str], PiiRule] = TTLCache(maxsize=10_000, ttl=UNKNOWN_TTL_S)
         self._lock = threading.Lock()
 
-    def policy(self, tenant: str, dataset_id: str) -> str:
-        """`redact` or `off` for the tenant's dataset (`redact` while ingestion cannot say)."""
-        return "redact" if self.rule(tenant, dataset_id).redact else "off"
-
     def rule(self, tenant: str, dataset_id: str) -> PiiRule:
         """The dataset's rule (patterns only, redacting, while ingestion cannot say)."""
         key = (tenant, dataset_id)
@@ -173,11 +169,6 @@ class PiiPolicies:
             self._unknown[key] = PATTERNS_ONLY
         return PATTERNS_ONLY
 
-    def apply(self, tenant: str, dataset_id: str, text: str) -> Redaction:
-        """The text to store: redacted when the dataset's policy says so (or ingestion cannot say);
-        `EntitiesUnavailable` when the policy's model cannot scan it."""
-        return self.apply_many(tenant, dataset_id, [text])[0]
-
     def apply_many(
         self,
         tenant: str,
@@ -187,9 +178,10 @@ class PiiPolicies:
         served: tuple[str, Sequence[Sequence[dict[str, Any]]]] | None = None,
         rule: PiiRule | None = None,
     ) -> list[Redaction]:
-        """`apply` for several texts, the policy's model asked once per 64. `served`: a token model's name and the
-        entities it already found in these very texts (inference's own answers), used when the policy names it.
-        `rule`: the dataset's rule where the caller knows it (labeling's row), else asked of ingestion."""
+        """The texts to store: redacted when the dataset's policy says so (or ingestion cannot say), the policy's
+        model asked once per 64; `EntitiesUnavailable` when that model cannot scan them. `served`: a token model's
+        name and the entities it already found in these very texts (inference's own answers), used when the policy
+        names it. `rule`: the dataset's rule where the caller knows it (labeling's row), else asked of ingestion."""
         rule = rule or self.rule(tenant, dataset_id)
         if not rule.redact:
             return [Redaction(text=text) for text in texts]

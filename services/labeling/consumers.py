@@ -60,9 +60,11 @@ def _upsert_dataset(ctx: EventContext, config: dict[str, Any], *, lock: bool) ->
     )
     if dataset is None or dataset.tenant != ctx.envelope.tenant:
         raise RejectEvent(f"dataset {config['dataset_id']} is not tenant {ctx.envelope.tenant}'s")
-    if not _superseded(dataset, config) and not lock and any(getattr(dataset, k) != v for k, v in settings.items()):
-        dataset = _locked_dataset(ctx, dataset.id) or dataset  # about to write: exclusive from here, read again
-    if _superseded(dataset, config):
+    changes = _changes(dataset, config)
+    if changes and not lock:  # about to write: exclusive from here, and read again
+        dataset = _locked_dataset(ctx, dataset.id) or dataset
+        changes = _changes(dataset, config)
+    if changes is None:
         log.info(
             "dataset_config_superseded",
             dataset_id=dataset.id,
@@ -70,17 +72,19 @@ def _upsert_dataset(ctx: EventContext, config: dict[str, Any], *, lock: bool) ->
             held=dataset.config_revision,
         )
         return dataset, False
-    for column, value in settings.items():
-        if getattr(dataset, column) != value:
-            setattr(dataset, column, value)
+    for column, value in changes.items():
+        setattr(dataset, column, value)
     ctx.session.flush()
     return dataset, True
 
 
-def _superseded(dataset: LabelingDataset, config: dict[str, Any]) -> bool:
-    """The row holds a newer revision than the event's."""
+def _changes(dataset: LabelingDataset, config: dict[str, Any]) -> dict[str, Any] | None:
+    """The columns the event's config changes on the row; None when the row holds a newer revision than the
+    event's."""
     revision = config.get("revision")
-    return revision is not None and dataset.config_revision is not None and revision < dataset.config_revision
+    if revision is not None and dataset.config_revision is not None and revision < dataset.config_revision:
+        return None
+    return {column: value for column, value in _settings(config).items() if getattr(dataset, column) != value}
 
 
 def _settings(config: dict[str, Any]) -> dict[str, Any]:

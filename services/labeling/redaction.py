@@ -64,9 +64,10 @@ def dataset_rule(runtime: Runtime, dataset: LabelingDataset) -> PiiRule:
 
 def feedback_input(runtime: Runtime, dataset: LabelingDataset, prediction_id: str, reference: dict) -> dict:
     """The reference the feedback task should hold: the event's, or a redacted copy's."""
-    if not dataset_rule(runtime, dataset).redact:
+    rule = dataset_rule(runtime, dataset)
+    if not rule.redact:
         return reference
-    return _redacted(runtime, dataset, prediction_id, reference, read_text(runtime, reference))[0]
+    return _redacted(runtime, dataset, rule, prediction_id, reference, read_text(runtime, reference))[0]
 
 
 def span_feedback_input(
@@ -75,9 +76,10 @@ def span_feedback_input(
     """For span feedback on `text` (the event's input, read by the caller to check the spans): the reference the
     task should hold and, when labeling redacted the text here, the redaction, whose `moved` puts the event's
     offsets on the redacted text."""
-    if not dataset_rule(runtime, dataset).redact:
+    rule = dataset_rule(runtime, dataset)
+    if not rule.redact:
         return reference, None
-    return _redacted(runtime, dataset, prediction_id, reference, text)
+    return _redacted(runtime, dataset, rule, prediction_id, reference, text)
 
 
 def read_bytes(runtime: Runtime, reference: dict) -> bytes:
@@ -94,10 +96,10 @@ def read_text(runtime: Runtime, reference: dict) -> str:
 
 
 def _redacted(
-    runtime: Runtime, dataset: LabelingDataset, prediction_id: str, reference: dict, text: str
+    runtime: Runtime, dataset: LabelingDataset, rule: PiiRule, prediction_id: str, reference: dict, text: str
 ) -> tuple[dict, Redaction | None]:
     tenant = dataset.tenant
-    (redaction,) = policies(runtime).apply_many(tenant, dataset.id, [text], rule=dataset_rule(runtime, dataset))
+    (redaction,) = policies(runtime).apply_many(tenant, dataset.id, [text], rule=rule)
     if not redaction.counts:
         return reference, None
     stored = runtime.storage.put(RAW_BUCKET, f"{tenant}/feedback/{prediction_id}.txt", redaction.text.encode("utf-8"))
