@@ -24,7 +24,6 @@ from typing import Any
 import psycopg
 import pytest
 import redis
-from celery.contrib.testing.worker import start_worker
 from flask import Flask
 
 from shared.events.celery_app import service_queues
@@ -34,6 +33,7 @@ from shared.settings import Settings
 from testkit.processes import Child, Processes, free_port, wait_until
 from testkit.s3 import S3Server
 from testkit.wsgi import serve
+from tests.celery_workers import in_process_worker
 
 
 def _worker_redis_url(url: str) -> str:
@@ -203,15 +203,7 @@ def worker(settings: Settings) -> Iterator[Callable[..., Any]]:
         celery = _service_module(name).create_celery(worker_settings)
         runtime: Runtime = celery.flywheel_runtime
         runtime.bus.start_relay()
-        with start_worker(
-            celery,
-            pool="threads",
-            concurrency=2,
-            perform_ping_check=False,
-            queues=service_queues(name),
-            loglevel="INFO",
-            shutdown_timeout=30,
-        ):
+        with in_process_worker(celery, concurrency=2, queues=service_queues(name), shutdown_timeout=30):
             yield runtime
         runtime.close()
 

@@ -5,13 +5,13 @@ from __future__ import annotations
 import threading
 
 import pytest
-from celery.contrib.testing.worker import start_worker
 from sqlalchemy import Column, Integer, String, Table, func, select
 
 from shared.db import declarative_base
 from shared.events.celery_app import service_queues
 from shared.events.consumer import EventContext, EventHandlers
 from shared.runtime import ServiceSpec, create_http_app, create_worker
+from tests.celery_workers import in_process_worker
 from tests.helpers import INTERNAL, create_dataset, create_partner, eventually, figures
 
 pytestmark = [pytest.mark.faults, pytest.mark.timeout(120)]
@@ -56,14 +56,7 @@ def test_poison_event_is_retried_dead_lettered_and_replayed_once(platform, setti
     ingestion = platform("ingestion")
     partner = create_partner(ingestion.client)
 
-    with start_worker(
-        celery,
-        pool="threads",
-        concurrency=2,
-        perform_ping_check=False,
-        queues=service_queues("labeling"),
-        loglevel="INFO",
-    ):
+    with in_process_worker(celery, concurrency=2, queues=service_queues("labeling")):
         dataset = create_dataset(ingestion.client, partner["api_key"])
         listed = eventually(
             lambda: admin.get("/v1/admin/dead-letters", headers=INTERNAL).get_json()["dead_letters"],

@@ -86,3 +86,18 @@ def test_a_push_commits_rows_and_event_together(platform) -> None:
     assert len(ingested) == 1
     assert {i["item_id"] for i in ingested[0]["payload"]["items"]} == {item["item_id"] for item in body["items"][:2]}
     assert all(sent_at is not None for _, sent_at in rows), "the fast path should have sent every event"
+
+
+def test_a_worker_keeps_consuming_after_another_worker_in_its_process_stops(platform, worker) -> None:
+    """The suite runs several services' workers in one process: each has an event loop of its own, so one that
+    stops does not close the loop another still consumes on (Celery's Hub step reuses a process-wide loop)."""
+    ingestion = platform("ingestion")
+    partner = create_partner(ingestion.client)
+    dataset = create_dataset(ingestion.client, partner["api_key"])
+
+    with worker("labeling") as labeling:
+        with worker("training"):
+            push(ingestion, partner["api_key"], dataset["id"], ["before"])
+            eventually(lambda: task_count(labeling, dataset["id"]) == 1, what="the first task")
+        push(ingestion, partner["api_key"], dataset["id"], ["after"])  # the training worker has stopped
+        eventually(lambda: task_count(labeling, dataset["id"]) == 2, what="the task pushed after the stop")

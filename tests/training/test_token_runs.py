@@ -22,7 +22,6 @@ from typing import Any
 
 import pytest
 import torch
-from celery.contrib.testing.worker import start_worker
 
 from cli.demo_data import ENTITY_LABELS, ENTITY_TEMPLATES, entity_sentences
 from services.registry.evaluation import read_evaluation
@@ -32,6 +31,7 @@ from shared.artifacts import DATASETS_BUCKET, RAW_BUCKET, EvaluationReport, Mode
 from shared.events.celery_app import service_queues
 from shared.settings import BUCKETS, Settings
 from testkit.serving import RegistryStandIn
+from tests.celery_workers import in_process_worker
 from tests.conftest import INTERNAL_TOKEN
 from tests.helpers import INTERNAL, eventually
 from tests.training.support import published
@@ -158,15 +158,7 @@ def token_runs(tmp_path_factory: pytest.TempPathFactory, redis_url: str, s3_serv
     try:
         sentences = entity_sentences(sum(SPLIT_SIZES.values()), seed=11, templates=ENTITY_TEMPLATES)
         snapshot, lines, texts = write_span_snapshot(runtime.storage, sentences)
-        with start_worker(
-            celery,
-            pool="threads",
-            concurrency=1,
-            perform_ping_check=False,
-            queues=service_queues("training"),
-            loglevel="INFO",
-            shutdown_timeout=30,
-        ):
+        with in_process_worker(celery, concurrency=1, queues=service_queues("training"), shutdown_timeout=30):
             started = time.monotonic()
             first = train_through_the_api(runtime, app.test_client(), snapshot, HYPERPARAMETERS)
             registry.serve(production_document(runtime.storage, first.payload, task_type="token_classification"))
