@@ -11,6 +11,7 @@ import contextlib
 import selectors
 import socket
 import threading
+import time
 
 
 class TcpProxy:
@@ -55,19 +56,33 @@ class TcpProxy:
             try:
                 client, _ = self._listener.accept()
             except OSError:
-                return
+                if self._closed:
+                    return
+                time.sleep(0.05)  # an aborted handshake or a full fd table: the proxy itself stays up
+                continue
             if not self._open.is_set():
                 client.close()  # refused: the dependency is "down"
                 continue
-            try:
-                upstream = socket.create_connection(self.target, timeout=5)
-            except OSError:
-                client.close()
-                continue
-            pair = (client, upstream)
-            with self._lock:
+            threading.Thread(target=self._connect, args=(client,), daemon=True).start()
+
+    def _connect(self, client: socket.socket) -> None:
+        """Open the upstream side off the accept thread, so one slow connect holds up no other client."""
+        try:
+            upstream = socket.create_connection(self.target, timeout=5)
+        except OSError:
+            client.close()
+            return
+        upstream.settimeout(None)  # a slow upstream is slow, not cut: only cut() breaks a connection
+        pair = (client, upstream)
+        with self._lock:
+            admitted = self._open.is_set()  # a cut() since the accept has already closed every pair it saw
+            if admitted:
                 self._pairs.add(pair)
-            threading.Thread(target=self._pump, args=(pair,), daemon=True).start()
+        if not admitted:
+            for sock in pair:
+                sock.close()
+            return
+        self._pump(pair)
 
     def _pump(self, pair: tuple[socket.socket, socket.socket]) -> None:
         client, upstream = pair
