@@ -65,6 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     root = Path(tempfile.mkdtemp(prefix="flywheel-v2-route-bench-"))
     stoppers = []
     results: dict[str, Any] = {}
+    finished = False
     try:
         folder = export_image_model(root / "model")
         graph = folder / "model.onnx"
@@ -91,10 +92,14 @@ def main(argv: list[str] | None = None) -> int:
                 (rounds, seconds),
                 progress,
             )
+        finished = True
     finally:
         for stop in stoppers:
             stop()
-        shutil.rmtree(root, ignore_errors=True)
+        if finished:
+            shutil.rmtree(root, ignore_errors=True)
+        else:  # a server that died took its reason with it otherwise
+            progress(f"the run did not finish: the servers' logs are kept in {root}")
     verdict = report(results)
     path = write_results(
         "v2_route",
