@@ -66,7 +66,7 @@ class TcpProxy:
             threading.Thread(target=self._connect, args=(client,), daemon=True).start()
 
     def _connect(self, client: socket.socket) -> None:
-        """Open the upstream side off the accept thread, so one slow connect holds up no other client."""
+        """Open the upstream side off the accept thread, so one slow connect holds up no other client, then pump."""
         try:
             upstream = socket.create_connection(self.target, timeout=5)
         except OSError:

@@ -89,8 +89,8 @@ def test_a_push_commits_rows_and_event_together(platform) -> None:
 
 
 def test_a_worker_keeps_consuming_after_another_worker_in_its_process_stops(platform, worker) -> None:
-    """The suite runs several services' workers in one process: each has an event loop of its own, so one that
-    stops does not close the loop another still consumes on (Celery's Hub step reuses a process-wide loop)."""
+    """The suite runs several services' workers in one process (tests/celery_workers.py): a worker started beside
+    another neither takes its loop nor its app, and one that stops stops alone."""
     ingestion = platform("ingestion")
     partner = create_partner(ingestion.client)
     dataset = create_dataset(ingestion.client, partner["api_key"])
