@@ -341,7 +341,8 @@ def stand_in(store: FileStore, models: dict[str, Path], serving: dict[str, dict]
 @dataclass
 class Level:
     concurrency: int
-    completed: int = 0
+    completed: int = 0  # answers to requests sent after the warm-up: the measured ones
+    answered: int = 0  # every answer, the warm-up's included: what the server's CPU over the whole drive paid for
     errors: int = 0
     seconds: float = 0.0
     latencies: list[float] = field(default_factory=list)
@@ -372,6 +373,7 @@ async def _connection(
             match = re.search(rb"(?i)\r\ncontent-length:\s*(\d+)", head)
             await reader.readexactly(int(match.group(1)) if match else 0)
             finished = time.perf_counter()
+            level.answered += 1
             if started >= measure_from:
                 level.completed += 1
                 level.latencies.append(finished - started)
@@ -478,6 +480,7 @@ def measure(server: Server, load: Workload, concurrency: int, warmup: float, sec
         "items_per_s": level.throughput,
         "latencies": level.latencies,
         "completed": level.completed,
+        "answered": level.answered,
         "errors": level.errors,
         "statuses": level.statuses,
         "batches": after_batches - before_batches,
@@ -506,7 +509,10 @@ def summarise(samples: list[dict[str, Any]], concurrency: int, workers: int) -> 
         # Each worker process keeps its own metrics and /metrics answers from whichever one takes the scrape,
         # so the server's batch sizes are only known with one worker.
         "mean_batch": sum(sample["rows"] for sample in samples) / batches if batches and workers == 1 else None,
-        "server_cpu_ms_per_request": 1000 * sum(sample["server_cpu_s"] for sample in samples) / max(1, completed),
+        # The server's CPU is read around the whole drive, warm-up included, so it is shared by every answer.
+        "server_cpu_ms_per_request": 1000
+        * sum(sample["server_cpu_s"] for sample in samples)
+        / max(1, sum(sample["answered"] for sample in samples)),
     }
 
 

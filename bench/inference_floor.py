@@ -185,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
                             if level.errors:
                                 raise RuntimeError(f"{server} floor ({mode}) answered {level.statuses}")
                             samples[mode].append(level.throughput)
-                            cpu[mode].append(1000 * spent / max(1, level.completed))
+                            cpu[mode].append(1000 * spent / max(1, level.answered))
                 on, off = Stats.of(samples["on"]), Stats.of(samples["off"])
                 row = {
                     "server": server,

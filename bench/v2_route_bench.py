@@ -178,7 +178,7 @@ def measure_deployment(
                 samples[mode].append(
                     {
                         "items_per_s": level.throughput,
-                        "cpu_ms_per_request": 1000 * spent / max(1, level.completed),
+                        "cpu_ms_per_request": 1000 * spent / max(1, level.answered),
                         "completed": level.completed,
                         "failed": level.errors,
                     }
