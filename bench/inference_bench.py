@@ -30,6 +30,9 @@ What it does:
    checks the issue's targets (text, batching on, concurrency 32: >= 75% of the ceiling; image, concurrency
    32: batching on >= 2x batching off) and writes bench/results/inference.json.
 
+`--flask-predict` serves `:predict` through Flask's view instead of the plain WSGI route in front of it
+(services/inference/predict_wsgi.py), to measure what that route saves.
+
 On a GPU machine the same script measures the CUDA provider (the service and the ceiling both pick it when it
 truly loads); `python -m services.inference.gpu_check` checks the provider alone.
 Every process the bench starts is stopped on exit, error or Ctrl-C.
@@ -629,6 +632,11 @@ def main(argv: list[str] | None = None) -> int:
         default="granian",
         help="the HTTP server: granian (what inference runs under) or gunicorn gthread (what it ran under before)",
     )
+    parser.add_argument(
+        "--flask-predict",
+        action="store_true",
+        help="answer :predict through Flask's view, not the plain WSGI route in front of it (to measure what it saves)",
+    )
     parser.add_argument("--redis-url", default=os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/14"))
     args = parser.parse_args(argv)
     seconds, warmup, repeats = (2.0, 0.5, 1) if args.quick else (args.seconds, args.warmup, args.repeats)
@@ -681,7 +689,7 @@ def main(argv: list[str] | None = None) -> int:
                 home=root / "homes",
                 stand_ins=stand_ins,
                 redis_url=args.redis_url,
-                config={"intra_op_threads": deployment.intra_op_threads},
+                config={"intra_op_threads": deployment.intra_op_threads, "predict_wsgi_route": not args.flask_predict},
                 workers=deployment.workers,
                 threads=deployment.threads,
                 server=args.server,

@@ -280,6 +280,7 @@ def _guard(
         wrapper._flywheel_auth = {  # type: ignore[attr-defined]
             "partner": partner,
             "internal": internal or delegated,
+            "delegated": delegated,
             "scope": scope,
         }
         if scope is not None:

@@ -177,7 +177,12 @@ REQUEST_LINE_FIELDS = "request_line_fields"
 def add_to_request_line(**fields: Any) -> None:
     """Facts of this request for its one `http_request` line (a model, its version, rows). They go on that line
     only: lines logged during the request carry the bound context (trace_id, tenant), not these."""
-    g.setdefault(REQUEST_LINE_FIELDS, {}).update(fields)
+    request_line().update(fields)
+
+
+def request_line() -> dict[str, Any]:
+    """The current Flask request's fields for its `http_request` line, to add to in place."""
+    return g.setdefault(REQUEST_LINE_FIELDS, {})
 
 
 class RequestRecorder:

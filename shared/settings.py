@@ -123,6 +123,9 @@ class Settings:
     inference_v2_wsgi_route: bool = True
     """INFERENCE_V2_WSGI_ROUTE: answer v2 inference before Flask's dispatch (the same answers, less CPU per
     request; off only to measure what it saves, or to rule it out)."""
+    inference_predict_wsgi_route: bool = True
+    """INFERENCE_PREDICT_WSGI_ROUTE: answer the friendly API's JSON `:predict` before Flask's dispatch (the same
+    answers, less CPU per request; off only to measure what it saves, or to rule it out)."""
     inference_usage_flush_interval_s: float = 5.0
     """INFERENCE_USAGE_FLUSH_INTERVAL_S: how often counted predictions are published as usage records."""
     inference_model_memory_budget_mb: float = 0.0

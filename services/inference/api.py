@@ -22,6 +22,7 @@ import base64
 import binascii
 import random
 import time
+from collections.abc import Callable
 from typing import Any
 
 from flask import g, request
@@ -42,8 +43,9 @@ from services.inference.schemas import (
 )
 from services.inference.server import UNAVAILABLE, Inference, InferenceServer, ModelInputs, RawInputs, current_server
 from services.inference.traffic import ShadowJob
-from shared.auth import current_principal, require_partner, require_partner_or_delegated, requires_scope
+from shared.auth import Principal, current_principal, require_partner, require_partner_or_delegated, requires_scope
 from shared.errors import BadRequest, DomainError, Forbidden, Unprocessable
+from shared.http import request_line
 from shared.ratelimit import TOO_MANY_REQUESTS
 
 models = Blueprint("inference_models", __name__, url_prefix="/v1/models", description="Predictions")
@@ -73,6 +75,7 @@ PREDICT_BODY = {
 
 
 def _read_request() -> dict[str, Any]:
+    """The current Flask request's body: image files as multipart/form-data, or a JSON object."""
     if request.mimetype == "multipart/form-data":
         files = [file.read() for field in request.files for file in request.files.getlist(field)]
         if not files:
@@ -83,7 +86,11 @@ def _read_request() -> dict[str, Any]:
         body = _predict_schema.load({"images": ["-"] * len(files), **form})
         body["images"] = files
         return body
-    payload = request.get_json(silent=True)
+    return json_body(request.get_json(silent=True))
+
+
+def json_body(payload: Any) -> dict[str, Any]:
+    """A JSON request's parsed body (None: none, or not JSON), validated, its base64 images decoded."""
     if not isinstance(payload, dict):
         raise BadRequest("send a JSON object with 'texts' or 'images', or image files as multipart/form-data")
     body = _predict_schema.load(payload)
@@ -103,10 +110,16 @@ def _decode_base64(data: str, index: int) -> bytes:
         ) from exc
 
 
-def _infer(server: InferenceServer, model: ServedModel, built: dict[str, Any]) -> tuple[str, list[Any], Inference]:
+def _infer(
+    server: InferenceServer,
+    principal: Principal,
+    model: ServedModel,
+    read_body: Callable[[], dict[str, Any]],
+    built: dict[str, Any],
+) -> tuple[str, list[Any], Inference]:
     """Read the texts, images or stored inputs, run them through the model's own preprocessing, and infer
     (`built` receives the feeds, for the input statistics, and the request's data subject)."""
-    body = _read_request()
+    body = read_body()
     built["subject_id"] = body["subject_id"]  # kept on the logged predictions, for erasure
     field = next(kind for kind in INPUT_KINDS if kind in body)
     if len(body[field]) > server.config.max_instances_per_request:
@@ -114,7 +127,7 @@ def _infer(server: InferenceServer, model: ServedModel, built: dict[str, Any]) -
             f"at most {server.config.max_instances_per_request} inputs per request", {"fields": {field: ["too many"]}}
         )
     if field == "references":
-        return _infer_stored(server, model, body, built)
+        return _infer_stored(server, principal, model, body, built)
     kind = field.removesuffix("s")
     inputs: list[Any] = body[field]
 
@@ -149,10 +162,9 @@ def _kept(result: Inference, built: dict[str, Any]) -> Inference:
 
 
 def _infer_stored(
-    server: InferenceServer, model: ServedModel, body: dict[str, Any], built: dict[str, Any]
+    server: InferenceServer, principal: Principal, model: ServedModel, body: dict[str, Any], built: dict[str, Any]
 ) -> tuple[str, list[Any], Inference]:
     """Inputs named by reference, for a service acting for the tenant: read, checked, taken as the model's kind."""
-    principal = current_principal()
     if not principal.internal:
         raise Forbidden("references to stored inputs are for services acting for a tenant; send texts or images")
     contents = read_stored_inputs(
@@ -175,15 +187,38 @@ def _infer_stored(
 @models.alt_response(503, **UNAVAILABLE)
 def predict(name: str) -> dict[str, Any]:
     """Labels and probabilities for raw texts or images, with the model's own preprocessing."""
+    return predict_for(
+        current_server(),
+        current_principal(),
+        name,
+        fair_use.requested_rows,
+        _read_request,
+        request_line(),
+        g.get("trace_id", ""),
+    )
+
+
+def predict_for(
+    server: InferenceServer,
+    principal: Principal,
+    name: str,
+    rows: Callable[[], int],
+    read_body: Callable[[], dict[str, Any]],
+    line: dict[str, Any],
+    trace_id: str,
+) -> dict[str, Any]:
+    """One `:predict` request of an authorised principal: the answer (before `PredictResponseSchema` dumps it), or a
+    raised error. The one request path of Flask's view and of the plain WSGI route in front of it (`predict_wsgi`):
+    `rows` counts the inputs asked for (fair use takes them before the body is validated), `read_body` gives the
+    validated body, and `line` receives the request's facts for its `http_request` line."""
     started = time.perf_counter()
-    server = current_server()
-    tenant = current_principal().tenant
+    tenant = principal.tenant
     model = server.model(tenant, name)
-    annotate(model=name)
+    line["model"] = name
     built: dict[str, Any] = {}
-    reservation = fair_use.of(server).admit(current_principal(), fair_use.requested_rows())
+    reservation = fair_use.of(server).admit(principal, rows())
     try:
-        kind, inputs, result = _infer(server, model, built)
+        kind, inputs, result = _infer(server, principal, model, read_body, built)
     except (DomainError, ValidationError) as exc:
         reservation.release()
         code = exc.code if isinstance(exc, DomainError) else "validation_failed"
@@ -198,7 +233,7 @@ def predict(name: str) -> dict[str, Any]:
     elapsed = time.perf_counter() - started
     # Another service acting for the tenant (labeling's pre-labels) predicts on inputs already in storage:
     # those predictions are not partner traffic, are not logged and take no feedback.
-    delegated = current_principal().internal
+    delegated = principal.internal
     ids: list[str | None] = [None] * len(inputs)
     if not delegated and server.config.log_predictions:
         # The request's share of logging and sampling: ids, a cached policy and one append of references
@@ -217,7 +252,7 @@ def predict(name: str) -> dict[str, Any]:
                 inputs,
                 answers,
                 round(elapsed * 1000, 3),
-                g.get("trace_id", ""),
+                trace_id,
                 time.time(),
                 loaded.preprocessor,
                 built.get("feeds"),
@@ -234,7 +269,7 @@ def predict(name: str) -> dict[str, Any]:
     api = "delegated" if delegated else "predict"
     server.metrics.requests.labels(tenant, name, str(loaded.version), api, "ok").inc()
     server.metrics.latency.labels(tenant, name, api).observe(elapsed)
-    annotate(model_version=loaded.version, rows=len(inputs))
+    line.update(model_version=loaded.version, rows=len(inputs))
     if token:
         predictions = [
             {"prediction_id": prediction_id, "entities": text_entities}

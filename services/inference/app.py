@@ -12,7 +12,7 @@ from typing import Any
 
 from flask import Flask
 
-from services.inference import api, monitoring_api, v2, v2_wsgi
+from services.inference import api, monitoring_api, predict_wsgi, v2, v2_wsgi
 from services.inference.config import InferenceConfig
 from services.inference.models import Base
 from services.inference.server import InferenceServer
@@ -37,7 +37,11 @@ def create_app(settings: Settings | None = None, config: InferenceConfig | dict[
     runtime = app.extensions["flywheel"]
     server = InferenceServer(runtime, InferenceConfig.from_settings(runtime.settings, config))
     app.extensions["inference"] = server
-    if server.config.v2_wsgi_route:  # v2 inference answered before Flask's dispatch, identically (see v2_wsgi)
+    # The two routes that carry a replica's traffic are answered before Flask's dispatch, identically (see
+    # predict_wsgi and v2_wsgi); v2 inference, the hot path of tensors, goes first.
+    if server.config.predict_wsgi_route:
+        predict_wsgi.install(app, server)
+    if server.config.v2_wsgi_route:
         v2_wsgi.install(app, server)
     server.start()
     runtime.on_close(server.close)

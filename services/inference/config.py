@@ -74,6 +74,10 @@ V2_WSGI_ROUTE = True
 """Answer `POST /v2/models/.../infer` in a plain WSGI route before Flask's dispatch (services/inference/v2_wsgi.py):
 the same answers at less CPU per request. Off only to measure what it saves (bench/v2_route_bench.py), or to
 rule it out."""
+PREDICT_WSGI_ROUTE = True
+"""Answer the friendly API's JSON `POST /v1/models/{name}:predict` in a plain WSGI route before Flask's dispatch
+(services/inference/predict_wsgi.py): the same answers at less CPU per request. Off only to measure what it saves
+(bench/inference_bench.py --flask-predict), or to rule it out."""
 LABEL_LISTENER = True
 """Consume `prediction.labeled` from the inference queue in this process (ground truth for live accuracy)."""
 MODEL_MEMORY_BUDGET_MB: float | None = None
@@ -139,6 +143,7 @@ class InferenceConfig:
     log_predictions: bool = LOG_PREDICTIONS
     metering: bool = METERING
     v2_wsgi_route: bool = V2_WSGI_ROUTE
+    predict_wsgi_route: bool = PREDICT_WSGI_ROUTE
     model_memory_budget_mb: float | None = MODEL_MEMORY_BUDGET_MB
     model_memory_factor: float = MODEL_MEMORY_FACTOR
     model_memory_overhead_mb: float = MODEL_MEMORY_OVERHEAD_MB

@@ -122,7 +122,11 @@ def requested_rows() -> int:
     """How many predictions the friendly API's request asks for, before it is parsed for real."""
     if request.mimetype == "multipart/form-data":
         return sum(len(request.files.getlist(name)) for name in request.files)
-    payload = request.get_json(silent=True)
+    return rows_in(request.get_json(silent=True))
+
+
+def rows_in(payload: Any) -> int:
+    """How many predictions a JSON request's parsed body (None: none, or not JSON) asks for, before validation."""
     if isinstance(payload, dict):
         for name in INPUT_FIELDS:
             if isinstance(payload.get(name), list):

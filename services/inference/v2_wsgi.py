@@ -45,7 +45,7 @@ from shared.logging import TRACE_HEADER
 
 ROUTE = re.compile(r"/v2/models/([^/]+)/(?:versions/([^/]+)/)?infer\Z")
 """The two routes' paths, as werkzeug's default converter matches them (a segment: one or more non-slashes)."""
-GUARD = {"partner": True, "internal": False}
+GUARD = {"partner": True, "internal": False, "delegated": False}
 """What the Flask views' guard is (`require_partner`): the credentials this route accepts."""
 
 StartResponse = Callable[..., Any]
@@ -96,7 +96,14 @@ class V2InferRoute:
                 principal = authenticate(**GUARD, headers=headers, runtime=self.runtime)
                 with scoped(principal, self.scope):
                     body, answer = v2.infer_tensors(
-                        self.server, principal, name, version, headers, lambda: self._read(environ), line, trace_id
+                        self.server,
+                        principal,
+                        name,
+                        version,
+                        headers,
+                        lambda: read_body(environ, self.max_bytes),
+                        line,
+                        trace_id,
                     )
             except Exception as error:
                 status, message, extra = v2.error_parts(error)
@@ -115,25 +122,28 @@ class V2InferRoute:
         finally:
             self.recorder.end(tokens)
 
-    def _read(self, environ: dict[str, Any]) -> bytes:
-        """The body, as werkzeug's request reads it: a declared length within the limit is read in one call (its
-        `LimitedStream` reads 64 KiB at a time, through Python); anything else goes through werkzeug itself."""
-        declared = environ.get("CONTENT_LENGTH") or ""
-        chunked = environ.get("HTTP_TRANSFER_ENCODING", "") == "chunked"
-        if declared.isdigit() and int(declared) <= self.max_bytes and not chunked:
-            length = int(declared)
-            try:
-                data = environ["wsgi.input"].read(length) if length else b""
-            except (OSError, ValueError) as exc:
-                raise ClientDisconnected() from exc
-            if len(data) != length:
-                raise ClientDisconnected()
-            return data
-        return get_input_stream(environ, max_content_length=self.max_bytes).read()
+
+def read_body(environ: dict[str, Any], max_bytes: int) -> bytes:
+    """The body, as werkzeug's request reads it: a declared length within `max_bytes` is read in one call (its
+    `LimitedStream` reads 64 KiB at a time, through Python); anything else goes through werkzeug itself (413
+    beyond the limit, 400 for a body shorter than declared)."""
+    declared = environ.get("CONTENT_LENGTH") or ""
+    chunked = environ.get("HTTP_TRANSFER_ENCODING", "") == "chunked"
+    if declared.isdigit() and int(declared) <= max_bytes and not chunked:
+        length = int(declared)
+        try:
+            data = environ["wsgi.input"].read(length) if length else b""
+        except (OSError, ValueError) as exc:
+            raise ClientDisconnected() from exc
+        if len(data) != length:
+            raise ClientDisconnected()
+        return data
+    return get_input_stream(environ, max_content_length=max_bytes).read()
 
 
 def install(app: Flask, server: InferenceServer) -> V2InferRoute:
-    """Put the route in front of the app's Flask dispatch (`app.wsgi_app.flask` is Flask's own, behind it)."""
+    """Put the route in front of what answers the app's requests now (`.flask` is what stands behind it: Flask's
+    own dispatch, or the `:predict` route in front of that)."""
     route = V2InferRoute(app, server)
     app.wsgi_app = route  # type: ignore[method-assign]
     return route

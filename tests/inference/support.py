@@ -10,12 +10,14 @@ from __future__ import annotations
 import importlib.resources
 import io
 import shutil
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from PIL import Image
+from werkzeug.test import Client
 
 from shared.db import declarative_base
 from shared.runtime import Runtime, ServiceSpec
@@ -171,3 +173,44 @@ class RegistryProducer:
 
     def close(self) -> None:
         self.runtime.close()
+
+
+IGNORED_LINE_FIELDS = {"timestamp", "duration_ms", "trace_id"}  # each request its own trace id
+
+
+class BothWays:
+    """For the plain WSGI routes in front of Flask: sends a request through the app (its routes in front) and
+    through `behind` (the WSGI app behind a route), and asserts they answered alike: status, body (after
+    `same_body`, for what differs by design), headers, and the `http_request` line."""
+
+    def __init__(self, replica: Any, behind: Any, logs: Any, same_body: Any = lambda body: body) -> None:
+        self.routed = replica.app.test_client()
+        self.flask = Client(behind)
+        self.logs = logs
+        self.same_body = same_body
+
+    def send(self, path: str, *, method: str = "POST", headers: dict[str, str] | None = None, **kwargs: Any) -> Any:
+        """`kwargs` go to the test client; a callable one is called for each of the two requests (an upload)."""
+        answers, lines = [], []
+        for client in (self.routed, self.flask):
+            trace = uuid.uuid4().hex
+            sent = {k: v() if callable(v) else v for k, v in kwargs.items()}
+            response = client.open(path, method=method, headers={**(headers or {}), "X-Request-ID": trace}, **sent)
+            assert response.headers["X-Request-ID"] == trace
+            answers.append(response)
+            lines.append(self.line(trace))
+        routed, flask = answers
+        assert routed.status_code == flask.status_code, (routed.get_data(), flask.get_data())
+        assert self.same_body(routed.get_data()) == self.same_body(flask.get_data())
+        assert headers_of(routed) == headers_of(flask)
+        assert lines[0] == lines[1]
+        return routed
+
+    def line(self, trace: str) -> dict[str, Any] | None:
+        found = self.logs.find(event="http_request", trace_id=trace, service="inference")
+        assert len(found) <= 1
+        return {k: v for k, v in found[0].items() if k not in IGNORED_LINE_FIELDS} if found else None
+
+
+def headers_of(response: Any) -> dict[str, str]:
+    return {name.lower(): value for name, value in response.headers.items() if name.lower() != "x-request-id"}

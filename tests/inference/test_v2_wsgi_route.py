@@ -2,30 +2,27 @@
 answers and for every kind of refusal, the same `http_request` line and the same request metrics; every other
 request passes through to Flask untouched.
 
-Each request is sent twice with the same `X-Request-ID`: once to the app (the route in front) and once straight
-to Flask's own `wsgi_app`, behind the route."""
+Each request is sent twice with the same `X-Request-ID`: once to the app (the route in front) and once to what
+stands behind the route (the `:predict` route, which hands every v2 request on to Flask's own `wsgi_app`)."""
 
 from __future__ import annotations
 
 import gzip
 import json
-import uuid
 from typing import Any
 
 import numpy as np
 import pytest
-from werkzeug.test import Client
 
 from services.inference import v2_wsgi
 from tests.helpers import INTERNAL, bearer
-from tests.inference.support import serving_document, upload_version
+from tests.inference.support import BothWays, serving_document, upload_version
 from tests.inference.test_fair_use import set_limits
 
 pytestmark = pytest.mark.timeout(180)
 
 RED = np.stack([np.ones((16, 16)), -np.ones((16, 16)), -np.ones((16, 16))]).astype(np.float32)
 INFER = "/v2/models/colours/infer"
-IGNORED_LINE_FIELDS = {"timestamp", "duration_ms", "trace_id"}  # each request its own trace id
 
 
 @pytest.fixture
@@ -64,39 +61,9 @@ def binary_request(pixels: np.ndarray) -> tuple[bytes, dict[str, str]]:
     }
 
 
-class Both:
-    """Sends a request through the route and through Flask alone, and asserts they answered alike."""
-
-    def __init__(self, replica: Any, logs: Any) -> None:
-        assert isinstance(replica.app.wsgi_app, v2_wsgi.V2InferRoute)
-        self.routed = replica.app.test_client()
-        self.flask = Client(replica.app.wsgi_app.flask)
-        self.logs = logs
-        self.replica = replica
-
-    def send(self, path: str, *, method: str = "POST", headers: dict[str, str] | None = None, **kwargs: Any) -> Any:
-        answers, lines = [], []
-        for client in (self.routed, self.flask):
-            trace = uuid.uuid4().hex
-            response = client.open(path, method=method, headers={**(headers or {}), "X-Request-ID": trace}, **kwargs)
-            assert response.headers["X-Request-ID"] == trace
-            answers.append(response)
-            lines.append(self.line(trace))
-        routed, flask = answers
-        assert routed.status_code == flask.status_code, (routed.get_data(), flask.get_data())
-        assert routed.get_data() == flask.get_data()
-        assert headers_of(routed) == headers_of(flask)
-        assert lines[0] == lines[1]
-        return routed
-
-    def line(self, trace: str) -> dict[str, Any] | None:
-        found = self.logs.find(event="http_request", trace_id=trace, service="inference")
-        assert len(found) <= 1
-        return {k: v for k, v in found[0].items() if k not in IGNORED_LINE_FIELDS} if found else None
-
-
-def headers_of(response: Any) -> dict[str, str]:
-    return {name.lower(): value for name, value in response.headers.items() if name.lower() != "x-request-id"}
+def both_ways(replica: Any, logs: Any) -> BothWays:
+    assert isinstance(replica.app.wsgi_app, v2_wsgi.V2InferRoute)
+    return BothWays(replica, replica.app.wsgi_app.flask, logs)
 
 
 def requests_counted(replica: Any, endpoint: str, status: str) -> float:
@@ -112,7 +79,7 @@ def test_answers_and_refusals_are_the_same_through_the_route_and_through_flask(
     inference, tenants, platform, logs, monkeypatch
 ) -> None:
     replica = inference()
-    both = Both(replica, logs)
+    both = both_ways(replica, logs)
     alice = tenants.alice.headers
     pixels = np.stack([RED, RED[::-1].copy()])
     counted = requests_counted(replica, "/v2/models/<name>/infer", "200")
