@@ -26,6 +26,7 @@ MODULES = {  # benchmark name -> the module `python -m` runs
     "inference_bench": "bench.inference_bench",
     "inference_floor": "bench.inference_floor",
     "v2_route_bench": "bench.v2_route_bench",
+    "predict_route_bench": "bench.predict_route_bench",
     "monitoring_bench": "bench.monitoring_bench",
     "metering_bench": "bench.metering_bench",
     "flywheel_bench": "bench.flywheel_bench",
@@ -40,6 +41,7 @@ RESULT_FILES = {
     "inference_bench": "inference",
     "inference_floor": "inference_floor",
     "v2_route_bench": "v2_route",
+    "predict_route_bench": "predict_route",
     "monitoring_bench": "monitoring",
     "metering_bench": "metering",
     "flywheel_bench": "flywheel",
@@ -225,8 +227,8 @@ def _v2_route(r: dict[str, Any]) -> str:
     share = 100 * target.get("share", 0.0)
     return (
         f"{render(HEADERS, table_rows(r['deployments']), markdown=True)}\n\n"
-        f"Image at concurrency 32, best deployment: {share:.1f}% of the ceiling beside it, target ≥ "
-        f"{100 * target.get('share_of_ceiling', 0.4):.0f}%: {verdict}."
+        f"{r.get('workload', 'image').capitalize()} at concurrency 32, best deployment: {share:.1f}% of the ceiling "
+        f"beside it, target ≥ {100 * target.get('share_of_ceiling', 0.4):.0f}%: {verdict}."
     )
 
 
@@ -346,6 +348,7 @@ SECTIONS = {
     "inference_bench": ("Inference", _inference),
     "inference_floor": ("Inference: the floor of a Python front end", _inference_floor),
     "v2_route_bench": ("Inference: the image path, WSGI route and Flask, beside the ceiling", _v2_route),
+    "predict_route_bench": ("Inference: the text path, WSGI route and Flask, beside the ceiling", _v2_route),
     "flywheel_bench": ("The flywheel: retrain threshold to serving", _flywheel),
     "quality_bench": ("Quality: fine-tuned model against a classical baseline", _quality),
     "model_memory_bench": ("Many tenants' models per replica: a memory budget", model_memory_section),
