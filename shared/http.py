@@ -5,7 +5,8 @@
 - One `http_request` line per request (not for probes and `/metrics`); a view adds its own facts to that line
   with `add_to_request_line` (a model, its version, rows), without binding them to the thread's log context.
 - Every error leaves as `{"error": {"code", "message", "details"}}` with the right status: domain errors,
-  marshmallow validation (422 with field paths), malformed JSON (400), unknown routes (404), and anything
+  marshmallow validation (422 with field paths), malformed JSON (400, a body nested too deeply to parse
+  included), unknown routes (404), and anything
   unexpected (500, logged with its traceback, never leaking it).
 - `/healthz` says the process is up; `/readyz` says whether its Redis, database and object store answer.
 - `/openapi.json` is the service's OpenAPI document; `/metrics` is Prometheus text.
@@ -34,6 +35,7 @@ from werkzeug.routing import IntegerConverter
 
 from shared.db import DatabaseUnavailable
 from shared.errors import DomainError, error_body
+from shared.json_input import JSONProvider, nests_too_deeply
 from shared.logging import TRACE_HEADER, DirectLine, get_logger, new_trace_id
 from shared.schemas import ErrorSchema
 from shared.storage import StorageError
@@ -106,10 +108,13 @@ class ProtocolBlueprint(DocumentedBlueprint):
 
 
 class FlywheelFlask(Flask):
-    """Flask, remembering `ensure_sync` per function. Flask (and flask-smorest's response decorators) ask it for
+    """Flask with `shared.json_input`'s JSON provider (a too-deep body is malformed JSON, not a RecursionError),
+    remembering `ensure_sync` per function. Flask (and flask-smorest's response decorators) ask it for
     every hook and view of every request, and each answer costs an `inspect.iscoroutinefunction`; whether a
     plain function is a coroutine function never changes. Bound methods (a class-based view's, made anew per
     request) are not remembered, so the table holds the app's own functions only."""
+
+    json_provider_class = JSONProvider
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -312,6 +317,16 @@ def _install_error_handlers(app: Flask) -> None:
             return app.extensions["flywheel_api"].handle_http_exception(error)
         log.exception("unhandled_error", error=repr(error))
         return jsonify(error_body("internal", "an unexpected error occurred; it has been logged")), 500
+
+    @app.errorhandler(RecursionError)
+    def _too_deep(error: RecursionError) -> tuple[Response, int]:
+        # Request arguments parsed by flask-smorest (webargs) go through the standard library's json, not the
+        # app's provider: a body nested deeper than the parser can follow surfaces here. Only that is the client's
+        # error; any other RecursionError is a bug.
+        if request.is_json and nests_too_deeply(request.get_data(cache=True)):
+            message = "the request is not valid JSON: nested too deeply to parse"
+            return jsonify(error_body("bad_request", message)), 400
+        return _unexpected(error)
 
 
 def _operations_blueprint(runtime: Runtime) -> Blueprint:

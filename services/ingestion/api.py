@@ -58,6 +58,7 @@ from services.ingestion.schemas import (
     UsageQuery,
     UsageSchema,
 )
+from shared import json_input
 from shared.auth import (
     SCOPES,
     Principal,
@@ -506,7 +507,7 @@ def _multipart_candidates(dataset: Dataset, expected: str) -> list[Candidate]:
     if subject_id is not None and len(subject_id) > 200:
         raise ValidationError({"subject_id": ["at most 200 characters"]})
     try:
-        metadata = json.loads(request.form.get("metadata") or "{}")
+        metadata = json_input.loads(request.form.get("metadata") or "{}")
     except json.JSONDecodeError as exc:
         raise ValidationError({"metadata": [f"not valid JSON: {exc.msg}"]}) from exc
     if not isinstance(metadata, dict):

@@ -39,6 +39,7 @@ from services.ingestion.images import MAX_IMAGE_BYTES, InvalidImage, prepare_ima
 from services.ingestion.ingest import BatchOutcome, Candidate, ingest_batch, text_candidate
 from services.ingestion.models import Dataset, Import, Item, new_id
 from services.ingestion.schemas import MAX_TEXT_CHARS, ImportLineSchema
+from shared import json_input
 from shared.artifacts import RAW_BUCKET
 from shared.errors import DomainError, PayloadTooLarge, Unprocessable, error_body
 from shared.logging import get_logger, log_context
@@ -280,7 +281,7 @@ def _jsonl_entries(path: str, dataset: Dataset) -> tuple[int, Iterator[Entry]]:
                     yield number, None, "empty line"
                     continue
                 try:
-                    data = schema.load(json.loads(raw.decode("utf-8")))
+                    data = schema.load(json_input.loads(raw.decode("utf-8")))
                 except UnicodeDecodeError:
                     yield number, None, "line is not valid UTF-8"
                     continue

@@ -95,6 +95,7 @@ def test_answers_and_refusals_are_the_same_through_the_route_and_through_flask(
     assert len(taken) == 5
 
     # refusals, each in the friendly API's shape
+    json_headers = {**alice, "Content-Type": "application/json"}
     refusals = {
         "no credentials": both.send(PREDICT, json={"texts": ["x"]}),
         "an unknown key": both.send(PREDICT, json={"texts": ["x"]}, headers=bearer("fwk_" + "x" * 43)),
@@ -102,8 +103,11 @@ def test_answers_and_refusals_are_the_same_through_the_route_and_through_flask(
         "another tenant's model": both.send(PREDICT, json={"texts": ["x"]}, headers=tenants.bob.headers),
         "an unknown model": both.send("/v1/models/nothing:predict", json={"texts": ["x"]}, headers=alice),
         "an unknown version": both.send(PREDICT, json={"texts": ["x"], "version": 9}, headers=alice),
-        "malformed JSON": both.send(PREDICT, data=b"{not json", headers={**alice, "Content-Type": "application/json"}),
+        "malformed JSON": both.send(PREDICT, data=b"{not json", headers=json_headers),
         "a JSON list": both.send(PREDICT, json=[1, 2], headers=alice),
+        "a body nested too deeply to parse": both.send(
+            PREDICT, data=b'{"texts": ' + b"[" * 20_000 + b"]" * 20_000 + b"}", headers=json_headers
+        ),
         "no inputs": both.send(PREDICT, json={}, headers=alice),
         "texts that are no strings": both.send(PREDICT, json={"texts": [1, {"a": 2}]}, headers=alice),
         "too many inputs": both.send(PREDICT, json={"texts": ["x"] * 65}, headers=alice),
@@ -126,6 +130,7 @@ def test_answers_and_refusals_are_the_same_through_the_route_and_through_flask(
     assert refusals["no credentials"].status_code == 401
     assert refusals["another tenant's model"].status_code == 404
     assert refusals["malformed JSON"].status_code == 400
+    assert refusals["a body nested too deeply to parse"].status_code == 400
     assert refusals["too many inputs"].status_code == 422
     assert refusals["a body over the limit"].status_code == 413
     assert len(taken) == 5 + len(refusals)

@@ -38,6 +38,7 @@ def test_a_5000_line_jsonl_import_with_progress_and_per_line_errors(tenant, work
     lines[30] = json.dumps({"text": ""})
     lines[40] = lines[41]  # a duplicate of the next line
     lines[50] = json.dumps({"image": base64.b64encode(png()).decode()})
+    lines[60] = "[" * 3000 + "]" * 3000  # nested deeper than the parser follows: malformed, not a failed import
     body = ("\n".join(lines) + "\n").encode()
     response = upload(tenant, tenant.text["id"], body, "application/x-ndjson")
     assert response.status_code == 202, response.get_json()
@@ -48,12 +49,13 @@ def test_a_5000_line_jsonl_import_with_progress_and_per_line_errors(tenant, work
         done = wait_finished(tenant, record["id"])
     assert done["status"] == "succeeded", done
     assert done["total"] == done["processed"] == 5000
-    assert done["accepted"] == 4995 and done["duplicates"] == 1 and done["rejected"] == 4
+    assert done["accepted"] == 4994 and done["duplicates"] == 1 and done["rejected"] == 5
     errors = {error["line"]: error["error"] for error in done["errors"]}
     assert "invalid JSON" in errors[11]
     assert "'meh' is not in the dataset's label set" in errors[21]
     assert "text" in errors[31]
     assert "this dataset takes text items" in errors[51]
+    assert "invalid JSON: nested too deeply to parse" in errors[61]
     progress = logs.find(event="import_progress", import_id=record["id"])
     assert len(progress) >= 10 and progress[-1]["processed"] == 5000
     listed = tenant.service.client.get(

@@ -99,6 +99,14 @@ def test_images_as_base64_and_multipart(tenant) -> None:
     item = tenant.service.client.get(f"/v1/items/{blue_id}", headers=tenant.headers).get_json()
     assert item["content_type"] == "image/jpeg" and item["label"] == "dog"
     assert item["metadata"]["filename"] == "blue.jpg"
+    too_deep = tenant.service.client.post(
+        f"/v1/datasets/{dataset}/items",
+        data={"files": [(io.BytesIO(red), "red.png")], "metadata": "[" * 3000 + "]" * 3000},
+        headers=tenant.headers,
+        content_type="multipart/form-data",
+    )
+    assert too_deep.status_code == 422, too_deep.get_json()
+    assert "nested too deeply" in too_deep.get_json()["error"]["details"]["fields"]["metadata"][0]
 
 
 @pytest.mark.parametrize(
