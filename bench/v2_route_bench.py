@@ -44,7 +44,7 @@ from bench.inference_bench import (
     binary_image_requests,
     drive,
     export_image_model,
-    export_models,
+    export_text_model,
     stand_in,
     start_server,
     workloads,
@@ -89,8 +89,8 @@ def main(argv: list[str] | None = None) -> int:
     workload = "text" if args.text else "image"
     try:
         if args.text:
-            models = export_models(root / "models")
-            folder, text = models["text"], workloads(models)["text"]
+            folder = export_text_model(root / "model")
+            text = workloads({"text": folder})["text"]
             requests_, feeds, served = text.requests, text.feeds, {"minilm": {"max_batch_size": MAX_BATCH}}
         else:
             folder = export_image_model(root / "model")

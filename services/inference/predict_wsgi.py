@@ -10,7 +10,7 @@ the one Flask would give, because what decides it is shared, not copied:
 - the request path, `api.predict_for` (fair use, validation, routing, batching, the prediction log, metering,
   metrics), which Flask's view calls too, and `PredictResponseSchema`, which dumps the answer for both;
 - credentials and scope: `shared.auth.authenticate` and `scoped`, with the guard and scope the Flask view declares
-  (read from it: a view whose guard changes makes this route refuse to start);
+  (`v2_wsgi.PlainRoute` reads and checks them: a view whose guard changes makes this route refuse to start);
 - the body: `v2_wsgi.read_body` (werkzeug's limit and errors), parsed by the app's JSON provider as
   `request.get_json(silent=True)` parses it, and only when fair use first asks for it;
 - errors: the app's own error handlers, run in a Flask request context made for the refused request only;
@@ -23,9 +23,10 @@ bodies, metrics and log lines.
 
 from __future__ import annotations
 
+import functools
 import re
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from typing import Any
 
 from flask import Flask
@@ -36,9 +37,8 @@ from services.inference import api, fair_use
 from services.inference.request_log import add_tenant
 from services.inference.schemas import PredictResponseSchema
 from services.inference.server import InferenceServer
-from services.inference.v2_wsgi import read_body
+from services.inference.v2_wsgi import PlainRoute, StartResponse, read_body
 from shared.auth import Principal, authenticate, scoped
-from shared.http import RequestRecorder
 from shared.logging import TRACE_HEADER
 
 ROUTE = re.compile(r"/v1/models/([^/]+):predict\Z")
@@ -48,32 +48,18 @@ GUARD = {"partner": True, "internal": False, "delegated": True}
 """What the Flask view's guard is (`require_partner_or_delegated`): a partner key, or the internal token acting for
 the tenant named in `X-Flywheel-Tenant`."""
 
-StartResponse = Callable[..., Any]
-_UNREAD = object()
 
-
-class PredictRoute:
-    def __init__(self, app: Flask, server: InferenceServer, behind: Callable[..., Iterable[bytes]]) -> None:
-        self.app = app
-        self.server = server
-        self.flask = behind
-        self.runtime = app.extensions["flywheel"]
-        self.recorder: RequestRecorder = app.extensions["flywheel_requests"]
-        self.max_bytes = app.config["MAX_CONTENT_LENGTH"]
+class PredictRoute(PlainRoute):
+    def __init__(self, app: Flask, server: InferenceServer) -> None:
+        super().__init__(app, server, (ENDPOINT,), GUARD)
         self.endpoint = next(rule.rule for rule in app.url_map.iter_rules() if rule.endpoint == ENDPOINT)
-        auth = dict(getattr(app.view_functions[ENDPOINT], "_flywheel_auth", None) or {})
-        scope = auth.pop("scope", None)
-        if scope is None or auth != {**GUARD, "internal": GUARD["internal"] or GUARD["delegated"]}:
-            raise RuntimeError(f"{ENDPOINT} is guarded by {auth} with scope {scope}: update predict_wsgi with it")
-        self.scope: str = scope
         self.schema = PredictResponseSchema()
 
     def __call__(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
         if environ.get("REQUEST_METHOD") == "POST":
             path = environ.get("PATH_INFO") or ""
             if path.startswith("/v1/models/") and path.endswith(":predict"):
-                if not path.isascii():  # what werkzeug does to PATH_INFO before matching (WSGI's latin-1 str)
-                    path = path.encode("latin-1").decode("utf-8", "replace")
+                path = self.matched_path(path)
                 match = ROUTE.match(path)
                 content_type = environ.get("CONTENT_TYPE", "")
                 if match is not None and parse_options_header(content_type)[0].lower() == "application/json":
@@ -86,17 +72,14 @@ class PredictRoute:
         trace_id, tokens = self.recorder.begin(headers.get(TRACE_HEADER))
         line: dict[str, Any] = {}
         principal: Principal | None = None
-        parsed: list[Any] = [_UNREAD]
 
+        @functools.cache
         def payload() -> Any:
             """The body as `request.get_json(silent=True)` gives it, read and parsed once, when first asked for."""
-            if parsed[0] is _UNREAD:
-                data = read_body(environ, self.max_bytes)
-                try:
-                    parsed[0] = self.app.json.loads(data)
-                except ValueError:
-                    parsed[0] = None
-            return parsed[0]
+            try:
+                return self.app.json.loads(read_body(environ, self.max_bytes))
+            except ValueError:
+                return None
 
         try:
             try:
@@ -126,6 +109,6 @@ class PredictRoute:
 
 def install(app: Flask, server: InferenceServer) -> PredictRoute:
     """Put the route in front of what answers the app's requests now (`.flask` is what stands behind it)."""
-    route = PredictRoute(app, server, app.wsgi_app)
+    route = PredictRoute(app, server)
     app.wsgi_app = route  # type: ignore[method-assign]
     return route

@@ -51,32 +51,47 @@ GUARD = {"partner": True, "internal": False, "delegated": False}
 StartResponse = Callable[..., Any]
 
 
-class V2InferRoute:
-    def __init__(self, app: Flask, server: InferenceServer) -> None:
+class PlainRoute:
+    """What a plain WSGI route in front of Flask keeps: the app and what answers behind the route (`flask`: Flask's
+    own dispatch, or another plain route in front of it), the app's request recorder and body limit, and the one
+    scope the route's Flask views declare, checked against the guard the route authenticates with (`guard`, as
+    `shared.auth.authenticate` takes it): a view whose guard changes makes the route refuse to start."""
+
+    def __init__(self, app: Flask, server: InferenceServer, endpoints: Iterable[str], guard: dict[str, bool]) -> None:
         self.app = app
         self.server = server
         self.flask = app.wsgi_app
         self.runtime = app.extensions["flywheel"]
         self.recorder: RequestRecorder = app.extensions["flywheel_requests"]
         self.max_bytes = app.config["MAX_CONTENT_LENGTH"]
-        rules = {rule.endpoint: rule.rule for rule in app.url_map.iter_rules()}
-        self.endpoints = {False: rules["v2.infer"], True: rules["v2.infer_version"]}
+        recorded = {**guard, "internal": guard["internal"] or guard["delegated"]}  # as `shared.auth._guard` records
         scopes = set()
-        for endpoint in ("v2.infer", "v2.infer_version"):
+        for endpoint in endpoints:
             auth = dict(getattr(app.view_functions[endpoint], "_flywheel_auth", None) or {})
             scopes.add(auth.pop("scope", None))
-            if auth != GUARD:
-                raise RuntimeError(f"{endpoint} is guarded by {auth}, not {GUARD}: update v2_wsgi with it")
+            if auth != recorded:
+                raise RuntimeError(f"{endpoint} is guarded by {auth}, not {recorded}: update {type(self).__module__}")
         if len(scopes) != 1 or None in scopes:
-            raise RuntimeError(f"the v2 inference routes declare scopes {scopes}: update v2_wsgi with them")
+            raise RuntimeError(f"{', '.join(endpoints)} declare scopes {scopes}: update {type(self).__module__}")
         self.scope: str = scopes.pop()
+
+    @staticmethod
+    def matched_path(path: str) -> str:
+        """PATH_INFO as werkzeug matches it (WSGI's latin-1 str, decoded as UTF-8)."""
+        return path if path.isascii() else path.encode("latin-1").decode("utf-8", "replace")
+
+
+class V2InferRoute(PlainRoute):
+    def __init__(self, app: Flask, server: InferenceServer) -> None:
+        super().__init__(app, server, ("v2.infer", "v2.infer_version"), GUARD)
+        rules = {rule.endpoint: rule.rule for rule in app.url_map.iter_rules()}
+        self.endpoints = {False: rules["v2.infer"], True: rules["v2.infer_version"]}
 
     def __call__(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
         if environ.get("REQUEST_METHOD") == "POST":
             path = environ.get("PATH_INFO") or ""
             if path.startswith("/v2/models/"):
-                if not path.isascii():  # what werkzeug does to PATH_INFO before matching (WSGI's latin-1 str)
-                    path = path.encode("latin-1").decode("utf-8", "replace")
+                path = self.matched_path(path)
                 match = ROUTE.match(path)
                 if match is not None:
                     return self.infer(environ, start_response, path, match[1], match[2])

